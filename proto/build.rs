@@ -1,0 +1,18 @@
+//! Generates the guardian.v1 Rust code from `proto/guardian/v1/*.proto` at build time.
+//!
+//! protoc comes from the `protoc-bin-vendored` crate unless `PROTOC` is set, so a fresh
+//! machine needs nothing beyond crates.io.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let mut config = prost_build::Config::new();
+    if std::env::var_os("PROTOC").is_none() {
+        config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
+    }
+    tonic_prost_build::configure().compile_with_config(
+        config,
+        &["proto/guardian/v1/guardian.proto"],
+        &["proto"],
+    )?;
+    println!("cargo:rerun-if-changed=proto");
+    Ok(())
+}
