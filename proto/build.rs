@@ -8,7 +8,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if std::env::var_os("PROTOC").is_none() {
         config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
     }
-    tonic_prost_build::configure().compile_with_config(
+    tonic_prost_build::configure()
+        // The rpc `Uplink.Connect` would clash with the generated `connect` constructor;
+        // channels are built by the callers (they need mTLS settings anyway).
+        .build_transport(false)
+        .compile_with_config(
         config,
         &["proto/guardian/v1/guardian.proto"],
         &["proto"],

@@ -1,1 +1,156 @@
-//! x
+//! TaoNode Guardian control server: accepts agent streams over mTLS, stores them, and
+//! serves the fleet to operators.
+//!
+//! Modules in data-flow order: [`identity`] (who is calling, from the certificate),
+//! [`ingest`] (Uplink streams -> commit -> ack), [`store`] (the sqlx ledger and embedded
+//! telemetry), [`registry`] (the fleet in memory), [`api`] (Fleet gRPC + admin HTTP),
+//! [`metrics`]; plus [`config`] and [`pki`] (throwaway certificates for trials and tests).
+
+pub mod api;
+pub mod config;
+pub mod identity;
+pub mod ingest;
+pub mod metrics;
+pub mod pki;
+pub mod registry;
+pub mod store;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use guardian_proto::v1::fleet_server::FleetServer;
+use guardian_proto::v1::uplink_server::UplinkServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+
+use crate::config::ServerConfig;
+use crate::store::Ledger;
+
+/// How long shutdown waits for sessions and watchers to finish.
+const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Sockets bound by the caller (main.rs, or a test on port 0).
+#[derive(Debug)]
+pub struct Listeners {
+    /// mTLS gRPC: Uplink and Fleet.
+    pub grpc: TcpListener,
+    /// Plain HTTP admin.
+    pub admin: TcpListener,
+}
+
+/// Why the server stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// A TLS file could not be read.
+    #[error("cannot read {path}: {source}")]
+    ReadTls {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The ledger could not be opened.
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    /// The gRPC server failed.
+    #[error("gRPC server failed: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+    /// The admin HTTP server failed.
+    #[error("admin HTTP server failed: {0}")]
+    Admin(std::io::Error),
+}
+
+/// Runs the server on the given listeners until `shutdown` is cancelled.
+///
+/// # Errors
+/// [`ServerError`] when TLS material, the ledger or a listener fails.
+pub async fn run(
+    listeners: Listeners,
+    config: ServerConfig,
+    shutdown: CancellationToken,
+) -> Result<(), ServerError> {
+    let read = |path: &std::path::Path| {
+        std::fs::read(path).map_err(|source| ServerError::ReadTls {
+            path: path.display().to_string(),
+            source,
+        })
+    };
+    let tls = ServerTlsConfig::new()
+        .identity(Identity::from_pem(read(&config.tls.cert_file)?, read(&config.tls.key_file)?))
+        .client_ca_root(Certificate::from_pem(read(&config.tls.ca_file)?))
+        .client_auth_optional(false);
+
+    let ledger = Ledger::open(&config.ledger_url).await?;
+    let registry = Arc::new(registry::Registry::from_stored(ledger.nodes().await?));
+    let metrics = Arc::new(metrics::Metrics::default());
+    metrics.nodes_known.set(i64::try_from(registry.len()).unwrap_or(i64::MAX));
+    let tasks = TaskTracker::new();
+
+    let ingest = ingest::Ingest::new(
+        ledger.clone(),
+        Arc::clone(&registry),
+        Arc::clone(&metrics),
+        config.sample_interval_ms,
+        Duration::from_millis(config.hello_timeout_ms),
+        config.max_frame_bytes,
+        shutdown.clone(),
+        tasks.clone(),
+    );
+    let fleet = api::FleetApi::new(
+        Arc::clone(&registry),
+        ledger.clone(),
+        Arc::clone(&metrics),
+        shutdown.clone(),
+        tasks.clone(),
+    );
+    let grpc = Server::builder()
+        .tls_config(tls)?
+        .http2_keepalive_interval(Some(Duration::from_secs(20)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .add_service(
+            UplinkServer::new(ingest)
+                .max_decoding_message_size(config.max_frame_bytes)
+                .max_encoding_message_size(config.max_frame_bytes),
+        )
+        .add_service(
+            FleetServer::new(fleet)
+                .max_decoding_message_size(config.max_frame_bytes)
+                .max_encoding_message_size(64 * 1024 * 1024),
+        )
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(listeners.grpc),
+            shutdown.clone().cancelled_owned(),
+        );
+    let admin = axum::serve(
+        listeners.admin,
+        api::admin_router(api::AdminState {
+            metrics,
+            ledger: ledger.clone(),
+        }),
+    )
+    .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+
+    let outcome = tokio::try_join!(
+        async { grpc.await.map_err(ServerError::from) },
+        async { admin.await.map_err(ServerError::Admin) },
+    );
+    // Either both stopped on shutdown, or one failed: stop the other parts too.
+    shutdown.cancel();
+    tasks.close();
+    if tokio::time::timeout(SHUTDOWN_DEADLINE, tasks.wait()).await.is_err() {
+        tracing::warn!("sessions still running after the shutdown deadline");
+    }
+    ledger.close().await;
+    outcome.map(|_| ())
+}
+
+/// Wall-clock now in Unix milliseconds.
+pub fn unix_ms() -> i64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    i64::try_from(now.as_millis()).unwrap_or(i64::MAX)
+}

@@ -1,0 +1,2 @@
+//! Guardian agent.
+pub mod sample;

@@ -1,0 +1,190 @@
+//! Operator surfaces: the Fleet gRPC API (operator certificates only) and the plain HTTP
+//! admin port (`/metrics`, `/healthz`, `/readyz`).
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use guardian_proto::v1::fleet_server::Fleet;
+use guardian_proto::v1::{
+    GetNodeRequest, ListNodesRequest, ListNodesResponse, Node, NodeEvent, WatchNodesRequest,
+};
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::{Request, Response, Status};
+use tracing::Instrument;
+
+use crate::identity::{NodeId, Peer};
+use crate::metrics::Metrics;
+use crate::registry::Registry;
+use crate::store::{Ledger, SecurityEvent};
+use crate::unix_ms;
+
+/// The Fleet gRPC service.
+#[derive(Debug, Clone)]
+pub struct FleetApi {
+    registry: Arc<Registry>,
+    ledger: Ledger,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+    watchers: TaskTracker,
+}
+
+impl FleetApi {
+    /// A Fleet API over `registry`; watch streams end on `shutdown`.
+    pub fn new(
+        registry: Arc<Registry>,
+        ledger: Ledger,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+        watchers: TaskTracker,
+    ) -> Self {
+        Self {
+            registry,
+            ledger,
+            metrics,
+            shutdown,
+            watchers,
+        }
+    }
+
+    /// Lets operators through; refuses (and records) anyone else.
+    async fn authorize<T>(&self, request: &Request<T>, method: &str) -> Result<String, Status> {
+        let (reason, peer, status) = match Peer::from_request(request) {
+            Ok(Peer::Operator(name)) => return Ok(name),
+            Ok(peer @ Peer::Node(_)) => (
+                "fleet_call_by_agent",
+                peer.label(),
+                Status::permission_denied(format!(
+                    "{} holds an agent certificate; the Fleet API ({method}) needs an operator certificate \
+                     (guardianctl pki init writes operator.pem)",
+                    peer.label()
+                )),
+            ),
+            Err(error) => ("no_identity", "unknown".to_owned(), Status::unauthenticated(error.to_string())),
+        };
+        self.metrics.refuse(reason);
+        tracing::warn!(reason, peer, method, "CallRefused");
+        let event = SecurityEvent {
+            at_unix_ms: unix_ms(),
+            kind: reason.to_owned(),
+            peer,
+            detail: status.message().to_owned(),
+        };
+        if let Err(error) = self.ledger.record_security_event(&event).await {
+            tracing::error!(%error, "cannot record security event");
+        }
+        Err(status)
+    }
+}
+
+#[tonic::async_trait]
+impl Fleet for FleetApi {
+    async fn list_nodes(
+        &self,
+        request: Request<ListNodesRequest>,
+    ) -> Result<Response<ListNodesResponse>, Status> {
+        self.authorize(&request, "ListNodes").await?;
+        Ok(Response::new(ListNodesResponse {
+            nodes: self.registry.list(),
+        }))
+    }
+
+    async fn get_node(&self, request: Request<GetNodeRequest>) -> Result<Response<Node>, Status> {
+        self.authorize(&request, "GetNode").await?;
+        let raw = &request.get_ref().node_id;
+        let id = NodeId::parse(raw).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        self.registry
+            .get(&id)
+            .map(Response::new)
+            .ok_or_else(|| Status::not_found(format!("no node {raw:?} has ever connected")))
+    }
+
+    type WatchNodesStream = ReceiverStream<Result<NodeEvent, Status>>;
+
+    async fn watch_nodes(
+        &self,
+        request: Request<WatchNodesRequest>,
+    ) -> Result<Response<Self::WatchNodesStream>, Status> {
+        let operator = self.authorize(&request, "WatchNodes").await?;
+        let (tx, rx) = mpsc::channel(256);
+        // Subscribe before the snapshot so no change falls between them.
+        let mut changes = self.registry.subscribe();
+        let registry = Arc::clone(&self.registry);
+        let shutdown = self.shutdown.clone();
+        let span = tracing::info_span!("fleet_watch", operator);
+        self.watchers.spawn(
+            async move {
+                let send_snapshot = |tx: &mpsc::Sender<_>| {
+                    let tx = tx.clone();
+                    let nodes = registry.list();
+                    async move {
+                        for node in nodes {
+                            if tx.send(Ok(NodeEvent { node: Some(node) })).await.is_err() {
+                                return false;
+                            }
+                        }
+                        true
+                    }
+                };
+                if !send_snapshot(&tx).await {
+                    return;
+                }
+                loop {
+                    let change = tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        () = tx.closed() => return,
+                        change = changes.recv() => change,
+                    };
+                    let delivered = match change {
+                        Ok(node) => tx.send(Ok(NodeEvent { node: Some(node) })).await.is_ok(),
+                        // Fell behind: a fresh snapshot is the whole truth again.
+                        Err(broadcast::error::RecvError::Lagged(_)) => send_snapshot(&tx).await,
+                        Err(broadcast::error::RecvError::Closed) => return,
+                    };
+                    if !delivered {
+                        return;
+                    }
+                }
+            }
+            .instrument(span),
+        );
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// What the admin handlers read.
+#[derive(Debug, Clone)]
+pub struct AdminState {
+    /// Metrics to render.
+    pub metrics: Arc<Metrics>,
+    /// Checked by `/readyz`.
+    pub ledger: Ledger,
+}
+
+/// The admin HTTP router.
+pub fn admin_router(state: AdminState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .with_state(state)
+}
+
+async fn metrics(State(state): State<AdminState>) -> ([(axum::http::HeaderName, &'static str); 1], String) {
+    (
+        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        state.metrics.render(),
+    )
+}
+
+async fn readyz(State(state): State<AdminState>) -> (StatusCode, String) {
+    match state.ledger.ping().await {
+        Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
+        Err(error) => (StatusCode::SERVICE_UNAVAILABLE, format!("ledger not answering: {error}\n")),
+    }
+}

@@ -1,0 +1,266 @@
+//! The server's typed configuration: defaults, TOML file, `GUARDIAN_SERVER_*` environment
+//! overrides and flags, in that order; [`ServerConfig::validate`] runs before any port is bound.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+use crate::store::Backend;
+
+/// Exit code for invalid configuration (EX_USAGE... sysexits' EX_USAGE is 64).
+pub const EXIT_CONFIG: i32 = 64;
+
+/// Everything `guardian-server` can be told.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// mTLS gRPC address for agents (Uplink) and operators (Fleet API).
+    pub listen: SocketAddr,
+    /// Plain HTTP admin address: /metrics, /healthz, /readyz. Keep it on loopback or a private network.
+    pub admin_listen: SocketAddr,
+    /// Ledger and embedded telemetry store: `sqlite://PATH` (created on first run) or `postgres://...`.
+    pub ledger_url: String,
+    /// Largest frame accepted from a client, in bytes; larger frames end that stream.
+    pub max_frame_bytes: usize,
+    /// Sampling interval asked of agents in Welcome, in milliseconds; 0 lets each agent keep its own.
+    pub sample_interval_ms: u32,
+    /// How long an agent may take to send Hello after opening a stream, in milliseconds.
+    pub hello_timeout_ms: u64,
+    /// TLS material.
+    pub tls: ServerTls,
+}
+
+/// PEM files for the server's mTLS endpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerTls {
+    /// Fleet CA: only client certificates chained to it are accepted.
+    pub ca_file: PathBuf,
+    /// The server's certificate (chain).
+    pub cert_file: PathBuf,
+    /// The server's private key.
+    pub key_file: PathBuf,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7443)),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 7444)),
+            ledger_url: "sqlite://guardian-data/guardian.db".to_owned(),
+            max_frame_bytes: guardian_proto::DEFAULT_MAX_FRAME_BYTES,
+            sample_interval_ms: 0,
+            hello_timeout_ms: 10_000,
+            tls: ServerTls::default(),
+        }
+    }
+}
+
+impl Default for ServerTls {
+    fn default() -> Self {
+        Self {
+            ca_file: PathBuf::from("pki/ca.pem"),
+            cert_file: PathBuf::from("pki/server.pem"),
+            key_file: PathBuf::from("pki/server-key.pem"),
+        }
+    }
+}
+
+/// Invalid configuration: which field, what is wrong, how to fix it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid config: field `{field}`: {problem}; fix: {fix}")]
+pub struct ConfigError {
+    /// Dotted field path, e.g. `tls.ca_file`.
+    pub field: String,
+    /// What is wrong.
+    pub problem: String,
+    /// How to fix it.
+    pub fix: String,
+}
+
+impl ConfigError {
+    fn new(field: &str, problem: impl Into<String>, fix: impl Into<String>) -> Self {
+        Self {
+            field: field.to_owned(),
+            problem: problem.into(),
+            fix: fix.into(),
+        }
+    }
+
+    /// Maps a figment error (unknown field, wrong type, unreadable file) to a field-naming error.
+    pub fn from_figment(error: figment::Error) -> Self {
+        use figment::error::Kind;
+        let mut field = error.path.join(".");
+        let fix = match &error.kind {
+            Kind::UnknownField(name, expected) => {
+                field = if field.is_empty() { name.clone() } else { format!("{field}.{name}") };
+                format!("remove it or use one of: {}", expected.join(", "))
+            }
+            Kind::InvalidType(..) | Kind::InvalidValue(..) => {
+                "give a value of the expected type (see --print-config)".to_owned()
+            }
+            _ => "see --print-config for the accepted fields and defaults".to_owned(),
+        };
+        if field.is_empty() {
+            field = "(file)".to_owned();
+        }
+        Self {
+            field,
+            problem: error.kind.to_string(),
+            fix,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// Layers defaults, the TOML file (if given), `GUARDIAN_SERVER_*` variables
+    /// (`__` separates nested keys, e.g. `GUARDIAN_SERVER_TLS__CA_FILE`) and `overrides`.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the offending field.
+    pub fn load(file: Option<&Path>, overrides: Figment) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Self::default()));
+        if let Some(file) = file {
+            if !file.is_file() {
+                return Err(ConfigError::new(
+                    "--config",
+                    format!("{} does not exist or is not a file", file.display()),
+                    "pass the path of a TOML file (guardian-server --print-config writes one)",
+                ));
+            }
+            figment = figment.merge(Toml::file_exact(file));
+        }
+        figment
+            .merge(Env::prefixed("GUARDIAN_SERVER_").split("__"))
+            .merge(overrides)
+            .extract()
+            .map_err(ConfigError::from_figment)
+    }
+
+    /// Checks every field; run before binding anything.
+    ///
+    /// # Errors
+    /// The first [`ConfigError`] found.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !(1024..=64 * 1024 * 1024).contains(&self.max_frame_bytes) {
+            return Err(ConfigError::new(
+                "max_frame_bytes",
+                format!("{} is outside 1024..=67108864", self.max_frame_bytes),
+                "use a size between 1 KiB and 64 MiB (default 4194304)",
+            ));
+        }
+        if self.sample_interval_ms != 0 && !(100..=3_600_000).contains(&self.sample_interval_ms) {
+            return Err(ConfigError::new(
+                "sample_interval_ms",
+                format!("{} is outside 100..=3600000", self.sample_interval_ms),
+                "use 0 (agents keep their own) or 100 ms to 1 h",
+            ));
+        }
+        if !(100..=300_000).contains(&self.hello_timeout_ms) {
+            return Err(ConfigError::new(
+                "hello_timeout_ms",
+                format!("{} is outside 100..=300000", self.hello_timeout_ms),
+                "use 100 ms to 5 min (default 10000)",
+            ));
+        }
+        if self.listen == self.admin_listen && self.listen.port() != 0 {
+            return Err(ConfigError::new(
+                "admin_listen",
+                format!("same address as listen ({})", self.listen),
+                "give the admin HTTP port its own address",
+            ));
+        }
+        Backend::from_url(&self.ledger_url).map_err(|e| {
+            ConfigError::new("ledger_url", e.to_string(), "e.g. sqlite://guardian-data/guardian.db")
+        })?;
+        pem_file("tls.ca_file", &self.tls.ca_file, "CERTIFICATE")?;
+        pem_file("tls.cert_file", &self.tls.cert_file, "CERTIFICATE")?;
+        pem_file("tls.key_file", &self.tls.key_file, "PRIVATE KEY")?;
+        Ok(())
+    }
+
+    /// The effective configuration as commented TOML.
+    pub fn documented_toml(&self) -> String {
+        let mut out = String::from(
+            "# guardian-server configuration (effective values; defaults where not set).\n\
+             # Environment overrides: GUARDIAN_SERVER_<FIELD>, nested with __ (GUARDIAN_SERVER_TLS__CA_FILE).\n\n",
+        );
+        let line = |out: &mut String, doc: &str, key: &str, value: toml::Value| {
+            out.push_str(&format!("# {doc}\n{key} = {value}\n"));
+        };
+        line(&mut out, "mTLS gRPC address for agents (Uplink) and operators (Fleet API).", "listen", self.listen.to_string().into());
+        line(&mut out, "Plain HTTP admin address: /metrics, /healthz, /readyz (default 127.0.0.1:7444).", "admin_listen", self.admin_listen.to_string().into());
+        line(&mut out, "Ledger + embedded telemetry: sqlite://PATH (created on first run) or postgres://USER@HOST:PORT/DB.", "ledger_url", self.ledger_url.clone().into());
+        line(&mut out, "Largest accepted frame in bytes; a larger frame ends that stream (default 4194304).", "max_frame_bytes", to_value(self.max_frame_bytes));
+        line(&mut out, "Sampling interval asked of agents, ms; 0 = agents keep their own (default 0).", "sample_interval_ms", i64::from(self.sample_interval_ms).into());
+        line(&mut out, "Time allowed between opening a stream and Hello, ms (default 10000).", "hello_timeout_ms", to_value(self.hello_timeout_ms));
+        out.push_str("\n[tls]\n");
+        line(&mut out, "Fleet CA PEM: only client certificates chained to it are accepted.", "ca_file", self.tls.ca_file.display().to_string().into());
+        line(&mut out, "Server certificate PEM.", "cert_file", self.tls.cert_file.display().to_string().into());
+        line(&mut out, "Server private key PEM.", "key_file", self.tls.key_file.display().to_string().into());
+        out
+    }
+}
+
+fn to_value(n: impl TryInto<i64>) -> toml::Value {
+    toml::Value::Integer(n.try_into().unwrap_or(i64::MAX))
+}
+
+/// Checks a path names a readable PEM file holding a block of `label`.
+fn pem_file(field: &str, path: &Path, label: &str) -> Result<(), ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigError::new(
+            field,
+            format!("cannot read {}: {e}", path.display()),
+            "point it at an existing PEM file (guardianctl pki init --dir DIR writes a throwaway set)",
+        )
+    })?;
+    if !text.contains(&format!("-----BEGIN ")) || !text.contains(label) {
+        return Err(ConfigError::new(
+            field,
+            format!("{} holds no PEM {label} block", path.display()),
+            format!("point it at a PEM file with a {label}"),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unknown_field_is_named() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "listen = \"127.0.0.1:1\"\nlisten_adress = 3\n").expect("write");
+        let err = ServerConfig::load(Some(&file), Figment::new()).expect_err("must fail");
+        assert_eq!(err.field, "listen_adress");
+    }
+
+    #[test]
+    fn a_bad_value_is_named_with_a_fix() {
+        let config = ServerConfig {
+            max_frame_bytes: 10,
+            ..ServerConfig::default()
+        };
+        let err = config.validate().expect_err("must fail");
+        assert_eq!(err.field, "max_frame_bytes");
+        assert!(err.to_string().contains("fix:"));
+    }
+
+    #[test]
+    fn printed_config_loads_back_to_the_same_values() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("c.toml");
+        let config = ServerConfig {
+            max_frame_bytes: 2048,
+            ..ServerConfig::default()
+        };
+        std::fs::write(&file, config.documented_toml()).expect("write");
+        assert_eq!(ServerConfig::load(Some(&file), Figment::new()).expect("load"), config);
+    }
+}

@@ -1,0 +1,308 @@
+//! Uplink service: turns an agent's stream into durable rows. The node id comes from the
+//! peer certificate; a batch is acked only after the store committed it.
+//!
+//! # Guarantees
+//! - A stream whose certificate is not an agent's, or whose Hello names another node, is
+//!   refused and recorded in the ledger's security events.
+//! - A malformed or oversized frame ends *that* stream with a clear status; other streams
+//!   are untouched.
+//! - `Ack { through_seq }` is sent only after [`Ledger::commit_batch`] returned; a replayed
+//!   `(node, seq)` is acked without being stored twice.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use guardian_proto::v1::uplink_server::Uplink;
+use guardian_proto::v1::{
+    Ack, AgentFrame, Hello, SampleBatch, ServerFrame, Welcome, agent_frame, server_frame,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::{Code, Request, Response, Status, Streaming};
+use tracing::Instrument;
+
+use crate::identity::{NodeId, Peer};
+use crate::metrics::Metrics;
+use crate::registry::Registry;
+use crate::store::{Commit, Ledger, SecurityEvent};
+use crate::unix_ms;
+
+/// Most samples one batch may carry.
+pub const MAX_SAMPLES_PER_BATCH: usize = 10_000;
+
+/// The Uplink gRPC service.
+#[derive(Debug, Clone)]
+pub struct Ingest {
+    ledger: Ledger,
+    registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
+    sample_interval_ms: u32,
+    hello_timeout: Duration,
+    max_frame_bytes: usize,
+    shutdown: CancellationToken,
+    sessions: TaskTracker,
+}
+
+impl Ingest {
+    /// A service writing into `ledger`; sessions are spawned on `sessions` and end when
+    /// `shutdown` is cancelled.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        ledger: Ledger,
+        registry: Arc<Registry>,
+        metrics: Arc<Metrics>,
+        sample_interval_ms: u32,
+        hello_timeout: Duration,
+        max_frame_bytes: usize,
+        shutdown: CancellationToken,
+        sessions: TaskTracker,
+    ) -> Self {
+        Self {
+            ledger,
+            registry,
+            metrics,
+            sample_interval_ms,
+            hello_timeout,
+            max_frame_bytes,
+            shutdown,
+            sessions,
+        }
+    }
+
+    /// Records a refusal (metric, log line, ledger row) and returns the status to send.
+    async fn refuse(&self, reason: &'static str, peer: &str, status: Status) -> Status {
+        self.metrics.refuse(reason);
+        tracing::warn!(reason, peer, detail = status.message(), "StreamRefused");
+        let event = SecurityEvent {
+            at_unix_ms: unix_ms(),
+            kind: reason.to_owned(),
+            peer: peer.to_owned(),
+            detail: status.message().to_owned(),
+        };
+        if let Err(error) = self.ledger.record_security_event(&event).await {
+            // The refusal itself still happens; losing the record is logged and counted.
+            self.metrics.store_errors.get_or_create(&crate::metrics::Reason { reason: error.kind() }).inc();
+            tracing::error!(%error, "cannot record security event");
+        }
+        status
+    }
+
+    async fn await_hello(
+        &self,
+        node: &NodeId,
+        inbound: &mut Streaming<AgentFrame>,
+    ) -> Result<Hello, Status> {
+        let peer = format!("node/{node}");
+        let first = match tokio::time::timeout(self.hello_timeout, inbound.message()).await {
+            Err(_) => {
+                let status = Status::deadline_exceeded(format!(
+                    "no Hello within {} ms of opening the stream",
+                    self.hello_timeout.as_millis()
+                ));
+                return Err(self.refuse("hello_timeout", &peer, status).await);
+            }
+            Ok(Err(status)) => return Err(self.frame_error(&peer, status).await),
+            Ok(Ok(None)) => return Err(Status::cancelled("stream closed before Hello")),
+            Ok(Ok(Some(frame))) => frame,
+        };
+        let Some(agent_frame::Frame::Hello(hello)) = first.frame else {
+            let status = Status::failed_precondition("the first frame of a stream must be Hello");
+            return Err(self.refuse("missing_hello", &peer, status).await);
+        };
+        let claimed = hello.node.as_ref().map(|d| d.node_id.as_str()).unwrap_or("");
+        if claimed != node.as_str() {
+            let status = Status::permission_denied(format!(
+                "certificate identifies node {node:?} but Hello claims {claimed:?}; \
+                 each agent must use its own certificate and set node_id to match it"
+            ));
+            return Err(self.refuse("hello_identity_mismatch", &peer, status).await);
+        }
+        Ok(hello)
+    }
+
+    /// Classifies a decode/transport error on an inbound frame and records it.
+    async fn frame_error(&self, peer: &str, status: Status) -> Status {
+        let (reason, status) = match status.code() {
+            Code::OutOfRange | Code::ResourceExhausted => (
+                "frame_too_large",
+                Status::resource_exhausted(format!(
+                    "frame refused: {}; this server accepts frames up to {} bytes (max_frame_bytes): send smaller batches",
+                    status.message(),
+                    self.max_frame_bytes
+                )),
+            ),
+            Code::Cancelled | Code::Unavailable => return status,
+            _ => (
+                "malformed_frame",
+                Status::invalid_argument(format!(
+                    "malformed AgentFrame: {}; agent and server must both speak guardian.v1",
+                    status.message()
+                )),
+            ),
+        };
+        self.refuse(reason, peer, status).await
+    }
+
+    /// Runs one established session until the agent leaves, a frame is bad, or shutdown.
+    async fn session(
+        self,
+        node: NodeId,
+        mut inbound: Streaming<AgentFrame>,
+        outbound: mpsc::Sender<Result<ServerFrame, Status>>,
+    ) {
+        let peer = format!("node/{node}");
+        self.metrics.streams_active.inc();
+        let end: Option<Status> = loop {
+            let frame = tokio::select! {
+                () = self.shutdown.cancelled() => break Some(Status::unavailable("server shutting down; reconnect")),
+                () = outbound.closed() => break None,
+                frame = inbound.message() => frame,
+            };
+            let frame = match frame {
+                Ok(Some(frame)) => frame,
+                Ok(None) => break None,
+                Err(status) => break Some(self.frame_error(&peer, status).await),
+            };
+            match frame.frame {
+                Some(agent_frame::Frame::Batch(batch)) => {
+                    if let Err(status) = self.validate(&batch) {
+                        break Some(self.refuse("malformed_frame", &peer, status).await);
+                    }
+                    match self.commit(&node, &batch).await {
+                        Ok(()) => {
+                            let ack = ServerFrame {
+                                frame: Some(server_frame::Frame::Ack(Ack { through_seq: batch.seq })),
+                            };
+                            if outbound.send(Ok(ack)).await.is_err() {
+                                break None;
+                            }
+                        }
+                        Err(status) => break Some(status),
+                    }
+                }
+                Some(agent_frame::Frame::Outcome(outcome)) => {
+                    tracing::info!(node = %node, command_id = outcome.command_id, succeeded = outcome.succeeded, "CommandOutcomeReceived");
+                }
+                Some(agent_frame::Frame::Hello(_)) => {
+                    let status = Status::failed_precondition("Hello may only be the first frame of a stream");
+                    break Some(self.refuse("repeated_hello", &peer, status).await);
+                }
+                None => {
+                    let status = Status::invalid_argument("AgentFrame carries no frame (empty oneof)");
+                    break Some(self.refuse("malformed_frame", &peer, status).await);
+                }
+            }
+        };
+        if let Some(status) = end {
+            // The agent may already be gone; nothing more to do then.
+            let _ = outbound.send(Err(status)).await;
+        }
+        self.metrics.streams_active.dec();
+        self.registry.disconnected(&node, unix_ms());
+        tracing::info!(node = %node, "AgentDisconnected");
+    }
+
+    fn validate(&self, batch: &SampleBatch) -> Result<(), Status> {
+        if batch.seq == 0 {
+            return Err(Status::invalid_argument("SampleBatch.seq must start at 1"));
+        }
+        if batch.samples.len() > MAX_SAMPLES_PER_BATCH {
+            return Err(Status::invalid_argument(format!(
+                "SampleBatch {} carries {} samples; at most {MAX_SAMPLES_PER_BATCH} are accepted",
+                batch.seq,
+                batch.samples.len()
+            )));
+        }
+        if let Some(idx) = batch.samples.iter().position(|s| s.kind.is_none()) {
+            return Err(Status::invalid_argument(format!(
+                "SampleBatch {} sample {idx} has no kind",
+                batch.seq
+            )));
+        }
+        Ok(())
+    }
+
+    async fn commit(&self, node: &NodeId, batch: &SampleBatch) -> Result<(), Status> {
+        let started = std::time::Instant::now();
+        let now = unix_ms();
+        match self.ledger.commit_batch(node, batch, now).await {
+            Ok(Commit::Stored { samples }) => {
+                self.metrics.commit_seconds.observe(started.elapsed().as_secs_f64());
+                self.metrics.batches_committed.inc();
+                self.metrics.samples_committed.inc_by(samples as u64);
+                self.registry.committed(node, batch, now);
+                tracing::debug!(node = %node, seq = batch.seq, samples, "BatchAcked");
+                Ok(())
+            }
+            Ok(Commit::Duplicate) => {
+                self.metrics.batches_duplicate.inc();
+                tracing::debug!(node = %node, seq = batch.seq, "BatchReplayed");
+                Ok(())
+            }
+            Err(error) => {
+                self.metrics.store_errors.get_or_create(&crate::metrics::Reason { reason: error.kind() }).inc();
+                tracing::error!(node = %node, seq = batch.seq, %error, "StoreFailed");
+                Err(Status::unavailable(format!(
+                    "store commit failed, batch {} not acked (the agent resends it): {error}",
+                    batch.seq
+                )))
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Uplink for Ingest {
+    type ConnectStream = ReceiverStream<Result<ServerFrame, Status>>;
+
+    async fn connect(
+        &self,
+        request: Request<Streaming<AgentFrame>>,
+    ) -> Result<Response<Self::ConnectStream>, Status> {
+        let node = match Peer::from_request(&request) {
+            Ok(Peer::Node(node)) => node,
+            Ok(other @ Peer::Operator(_)) => {
+                let status = Status::permission_denied(
+                    "an operator certificate cannot stream telemetry; agents use their node certificate",
+                );
+                return Err(self.refuse("wrong_role", &other.label(), status).await);
+            }
+            Err(error) => {
+                let status = Status::unauthenticated(error.to_string());
+                return Err(self.refuse("no_identity", "unknown", status).await);
+            }
+        };
+        let mut inbound = request.into_inner();
+        let hello = self.await_hello(&node, &mut inbound).await?;
+        let descriptor = hello.node.clone().unwrap_or_default();
+        let last_stored_seq = self
+            .ledger
+            .record_hello(&node, &descriptor, &hello.agent_version, unix_ms())
+            .await
+            .map_err(|error| {
+                tracing::error!(node = %node, %error, "StoreFailed");
+                Status::unavailable(format!("ledger unavailable, try again: {error}"))
+            })?;
+        self.registry
+            .connected(&node, &descriptor, &hello.agent_version, last_stored_seq, unix_ms());
+        self.metrics.nodes_known.set(i64::try_from(self.registry.len()).unwrap_or(i64::MAX));
+        tracing::info!(node = %node, agent_version = hello.agent_version, last_acked_seq = hello.last_acked_seq, last_stored_seq, "AgentConnected");
+
+        let (outbound, rx) = mpsc::channel(64);
+        let welcome = ServerFrame {
+            frame: Some(server_frame::Frame::Welcome(Welcome {
+                node_id: node.to_string(),
+                sample_interval_ms: self.sample_interval_ms,
+                last_stored_seq,
+            })),
+        };
+        // The channel is fresh, so this cannot be full.
+        let _ = outbound.try_send(Ok(welcome));
+        let span = tracing::info_span!("uplink_session", node = %node);
+        self.sessions
+            .spawn(self.clone().session(node, inbound, outbound).instrument(span));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}

@@ -1,0 +1,169 @@
+//! The in-memory fleet: every known node, whether it is connected, and its newest figures.
+//! Fed by ingest after each commit; read by the Fleet API; changes are broadcast to watchers.
+
+use std::collections::HashMap;
+use std::sync::RwLock;
+
+use guardian_proto::v1::{Node, NodeDescriptor, SampleBatch, sample};
+use tokio::sync::broadcast;
+
+use crate::identity::NodeId;
+
+/// Capacity of the change feed; a watcher that falls this far behind gets a fresh snapshot.
+const EVENT_CAPACITY: usize = 1024;
+
+/// The fleet as the server sees it now.
+#[derive(Debug)]
+pub struct Registry {
+    nodes: RwLock<HashMap<NodeId, Entry>>,
+    events: broadcast::Sender<Node>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    node: Node,
+    /// Open streams for this node (a reconnect can overlap the old stream briefly).
+    streams: u32,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Self {
+            nodes: RwLock::default(),
+            events: broadcast::channel(EVENT_CAPACITY).0,
+        }
+    }
+}
+
+impl Registry {
+    /// A registry seeded with the nodes stored in the ledger (all disconnected).
+    pub fn from_stored(nodes: Vec<Node>) -> Self {
+        let registry = Self::default();
+        {
+            let mut map = registry.write();
+            for node in nodes {
+                if let Ok(id) = NodeId::parse(&node.node_id) {
+                    map.insert(id, Entry { node, streams: 0 });
+                }
+            }
+        }
+        registry
+    }
+
+    /// A stream for `id` passed Hello.
+    pub fn connected(
+        &self,
+        id: &NodeId,
+        descriptor: &NodeDescriptor,
+        agent_version: &str,
+        last_stored_seq: u64,
+        now_unix_ms: i64,
+    ) {
+        self.update(id, now_unix_ms, |entry| {
+            entry.streams += 1;
+            let node = &mut entry.node;
+            node.connected = true;
+            node.hostname.clone_from(&descriptor.hostname);
+            node.network.clone_from(&descriptor.network);
+            node.agent_version = agent_version.to_owned();
+            node.last_stored_seq = node.last_stored_seq.max(last_stored_seq);
+        });
+    }
+
+    /// A batch for `id` was committed.
+    pub fn committed(&self, id: &NodeId, batch: &SampleBatch, now_unix_ms: i64) {
+        self.update(id, now_unix_ms, |entry| {
+            let node = &mut entry.node;
+            node.last_stored_seq = node.last_stored_seq.max(batch.seq);
+            for sample in &batch.samples {
+                if let Some(sample::Kind::Host(host)) = &sample.kind {
+                    if sample.observed_at_unix_ms >= node.last_host_observed_unix_ms {
+                        node.last_host = Some(host.clone());
+                        node.last_host_observed_unix_ms = sample.observed_at_unix_ms;
+                    }
+                }
+            }
+        });
+    }
+
+    /// A stream for `id` ended.
+    pub fn disconnected(&self, id: &NodeId, now_unix_ms: i64) {
+        self.update(id, now_unix_ms, |entry| {
+            entry.streams = entry.streams.saturating_sub(1);
+            entry.node.connected = entry.streams > 0;
+        });
+    }
+
+    /// Every node, sorted by id.
+    pub fn list(&self) -> Vec<Node> {
+        let map = self.read();
+        let mut nodes: Vec<Node> = map.values().map(|e| e.node.clone()).collect();
+        nodes.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+        nodes
+    }
+
+    /// One node.
+    pub fn get(&self, id: &NodeId) -> Option<Node> {
+        self.read().get(id).map(|e| e.node.clone())
+    }
+
+    /// Number of nodes known.
+    pub fn len(&self) -> usize {
+        self.read().len()
+    }
+
+    /// Whether no node is known.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A feed of every node change from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Node> {
+        self.events.subscribe()
+    }
+
+    fn update(&self, id: &NodeId, now_unix_ms: i64, change: impl FnOnce(&mut Entry)) {
+        let snapshot = {
+            let mut map = self.write();
+            let entry = map.entry(id.clone()).or_insert_with(|| Entry {
+                node: Node {
+                    node_id: id.to_string(),
+                    first_seen_unix_ms: now_unix_ms,
+                    ..Node::default()
+                },
+                streams: 0,
+            });
+            change(entry);
+            entry.node.last_seen_unix_ms = entry.node.last_seen_unix_ms.max(now_unix_ms);
+            entry.node.clone()
+        };
+        // No watcher is not an error.
+        let _ = self.events.send(snapshot);
+    }
+
+    // A poisoned lock only means a panic elsewhere mid-update of plain data; keep serving.
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<NodeId, Entry>> {
+        self.nodes.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<NodeId, Entry>> {
+        self.nodes.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_node_stays_connected_while_any_stream_is_open() {
+        let registry = Registry::default();
+        let id = NodeId::parse("a").expect("id");
+        registry.connected(&id, &NodeDescriptor::default(), "v", 0, 1);
+        registry.connected(&id, &NodeDescriptor::default(), "v", 0, 2);
+        registry.disconnected(&id, 3);
+        assert!(registry.get(&id).is_some_and(|n| n.connected));
+        registry.disconnected(&id, 4);
+        assert!(registry.get(&id).is_some_and(|n| !n.connected && n.last_seen_unix_ms == 4));
+    }
+}

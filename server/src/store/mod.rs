@@ -1,0 +1,550 @@
+//! Durable state: the ledger (nodes, batches, security events) and the embedded telemetry
+//! rows, in one SQL database through sqlx: a SQLite file by default, PostgreSQL for HA.
+//!
+//! # Guarantees
+//! - [`Ledger::commit_batch`] stores a batch's samples and its `(node, seq)` idempotency
+//!   record in one transaction; it returns only after the commit, so an ack sent after it
+//!   never covers data that is not on disk. A replayed `(node, seq)` stores nothing new.
+//! - Migrations are embedded in the binary and applied at open.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use guardian_proto::v1::{HostSample, Node, NodeDescriptor, SampleBatch, sample};
+use prost::Message;
+use sqlx::any::{AnyPoolOptions, install_default_drivers};
+use sqlx::{AnyPool, Row};
+
+use crate::identity::NodeId;
+
+static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
+static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
+
+/// Which SQL engine a ledger URL selects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// `sqlite://PATH` (the file and its folder are created on first run).
+    Sqlite,
+    /// `postgres://...` or `postgresql://...`.
+    Postgres,
+}
+
+impl Backend {
+    /// Picks the backend from a URL's scheme.
+    ///
+    /// # Errors
+    /// [`StoreError::UnsupportedUrl`] for any other scheme.
+    pub fn from_url(url: &str) -> Result<Self, StoreError> {
+        if url.starts_with("sqlite:") {
+            Ok(Self::Sqlite)
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(Self::Postgres)
+        } else {
+            Err(StoreError::UnsupportedUrl(redact(url)))
+        }
+    }
+}
+
+/// Why the store failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The URL names no supported engine.
+    #[error("unsupported ledger URL {0:?}: use sqlite://PATH or postgres://USER@HOST:PORT/DB")]
+    UnsupportedUrl(String),
+    /// The SQLite file's folder could not be created.
+    #[error("cannot create the folder for the SQLite ledger {path}: {source}")]
+    CreateDir {
+        /// The folder.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// Connecting failed.
+    #[error("cannot connect to the ledger at {url}: {source}")]
+    Connect {
+        /// The URL, password removed.
+        url: String,
+        /// The driver error.
+        source: sqlx::Error,
+    },
+    /// A migration failed.
+    #[error("ledger migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A query failed.
+    #[error("ledger query failed: {0}")]
+    Query(#[from] sqlx::Error),
+    /// A stored protobuf blob did not decode.
+    #[error("stored sample for node {node} does not decode: {source}")]
+    Corrupt {
+        /// The node.
+        node: String,
+        /// The decode error.
+        source: prost::DecodeError,
+    },
+}
+
+impl StoreError {
+    /// Stable label for metrics and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::UnsupportedUrl(_) => "unsupported_url",
+            Self::CreateDir { .. } => "create_dir",
+            Self::Connect { .. } => "connect",
+            Self::Migrate(_) => "migrate",
+            Self::Query(_) => "query",
+            Self::Corrupt { .. } => "corrupt",
+        }
+    }
+}
+
+/// What [`Ledger::commit_batch`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Commit {
+    /// The batch was new and is now durable.
+    Stored {
+        /// Samples written.
+        samples: usize,
+    },
+    /// This `(node, seq)` was already committed; nothing was written.
+    Duplicate,
+}
+
+/// A refused stream or call, as recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecurityEvent {
+    /// When, Unix milliseconds.
+    pub at_unix_ms: i64,
+    /// Stable kind, e.g. `hello_identity_mismatch`.
+    pub kind: String,
+    /// Who (`node/<id>`, `operator/<name>`, or `unknown`).
+    pub peer: String,
+    /// What happened.
+    pub detail: String,
+}
+
+/// The SQL ledger and embedded telemetry store.
+#[derive(Debug, Clone)]
+pub struct Ledger {
+    pool: AnyPool,
+    backend: Backend,
+}
+
+impl Ledger {
+    /// Opens (creating if needed) the database at `url` and applies the embedded migrations.
+    ///
+    /// # Errors
+    /// [`StoreError`] when the URL is unsupported, the database unreachable or a migration fails.
+    pub async fn open(url: &str) -> Result<Self, StoreError> {
+        install_default_drivers();
+        let backend = Backend::from_url(url)?;
+        let connect_url = match backend {
+            Backend::Sqlite => sqlite_url(url)?,
+            Backend::Postgres => url.to_owned(),
+        };
+        let pool = AnyPoolOptions::new()
+            .max_connections(match backend {
+                // One writer is what SQLite can do anyway; more only adds lock waits.
+                Backend::Sqlite => 4,
+                Backend::Postgres => 16,
+            })
+            .acquire_timeout(Duration::from_secs(10))
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    if backend == Backend::Sqlite {
+                        // WAL keeps readers off the writer's back; NORMAL is durable across
+                        // process crashes (the fault the ack protocol protects against).
+                        sqlx::query("PRAGMA journal_mode = WAL").execute(&mut *conn).await?;
+                        sqlx::query("PRAGMA synchronous = NORMAL").execute(&mut *conn).await?;
+                        sqlx::query("PRAGMA busy_timeout = 10000").execute(&mut *conn).await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect(&connect_url)
+            .await
+            .map_err(|source| StoreError::Connect {
+                url: redact(url),
+                source,
+            })?;
+        match backend {
+            Backend::Sqlite => SQLITE_MIGRATIONS.run(&pool).await?,
+            Backend::Postgres => POSTGRES_MIGRATIONS.run(&pool).await?,
+        }
+        Ok(Self { pool, backend })
+    }
+
+    /// The engine in use.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Checks the database answers.
+    ///
+    /// # Errors
+    /// [`StoreError::Query`] when it does not.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Registers a node's Hello (creating the node on first contact) and returns the highest
+    /// committed sequence number for it.
+    ///
+    /// # Errors
+    /// [`StoreError::Query`].
+    pub async fn record_hello(
+        &self,
+        node: &NodeId,
+        descriptor: &NodeDescriptor,
+        agent_version: &str,
+        now_unix_ms: i64,
+    ) -> Result<u64, StoreError> {
+        sqlx::query(
+            "INSERT INTO nodes (node_id, hostname, agent_version, network, first_seen_unix_ms, last_seen_unix_ms)
+             VALUES ($1, $2, $3, $4, $5, $5)
+             ON CONFLICT (node_id) DO UPDATE SET hostname = excluded.hostname,
+                 agent_version = excluded.agent_version, network = excluded.network,
+                 last_seen_unix_ms = excluded.last_seen_unix_ms",
+        )
+        .bind(node.as_str())
+        .bind(&descriptor.hostname)
+        .bind(agent_version)
+        .bind(&descriptor.network)
+        .bind(now_unix_ms)
+        .execute(&self.pool)
+        .await?;
+        let seq: i64 = sqlx::query("SELECT last_stored_seq FROM nodes WHERE node_id = $1")
+            .bind(node.as_str())
+            .fetch_one(&self.pool)
+            .await?
+            .try_get(0)?;
+        Ok(u64::try_from(seq).unwrap_or(0))
+    }
+
+    /// Stores one batch atomically, at most once per `(node, seq)`.
+    ///
+    /// # Errors
+    /// [`StoreError::Query`]; nothing is stored then, and the batch must not be acked.
+    pub async fn commit_batch(
+        &self,
+        node: &NodeId,
+        batch: &SampleBatch,
+        now_unix_ms: i64,
+    ) -> Result<Commit, StoreError> {
+        let seq = to_i64(batch.seq);
+        let mut tx = self.pool.begin().await?;
+        let inserted = sqlx::query(
+            "INSERT INTO batches (node_id, seq, received_at_unix_ms, sample_count) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (node_id, seq) DO NOTHING",
+        )
+        .bind(node.as_str())
+        .bind(seq)
+        .bind(now_unix_ms)
+        .bind(to_i64(batch.samples.len() as u64))
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if inserted == 0 {
+            tx.rollback().await?;
+            return Ok(Commit::Duplicate);
+        }
+        let mut newest_host: Option<(&HostSample, i64)> = None;
+        for (idx, sample) in batch.samples.iter().enumerate() {
+            let idx = to_i64(idx as u64);
+            match &sample.kind {
+                Some(sample::Kind::Host(host)) => {
+                    insert_host(&mut tx, node, seq, idx, sample.observed_at_unix_ms, host).await?;
+                    if newest_host.is_none_or(|(_, at)| sample.observed_at_unix_ms >= at) {
+                        newest_host = Some((host, sample.observed_at_unix_ms));
+                    }
+                }
+                Some(sample::Kind::Unavailable(why)) => {
+                    sqlx::query(
+                        "INSERT INTO unavailable_samples (node_id, seq, idx, observed_at_unix_ms, sampler, reason)
+                         VALUES ($1, $2, $3, $4, $5, $6)",
+                    )
+                    .bind(node.as_str())
+                    .bind(seq)
+                    .bind(idx)
+                    .bind(sample.observed_at_unix_ms)
+                    .bind(&why.sampler)
+                    .bind(&why.reason)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                // Ingest rejects kind-less samples before they get here.
+                None => {}
+            }
+        }
+        sqlx::query(
+            "UPDATE nodes SET last_seen_unix_ms = $2,
+                 last_stored_seq = CASE WHEN last_stored_seq < $3 THEN $3 ELSE last_stored_seq END
+             WHERE node_id = $1",
+        )
+        .bind(node.as_str())
+        .bind(now_unix_ms)
+        .bind(seq)
+        .execute(&mut *tx)
+        .await?;
+        if let Some((host, at)) = newest_host {
+            sqlx::query(
+                "UPDATE nodes SET last_host = $2, last_host_observed_unix_ms = $3
+                 WHERE node_id = $1 AND last_host_observed_unix_ms <= $3",
+            )
+            .bind(node.as_str())
+            .bind(host.encode_to_vec())
+            .bind(at)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(Commit::Stored {
+            samples: batch.samples.len(),
+        })
+    }
+
+    /// Records a refused stream or call.
+    ///
+    /// # Errors
+    /// [`StoreError::Query`].
+    pub async fn record_security_event(&self, event: &SecurityEvent) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO security_events (at_unix_ms, kind, peer, detail) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(event.at_unix_ms)
+        .bind(&event.kind)
+        .bind(&event.peer)
+        .bind(&event.detail)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Every recorded security event, oldest first.
+    ///
+    /// # Errors
+    /// [`StoreError::Query`].
+    pub async fn security_events(&self) -> Result<Vec<SecurityEvent>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT at_unix_ms, kind, peer, detail FROM security_events ORDER BY id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(SecurityEvent {
+                    at_unix_ms: row.try_get(0)?,
+                    kind: row.try_get(1)?,
+                    peer: row.try_get(2)?,
+                    detail: row.try_get(3)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Every known node with its newest host sample (`connected` is left false: the
+    /// registry knows live connections, the ledger does not).
+    ///
+    /// # Errors
+    /// [`StoreError::Query`] or [`StoreError::Corrupt`].
+    pub async fn nodes(&self) -> Result<Vec<Node>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT node_id, hostname, agent_version, network, first_seen_unix_ms, last_seen_unix_ms,
+                    last_stored_seq, last_host, last_host_observed_unix_ms
+             FROM nodes ORDER BY node_id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let node_id: String = row.try_get(0)?;
+                let last_host: Option<Vec<u8>> = row.try_get(7)?;
+                let last_host = last_host
+                    .map(|bytes| HostSample::decode(bytes.as_slice()))
+                    .transpose()
+                    .map_err(|source| StoreError::Corrupt {
+                        node: node_id.clone(),
+                        source,
+                    })?;
+                Ok(Node {
+                    node_id,
+                    hostname: row.try_get(1)?,
+                    agent_version: row.try_get(2)?,
+                    network: row.try_get(3)?,
+                    first_seen_unix_ms: row.try_get(4)?,
+                    last_seen_unix_ms: row.try_get(5)?,
+                    connected: false,
+                    last_stored_seq: u64::try_from(row.try_get::<i64, _>(6)?).unwrap_or(0),
+                    last_host,
+                    last_host_observed_unix_ms: row.try_get(8)?,
+                })
+            })
+            .collect()
+    }
+
+    /// `(batches, distinct seqs, host samples)` stored for a node: the figures the
+    /// exactly-once checks compare with what was sent.
+    ///
+    /// # Errors
+    /// [`StoreError::Query`].
+    pub async fn counts(&self, node: &NodeId) -> Result<(i64, i64, i64), StoreError> {
+        let batches = sqlx::query(
+            "SELECT COUNT(*), COUNT(DISTINCT seq) FROM batches WHERE node_id = $1",
+        )
+        .bind(node.as_str())
+        .fetch_one(&self.pool)
+        .await?;
+        let samples = sqlx::query("SELECT COUNT(*) FROM host_samples WHERE node_id = $1")
+            .bind(node.as_str())
+            .fetch_one(&self.pool)
+            .await?;
+        Ok((batches.try_get(0)?, batches.try_get(1)?, samples.try_get(0)?))
+    }
+
+    /// Closes the pool, waiting for in-flight queries.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+async fn insert_host(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    node: &NodeId,
+    seq: i64,
+    idx: i64,
+    observed_at_unix_ms: i64,
+    host: &HostSample,
+) -> Result<(), StoreError> {
+    let max = |f: fn(&guardian_proto::v1::DiskIo) -> f64| host.disks.iter().map(f).fold(0.0, f64::max);
+    let net_errors: u64 = host
+        .networks
+        .iter()
+        .map(|n| n.rx_errors_total.saturating_add(n.tx_errors_total))
+        .sum();
+    sqlx::query(
+        "INSERT INTO host_samples (node_id, seq, idx, observed_at_unix_ms, cpu_busy_percent, cpu_iowait_percent,
+             mem_total_bytes, mem_available_bytes, load_avg_1m, cpu_psi_some_avg10_percent,
+             memory_psi_full_avg10_percent, io_psi_full_avg10_percent, chain_data_used_percent,
+             chain_data_available_bytes, disk_read_latency_ms_max, disk_write_latency_ms_max,
+             disk_utilisation_percent_max, net_rx_bytes_per_second, net_tx_bytes_per_second,
+             net_errors_total, oom_kills_total, sample)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22)",
+    )
+    .bind(node.as_str())
+    .bind(seq)
+    .bind(idx)
+    .bind(observed_at_unix_ms)
+    .bind(host.cpu_busy_percent)
+    .bind(host.cpu_iowait_percent)
+    .bind(to_i64(host.mem_total_bytes))
+    .bind(to_i64(host.mem_available_bytes))
+    .bind(host.load_avg_1m)
+    .bind(host.cpu_pressure.as_ref().map(|p| p.some_avg10_percent))
+    .bind(host.memory_pressure.as_ref().map(|p| p.full_avg10_percent))
+    .bind(host.io_pressure.as_ref().map(|p| p.full_avg10_percent))
+    .bind(host.chain_data.as_ref().map(|f| f.used_percent))
+    .bind(host.chain_data.as_ref().map(|f| to_i64(f.available_bytes)))
+    .bind(max(|d| d.read_latency_ms))
+    .bind(max(|d| d.write_latency_ms))
+    .bind(max(|d| d.utilisation_percent))
+    .bind(host.networks.iter().map(|n| n.rx_bytes_per_second).sum::<f64>())
+    .bind(host.networks.iter().map(|n| n.tx_bytes_per_second).sum::<f64>())
+    .bind(to_i64(net_errors))
+    .bind(to_i64(host.oom_kills_total))
+    .bind(host.encode_to_vec())
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// SQL BIGINT is signed; counters beyond i64::MAX saturate rather than wrap.
+fn to_i64(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+/// Turns `sqlite://PATH` into a URL that creates the file, creating its folder too.
+fn sqlite_url(url: &str) -> Result<String, StoreError> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+        .unwrap_or(url);
+    let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+    if path != ":memory:" {
+        if let Some(parent) = Path::new(path).parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(|source| StoreError::CreateDir {
+                path: parent.display().to_string(),
+                source,
+            })?;
+        }
+    }
+    let query = if query.contains("mode=") {
+        query.to_owned()
+    } else if query.is_empty() {
+        "mode=rwc".to_owned()
+    } else {
+        format!("{query}&mode=rwc")
+    };
+    // Validate early so a typo is reported as the URL, not as a driver error.
+    sqlx::sqlite::SqliteConnectOptions::from_str(&format!("sqlite://{path}?{query}"))
+        .map_err(|_| StoreError::UnsupportedUrl(url.to_owned()))?;
+    Ok(format!("sqlite://{path}?{query}"))
+}
+
+/// Removes a password from a URL before it reaches a log or an error.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.find('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let userinfo = &url[scheme_end + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme_end + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_never_reach_errors() {
+        assert_eq!(redact("postgres://u:secret@h:1/db"), "postgres://u:***@h:1/db");
+        assert_eq!(redact("sqlite://data/x.db"), "sqlite://data/x.db");
+    }
+
+    #[test]
+    fn only_sqlite_and_postgres_urls_are_accepted() {
+        assert!(matches!(Backend::from_url("mysql://x"), Err(StoreError::UnsupportedUrl(_))));
+        assert_eq!(Backend::from_url("postgresql://x").ok(), Some(Backend::Postgres));
+    }
+
+    #[tokio::test]
+    async fn a_replayed_batch_is_stored_once() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let url = format!("sqlite://{}/sub/ledger.db", dir.path().display());
+        let ledger = Ledger::open(&url).await?;
+        let node = NodeId::parse("n1")?;
+        assert_eq!(ledger.record_hello(&node, &NodeDescriptor::default(), "t", 1).await?, 0);
+        let batch = SampleBatch {
+            seq: 7,
+            samples: vec![guardian_proto::v1::Sample {
+                observed_at_unix_ms: 5,
+                kind: Some(sample::Kind::Host(HostSample { cpu_count: 2, ..Default::default() })),
+            }],
+        };
+        assert_eq!(ledger.commit_batch(&node, &batch, 10).await?, Commit::Stored { samples: 1 });
+        assert_eq!(ledger.commit_batch(&node, &batch, 11).await?, Commit::Duplicate);
+        assert_eq!(ledger.counts(&node).await?, (1, 1, 1));
+        let nodes = ledger.nodes().await?;
+        assert_eq!(nodes[0].last_stored_seq, 7);
+        assert_eq!(nodes[0].last_host.as_ref().map(|h| h.cpu_count), Some(2));
+        drop(ledger);
+        // Reopening applies no migration twice and keeps the data.
+        let again = Ledger::open(&url).await?;
+        assert_eq!(again.record_hello(&node, &NodeDescriptor::default(), "t", 20).await?, 7);
+        Ok(())
+    }
+}
