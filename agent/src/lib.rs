@@ -1,2 +1,105 @@
-//! Guardian agent.
+//! TaoNode Guardian agent: samples a validator host and streams the samples to the server
+//! over mTLS, keeping every batch until the server acks it.
+//!
+//! Modules in data-flow order: [`sample`] (one sampler per source) -> [`spool`] (numbered
+//! batches awaiting ack) -> [`uplink`] (the mTLS stream); plus [`config`].
+
+pub mod config;
 pub mod sample;
+pub mod spool;
+pub mod uplink;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use guardian_proto::v1::NodeDescriptor;
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::config::AgentConfig;
+use crate::sample::Sampler;
+use crate::spool::Spool;
+use crate::uplink::Shared;
+
+/// How long shutdown waits for the sampling loop and the uplink.
+const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(5);
+
+/// Runs the agent until `shutdown` is cancelled.
+pub async fn run(config: AgentConfig, shutdown: CancellationToken) {
+    let samplers: Vec<Box<dyn Sampler>> = vec![Box::new(sample::host::HostSampler::new(
+        config.proc_root.clone(),
+        config.chain_data_path.clone(),
+    ))];
+    let descriptor = NodeDescriptor {
+        node_id: config.node_id.clone(),
+        hostname: read_trimmed("/proc/sys/kernel/hostname"),
+        network: config.network.clone(),
+        kernel_release: read_trimmed("/proc/sys/kernel/osrelease"),
+    };
+    let shared = Arc::new(Shared {
+        spool: Mutex::new(Spool::new(config.max_pending_batches)),
+        queued: Notify::new(),
+        interval_ms: watch::channel(config.sample_interval_ms).0,
+    });
+    let tasks = TaskTracker::new();
+    tasks.spawn(
+        sample_loop(samplers, Arc::clone(&shared), shutdown.clone())
+            .instrument(tracing::info_span!("sample_loop")),
+    );
+    tasks.spawn(
+        uplink::run(config, descriptor, shared, shutdown.clone())
+            .instrument(tracing::info_span!("uplink")),
+    );
+    tasks.close();
+    shutdown.cancelled().await;
+    if tokio::time::timeout(SHUTDOWN_DEADLINE, tasks.wait()).await.is_err() {
+        tracing::warn!("agent tasks still running after the shutdown deadline");
+    }
+}
+
+/// Takes one round of samples per interval and queues it as one batch.
+async fn sample_loop(mut samplers: Vec<Box<dyn Sampler>>, shared: Arc<Shared>, shutdown: CancellationToken) {
+    let mut interval_rx = shared.interval_ms.subscribe();
+    let mut ticker = new_ticker(*interval_rx.borrow_and_update());
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = ticker.tick() => {}
+            Ok(()) = interval_rx.changed() => {
+                let ms = *interval_rx.borrow_and_update();
+                tracing::info!(interval_ms = ms, "SampleIntervalChanged");
+                ticker = new_ticker(ms);
+                continue;
+            }
+        }
+        let now = unix_ms();
+        let samples: Vec<_> = samplers
+            .iter_mut()
+            .map(|sampler| sample::take(sampler.as_mut(), now))
+            .collect();
+        if let Some(dropped_total) = shared.spool().push(samples) {
+            tracing::warn!(dropped_total, "SpoolBatchesDropped: spool full while the server is unreachable; oldest batch dropped");
+        }
+        shared.queued.notify_one();
+    }
+}
+
+fn new_ticker(ms: u64) -> tokio::time::Interval {
+    let mut ticker = tokio::time::interval(Duration::from_millis(ms.max(1)));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker
+}
+
+fn read_trimmed(path: &str) -> String {
+    std::fs::read_to_string(path).map(|s| s.trim().to_owned()).unwrap_or_default()
+}
+
+/// Wall-clock now in Unix milliseconds.
+pub fn unix_ms() -> i64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    i64::try_from(now.as_millis()).unwrap_or(i64::MAX)
+}

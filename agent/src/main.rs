@@ -1,1 +1,125 @@
-fn main() {}
+//! `guardian-agent`: loads and checks the configuration, traps signals, and runs
+//! [`guardian_agent::run`].
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use figment::Figment;
+use figment::providers::Serialized;
+use guardian_agent::config::{AgentConfig, EXIT_CONFIG};
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+/// TaoNode Guardian agent: samples this validator host and streams it to the server over mTLS.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    /// TOML configuration file (see --print-config for every field and its default).
+    #[arg(long, short, env = "GUARDIAN_AGENT_CONFIG")]
+    config: Option<PathBuf>,
+    /// Validate the configuration and exit: 0 when valid, 64 with the field and the fix when not.
+    #[arg(long)]
+    check_config: bool,
+    /// Print the effective configuration (defaults included, documented) and exit.
+    #[arg(long)]
+    print_config: bool,
+    /// Overrides `node_id`.
+    #[arg(long)]
+    node_id: Option<String>,
+    /// Overrides `server_url`.
+    #[arg(long)]
+    server_url: Option<String>,
+    /// Overrides `sample_interval_ms`.
+    #[arg(long)]
+    sample_interval_ms: Option<u64>,
+    /// Overrides `chain_data_path`.
+    #[arg(long)]
+    chain_data_path: Option<PathBuf>,
+}
+
+/// Flags that override configuration fields; unset flags override nothing.
+#[derive(Serialize)]
+struct Overrides {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    node_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    server_url: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sample_interval_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    chain_data_path: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let overrides = Figment::from(Serialized::defaults(Overrides {
+        node_id: cli.node_id.clone(),
+        server_url: cli.server_url.clone(),
+        sample_interval_ms: cli.sample_interval_ms,
+        chain_data_path: cli.chain_data_path.clone(),
+    }));
+    let config = match AgentConfig::load(cli.config.as_deref(), overrides) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("guardian-agent: {error}");
+            return ExitCode::from(EXIT_CONFIG as u8);
+        }
+    };
+    if cli.print_config {
+        print!("{}", config.documented_toml());
+        return ExitCode::SUCCESS;
+    }
+    if let Err(error) = config.validate() {
+        eprintln!("guardian-agent: {error}");
+        return ExitCode::from(EXIT_CONFIG as u8);
+    }
+    if cli.check_config {
+        println!("guardian-agent: configuration is valid");
+        return ExitCode::SUCCESS;
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("GUARDIAN_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("guardian-agent: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        let shutdown = CancellationToken::new();
+        tracing::info!(node = config.node_id, server = config.server_url, "guardian-agent starting");
+        let agent = guardian_agent::run(config, shutdown.clone());
+        tokio::pin!(agent);
+        tokio::select! {
+            () = &mut agent => {}
+            () = wait_for_signal() => {
+                tracing::info!("shutdown requested");
+                shutdown.cancel();
+                agent.await;
+            }
+        }
+    });
+    ExitCode::SUCCESS
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

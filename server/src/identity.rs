@@ -46,23 +46,10 @@ impl fmt::Display for NodeId {
 /// # Errors
 /// [`IdentityError::BadName`] with the reason.
 pub fn validate_name(raw: &str) -> Result<(), IdentityError> {
-    let bad = |why: &str| IdentityError::BadName {
+    guardian_proto::check_name(raw).map_err(|why| IdentityError::BadName {
         name: raw.to_owned(),
         why: why.to_owned(),
-    };
-    if raw.is_empty() || raw.len() > 63 {
-        return Err(bad("must be 1 to 63 characters"));
-    }
-    if !raw.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit()) {
-        return Err(bad("must start with a lowercase letter or a digit"));
-    }
-    if !raw
-        .chars()
-        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_' | '.'))
-    {
-        return Err(bad("may contain only a-z, 0-9, '-', '_' and '.'"));
-    }
-    Ok(())
+    })
 }
 
 /// The authenticated holder of a client certificate.

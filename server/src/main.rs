@@ -1,1 +1,136 @@
-fn main() {}
+//! `guardian-server`: loads and checks the configuration, binds the sockets, traps signals,
+//! and hands over to [`guardian_server::run`].
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use figment::Figment;
+use figment::providers::Serialized;
+use guardian_server::config::{EXIT_CONFIG, ServerConfig};
+use guardian_server::{Listeners, run};
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+/// TaoNode Guardian control server: accepts agents over mTLS gRPC, stores their samples,
+/// serves the Fleet API, and exposes /metrics, /healthz and /readyz on the admin port.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    /// TOML configuration file (see --print-config for every field and its default).
+    #[arg(long, short, env = "GUARDIAN_SERVER_CONFIG")]
+    config: Option<PathBuf>,
+    /// Validate the configuration and exit: 0 when valid, 64 with the field and the fix when not.
+    #[arg(long)]
+    check_config: bool,
+    /// Print the effective configuration (defaults included, documented) and exit.
+    #[arg(long)]
+    print_config: bool,
+    /// Overrides `listen` (mTLS gRPC address).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Overrides `admin_listen` (HTTP admin address).
+    #[arg(long)]
+    admin_listen: Option<SocketAddr>,
+    /// Overrides `ledger_url` (sqlite://PATH or postgres://...).
+    #[arg(long)]
+    ledger_url: Option<String>,
+}
+
+/// Flags that override configuration fields; unset flags override nothing.
+#[derive(Serialize)]
+struct Overrides {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    listen: Option<SocketAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    admin_listen: Option<SocketAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ledger_url: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let overrides = Figment::from(Serialized::defaults(Overrides {
+        listen: cli.listen,
+        admin_listen: cli.admin_listen,
+        ledger_url: cli.ledger_url.clone(),
+    }));
+    let config = match ServerConfig::load(cli.config.as_deref(), overrides) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("guardian-server: {error}");
+            return ExitCode::from(EXIT_CONFIG as u8);
+        }
+    };
+    if cli.print_config {
+        print!("{}", config.documented_toml());
+        return ExitCode::SUCCESS;
+    }
+    if let Err(error) = config.validate() {
+        eprintln!("guardian-server: {error}");
+        return ExitCode::from(EXIT_CONFIG as u8);
+    }
+    if cli.check_config {
+        println!("guardian-server: configuration is valid");
+        return ExitCode::SUCCESS;
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("GUARDIAN_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match serve(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("guardian-server: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[tokio::main]
+async fn serve(config: ServerConfig) -> anyhow::Result<()> {
+    let grpc = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot bind listen = {}", config.listen))?;
+    let admin = tokio::net::TcpListener::bind(config.admin_listen)
+        .await
+        .with_context(|| format!("cannot bind admin_listen = {}", config.admin_listen))?;
+    // One stdout line that scripts and tests wait for; ports are the bound ones (port 0 works).
+    println!(
+        "guardian-server listening grpc={} admin={}",
+        grpc.local_addr()?,
+        admin.local_addr()?
+    );
+    let shutdown = CancellationToken::new();
+    let server = run(Listeners { grpc, admin }, config, shutdown.clone());
+    tokio::pin!(server);
+    tokio::select! {
+        outcome = &mut server => outcome?,
+        () = wait_for_signal() => {
+            tracing::info!("shutdown requested; draining streams");
+            shutdown.cancel();
+            server.await?;
+        }
+    }
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -1,1 +1,321 @@
-fn main() {}
+//! `guardianctl`: the operator's CLI. Writes a throwaway PKI, shows the fleet as a table or
+//! JSON, and follows it live, over the Fleet API with an operator certificate.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use guardian_proto::v1::fleet_client::FleetClient;
+use guardian_proto::v1::{ListNodesRequest, Node, WatchNodesRequest};
+use guardian_server::pki::{self, PkiRequest};
+use guardian_server::unix_ms;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+/// Operator CLI for TaoNode Guardian.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Certificates for trials and tests.
+    Pki {
+        #[command(subcommand)]
+        command: PkiCommand,
+    },
+    /// Print the fleet: node, connection, last sample age and key host figures.
+    Status {
+        #[command(flatten)]
+        connection: Connection,
+        /// Output format.
+        #[arg(long, short, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Follow the fleet live: one line per node change, until Ctrl-C.
+    Watch {
+        #[command(flatten)]
+        connection: Connection,
+        /// Stop after this many events (default: never).
+        #[arg(long)]
+        count: Option<u64>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PkiCommand {
+    /// Write a throwaway CA, a server certificate for localhost/127.0.0.1, an operator
+    /// certificate and one agent certificate per node, as PEM files.
+    Init {
+        /// Folder to write into (created if missing).
+        #[arg(long)]
+        dir: PathBuf,
+        /// Node id to issue an agent certificate for (repeat for several).
+        #[arg(long = "node", required = true)]
+        nodes: Vec<String>,
+        /// Name in the operator certificate.
+        #[arg(long, default_value = "admin")]
+        operator: String,
+        /// Extra DNS name or IP for the server certificate (repeatable).
+        #[arg(long = "server-name")]
+        server_names: Vec<String>,
+        /// Replace an existing PKI in DIR.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+/// Where the server is and which operator certificate to present.
+#[derive(Debug, Args)]
+struct Connection {
+    /// Server gRPC URL.
+    #[arg(long, env = "GUARDIAN_SERVER_URL", default_value = "https://127.0.0.1:7443")]
+    server: String,
+    /// Folder holding ca.pem, operator.pem and operator-key.pem.
+    #[arg(long, env = "GUARDIAN_PKI_DIR", default_value = "pki")]
+    pki_dir: PathBuf,
+    /// Name the server certificate must carry.
+    #[arg(long, default_value = "localhost")]
+    server_name: String,
+}
+
+impl Connection {
+    async fn client(&self) -> anyhow::Result<FleetClient<Channel>> {
+        let read = |name: &str| {
+            let path = self.pki_dir.join(name);
+            std::fs::read(&path).with_context(|| {
+                format!("cannot read {} (set --pki-dir or GUARDIAN_PKI_DIR)", path.display())
+            })
+        };
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(read("ca.pem")?))
+            .identity(Identity::from_pem(read("operator.pem")?, read("operator-key.pem")?))
+            .domain_name(&self.server_name);
+        let channel = Endpoint::from_shared(self.server.clone())
+            .with_context(|| format!("invalid --server URL {:?}", self.server))?
+            .tls_config(tls)?
+            .connect_timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .with_context(|| format!("cannot connect to {}", self.server))?;
+        Ok(FleetClient::new(channel).max_decoding_message_size(64 * 1024 * 1024))
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("guardianctl: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("guardianctl: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Pki {
+            command: PkiCommand::Init { dir, nodes, operator, server_names, force },
+        } => {
+            let files = pki::init(&dir, &PkiRequest { nodes, operator, server_names, force })?;
+            println!("wrote a throwaway fleet PKI (not for production):");
+            for path in files.written {
+                println!("  {}", path.display());
+            }
+            Ok(())
+        }
+        Command::Status { connection, output } => {
+            let mut client = connection.client().await?;
+            let nodes = client
+                .list_nodes(ListNodesRequest {})
+                .await
+                .map_err(status_error)?
+                .into_inner()
+                .nodes;
+            let now = unix_ms();
+            match output {
+                Output::Table => print!("{}", table(&nodes, now)),
+                Output::Json => {
+                    let rows: Vec<_> = nodes.iter().map(|n| json(n, now)).collect();
+                    println!("{}", serde_json::to_string_pretty(&rows)?);
+                }
+            }
+            Ok(())
+        }
+        Command::Watch { connection, count } => {
+            let mut client = connection.client().await?;
+            let mut events = client
+                .watch_nodes(WatchNodesRequest {})
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            let mut seen = 0u64;
+            while count.is_none_or(|limit| seen < limit) {
+                let Some(event) = events.message().await.map_err(status_error)? else {
+                    bail!("the server ended the watch");
+                };
+                if let Some(node) = event.node {
+                    println!("{}", watch_line(&node, unix_ms()));
+                }
+                seen += 1;
+            }
+            Ok(())
+        }
+    }
+}
+
+fn status_error(status: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("server refused: {:?}: {}", status.code(), status.message())
+}
+
+fn age(now: i64, then: i64) -> String {
+    if then <= 0 {
+        return "never".to_owned();
+    }
+    let ms = (now - then).max(0);
+    match ms {
+        ..=999 => format!("{ms}ms ago"),
+        ..=119_999 => format!("{:.1}s ago", ms as f64 / 1000.0),
+        ..=7_199_999 => format!("{}m ago", ms / 60_000),
+        _ => format!("{}h ago", ms / 3_600_000),
+    }
+}
+
+fn mem_used_percent(node: &Node) -> Option<f64> {
+    let host = node.last_host.as_ref()?;
+    (host.mem_total_bytes > 0).then(|| {
+        100.0 * (host.mem_total_bytes - host.mem_available_bytes.min(host.mem_total_bytes)) as f64
+            / host.mem_total_bytes as f64
+    })
+}
+
+fn table(nodes: &[Node], now: i64) -> String {
+    let mut rows = vec![[
+        "NODE", "STATE", "LAST SAMPLE", "SEQ", "CPU%", "MEM%", "LOAD1", "DISK%", "IO-LAT-MS", "NET-RX/s", "NET-TX/s",
+    ]
+    .map(str::to_owned)];
+    for node in nodes {
+        let host = node.last_host.as_ref();
+        let fmt = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.1}"));
+        let latency = host.map(|h| {
+            h.disks
+                .iter()
+                .map(|d| d.read_latency_ms.max(d.write_latency_ms))
+                .fold(0.0, f64::max)
+        });
+        let rx = host.map(|h| h.networks.iter().map(|n| n.rx_bytes_per_second).sum::<f64>());
+        let tx = host.map(|h| h.networks.iter().map(|n| n.tx_bytes_per_second).sum::<f64>());
+        rows.push([
+            node.node_id.clone(),
+            if node.connected { "connected" } else { "offline" }.to_owned(),
+            age(now, node.last_host_observed_unix_ms),
+            node.last_stored_seq.to_string(),
+            fmt(host.map(|h| h.cpu_busy_percent)),
+            fmt(mem_used_percent(node)),
+            fmt(host.map(|h| h.load_avg_1m)),
+            fmt(host.and_then(|h| h.chain_data.as_ref()).map(|f| f.used_percent)),
+            fmt(latency),
+            rx.map_or("-".to_owned(), bytes),
+            tx.map_or("-".to_owned(), bytes),
+        ]);
+    }
+    let mut widths = [0usize; 11];
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let mut out = String::new();
+    for row in &rows {
+        let line: Vec<String> = row.iter().zip(widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    if nodes.is_empty() {
+        out.push_str("(no node has connected yet)\n");
+    }
+    out
+}
+
+fn bytes(per_second: f64) -> String {
+    match per_second {
+        v if v >= 1e9 => format!("{:.1}G", v / 1e9),
+        v if v >= 1e6 => format!("{:.1}M", v / 1e6),
+        v if v >= 1e3 => format!("{:.1}k", v / 1e3),
+        v => format!("{v:.0}"),
+    }
+}
+
+fn json(node: &Node, now: i64) -> serde_json::Value {
+    let host = node.last_host.as_ref();
+    serde_json::json!({
+        "node_id": node.node_id,
+        "connected": node.connected,
+        "hostname": node.hostname,
+        "network": node.network,
+        "agent_version": node.agent_version,
+        "first_seen_unix_ms": node.first_seen_unix_ms,
+        "last_seen_unix_ms": node.last_seen_unix_ms,
+        "last_stored_seq": node.last_stored_seq,
+        "last_sample_unix_ms": node.last_host_observed_unix_ms,
+        "last_sample_age_ms": (node.last_host_observed_unix_ms > 0).then(|| now - node.last_host_observed_unix_ms),
+        "host": host.map(|h| serde_json::json!({
+            "cpu_busy_percent": h.cpu_busy_percent,
+            "cpu_count": h.cpu_count,
+            "mem_total_bytes": h.mem_total_bytes,
+            "mem_available_bytes": h.mem_available_bytes,
+            "mem_used_percent": mem_used_percent(node),
+            "load_avg_1m": h.load_avg_1m,
+            "chain_data_used_percent": h.chain_data.as_ref().map(|f| f.used_percent),
+            "chain_data_available_bytes": h.chain_data.as_ref().map(|f| f.available_bytes),
+            "io_pressure_full_avg10_percent": h.io_pressure.as_ref().map(|p| p.full_avg10_percent),
+            "oom_kills_total": h.oom_kills_total,
+            "net_rx_bytes_per_second": h.networks.iter().map(|n| n.rx_bytes_per_second).sum::<f64>(),
+            "net_tx_bytes_per_second": h.networks.iter().map(|n| n.tx_bytes_per_second).sum::<f64>(),
+        })),
+    })
+}
+
+fn watch_line(node: &Node, now: i64) -> String {
+    let host = node.last_host.as_ref();
+    format!(
+        "{} {} {} seq={} cpu={} mem={} sample={}",
+        chrono_like(now),
+        node.node_id,
+        if node.connected { "connected" } else { "offline" },
+        node.last_stored_seq,
+        host.map_or("-".to_owned(), |h| format!("{:.1}%", h.cpu_busy_percent)),
+        mem_used_percent(node).map_or("-".to_owned(), |m| format!("{m:.1}%")),
+        age(now, node.last_host_observed_unix_ms),
+    )
+}
+
+/// `HH:MM:SS.mmm` UTC, enough for a live feed.
+fn chrono_like(unix_ms: i64) -> String {
+    let day_ms = unix_ms.rem_euclid(86_400_000);
+    format!(
+        "{:02}:{:02}:{:02}.{:03}Z",
+        day_ms / 3_600_000,
+        day_ms / 60_000 % 60,
+        day_ms / 1000 % 60,
+        day_ms % 1000
+    )
+}

@@ -1,0 +1,307 @@
+//! The agent's typed configuration: defaults, TOML file, `GUARDIAN_AGENT_*` environment
+//! overrides and flags, in that order; [`AgentConfig::validate`] runs before anything starts.
+
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+/// Exit code for invalid configuration (sysexits' EX_USAGE).
+pub const EXIT_CONFIG: i32 = 64;
+
+/// Everything `guardian-agent` can be told.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    /// This node's id; must equal the node id in the agent certificate.
+    pub node_id: String,
+    /// Chain network the node follows (finney, test, local, ...).
+    pub network: String,
+    /// Server gRPC URL (https only: the uplink is always mTLS).
+    pub server_url: String,
+    /// Name the server certificate must carry.
+    pub server_name: String,
+    /// Sampling interval in milliseconds (a server Welcome may override it).
+    pub sample_interval_ms: u64,
+    /// The subtensor node's chain-data folder; its filesystem is reported.
+    pub chain_data_path: PathBuf,
+    /// Where procfs is mounted (a container may mount the host's elsewhere).
+    pub proc_root: PathBuf,
+    /// Batches kept while the server is unreachable; beyond it the oldest are dropped and counted.
+    pub max_pending_batches: usize,
+    /// Reconnect backoff.
+    pub reconnect: Reconnect,
+    /// TLS material.
+    pub tls: AgentTls,
+}
+
+/// Jittered exponential backoff between reconnect attempts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Reconnect {
+    /// First delay, milliseconds.
+    pub initial_ms: u64,
+    /// Largest delay, milliseconds.
+    pub max_ms: u64,
+}
+
+/// PEM files for the agent's client certificate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentTls {
+    /// Fleet CA that signed the server certificate.
+    pub ca_file: PathBuf,
+    /// This node's certificate.
+    pub cert_file: PathBuf,
+    /// This node's private key.
+    pub key_file: PathBuf,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            node_id: String::new(),
+            network: "finney".to_owned(),
+            server_url: "https://127.0.0.1:7443".to_owned(),
+            server_name: "localhost".to_owned(),
+            sample_interval_ms: 1000,
+            chain_data_path: PathBuf::from("/var/lib/subtensor"),
+            proc_root: PathBuf::from("/proc"),
+            max_pending_batches: 3600,
+            reconnect: Reconnect::default(),
+            tls: AgentTls::default(),
+        }
+    }
+}
+
+impl Default for Reconnect {
+    fn default() -> Self {
+        Self {
+            initial_ms: 500,
+            max_ms: 30_000,
+        }
+    }
+}
+
+impl Default for AgentTls {
+    fn default() -> Self {
+        Self {
+            ca_file: PathBuf::from("pki/ca.pem"),
+            cert_file: PathBuf::from("pki/agent.pem"),
+            key_file: PathBuf::from("pki/agent-key.pem"),
+        }
+    }
+}
+
+/// Invalid configuration: which field, what is wrong, how to fix it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid config: field `{field}`: {problem}; fix: {fix}")]
+pub struct ConfigError {
+    /// Dotted field path, e.g. `tls.ca_file`.
+    pub field: String,
+    /// What is wrong.
+    pub problem: String,
+    /// How to fix it.
+    pub fix: String,
+}
+
+impl ConfigError {
+    fn new(field: &str, problem: impl Into<String>, fix: impl Into<String>) -> Self {
+        Self {
+            field: field.to_owned(),
+            problem: problem.into(),
+            fix: fix.into(),
+        }
+    }
+
+    fn from_figment(error: figment::Error) -> Self {
+        use figment::error::Kind;
+        let mut field = error.path.join(".");
+        let fix = match &error.kind {
+            Kind::UnknownField(name, expected) => {
+                field = if field.is_empty() { name.clone() } else { format!("{field}.{name}") };
+                format!("remove it or use one of: {}", expected.join(", "))
+            }
+            _ => "give a value of the expected type (see --print-config)".to_owned(),
+        };
+        if field.is_empty() {
+            field = "(file)".to_owned();
+        }
+        Self {
+            field,
+            problem: error.kind.to_string(),
+            fix,
+        }
+    }
+}
+
+impl AgentConfig {
+    /// Layers defaults, the TOML file (if given), `GUARDIAN_AGENT_*` variables (`__` separates
+    /// nested keys, e.g. `GUARDIAN_AGENT_TLS__CA_FILE`) and `overrides`.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the offending field.
+    pub fn load(file: Option<&Path>, overrides: Figment) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Self::default()));
+        if let Some(file) = file {
+            if !file.is_file() {
+                return Err(ConfigError::new(
+                    "--config",
+                    format!("{} does not exist or is not a file", file.display()),
+                    "pass the path of a TOML file (guardian-agent --print-config writes one)",
+                ));
+            }
+            figment = figment.merge(Toml::file_exact(file));
+        }
+        figment
+            .merge(Env::prefixed("GUARDIAN_AGENT_").split("__"))
+            .merge(overrides)
+            .extract()
+            .map_err(ConfigError::from_figment)
+    }
+
+    /// Checks every field.
+    ///
+    /// # Errors
+    /// The first [`ConfigError`] found.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        guardian_proto::check_name(&self.node_id).map_err(|why| {
+            ConfigError::new(
+                "node_id",
+                format!("{:?} {why}", self.node_id),
+                "set node_id to the node id in this agent's certificate",
+            )
+        })?;
+        if !self.server_url.starts_with("https://") {
+            return Err(ConfigError::new(
+                "server_url",
+                format!("{:?} is not an https:// URL", self.server_url),
+                "the uplink is always mTLS: use https://HOST:PORT",
+            ));
+        }
+        if !(100..=3_600_000).contains(&self.sample_interval_ms) {
+            return Err(ConfigError::new(
+                "sample_interval_ms",
+                format!("{} is outside 100..=3600000", self.sample_interval_ms),
+                "use 100 ms to 1 h (default 1000)",
+            ));
+        }
+        if !self.chain_data_path.exists() {
+            return Err(ConfigError::new(
+                "chain_data_path",
+                format!("{} does not exist", self.chain_data_path.display()),
+                "point it at the subtensor node's data folder (its --base-path)",
+            ));
+        }
+        if !self.proc_root.join("stat").is_file() {
+            return Err(ConfigError::new(
+                "proc_root",
+                format!("{} holds no stat file", self.proc_root.display()),
+                "point it at a procfs mount (default /proc)",
+            ));
+        }
+        if self.max_pending_batches == 0 {
+            return Err(ConfigError::new(
+                "max_pending_batches",
+                "0 would drop every batch while the server is away",
+                "use at least 1 (default 3600: an hour at 1 Hz)",
+            ));
+        }
+        if self.reconnect.initial_ms == 0 || self.reconnect.initial_ms > self.reconnect.max_ms {
+            return Err(ConfigError::new(
+                "reconnect.initial_ms",
+                format!(
+                    "{} must be > 0 and <= reconnect.max_ms ({})",
+                    self.reconnect.initial_ms, self.reconnect.max_ms
+                ),
+                "e.g. initial_ms = 500, max_ms = 30000",
+            ));
+        }
+        pem_file("tls.ca_file", &self.tls.ca_file, "CERTIFICATE")?;
+        pem_file("tls.cert_file", &self.tls.cert_file, "CERTIFICATE")?;
+        pem_file("tls.key_file", &self.tls.key_file, "PRIVATE KEY")?;
+        Ok(())
+    }
+
+    /// The effective configuration as commented TOML.
+    pub fn documented_toml(&self) -> String {
+        let mut out = String::from(
+            "# guardian-agent configuration (effective values; defaults where not set).\n\
+             # Environment overrides: GUARDIAN_AGENT_<FIELD>, nested with __ (GUARDIAN_AGENT_TLS__CA_FILE).\n\n",
+        );
+        let line = |out: &mut String, doc: &str, key: &str, value: toml::Value| {
+            out.push_str(&format!("# {doc}\n{key} = {value}\n"));
+        };
+        let path = |p: &Path| toml::Value::String(p.display().to_string());
+        let int = |n: u64| toml::Value::Integer(i64::try_from(n).unwrap_or(i64::MAX));
+        line(&mut out, "This node's id; must equal the node id in the agent certificate (required).", "node_id", self.node_id.clone().into());
+        line(&mut out, "Chain network the node follows (default finney).", "network", self.network.clone().into());
+        line(&mut out, "Server gRPC URL, https only (default https://127.0.0.1:7443).", "server_url", self.server_url.clone().into());
+        line(&mut out, "Name the server certificate must carry (default localhost).", "server_name", self.server_name.clone().into());
+        line(&mut out, "Sampling interval, ms (default 1000; a server Welcome may override it).", "sample_interval_ms", int(self.sample_interval_ms));
+        line(&mut out, "The subtensor node's data folder; its filesystem is reported (default /var/lib/subtensor).", "chain_data_path", path(&self.chain_data_path));
+        line(&mut out, "Where procfs is mounted (default /proc).", "proc_root", path(&self.proc_root));
+        line(&mut out, "Batches kept while the server is away; beyond it the oldest are dropped and counted (default 3600).", "max_pending_batches", int(self.max_pending_batches as u64));
+        out.push_str("\n[reconnect]\n");
+        line(&mut out, "First reconnect delay, ms, doubled per failure with jitter (default 500).", "initial_ms", int(self.reconnect.initial_ms));
+        line(&mut out, "Largest reconnect delay, ms (default 30000).", "max_ms", int(self.reconnect.max_ms));
+        out.push_str("\n[tls]\n");
+        line(&mut out, "Fleet CA PEM that signed the server certificate.", "ca_file", path(&self.tls.ca_file));
+        line(&mut out, "This node's certificate PEM (guardianctl pki init writes node-NAME.pem).", "cert_file", path(&self.tls.cert_file));
+        line(&mut out, "This node's private key PEM.", "key_file", path(&self.tls.key_file));
+        out
+    }
+}
+
+/// Checks a path names a readable PEM file holding a block of `label`.
+fn pem_file(field: &str, path: &Path, label: &str) -> Result<(), ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigError::new(
+            field,
+            format!("cannot read {}: {e}", path.display()),
+            "point it at an existing PEM file (guardianctl pki init --dir DIR --node NAME writes a throwaway set)",
+        )
+    })?;
+    if !text.contains("-----BEGIN ") || !text.contains(label) {
+        return Err(ConfigError::new(
+            field,
+            format!("{} holds no PEM {label} block", path.display()),
+            format!("point it at a PEM file with a {label}"),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_node_id_is_named() {
+        let err = AgentConfig::default().validate().expect_err("must fail");
+        assert_eq!(err.field, "node_id");
+    }
+
+    #[test]
+    fn an_unknown_nested_field_is_named() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("a.toml");
+        std::fs::write(&file, "node_id = \"a\"\n[tls]\nca = \"x\"\n").expect("write");
+        let err = AgentConfig::load(Some(&file), Figment::new()).expect_err("must fail");
+        assert_eq!(err.field, "tls.ca");
+    }
+
+    #[test]
+    fn printed_config_loads_back_to_the_same_values() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("a.toml");
+        let config = AgentConfig {
+            node_id: "n1".into(),
+            sample_interval_ms: 250,
+            ..AgentConfig::default()
+        };
+        std::fs::write(&file, config.documented_toml()).expect("write");
+        assert_eq!(AgentConfig::load(Some(&file), Figment::new()).expect("load"), config);
+    }
+}

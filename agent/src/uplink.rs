@@ -1,0 +1,251 @@
+//! The mTLS stream to the server: sends Hello, then every spooled batch; applies acks;
+//! reconnects with jittered exponential backoff.
+//!
+//! # Guarantees
+//! - After each (re)connect every unacked batch is sent again, with its original seq.
+//! - Nothing is removed from the spool except by an ack (see [`crate::spool`]).
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use guardian_proto::v1::uplink_client::UplinkClient;
+use guardian_proto::v1::{AgentFrame, Hello, NodeDescriptor, ServerFrame, agent_frame, server_frame};
+use rand::Rng;
+use tokio::sync::{Notify, mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+use crate::config::AgentConfig;
+use crate::spool::Spool;
+
+/// Most batches sent but not yet acked on one stream.
+const IN_FLIGHT_WINDOW: usize = 256;
+/// Time allowed for the TCP+TLS connect and for the Welcome.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a session with the server ended.
+#[derive(Debug, thiserror::Error)]
+pub enum UplinkError {
+    /// TLS material could not be read.
+    #[error("cannot read {path}: {source}")]
+    ReadTls {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// Connecting failed (refused, TLS handshake, timeout).
+    #[error("cannot connect to {url}: {detail}")]
+    Connect {
+        /// The server URL.
+        url: String,
+        /// What failed.
+        detail: String,
+    },
+    /// The server answered with an error status.
+    #[error("server ended the stream: {code:?}: {message}")]
+    Refused {
+        /// gRPC code.
+        code: tonic::Code,
+        /// The server's explanation.
+        message: String,
+    },
+    /// The server broke the protocol.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+}
+
+impl UplinkError {
+    /// Stable label for logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::ReadTls { .. } => "read_tls",
+            Self::Connect { .. } => "connect",
+            Self::Refused { .. } => "refused",
+            Self::Protocol(_) => "protocol",
+        }
+    }
+}
+
+/// State shared between the sampling loop and the uplink.
+#[derive(Debug)]
+pub struct Shared {
+    /// Batches waiting for acks.
+    pub spool: Mutex<Spool>,
+    /// Signalled when a batch is queued.
+    pub queued: Notify,
+    /// Sampling interval; the server's Welcome may change it.
+    pub interval_ms: watch::Sender<u64>,
+}
+
+impl Shared {
+    /// Locks the spool; a poisoned lock (a panic mid-update) still holds consistent data.
+    pub fn spool(&self) -> std::sync::MutexGuard<'_, Spool> {
+        self.spool.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Keeps a session open with the server until `shutdown`, reconnecting with backoff.
+pub async fn run(config: AgentConfig, descriptor: NodeDescriptor, shared: Arc<Shared>, shutdown: CancellationToken) {
+    let mut failures: u32 = 0;
+    loop {
+        let session = session(&config, &descriptor, &shared, &shutdown, &mut failures);
+        let outcome = tokio::select! {
+            () = shutdown.cancelled() => return,
+            outcome = session => outcome,
+        };
+        if shutdown.is_cancelled() {
+            return;
+        }
+        let delay = backoff(&config, failures);
+        match outcome {
+            Ok(()) => tracing::info!(retry_in_ms = delay.as_millis() as u64, "UplinkClosed"),
+            Err(error) => tracing::warn!(
+                %error, kind = error.kind(), retry_in_ms = delay.as_millis() as u64,
+                pending = shared.spool().len(), "UplinkDisconnected"
+            ),
+        }
+        failures = failures.saturating_add(1);
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+/// Full-jitter-ish backoff: a random delay in [d/2, d] with d = min(max, initial * 2^failures).
+fn backoff(config: &AgentConfig, failures: u32) -> Duration {
+    let exp = config
+        .reconnect
+        .initial_ms
+        .saturating_mul(1u64 << failures.min(20))
+        .min(config.reconnect.max_ms);
+    let jittered = rand::rng().random_range(exp / 2..=exp);
+    Duration::from_millis(jittered.max(1))
+}
+
+async fn channel(config: &AgentConfig) -> Result<Channel, UplinkError> {
+    let read = |path: &std::path::Path| {
+        std::fs::read(path).map_err(|source| UplinkError::ReadTls {
+            path: path.display().to_string(),
+            source,
+        })
+    };
+    let connect_error = |detail: String| UplinkError::Connect {
+        url: config.server_url.clone(),
+        detail,
+    };
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read(&config.tls.ca_file)?))
+        .identity(Identity::from_pem(read(&config.tls.cert_file)?, read(&config.tls.key_file)?))
+        .domain_name(config.server_name.clone());
+    Endpoint::from_shared(config.server_url.clone())
+        .map_err(|e| connect_error(e.to_string()))?
+        .tls_config(tls)
+        .map_err(|e| connect_error(e.to_string()))?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .http2_keep_alive_interval(Duration::from_secs(20))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .map_err(|e| connect_error(error_chain(&e)))
+}
+
+/// One connection: Hello, Welcome, then send/ack until the stream ends.
+async fn session(
+    config: &AgentConfig,
+    descriptor: &NodeDescriptor,
+    shared: &Shared,
+    shutdown: &CancellationToken,
+    failures: &mut u32,
+) -> Result<(), UplinkError> {
+    let channel = channel(config).await?;
+    let mut client = UplinkClient::new(channel)
+        .max_decoding_message_size(guardian_proto::DEFAULT_MAX_FRAME_BYTES)
+        .max_encoding_message_size(guardian_proto::DEFAULT_MAX_FRAME_BYTES);
+    let (tx, rx) = mpsc::channel::<AgentFrame>(IN_FLIGHT_WINDOW + 8);
+    let hello = AgentFrame {
+        frame: Some(agent_frame::Frame::Hello(Hello {
+            agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+            node: Some(descriptor.clone()),
+            capabilities: vec!["host".to_owned()],
+            last_acked_seq: shared.spool().last_acked_seq(),
+        })),
+    };
+    // The channel is fresh: this cannot be full.
+    let _ = tx.try_send(hello);
+    let refused = |status: tonic::Status| UplinkError::Refused {
+        code: status.code(),
+        message: status.message().to_owned(),
+    };
+    let mut inbound = tokio::time::timeout(CONNECT_TIMEOUT, client.connect(ReceiverStream::new(rx)))
+        .await
+        .map_err(|_| UplinkError::Protocol("no answer to Hello within 10 s".into()))?
+        .map_err(refused)?
+        .into_inner();
+    let welcome = match tokio::time::timeout(CONNECT_TIMEOUT, inbound.message()).await {
+        Err(_) => return Err(UplinkError::Protocol("no Welcome within 10 s".into())),
+        Ok(Err(status)) => return Err(refused(status)),
+        Ok(Ok(Some(ServerFrame { frame: Some(server_frame::Frame::Welcome(welcome)) }))) => welcome,
+        Ok(Ok(_)) => return Err(UplinkError::Protocol("first server frame was not Welcome".into())),
+    };
+    *failures = 0;
+    shared.spool().set_base(welcome.last_stored_seq);
+    if welcome.sample_interval_ms != 0 {
+        shared.interval_ms.send_replace(u64::from(welcome.sample_interval_ms));
+    }
+    tracing::info!(server = config.server_url, node = welcome.node_id, last_stored_seq = welcome.last_stored_seq, pending = shared.spool().len(), "UplinkConnected");
+
+    // Highest seq written to this stream; everything after it is (re)sent.
+    let mut sent_through = 0u64;
+    let mut acked_through = 0u64;
+    loop {
+        // Top up the in-flight window from the spool.
+        let in_flight = usize::try_from(sent_through.saturating_sub(acked_through)).unwrap_or(usize::MAX);
+        let room = IN_FLIGHT_WINDOW.saturating_sub(in_flight);
+        if room > 0 {
+            let batches = shared.spool().batches_after(sent_through.max(acked_through), room);
+            for batch in batches {
+                let seq = batch.seq;
+                let frame = AgentFrame {
+                    frame: Some(agent_frame::Frame::Batch(batch)),
+                };
+                if tx.send(frame).await.is_err() {
+                    return Err(UplinkError::Protocol("request stream closed".into()));
+                }
+                sent_through = seq;
+            }
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            () = shared.queued.notified() => {}
+            message = inbound.message() => match message {
+                Ok(Some(ServerFrame { frame: Some(server_frame::Frame::Ack(ack)) })) => {
+                    let removed = shared.spool().ack(ack.through_seq);
+                    acked_through = acked_through.max(ack.through_seq);
+                    tracing::debug!(through_seq = ack.through_seq, removed, "BatchAcked");
+                }
+                Ok(Some(ServerFrame { frame: Some(server_frame::Frame::Command(_)) })) => {
+                    // Signed commands are not executed by this agent version: refuse loudly.
+                    tracing::warn!("CommandRefused: this agent does not run remote commands yet");
+                }
+                Ok(Some(_)) => return Err(UplinkError::Protocol("unexpected server frame".into())),
+                Ok(None) => return Ok(()),
+                Err(status) => return Err(refused(status)),
+            },
+        }
+    }
+}
+
+/// The error and its sources on one line (tonic's transport errors hide the cause).
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
