@@ -12,11 +12,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // The rpc `Uplink.Connect` would clash with the generated `connect` constructor;
         // channels are built by the callers (they need mTLS settings anyway).
         .build_transport(false)
-        .compile_with_config(
-        config,
-        &["proto/guardian/v1/guardian.proto"],
-        &["proto"],
-    )?;
+        .compile_with_config(config, &["proto/guardian/v1/guardian.proto"], &["proto"])?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())
 }

@@ -120,7 +120,9 @@ impl ConfigError {
         let mut field = error.path.join(".");
         let fix = match &error.kind {
             Kind::UnknownField(name, expected) => {
-                field = if field.is_empty() { name.clone() } else { format!("{field}.{name}") };
+                if field.is_empty() {
+                    field.clone_from(name);
+                }
                 format!("remove it or use one of: {}", expected.join(", "))
             }
             _ => "give a value of the expected type (see --print-config)".to_owned(),
@@ -235,21 +237,86 @@ impl AgentConfig {
         };
         let path = |p: &Path| toml::Value::String(p.display().to_string());
         let int = |n: u64| toml::Value::Integer(i64::try_from(n).unwrap_or(i64::MAX));
-        line(&mut out, "This node's id; must equal the node id in the agent certificate (required).", "node_id", self.node_id.clone().into());
-        line(&mut out, "Chain network the node follows (default finney).", "network", self.network.clone().into());
-        line(&mut out, "Server gRPC URL, https only (default https://127.0.0.1:7443).", "server_url", self.server_url.clone().into());
-        line(&mut out, "Name the server certificate must carry (default localhost).", "server_name", self.server_name.clone().into());
-        line(&mut out, "Sampling interval, ms (default 1000; a server Welcome may override it).", "sample_interval_ms", int(self.sample_interval_ms));
-        line(&mut out, "The subtensor node's data folder; its filesystem is reported (default /var/lib/subtensor).", "chain_data_path", path(&self.chain_data_path));
-        line(&mut out, "Where procfs is mounted (default /proc).", "proc_root", path(&self.proc_root));
-        line(&mut out, "Batches kept while the server is away; beyond it the oldest are dropped and counted (default 3600).", "max_pending_batches", int(self.max_pending_batches as u64));
+        line(
+            &mut out,
+            "This node's id; must equal the node id in the agent certificate (required).",
+            "node_id",
+            self.node_id.clone().into(),
+        );
+        line(
+            &mut out,
+            "Chain network the node follows (default finney).",
+            "network",
+            self.network.clone().into(),
+        );
+        line(
+            &mut out,
+            "Server gRPC URL, https only (default https://127.0.0.1:7443).",
+            "server_url",
+            self.server_url.clone().into(),
+        );
+        line(
+            &mut out,
+            "Name the server certificate must carry (default localhost).",
+            "server_name",
+            self.server_name.clone().into(),
+        );
+        line(
+            &mut out,
+            "Sampling interval, ms (default 1000; a server Welcome may override it).",
+            "sample_interval_ms",
+            int(self.sample_interval_ms),
+        );
+        line(
+            &mut out,
+            "The subtensor node's data folder; its filesystem is reported (default /var/lib/subtensor).",
+            "chain_data_path",
+            path(&self.chain_data_path),
+        );
+        line(
+            &mut out,
+            "Where procfs is mounted (default /proc).",
+            "proc_root",
+            path(&self.proc_root),
+        );
+        line(
+            &mut out,
+            "Batches kept while the server is away; beyond it the oldest are dropped and counted (default 3600).",
+            "max_pending_batches",
+            int(self.max_pending_batches as u64),
+        );
         out.push_str("\n[reconnect]\n");
-        line(&mut out, "First reconnect delay, ms, doubled per failure with jitter (default 500).", "initial_ms", int(self.reconnect.initial_ms));
-        line(&mut out, "Largest reconnect delay, ms (default 30000).", "max_ms", int(self.reconnect.max_ms));
+        line(
+            &mut out,
+            "First reconnect delay, ms, doubled per failure with jitter (default 500).",
+            "initial_ms",
+            int(self.reconnect.initial_ms),
+        );
+        line(
+            &mut out,
+            "Largest reconnect delay, ms (default 30000).",
+            "max_ms",
+            int(self.reconnect.max_ms),
+        );
         out.push_str("\n[tls]\n");
-        line(&mut out, "Fleet CA PEM that signed the server certificate.", "ca_file", path(&self.tls.ca_file));
-        line(&mut out, "This node's certificate PEM (guardianctl pki init writes node-NAME.pem).", "cert_file", path(&self.tls.cert_file));
-        line(&mut out, "This node's private key PEM.", "key_file", path(&self.tls.key_file));
+        line(
+            &mut out,
+            "Fleet CA PEM that signed the server certificate.",
+            "ca_file",
+            path(&self.tls.ca_file),
+        );
+        line(
+            &mut out,
+            "This node's certificate PEM (guardianctl pki init writes node-NAME.pem).",
+            "cert_file",
+            path(&self.tls.cert_file),
+        );
+        line(
+            &mut out,
+            "This node's private key PEM.",
+            "key_file",
+            path(&self.tls.key_file),
+        );
         out
     }
 }
@@ -302,6 +369,9 @@ mod tests {
             ..AgentConfig::default()
         };
         std::fs::write(&file, config.documented_toml()).expect("write");
-        assert_eq!(AgentConfig::load(Some(&file), Figment::new()).expect("load"), config);
+        assert_eq!(
+            AgentConfig::load(Some(&file), Figment::new()).expect("load"),
+            config
+        );
     }
 }

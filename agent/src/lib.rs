@@ -54,13 +54,20 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) {
     );
     tasks.close();
     shutdown.cancelled().await;
-    if tokio::time::timeout(SHUTDOWN_DEADLINE, tasks.wait()).await.is_err() {
+    if tokio::time::timeout(SHUTDOWN_DEADLINE, tasks.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!("agent tasks still running after the shutdown deadline");
     }
 }
 
 /// Takes one round of samples per interval and queues it as one batch.
-async fn sample_loop(mut samplers: Vec<Box<dyn Sampler>>, shared: Arc<Shared>, shutdown: CancellationToken) {
+async fn sample_loop(
+    mut samplers: Vec<Box<dyn Sampler>>,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+) {
     let mut interval_rx = shared.interval_ms.subscribe();
     let mut ticker = new_ticker(*interval_rx.borrow_and_update());
     loop {
@@ -80,7 +87,10 @@ async fn sample_loop(mut samplers: Vec<Box<dyn Sampler>>, shared: Arc<Shared>, s
             .map(|sampler| sample::take(sampler.as_mut(), now))
             .collect();
         if let Some(dropped_total) = shared.spool().push(samples) {
-            tracing::warn!(dropped_total, "SpoolBatchesDropped: spool full while the server is unreachable; oldest batch dropped");
+            tracing::warn!(
+                dropped_total,
+                "SpoolBatchesDropped: spool full while the server is unreachable; oldest batch dropped"
+            );
         }
         shared.queued.notify_one();
     }
@@ -93,7 +103,9 @@ fn new_ticker(ms: u64) -> tokio::time::Interval {
 }
 
 fn read_trimmed(path: &str) -> String {
-    std::fs::read_to_string(path).map(|s| s.trim().to_owned()).unwrap_or_default()
+    std::fs::read_to_string(path)
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
 }
 
 /// Wall-clock now in Unix milliseconds.

@@ -84,8 +84,12 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("guardian-agent: cannot start the runtime: {error}");
@@ -94,7 +98,11 @@ fn main() -> ExitCode {
     };
     runtime.block_on(async {
         let shutdown = CancellationToken::new();
-        tracing::info!(node = config.node_id, server = config.server_url, "guardian-agent starting");
+        tracing::info!(
+            node = config.node_id,
+            server = config.server_url,
+            "guardian-agent starting"
+        );
         let agent = guardian_agent::run(config, shutdown.clone());
         tokio::pin!(agent);
         tokio::select! {

@@ -65,7 +65,9 @@ impl Spool {
     /// Batches after `after_seq` (exclusive), oldest first, at most `limit`, numbered.
     /// Empty until the base is known.
     pub fn batches_after(&self, after_seq: u64, limit: usize) -> Vec<SampleBatch> {
-        let Some(base) = self.base else { return Vec::new() };
+        let Some(base) = self.base else {
+            return Vec::new();
+        };
         self.pending
             .iter()
             .filter(|(local, _)| base + local > after_seq)
@@ -122,7 +124,10 @@ mod tests {
         let mut spool = Spool::new(10);
         spool.push(vec![]);
         spool.push(vec![]);
-        assert!(spool.batches_after(0, 10).is_empty(), "no numbering before Welcome");
+        assert!(
+            spool.batches_after(0, 10).is_empty(),
+            "no numbering before Welcome"
+        );
         spool.set_base(40);
         spool.set_base(99);
         let seqs: Vec<u64> = spool.batches_after(0, 10).iter().map(|b| b.seq).collect();

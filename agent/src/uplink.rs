@@ -9,7 +9,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use guardian_proto::v1::uplink_client::UplinkClient;
-use guardian_proto::v1::{AgentFrame, Hello, NodeDescriptor, ServerFrame, agent_frame, server_frame};
+use guardian_proto::v1::{
+    AgentFrame, Hello, NodeDescriptor, ServerFrame, agent_frame, server_frame,
+};
 use rand::Rng;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -82,12 +84,19 @@ pub struct Shared {
 impl Shared {
     /// Locks the spool; a poisoned lock (a panic mid-update) still holds consistent data.
     pub fn spool(&self) -> std::sync::MutexGuard<'_, Spool> {
-        self.spool.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.spool
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
 /// Keeps a session open with the server until `shutdown`, reconnecting with backoff.
-pub async fn run(config: AgentConfig, descriptor: NodeDescriptor, shared: Arc<Shared>, shutdown: CancellationToken) {
+pub async fn run(
+    config: AgentConfig,
+    descriptor: NodeDescriptor,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+) {
     let mut failures: u32 = 0;
     loop {
         let session = session(&config, &descriptor, &shared, &shutdown, &mut failures);
@@ -138,7 +147,10 @@ async fn channel(config: &AgentConfig) -> Result<Channel, UplinkError> {
     };
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(read(&config.tls.ca_file)?))
-        .identity(Identity::from_pem(read(&config.tls.cert_file)?, read(&config.tls.key_file)?))
+        .identity(Identity::from_pem(
+            read(&config.tls.cert_file)?,
+            read(&config.tls.key_file)?,
+        ))
         .domain_name(config.server_name.clone());
     Endpoint::from_shared(config.server_url.clone())
         .map_err(|e| connect_error(e.to_string()))?
@@ -179,33 +191,51 @@ async fn session(
         code: status.code(),
         message: status.message().to_owned(),
     };
-    let mut inbound = tokio::time::timeout(CONNECT_TIMEOUT, client.connect(ReceiverStream::new(rx)))
-        .await
-        .map_err(|_| UplinkError::Protocol("no answer to Hello within 10 s".into()))?
-        .map_err(refused)?
-        .into_inner();
+    let mut inbound =
+        tokio::time::timeout(CONNECT_TIMEOUT, client.connect(ReceiverStream::new(rx)))
+            .await
+            .map_err(|_| UplinkError::Protocol("no answer to Hello within 10 s".into()))?
+            .map_err(refused)?
+            .into_inner();
     let welcome = match tokio::time::timeout(CONNECT_TIMEOUT, inbound.message()).await {
         Err(_) => return Err(UplinkError::Protocol("no Welcome within 10 s".into())),
         Ok(Err(status)) => return Err(refused(status)),
-        Ok(Ok(Some(ServerFrame { frame: Some(server_frame::Frame::Welcome(welcome)) }))) => welcome,
-        Ok(Ok(_)) => return Err(UplinkError::Protocol("first server frame was not Welcome".into())),
+        Ok(Ok(Some(ServerFrame {
+            frame: Some(server_frame::Frame::Welcome(welcome)),
+        }))) => welcome,
+        Ok(Ok(_)) => {
+            return Err(UplinkError::Protocol(
+                "first server frame was not Welcome".into(),
+            ));
+        }
     };
     *failures = 0;
     shared.spool().set_base(welcome.last_stored_seq);
     if welcome.sample_interval_ms != 0 {
-        shared.interval_ms.send_replace(u64::from(welcome.sample_interval_ms));
+        shared
+            .interval_ms
+            .send_replace(u64::from(welcome.sample_interval_ms));
     }
-    tracing::info!(server = config.server_url, node = welcome.node_id, last_stored_seq = welcome.last_stored_seq, pending = shared.spool().len(), "UplinkConnected");
+    tracing::info!(
+        server = config.server_url,
+        node = welcome.node_id,
+        last_stored_seq = welcome.last_stored_seq,
+        pending = shared.spool().len(),
+        "UplinkConnected"
+    );
 
     // Highest seq written to this stream; everything after it is (re)sent.
     let mut sent_through = 0u64;
     let mut acked_through = 0u64;
     loop {
         // Top up the in-flight window from the spool.
-        let in_flight = usize::try_from(sent_through.saturating_sub(acked_through)).unwrap_or(usize::MAX);
+        let in_flight =
+            usize::try_from(sent_through.saturating_sub(acked_through)).unwrap_or(usize::MAX);
         let room = IN_FLIGHT_WINDOW.saturating_sub(in_flight);
         if room > 0 {
-            let batches = shared.spool().batches_after(sent_through.max(acked_through), room);
+            let batches = shared
+                .spool()
+                .batches_after(sent_through.max(acked_through), room);
             for batch in batches {
                 let seq = batch.seq;
                 let frame = AgentFrame {

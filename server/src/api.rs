@@ -65,7 +65,11 @@ impl FleetApi {
                     peer.label()
                 )),
             ),
-            Err(error) => ("no_identity", "unknown".to_owned(), Status::unauthenticated(error.to_string())),
+            Err(error) => (
+                "no_identity",
+                "unknown".to_owned(),
+                Status::unauthenticated(error.to_string()),
+            ),
         };
         self.metrics.refuse(reason);
         tracing::warn!(reason, peer, method, "CallRefused");
@@ -175,9 +179,14 @@ pub fn admin_router(state: AdminState) -> Router {
         .with_state(state)
 }
 
-async fn metrics(State(state): State<AdminState>) -> ([(axum::http::HeaderName, &'static str); 1], String) {
+async fn metrics(
+    State(state): State<AdminState>,
+) -> ([(axum::http::HeaderName, &'static str); 1], String) {
     (
-        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         state.metrics.render(),
     )
 }
@@ -185,6 +194,9 @@ async fn metrics(State(state): State<AdminState>) -> ([(axum::http::HeaderName, 
 async fn readyz(State(state): State<AdminState>) -> (StatusCode, String) {
     match state.ledger.ping().await {
         Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
-        Err(error) => (StatusCode::SERVICE_UNAVAILABLE, format!("ledger not answering: {error}\n")),
+        Err(error) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("ledger not answering: {error}\n"),
+        ),
     }
 }

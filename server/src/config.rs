@@ -96,7 +96,9 @@ impl ConfigError {
         let mut field = error.path.join(".");
         let fix = match &error.kind {
             Kind::UnknownField(name, expected) => {
-                field = if field.is_empty() { name.clone() } else { format!("{field}.{name}") };
+                if field.is_empty() {
+                    field.clone_from(name);
+                }
                 format!("remove it or use one of: {}", expected.join(", "))
             }
             Kind::InvalidType(..) | Kind::InvalidValue(..) => {
@@ -174,7 +176,11 @@ impl ServerConfig {
             ));
         }
         Backend::from_url(&self.ledger_url).map_err(|e| {
-            ConfigError::new("ledger_url", e.to_string(), "e.g. sqlite://guardian-data/guardian.db")
+            ConfigError::new(
+                "ledger_url",
+                e.to_string(),
+                "e.g. sqlite://guardian-data/guardian.db",
+            )
         })?;
         pem_file("tls.ca_file", &self.tls.ca_file, "CERTIFICATE")?;
         pem_file("tls.cert_file", &self.tls.cert_file, "CERTIFICATE")?;
@@ -191,16 +197,61 @@ impl ServerConfig {
         let line = |out: &mut String, doc: &str, key: &str, value: toml::Value| {
             out.push_str(&format!("# {doc}\n{key} = {value}\n"));
         };
-        line(&mut out, "mTLS gRPC address for agents (Uplink) and operators (Fleet API).", "listen", self.listen.to_string().into());
-        line(&mut out, "Plain HTTP admin address: /metrics, /healthz, /readyz (default 127.0.0.1:7444).", "admin_listen", self.admin_listen.to_string().into());
-        line(&mut out, "Ledger + embedded telemetry: sqlite://PATH (created on first run) or postgres://USER@HOST:PORT/DB.", "ledger_url", self.ledger_url.clone().into());
-        line(&mut out, "Largest accepted frame in bytes; a larger frame ends that stream (default 4194304).", "max_frame_bytes", to_value(self.max_frame_bytes));
-        line(&mut out, "Sampling interval asked of agents, ms; 0 = agents keep their own (default 0).", "sample_interval_ms", i64::from(self.sample_interval_ms).into());
-        line(&mut out, "Time allowed between opening a stream and Hello, ms (default 10000).", "hello_timeout_ms", to_value(self.hello_timeout_ms));
+        line(
+            &mut out,
+            "mTLS gRPC address for agents (Uplink) and operators (Fleet API).",
+            "listen",
+            self.listen.to_string().into(),
+        );
+        line(
+            &mut out,
+            "Plain HTTP admin address: /metrics, /healthz, /readyz (default 127.0.0.1:7444).",
+            "admin_listen",
+            self.admin_listen.to_string().into(),
+        );
+        line(
+            &mut out,
+            "Ledger + embedded telemetry: sqlite://PATH (created on first run) or postgres://USER@HOST:PORT/DB.",
+            "ledger_url",
+            self.ledger_url.clone().into(),
+        );
+        line(
+            &mut out,
+            "Largest accepted frame in bytes; a larger frame ends that stream (default 4194304).",
+            "max_frame_bytes",
+            to_value(self.max_frame_bytes),
+        );
+        line(
+            &mut out,
+            "Sampling interval asked of agents, ms; 0 = agents keep their own (default 0).",
+            "sample_interval_ms",
+            i64::from(self.sample_interval_ms).into(),
+        );
+        line(
+            &mut out,
+            "Time allowed between opening a stream and Hello, ms (default 10000).",
+            "hello_timeout_ms",
+            to_value(self.hello_timeout_ms),
+        );
         out.push_str("\n[tls]\n");
-        line(&mut out, "Fleet CA PEM: only client certificates chained to it are accepted.", "ca_file", self.tls.ca_file.display().to_string().into());
-        line(&mut out, "Server certificate PEM.", "cert_file", self.tls.cert_file.display().to_string().into());
-        line(&mut out, "Server private key PEM.", "key_file", self.tls.key_file.display().to_string().into());
+        line(
+            &mut out,
+            "Fleet CA PEM: only client certificates chained to it are accepted.",
+            "ca_file",
+            self.tls.ca_file.display().to_string().into(),
+        );
+        line(
+            &mut out,
+            "Server certificate PEM.",
+            "cert_file",
+            self.tls.cert_file.display().to_string().into(),
+        );
+        line(
+            &mut out,
+            "Server private key PEM.",
+            "key_file",
+            self.tls.key_file.display().to_string().into(),
+        );
         out
     }
 }
@@ -261,6 +312,9 @@ mod tests {
             ..ServerConfig::default()
         };
         std::fs::write(&file, config.documented_toml()).expect("write");
-        assert_eq!(ServerConfig::load(Some(&file), Figment::new()).expect("load"), config);
+        assert_eq!(
+            ServerConfig::load(Some(&file), Figment::new()).expect("load"),
+            config
+        );
     }
 }

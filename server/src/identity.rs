@@ -112,7 +112,9 @@ impl Peer {
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
     /// The connection presented no client certificate.
-    #[error("no client certificate on the connection; connect with mTLS and a certificate from the fleet CA")]
+    #[error(
+        "no client certificate on the connection; connect with mTLS and a certificate from the fleet CA"
+    )]
     NoClientCertificate,
     /// The certificate could not be parsed.
     #[error("client certificate cannot be parsed: {0}")]

@@ -83,7 +83,12 @@ impl Ingest {
         };
         if let Err(error) = self.ledger.record_security_event(&event).await {
             // The refusal itself still happens; losing the record is logged and counted.
-            self.metrics.store_errors.get_or_create(&crate::metrics::Reason { reason: error.kind() }).inc();
+            self.metrics
+                .store_errors
+                .get_or_create(&crate::metrics::Reason {
+                    reason: error.kind(),
+                })
+                .inc();
             tracing::error!(%error, "cannot record security event");
         }
         status
@@ -111,10 +116,14 @@ impl Ingest {
             let status = Status::failed_precondition("the first frame of a stream must be Hello");
             return Err(self.refuse("missing_hello", &peer, status).await);
         };
-        let claimed = hello.node.as_ref().map(|d| d.node_id.as_str()).unwrap_or("");
+        let claimed = hello
+            .node
+            .as_ref()
+            .map(|d| d.node_id.as_str())
+            .unwrap_or("");
         if claimed != node.as_str() {
             let status = Status::permission_denied(format!(
-                "certificate identifies node {node:?} but Hello claims {claimed:?}; \
+                "certificate identifies node \"{node}\" but Hello claims \"{claimed}\"; \
                  each agent must use its own certificate and set node_id to match it"
             ));
             return Err(self.refuse("hello_identity_mismatch", &peer, status).await);
@@ -173,7 +182,9 @@ impl Ingest {
                     match self.commit(&node, &batch).await {
                         Ok(()) => {
                             let ack = ServerFrame {
-                                frame: Some(server_frame::Frame::Ack(Ack { through_seq: batch.seq })),
+                                frame: Some(server_frame::Frame::Ack(Ack {
+                                    through_seq: batch.seq,
+                                })),
                             };
                             if outbound.send(Ok(ack)).await.is_err() {
                                 break None;
@@ -186,11 +197,14 @@ impl Ingest {
                     tracing::info!(node = %node, command_id = outcome.command_id, succeeded = outcome.succeeded, "CommandOutcomeReceived");
                 }
                 Some(agent_frame::Frame::Hello(_)) => {
-                    let status = Status::failed_precondition("Hello may only be the first frame of a stream");
+                    let status = Status::failed_precondition(
+                        "Hello may only be the first frame of a stream",
+                    );
                     break Some(self.refuse("repeated_hello", &peer, status).await);
                 }
                 None => {
-                    let status = Status::invalid_argument("AgentFrame carries no frame (empty oneof)");
+                    let status =
+                        Status::invalid_argument("AgentFrame carries no frame (empty oneof)");
                     break Some(self.refuse("malformed_frame", &peer, status).await);
                 }
             }
@@ -229,7 +243,9 @@ impl Ingest {
         let now = unix_ms();
         match self.ledger.commit_batch(node, batch, now).await {
             Ok(Commit::Stored { samples }) => {
-                self.metrics.commit_seconds.observe(started.elapsed().as_secs_f64());
+                self.metrics
+                    .commit_seconds
+                    .observe(started.elapsed().as_secs_f64());
                 self.metrics.batches_committed.inc();
                 self.metrics.samples_committed.inc_by(samples as u64);
                 self.registry.committed(node, batch, now);
@@ -242,7 +258,12 @@ impl Ingest {
                 Ok(())
             }
             Err(error) => {
-                self.metrics.store_errors.get_or_create(&crate::metrics::Reason { reason: error.kind() }).inc();
+                self.metrics
+                    .store_errors
+                    .get_or_create(&crate::metrics::Reason {
+                        reason: error.kind(),
+                    })
+                    .inc();
                 tracing::error!(node = %node, seq = batch.seq, %error, "StoreFailed");
                 Err(Status::unavailable(format!(
                     "store commit failed, batch {} not acked (the agent resends it): {error}",
@@ -285,9 +306,16 @@ impl Uplink for Ingest {
                 tracing::error!(node = %node, %error, "StoreFailed");
                 Status::unavailable(format!("ledger unavailable, try again: {error}"))
             })?;
-        self.registry
-            .connected(&node, &descriptor, &hello.agent_version, last_stored_seq, unix_ms());
-        self.metrics.nodes_known.set(i64::try_from(self.registry.len()).unwrap_or(i64::MAX));
+        self.registry.connected(
+            &node,
+            &descriptor,
+            &hello.agent_version,
+            last_stored_seq,
+            unix_ms(),
+        );
+        self.metrics
+            .nodes_known
+            .set(i64::try_from(self.registry.len()).unwrap_or(i64::MAX));
         tracing::info!(node = %node, agent_version = hello.agent_version, last_acked_seq = hello.last_acked_seq, last_stored_seq, "AgentConnected");
 
         let (outbound, rx) = mpsc::channel(64);
@@ -301,8 +329,11 @@ impl Uplink for Ingest {
         // The channel is fresh, so this cannot be full.
         let _ = outbound.try_send(Ok(welcome));
         let span = tracing::info_span!("uplink_session", node = %node);
-        self.sessions
-            .spawn(self.clone().session(node, inbound, outbound).instrument(span));
+        self.sessions.spawn(
+            self.clone()
+                .session(node, inbound, outbound)
+                .instrument(span),
+        );
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }

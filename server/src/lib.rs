@@ -79,14 +79,19 @@ pub async fn run(
         })
     };
     let tls = ServerTlsConfig::new()
-        .identity(Identity::from_pem(read(&config.tls.cert_file)?, read(&config.tls.key_file)?))
+        .identity(Identity::from_pem(
+            read(&config.tls.cert_file)?,
+            read(&config.tls.key_file)?,
+        ))
         .client_ca_root(Certificate::from_pem(read(&config.tls.ca_file)?))
         .client_auth_optional(false);
 
     let ledger = Ledger::open(&config.ledger_url).await?;
     let registry = Arc::new(registry::Registry::from_stored(ledger.nodes().await?));
     let metrics = Arc::new(metrics::Metrics::default());
-    metrics.nodes_known.set(i64::try_from(registry.len()).unwrap_or(i64::MAX));
+    metrics
+        .nodes_known
+        .set(i64::try_from(registry.len()).unwrap_or(i64::MAX));
     let tasks = TaskTracker::new();
 
     let ingest = ingest::Ingest::new(
@@ -133,14 +138,16 @@ pub async fn run(
     )
     .with_graceful_shutdown(shutdown.clone().cancelled_owned());
 
-    let outcome = tokio::try_join!(
-        async { grpc.await.map_err(ServerError::from) },
-        async { admin.await.map_err(ServerError::Admin) },
-    );
+    let outcome = tokio::try_join!(async { grpc.await.map_err(ServerError::from) }, async {
+        admin.await.map_err(ServerError::Admin)
+    },);
     // Either both stopped on shutdown, or one failed: stop the other parts too.
     shutdown.cancel();
     tasks.close();
-    if tokio::time::timeout(SHUTDOWN_DEADLINE, tasks.wait()).await.is_err() {
+    if tokio::time::timeout(SHUTDOWN_DEADLINE, tasks.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!("sessions still running after the shutdown deadline");
     }
     ledger.close().await;

@@ -51,15 +51,50 @@ impl Default for Metrics {
             commit_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
             registry: Registry::default(),
         };
-        registry.register("ingest_batches_committed", "Batches committed and acked", metrics.batches_committed.clone());
-        registry.register("ingest_batches_duplicate", "Replayed batches acked without storing", metrics.batches_duplicate.clone());
-        registry.register("ingest_samples_committed", "Samples committed", metrics.samples_committed.clone());
-        registry.register("refused", "Streams and calls refused, by reason", metrics.refused.clone());
-        registry.register("store_errors", "Store failures, by kind", metrics.store_errors.clone());
-        registry.register("uplink_streams_active", "Agent streams open now", metrics.streams_active.clone());
-        registry.register("fleet_nodes", "Nodes known to the server", metrics.nodes_known.clone());
-        registry.register("ingest_commit_seconds", "Time to commit one batch", metrics.commit_seconds.clone());
-        Self { registry, ..metrics }
+        registry.register(
+            "ingest_batches_committed",
+            "Batches committed and acked",
+            metrics.batches_committed.clone(),
+        );
+        registry.register(
+            "ingest_batches_duplicate",
+            "Replayed batches acked without storing",
+            metrics.batches_duplicate.clone(),
+        );
+        registry.register(
+            "ingest_samples_committed",
+            "Samples committed",
+            metrics.samples_committed.clone(),
+        );
+        registry.register(
+            "refused",
+            "Streams and calls refused, by reason",
+            metrics.refused.clone(),
+        );
+        registry.register(
+            "store_errors",
+            "Store failures, by kind",
+            metrics.store_errors.clone(),
+        );
+        registry.register(
+            "uplink_streams_active",
+            "Agent streams open now",
+            metrics.streams_active.clone(),
+        );
+        registry.register(
+            "fleet_nodes",
+            "Nodes known to the server",
+            metrics.nodes_known.clone(),
+        );
+        registry.register(
+            "ingest_commit_seconds",
+            "Time to commit one batch",
+            metrics.commit_seconds.clone(),
+        );
+        Self {
+            registry,
+            ..metrics
+        }
     }
 }
 
@@ -88,7 +123,13 @@ mod tests {
         metrics.batches_committed.inc();
         metrics.refuse("hello_identity_mismatch");
         let text = metrics.render();
-        assert!(text.contains("guardian_ingest_batches_committed_total 1"), "{text}");
-        assert!(text.contains("guardian_refused_total{reason=\"hello_identity_mismatch\"} 1"), "{text}");
+        assert!(
+            text.contains("guardian_ingest_batches_committed_total 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("guardian_refused_total{reason=\"hello_identity_mismatch\"} 1"),
+            "{text}"
+        );
     }
 }

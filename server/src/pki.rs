@@ -43,7 +43,10 @@ impl PkiFiles {
 }
 
 fn pair(dir: &Path, stem: &str) -> (PathBuf, PathBuf) {
-    (dir.join(format!("{stem}.pem")), dir.join(format!("{stem}-key.pem")))
+    (
+        dir.join(format!("{stem}.pem")),
+        dir.join(format!("{stem}-key.pem")),
+    )
 }
 
 /// Why the PKI could not be written.
@@ -144,7 +147,9 @@ pub fn init(dir: &Path, request: &PkiRequest) -> Result<PkiFiles, PkiError> {
 
 fn client_params(common_name: &str, uri: &str) -> Result<CertificateParams, PkiError> {
     let mut params = CertificateParams::new(Vec::<String>::new())?;
-    params.distinguished_name.push(DnType::CommonName, common_name);
+    params
+        .distinguished_name
+        .push(DnType::CommonName, common_name);
     params.subject_alt_names = vec![SanType::URI(uri.try_into()?)];
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
     Ok(params)
@@ -189,7 +194,8 @@ mod tests {
     use crate::identity::Peer;
 
     #[test]
-    fn issued_certificates_carry_the_identity_the_server_reads() -> Result<(), Box<dyn std::error::Error>> {
+    fn issued_certificates_carry_the_identity_the_server_reads()
+    -> Result<(), Box<dyn std::error::Error>> {
         let dir = tempfile::tempdir()?;
         let files = init(
             dir.path(),
@@ -215,10 +221,17 @@ mod tests {
         );
         assert!(Peer::from_cert_der(&der(files.server().0)?).is_err());
         assert!(matches!(
-            init(dir.path(), &PkiRequest { nodes: vec![], operator: "a".into(), server_names: vec![], force: false }),
+            init(
+                dir.path(),
+                &PkiRequest {
+                    nodes: vec![],
+                    operator: "a".into(),
+                    server_names: vec![],
+                    force: false
+                }
+            ),
             Err(PkiError::Exists(_))
         ));
         Ok(())
     }
-
 }

@@ -143,11 +143,15 @@ impl Registry {
 
     // A poisoned lock only means a panic elsewhere mid-update of plain data; keep serving.
     fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<NodeId, Entry>> {
-        self.nodes.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.nodes
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<NodeId, Entry>> {
-        self.nodes.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.nodes
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -164,6 +168,10 @@ mod tests {
         registry.disconnected(&id, 3);
         assert!(registry.get(&id).is_some_and(|n| n.connected));
         registry.disconnected(&id, 4);
-        assert!(registry.get(&id).is_some_and(|n| !n.connected && n.last_seen_unix_ms == 4));
+        assert!(
+            registry
+                .get(&id)
+                .is_some_and(|n| !n.connected && n.last_seen_unix_ms == 4)
+        );
     }
 }

@@ -1,1 +1,482 @@
-//! x
+//! The one test harness: a throwaway PKI, the real `guardian-server` and `guardian-agent`
+//! processes on 127.0.0.1, a private PostgreSQL cluster, and raw gRPC clients for
+//! protocol-abuse tests.
+//!
+//! Binaries are taken from the workspace's target folder; the README's test command builds
+//! them first (`cargo build --workspace --bins`).
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use bytes::{Buf, BufMut};
+use guardian_proto::v1::fleet_client::FleetClient;
+use guardian_proto::v1::{AgentFrame, ServerFrame};
+use guardian_server::pki::{self, PkiFiles, PkiRequest};
+use prost::Message;
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+/// Path of a workspace binary built next to the running test.
+///
+/// # Errors
+/// When the binary has not been built.
+pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    // target/<profile>/deps/<test-binary>
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .context("test binary has no target/<profile> folder")?;
+    let path = profile_dir.join(name);
+    if !path.is_file() {
+        bail!(
+            "{} is missing: build the binaries first with `cargo build --workspace --bins`",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// A scratch folder with a fresh PKI for the given nodes.
+pub struct Scratch {
+    /// The folder (deleted on drop).
+    pub dir: tempfile::TempDir,
+    /// The certificates in `dir/pki`.
+    pub pki: PkiFiles,
+}
+
+impl Scratch {
+    /// A new folder and PKI.
+    ///
+    /// # Errors
+    /// On I/O or certificate errors.
+    pub fn new(nodes: &[&str]) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let pki = pki::init(
+            &dir.path().join("pki"),
+            &PkiRequest {
+                nodes: nodes.iter().map(|n| (*n).to_owned()).collect(),
+                operator: "tester".into(),
+                server_names: vec![],
+                force: false,
+            },
+        )?;
+        Ok(Self { dir, pki })
+    }
+
+    /// `dir/NAME`.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// The default SQLite ledger URL in this folder.
+    pub fn sqlite_url(&self) -> String {
+        format!("sqlite://{}", self.path("data/guardian.db").display())
+    }
+
+    /// Writes a server config (ports 0) and returns its path. `extra` is appended TOML.
+    ///
+    /// # Errors
+    /// On I/O errors.
+    pub fn server_config(&self, ledger_url: &str, extra: &str) -> anyhow::Result<PathBuf> {
+        let (cert, key) = self.pki.server();
+        let text = format!(
+            "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nledger_url = \"{ledger_url}\"\n{extra}\n\
+             [tls]\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+            self.pki.ca().display(),
+            cert.display(),
+            key.display()
+        );
+        let path = self.path("server.toml");
+        std::fs::write(&path, text)?;
+        Ok(path)
+    }
+
+    /// Writes an agent config for `node` pointed at `server` and returns its path.
+    ///
+    /// # Errors
+    /// On I/O errors.
+    pub fn agent_config(
+        &self,
+        node: &str,
+        server: SocketAddr,
+        interval_ms: u64,
+    ) -> anyhow::Result<PathBuf> {
+        let (cert, key) = self.pki.node(node);
+        let chain = self.path(&format!("chain-{node}"));
+        std::fs::create_dir_all(&chain)?;
+        let text = format!(
+            "node_id = \"{node}\"\nnetwork = \"local\"\nserver_url = \"https://{server}\"\nsample_interval_ms = {interval_ms}\n\
+             chain_data_path = \"{}\"\n[reconnect]\ninitial_ms = 100\nmax_ms = 1000\n\
+             [tls]\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+            chain.display(),
+            self.pki.ca().display(),
+            cert.display(),
+            key.display()
+        );
+        let path = self.path(&format!("agent-{node}.toml"));
+        std::fs::write(&path, text)?;
+        Ok(path)
+    }
+
+    /// A Fleet API client with the operator certificate.
+    ///
+    /// # Errors
+    /// When the connection fails.
+    pub async fn operator(&self, server: SocketAddr) -> anyhow::Result<FleetClient<Channel>> {
+        let (cert, key) = self.pki.operator();
+        Ok(FleetClient::new(self.channel(server, &cert, &key).await?))
+    }
+
+    /// An mTLS channel presenting `cert`/`key` and trusting this PKI's CA.
+    ///
+    /// # Errors
+    /// When files cannot be read or the connection fails.
+    pub async fn channel(
+        &self,
+        server: SocketAddr,
+        cert: &Path,
+        key: &Path,
+    ) -> anyhow::Result<Channel> {
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(std::fs::read(self.pki.ca())?))
+            .identity(Identity::from_pem(
+                std::fs::read(cert)?,
+                std::fs::read(key)?,
+            ))
+            .domain_name("localhost");
+        Ok(Endpoint::from_shared(format!("https://{server}"))?
+            .tls_config(tls)?
+            .connect_timeout(Duration::from_secs(5))
+            .connect()
+            .await?)
+    }
+}
+
+/// A child process killed (SIGKILL) on drop.
+pub struct Proc {
+    /// The process.
+    pub child: Child,
+    /// Its stderr log file.
+    pub log: PathBuf,
+}
+
+impl Proc {
+    /// Sends SIGTERM and waits up to 10 s for the exit code.
+    ///
+    /// # Errors
+    /// When the process does not exit.
+    pub fn terminate(&mut self) -> anyhow::Result<Option<i32>> {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status()?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status.code());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!(
+            "process {pid} ignored SIGTERM for 10 s; log: {}",
+            self.log_text()
+        )
+    }
+
+    /// The stderr log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A running `guardian-server`.
+pub struct Server {
+    /// The process.
+    pub proc: Proc,
+    /// Its mTLS gRPC address.
+    pub grpc: SocketAddr,
+    /// Its admin HTTP address.
+    pub admin: SocketAddr,
+}
+
+impl Server {
+    /// Starts the server with `config` and waits for its "listening" line.
+    ///
+    /// # Errors
+    /// When it exits or does not report its ports within 20 s.
+    pub fn start(config: &Path, log: PathBuf) -> anyhow::Result<Self> {
+        let mut child = Command::new(binary("guardian-server")?)
+            .arg("--config")
+            .arg(config)
+            .env("GUARDIAN_LOG", "info,guardian_server=debug")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let proc = Proc { child, log };
+        let line = rx
+            .recv_timeout(Duration::from_secs(20))
+            .with_context(|| format!("server did not start; log: {}", proc.log_text()))?;
+        let field = |name: &str| -> anyhow::Result<SocketAddr> {
+            let value = line
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix(&format!("{name}=")))
+                .with_context(|| format!("no {name}= in {line:?}; log: {}", proc.log_text()))?;
+            Ok(value.parse()?)
+        };
+        Ok(Self {
+            grpc: field("grpc")?,
+            admin: field("admin")?,
+            proc,
+        })
+    }
+}
+
+/// Starts `guardian-agent --config config`.
+///
+/// # Errors
+/// When the binary is missing or cannot start.
+pub fn start_agent(config: &Path, log: PathBuf) -> anyhow::Result<Proc> {
+    let child = Command::new(binary("guardian-agent")?)
+        .arg("--config")
+        .arg(config)
+        .env("GUARDIAN_LOG", "info,guardian_agent=debug")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log)?)
+        .spawn()?;
+    Ok(Proc { child, log })
+}
+
+/// Polls `check` every 100 ms until it returns `Some`, or fails after `timeout`.
+///
+/// # Errors
+/// With `what` when the time runs out.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return Ok(value);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A private PostgreSQL cluster on 127.0.0.1 with trust auth, stopped on drop.
+pub struct Postgres {
+    /// Data and socket folder.
+    pub dir: tempfile::TempDir,
+    /// Its port.
+    pub port: u16,
+    bin: PathBuf,
+}
+
+impl Postgres {
+    /// initdb + pg_ctl start (as the `postgres` user when running as root).
+    ///
+    /// # Errors
+    /// When PostgreSQL is not installed (`apt-get install postgresql`) or fails to start.
+    pub fn start() -> anyhow::Result<Self> {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .context("PostgreSQL is not installed: apt-get install -y postgresql (scripts/setup does it)")?
+            .filter_map(Result::ok)
+            .map(|e| e.path().join("bin"))
+            .filter(|p| p.join("initdb").is_file())
+            .max()
+            .context("no /usr/lib/postgresql/*/bin/initdb: apt-get install -y postgresql")?;
+        let dir = tempfile::Builder::new().prefix("guardian-pg").tempdir()?;
+        let port = free_port()?;
+        let is_root = Command::new("id")
+            .arg("-u")
+            .output()?
+            .stdout
+            .starts_with(b"0");
+        if is_root {
+            Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(dir.path())
+                .status()?;
+        }
+        let data = dir.path().join("data");
+        let run = |args: Vec<String>| -> anyhow::Result<()> {
+            let mut command = if is_root {
+                let mut c = Command::new("runuser");
+                c.args(["-u", "postgres", "--"]);
+                c
+            } else {
+                Command::new("env")
+            };
+            let output = command.args(&args).output()?;
+            if !output.status.success() {
+                bail!(
+                    "{args:?} failed: {}",
+                    String::from_utf8_lossy(&output.stderr)
+                );
+            }
+            Ok(())
+        };
+        run(vec![
+            bin.join("initdb").display().to_string(),
+            "-D".into(),
+            data.display().to_string(),
+            "-U".into(),
+            "postgres".into(),
+            "--auth=trust".into(),
+        ])?;
+        run(vec![
+            bin.join("pg_ctl").display().to_string(),
+            "-D".into(),
+            data.display().to_string(),
+            "-o".into(),
+            format!(
+                "-c listen_addresses=127.0.0.1 -p {port} -k {} -c fsync=off",
+                dir.path().display()
+            ),
+            "-l".into(),
+            dir.path().join("pg.log").display().to_string(),
+            "-w".into(),
+            "start".into(),
+        ])?;
+        Ok(Self { dir, port, bin })
+    }
+
+    /// A URL for the `postgres` database.
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let data = self.dir.path().join("data").display().to_string();
+        let pg_ctl = self.bin.join("pg_ctl").display().to_string();
+        let args = ["-D", data.as_str(), "-m", "immediate", "stop"];
+        let is_root = Command::new("id")
+            .arg("-u")
+            .output()
+            .is_ok_and(|o| o.stdout.starts_with(b"0"));
+        let _ = if is_root {
+            Command::new("runuser")
+                .args(["-u", "postgres", "--", &pg_ctl])
+                .args(args)
+                .output()
+        } else {
+            Command::new(&pg_ctl).args(args).output()
+        };
+    }
+}
+
+/// A port free on 127.0.0.1 right now.
+///
+/// # Errors
+/// When no port can be bound.
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// A gRPC codec that sends raw bytes as request messages (to forge malformed frames) and
+/// decodes `ServerFrame`s.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RawFrames;
+
+/// Encoder half of [`RawFrames`].
+#[derive(Debug, Default)]
+pub struct RawEncoder;
+
+/// Decoder half of [`RawFrames`].
+#[derive(Debug, Default)]
+pub struct FrameDecoder;
+
+impl Codec for RawFrames {
+    type Encode = Vec<u8>;
+    type Decode = ServerFrame;
+    type Encoder = RawEncoder;
+    type Decoder = FrameDecoder;
+    fn encoder(&mut self) -> RawEncoder {
+        RawEncoder
+    }
+    fn decoder(&mut self) -> FrameDecoder {
+        FrameDecoder
+    }
+}
+
+impl Encoder for RawEncoder {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn encode(&mut self, item: Vec<u8>, dst: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl Decoder for FrameDecoder {
+    type Item = ServerFrame;
+    type Error = tonic::Status;
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<ServerFrame>, tonic::Status> {
+        let bytes = src.copy_to_bytes(src.remaining());
+        ServerFrame::decode(bytes)
+            .map(Some)
+            .map_err(|e| tonic::Status::internal(e.to_string()))
+    }
+}
+
+/// Opens `Uplink/Connect` on `channel` and sends `frames` (raw bytes each) in order.
+/// Returns the sender (keep it to hold the request stream open) and the server's reply
+/// stream, or the status the call failed with.
+pub async fn raw_uplink(
+    channel: Channel,
+    frames: Vec<Vec<u8>>,
+) -> Result<
+    (
+        tokio::sync::mpsc::Sender<Vec<u8>>,
+        tonic::Streaming<ServerFrame>,
+    ),
+    tonic::Status,
+> {
+    let mut grpc = tonic::client::Grpc::new(channel).max_encoding_message_size(usize::MAX);
+    grpc.ready()
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    for frame in frames {
+        let _ = tx.try_send(frame);
+    }
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static("/guardian.v1.Uplink/Connect");
+    let response = grpc
+        .streaming(
+            tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx)),
+            path,
+            RawFrames,
+        )
+        .await?;
+    Ok((tx, response.into_inner()))
+}
+
+/// Encodes an agent frame.
+pub fn encode(frame: &AgentFrame) -> Vec<u8> {
+    frame.encode_to_vec()
+}

@@ -79,7 +79,11 @@ enum Output {
 #[derive(Debug, Args)]
 struct Connection {
     /// Server gRPC URL.
-    #[arg(long, env = "GUARDIAN_SERVER_URL", default_value = "https://127.0.0.1:7443")]
+    #[arg(
+        long,
+        env = "GUARDIAN_SERVER_URL",
+        default_value = "https://127.0.0.1:7443"
+    )]
     server: String,
     /// Folder holding ca.pem, operator.pem and operator-key.pem.
     #[arg(long, env = "GUARDIAN_PKI_DIR", default_value = "pki")]
@@ -94,12 +98,18 @@ impl Connection {
         let read = |name: &str| {
             let path = self.pki_dir.join(name);
             std::fs::read(&path).with_context(|| {
-                format!("cannot read {} (set --pki-dir or GUARDIAN_PKI_DIR)", path.display())
+                format!(
+                    "cannot read {} (set --pki-dir or GUARDIAN_PKI_DIR)",
+                    path.display()
+                )
             })
         };
         let tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(read("ca.pem")?))
-            .identity(Identity::from_pem(read("operator.pem")?, read("operator-key.pem")?))
+            .identity(Identity::from_pem(
+                read("operator.pem")?,
+                read("operator-key.pem")?,
+            ))
             .domain_name(&self.server_name);
         let channel = Endpoint::from_shared(self.server.clone())
             .with_context(|| format!("invalid --server URL {:?}", self.server))?
@@ -114,7 +124,10 @@ impl Connection {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("guardianctl: cannot start the runtime: {error}");
@@ -133,9 +146,24 @@ fn main() -> ExitCode {
 async fn dispatch(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Pki {
-            command: PkiCommand::Init { dir, nodes, operator, server_names, force },
+            command:
+                PkiCommand::Init {
+                    dir,
+                    nodes,
+                    operator,
+                    server_names,
+                    force,
+                },
         } => {
-            let files = pki::init(&dir, &PkiRequest { nodes, operator, server_names, force })?;
+            let files = pki::init(
+                &dir,
+                &PkiRequest {
+                    nodes,
+                    operator,
+                    server_names,
+                    force,
+                },
+            )?;
             println!("wrote a throwaway fleet PKI (not for production):");
             for path in files.written {
                 println!("  {}", path.display());
@@ -208,10 +236,22 @@ fn mem_used_percent(node: &Node) -> Option<f64> {
 }
 
 fn table(nodes: &[Node], now: i64) -> String {
-    let mut rows = vec![[
-        "NODE", "STATE", "LAST SAMPLE", "SEQ", "CPU%", "MEM%", "LOAD1", "DISK%", "IO-LAT-MS", "NET-RX/s", "NET-TX/s",
-    ]
-    .map(str::to_owned)];
+    let mut rows = vec![
+        [
+            "NODE",
+            "STATE",
+            "LAST SAMPLE",
+            "SEQ",
+            "CPU%",
+            "MEM%",
+            "LOAD1",
+            "DISK%",
+            "IO-LAT-MS",
+            "NET-RX/s",
+            "NET-TX/s",
+        ]
+        .map(str::to_owned),
+    ];
     for node in nodes {
         let host = node.last_host.as_ref();
         let fmt = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.1}"));
@@ -221,17 +261,34 @@ fn table(nodes: &[Node], now: i64) -> String {
                 .map(|d| d.read_latency_ms.max(d.write_latency_ms))
                 .fold(0.0, f64::max)
         });
-        let rx = host.map(|h| h.networks.iter().map(|n| n.rx_bytes_per_second).sum::<f64>());
-        let tx = host.map(|h| h.networks.iter().map(|n| n.tx_bytes_per_second).sum::<f64>());
+        let rx = host.map(|h| {
+            h.networks
+                .iter()
+                .map(|n| n.rx_bytes_per_second)
+                .sum::<f64>()
+        });
+        let tx = host.map(|h| {
+            h.networks
+                .iter()
+                .map(|n| n.tx_bytes_per_second)
+                .sum::<f64>()
+        });
         rows.push([
             node.node_id.clone(),
-            if node.connected { "connected" } else { "offline" }.to_owned(),
+            if node.connected {
+                "connected"
+            } else {
+                "offline"
+            }
+            .to_owned(),
             age(now, node.last_host_observed_unix_ms),
             node.last_stored_seq.to_string(),
             fmt(host.map(|h| h.cpu_busy_percent)),
             fmt(mem_used_percent(node)),
             fmt(host.map(|h| h.load_avg_1m)),
-            fmt(host.and_then(|h| h.chain_data.as_ref()).map(|f| f.used_percent)),
+            fmt(host
+                .and_then(|h| h.chain_data.as_ref())
+                .map(|f| f.used_percent)),
             fmt(latency),
             rx.map_or("-".to_owned(), bytes),
             tx.map_or("-".to_owned(), bytes),
@@ -245,7 +302,11 @@ fn table(nodes: &[Node], now: i64) -> String {
     }
     let mut out = String::new();
     for row in &rows {
-        let line: Vec<String> = row.iter().zip(widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        let line: Vec<String> = row
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
         out.push_str(line.join("  ").trim_end());
         out.push('\n');
     }
@@ -300,7 +361,11 @@ fn watch_line(node: &Node, now: i64) -> String {
         "{} {} {} seq={} cpu={} mem={} sample={}",
         chrono_like(now),
         node.node_id,
-        if node.connected { "connected" } else { "offline" },
+        if node.connected {
+            "connected"
+        } else {
+            "offline"
+        },
         node.last_stored_seq,
         host.map_or("-".to_owned(), |h| format!("{:.1}%", h.cpu_busy_percent)),
         mem_used_percent(node).map_or("-".to_owned(), |m| format!("{m:.1}%")),

@@ -154,9 +154,15 @@ impl Ledger {
                     if backend == Backend::Sqlite {
                         // WAL keeps readers off the writer's back; NORMAL is durable across
                         // process crashes (the fault the ack protocol protects against).
-                        sqlx::query("PRAGMA journal_mode = WAL").execute(&mut *conn).await?;
-                        sqlx::query("PRAGMA synchronous = NORMAL").execute(&mut *conn).await?;
-                        sqlx::query("PRAGMA busy_timeout = 10000").execute(&mut *conn).await?;
+                        sqlx::query("PRAGMA journal_mode = WAL")
+                            .execute(&mut *conn)
+                            .await?;
+                        sqlx::query("PRAGMA synchronous = NORMAL")
+                            .execute(&mut *conn)
+                            .await?;
+                        sqlx::query("PRAGMA busy_timeout = 10000")
+                            .execute(&mut *conn)
+                            .await?;
                     }
                     Ok(())
                 })
@@ -326,11 +332,10 @@ impl Ledger {
     /// # Errors
     /// [`StoreError::Query`].
     pub async fn security_events(&self) -> Result<Vec<SecurityEvent>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT at_unix_ms, kind, peer, detail FROM security_events ORDER BY id",
-        )
-        .fetch_all(&self.pool)
-        .await?;
+        let rows =
+            sqlx::query("SELECT at_unix_ms, kind, peer, detail FROM security_events ORDER BY id")
+                .fetch_all(&self.pool)
+                .await?;
         rows.iter()
             .map(|row| {
                 Ok(SecurityEvent {
@@ -389,17 +394,20 @@ impl Ledger {
     /// # Errors
     /// [`StoreError::Query`].
     pub async fn counts(&self, node: &NodeId) -> Result<(i64, i64, i64), StoreError> {
-        let batches = sqlx::query(
-            "SELECT COUNT(*), COUNT(DISTINCT seq) FROM batches WHERE node_id = $1",
-        )
-        .bind(node.as_str())
-        .fetch_one(&self.pool)
-        .await?;
+        let batches =
+            sqlx::query("SELECT COUNT(*), COUNT(DISTINCT seq) FROM batches WHERE node_id = $1")
+                .bind(node.as_str())
+                .fetch_one(&self.pool)
+                .await?;
         let samples = sqlx::query("SELECT COUNT(*) FROM host_samples WHERE node_id = $1")
             .bind(node.as_str())
             .fetch_one(&self.pool)
             .await?;
-        Ok((batches.try_get(0)?, batches.try_get(1)?, samples.try_get(0)?))
+        Ok((
+            batches.try_get(0)?,
+            batches.try_get(1)?,
+            samples.try_get(0)?,
+        ))
     }
 
     /// Closes the pool, waiting for in-flight queries.
@@ -416,7 +424,8 @@ async fn insert_host(
     observed_at_unix_ms: i64,
     host: &HostSample,
 ) -> Result<(), StoreError> {
-    let max = |f: fn(&guardian_proto::v1::DiskIo) -> f64| host.disks.iter().map(f).fold(0.0, f64::max);
+    let max =
+        |f: fn(&guardian_proto::v1::DiskIo) -> f64| host.disks.iter().map(f).fold(0.0, f64::max);
     let net_errors: u64 = host
         .networks
         .iter()
@@ -471,7 +480,10 @@ fn sqlite_url(url: &str) -> Result<String, StoreError> {
         .unwrap_or(url);
     let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
     if path != ":memory:" {
-        if let Some(parent) = Path::new(path).parent().filter(|p| !p.as_os_str().is_empty()) {
+        if let Some(parent) = Path::new(path)
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+        {
             std::fs::create_dir_all(parent).map_err(|source| StoreError::CreateDir {
                 path: parent.display().to_string(),
                 source,
@@ -511,14 +523,23 @@ mod tests {
 
     #[test]
     fn passwords_never_reach_errors() {
-        assert_eq!(redact("postgres://u:secret@h:1/db"), "postgres://u:***@h:1/db");
+        assert_eq!(
+            redact("postgres://u:secret@h:1/db"),
+            "postgres://u:***@h:1/db"
+        );
         assert_eq!(redact("sqlite://data/x.db"), "sqlite://data/x.db");
     }
 
     #[test]
     fn only_sqlite_and_postgres_urls_are_accepted() {
-        assert!(matches!(Backend::from_url("mysql://x"), Err(StoreError::UnsupportedUrl(_))));
-        assert_eq!(Backend::from_url("postgresql://x").ok(), Some(Backend::Postgres));
+        assert!(matches!(
+            Backend::from_url("mysql://x"),
+            Err(StoreError::UnsupportedUrl(_))
+        ));
+        assert_eq!(
+            Backend::from_url("postgresql://x").ok(),
+            Some(Backend::Postgres)
+        );
     }
 
     #[tokio::test]
@@ -527,16 +548,30 @@ mod tests {
         let url = format!("sqlite://{}/sub/ledger.db", dir.path().display());
         let ledger = Ledger::open(&url).await?;
         let node = NodeId::parse("n1")?;
-        assert_eq!(ledger.record_hello(&node, &NodeDescriptor::default(), "t", 1).await?, 0);
+        assert_eq!(
+            ledger
+                .record_hello(&node, &NodeDescriptor::default(), "t", 1)
+                .await?,
+            0
+        );
         let batch = SampleBatch {
             seq: 7,
             samples: vec![guardian_proto::v1::Sample {
                 observed_at_unix_ms: 5,
-                kind: Some(sample::Kind::Host(HostSample { cpu_count: 2, ..Default::default() })),
+                kind: Some(sample::Kind::Host(HostSample {
+                    cpu_count: 2,
+                    ..Default::default()
+                })),
             }],
         };
-        assert_eq!(ledger.commit_batch(&node, &batch, 10).await?, Commit::Stored { samples: 1 });
-        assert_eq!(ledger.commit_batch(&node, &batch, 11).await?, Commit::Duplicate);
+        assert_eq!(
+            ledger.commit_batch(&node, &batch, 10).await?,
+            Commit::Stored { samples: 1 }
+        );
+        assert_eq!(
+            ledger.commit_batch(&node, &batch, 11).await?,
+            Commit::Duplicate
+        );
         assert_eq!(ledger.counts(&node).await?, (1, 1, 1));
         let nodes = ledger.nodes().await?;
         assert_eq!(nodes[0].last_stored_seq, 7);
@@ -544,7 +579,12 @@ mod tests {
         drop(ledger);
         // Reopening applies no migration twice and keeps the data.
         let again = Ledger::open(&url).await?;
-        assert_eq!(again.record_hello(&node, &NodeDescriptor::default(), "t", 20).await?, 7);
+        assert_eq!(
+            again
+                .record_hello(&node, &NodeDescriptor::default(), "t", 20)
+                .await?,
+            7
+        );
         Ok(())
     }
 }

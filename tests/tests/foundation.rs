@@ -1,0 +1,601 @@
+//! Foundation scenarios: real `guardian-server`, `guardian-agent` and `guardianctl`
+//! processes on 127.0.0.1 with a throwaway PKI.
+
+use std::process::Command;
+use std::time::Duration;
+
+use guardian_proto::v1::{
+    AgentFrame, GetNodeRequest, Hello, HostSample, ListNodesRequest, NodeDescriptor, Sample,
+    SampleBatch, SamplerUnavailable, agent_frame, sample, server_frame,
+};
+use guardian_server::identity::NodeId;
+use guardian_server::store::Ledger;
+use guardian_tests::{
+    Postgres, Scratch, Server, binary, encode, eventually, raw_uplink, start_agent,
+};
+use tonic::Code;
+
+type TestResult = anyhow::Result<()>;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+async fn last_seq(scratch: &Scratch, server: &Server, node: &str) -> Option<u64> {
+    let mut client = scratch.operator(server.grpc).await.ok()?;
+    let node = client
+        .get_node(GetNodeRequest {
+            node_id: node.into(),
+        })
+        .await
+        .ok()?
+        .into_inner();
+    Some(node.last_stored_seq)
+}
+
+async fn wait_for_batches(
+    scratch: &Scratch,
+    server: &Server,
+    node: &str,
+    at_least: u64,
+) -> anyhow::Result<u64> {
+    eventually(
+        WAIT,
+        &format!("{node} to store {at_least} batches"),
+        || async {
+            last_seq(scratch, server, node)
+                .await
+                .filter(|seq| *seq >= at_least)
+        },
+    )
+    .await
+}
+
+fn hello(node: &str) -> AgentFrame {
+    AgentFrame {
+        frame: Some(agent_frame::Frame::Hello(Hello {
+            agent_version: "test".into(),
+            node: Some(NodeDescriptor {
+                node_id: node.into(),
+                ..NodeDescriptor::default()
+            }),
+            capabilities: vec![],
+            last_acked_seq: 0,
+        })),
+    }
+}
+
+#[tokio::test]
+async fn agent_samples_reach_the_store_and_status_shows_fresh_host_figures() -> TestResult {
+    let scratch = Scratch::new(&["val-1"])?;
+    let server = Server::start(
+        &scratch.server_config(&scratch.sqlite_url(), "")?,
+        scratch.path("server.log"),
+    )?;
+    let _agent = start_agent(
+        &scratch.agent_config("val-1", server.grpc, 200)?,
+        scratch.path("agent.log"),
+    )?;
+    wait_for_batches(&scratch, &server, "val-1", 3).await?;
+
+    let ctl = |format: &str| {
+        Command::new(binary("guardianctl")?)
+            .args([
+                "status",
+                "--server",
+                &format!("https://{}", server.grpc),
+                "--output",
+                format,
+            ])
+            .arg("--pki-dir")
+            .arg(&scratch.pki.dir)
+            .output()
+            .map_err(anyhow::Error::from)
+    };
+    let json = ctl("json")?;
+    assert!(
+        json.status.success(),
+        "{}",
+        String::from_utf8_lossy(&json.stderr)
+    );
+    let rows: serde_json::Value = serde_json::from_slice(&json.stdout)?;
+    let row = &rows[0];
+    assert_eq!(row["node_id"], "val-1");
+    assert_eq!(row["connected"], true);
+    let age = row["last_sample_age_ms"].as_i64().unwrap_or(i64::MAX);
+    assert!((0..5000).contains(&age), "sample age {age} ms");
+    assert!(row["host"]["mem_total_bytes"].as_u64().unwrap_or(0) > 0);
+    assert!(row["host"]["cpu_count"].as_u64().unwrap_or(0) >= 1);
+    assert!(row["host"]["chain_data_used_percent"].as_f64().is_some());
+
+    let table = ctl("table")?;
+    let table = String::from_utf8(table.stdout)?;
+    assert!(table.starts_with("NODE"), "{table}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("val-1") && l.contains("connected")),
+        "{table}"
+    );
+
+    // The rows are in the SQLite file: every batch once, one host sample per batch.
+    let ledger = Ledger::open(&scratch.sqlite_url()).await?;
+    let (batches, distinct, samples) = ledger.counts(&NodeId::parse("val-1")?).await?;
+    assert!(batches >= 3);
+    assert_eq!(batches, distinct);
+    assert_eq!(samples, batches);
+
+    let metrics = reqwest_like_get(server.admin, "/metrics").await?;
+    assert!(
+        metrics.contains("guardian_ingest_batches_committed_total"),
+        "{metrics}"
+    );
+    assert!(
+        reqwest_like_get(server.admin, "/healthz")
+            .await?
+            .contains("ok")
+    );
+    assert!(
+        reqwest_like_get(server.admin, "/readyz")
+            .await?
+            .contains("ready")
+    );
+    Ok(())
+}
+
+/// A minimal HTTP/1.0 GET (the admin port is plain HTTP).
+async fn reqwest_like_get(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
+        .await?;
+    let mut body = String::new();
+    stream.read_to_string(&mut body).await?;
+    Ok(body)
+}
+
+#[tokio::test]
+async fn clients_from_another_ca_and_plaintext_clients_are_refused() -> TestResult {
+    let scratch = Scratch::new(&["val-1"])?;
+    let rogue = Scratch::new(&["val-1"])?;
+    let server = Server::start(
+        &scratch.server_config(&scratch.sqlite_url(), "")?,
+        scratch.path("server.log"),
+    )?;
+
+    // Trusts the real CA (so the server's certificate checks out) but presents a rogue
+    // operator certificate: the server must end the handshake.
+    let (cert, key) = rogue.pki.operator();
+    let refused = match scratch.channel(server.grpc, &cert, &key).await {
+        Err(_) => true,
+        Ok(channel) => guardian_proto::v1::fleet_client::FleetClient::new(channel)
+            .list_nodes(ListNodesRequest {})
+            .await
+            .is_err(),
+    };
+    assert!(
+        refused,
+        "a rogue-CA certificate must not reach the Fleet API"
+    );
+
+    let (cert, key) = rogue.pki.node("val-1");
+    let refused = match scratch.channel(server.grpc, &cert, &key).await {
+        Err(_) => true,
+        Ok(channel) => raw_uplink(channel, vec![encode(&hello("val-1"))])
+            .await
+            .is_err(),
+    };
+    assert!(refused, "a rogue-CA agent must not stream");
+
+    let plain = tonic::transport::Endpoint::from_shared(format!("http://{}", server.grpc))?
+        .connect_timeout(Duration::from_secs(3));
+    let refused = match plain.connect().await {
+        Err(_) => true,
+        Ok(channel) => guardian_proto::v1::fleet_client::FleetClient::new(channel)
+            .list_nodes(ListNodesRequest {})
+            .await
+            .is_err(),
+    };
+    assert!(refused, "plaintext must be refused");
+
+    // The real operator still gets through and no node was registered by the rogues.
+    let nodes = scratch
+        .operator(server.grpc)
+        .await?
+        .list_nodes(ListNodesRequest {})
+        .await?
+        .into_inner()
+        .nodes;
+    assert!(nodes.is_empty(), "{nodes:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn hello_naming_another_node_is_refused_and_recorded() -> TestResult {
+    let scratch = Scratch::new(&["val-1", "val-2"])?;
+    let server = Server::start(
+        &scratch.server_config(&scratch.sqlite_url(), "")?,
+        scratch.path("server.log"),
+    )?;
+    let (cert, key) = scratch.pki.node("val-1");
+    let channel = scratch.channel(server.grpc, &cert, &key).await?;
+    let status = match raw_uplink(channel, vec![encode(&hello("val-2"))]).await {
+        Err(status) => status,
+        Ok((_tx, mut replies)) => replies
+            .message()
+            .await
+            .err()
+            .ok_or_else(|| anyhow::anyhow!("stream accepted"))?,
+    };
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert!(status.message().contains("val-2"), "{}", status.message());
+
+    let ledger = Ledger::open(&scratch.sqlite_url()).await?;
+    let events = ledger.security_events().await?;
+    let event = events
+        .iter()
+        .find(|e| e.kind == "hello_identity_mismatch")
+        .ok_or_else(|| anyhow::anyhow!("refusal not recorded: {events:?}"))?;
+    assert_eq!(event.peer, "node/val-1");
+    let nodes = scratch
+        .operator(server.grpc)
+        .await?
+        .list_nodes(ListNodesRequest {})
+        .await?
+        .into_inner()
+        .nodes;
+    assert!(
+        nodes.is_empty(),
+        "a refused Hello must not register a node: {nodes:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_agent_certificate_cannot_call_the_fleet_api() -> TestResult {
+    let scratch = Scratch::new(&["val-1"])?;
+    let server = Server::start(
+        &scratch.server_config(&scratch.sqlite_url(), "")?,
+        scratch.path("server.log"),
+    )?;
+    let (cert, key) = scratch.pki.node("val-1");
+    let channel = scratch.channel(server.grpc, &cert, &key).await?;
+    let status = guardian_proto::v1::fleet_client::FleetClient::new(channel)
+        .list_nodes(ListNodesRequest {})
+        .await
+        .err()
+        .ok_or_else(|| anyhow::anyhow!("agent certificate was allowed"))?;
+    assert_eq!(status.code(), Code::PermissionDenied);
+    assert!(
+        status.message().contains("operator certificate"),
+        "{}",
+        status.message()
+    );
+    let events = Ledger::open(&scratch.sqlite_url())
+        .await?
+        .security_events()
+        .await?;
+    assert!(
+        events
+            .iter()
+            .any(|e| e.kind == "fleet_call_by_agent" && e.peer == "node/val-1"),
+        "{events:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn malformed_or_oversized_frames_end_only_that_stream() -> TestResult {
+    let scratch = Scratch::new(&["val-1", "val-2"])?;
+    let config = scratch.server_config(&scratch.sqlite_url(), "max_frame_bytes = 65536")?;
+    let server = Server::start(&config, scratch.path("server.log"))?;
+    let _agent = start_agent(
+        &scratch.agent_config("val-2", server.grpc, 200)?,
+        scratch.path("agent.log"),
+    )?;
+    wait_for_batches(&scratch, &server, "val-2", 1).await?;
+
+    let (cert, key) = scratch.pki.node("val-1");
+    let welcome_then_error = |frames: Vec<Vec<u8>>| {
+        let channel = scratch.channel(server.grpc, &cert, &key);
+        async move {
+            let (_tx, mut replies) = raw_uplink(channel.await?, frames).await?;
+            let first = replies.message().await?.and_then(|f| f.frame);
+            anyhow::ensure!(
+                matches!(first, Some(server_frame::Frame::Welcome(_))),
+                "no Welcome: {first:?}"
+            );
+            loop {
+                match replies.message().await {
+                    Ok(Some(_)) => continue,
+                    Ok(None) => anyhow::bail!("stream ended without an error status"),
+                    Err(status) => return Ok(status),
+                }
+            }
+        }
+    };
+
+    let huge = AgentFrame {
+        frame: Some(agent_frame::Frame::Batch(SampleBatch {
+            seq: 1,
+            samples: vec![Sample {
+                observed_at_unix_ms: 1,
+                kind: Some(sample::Kind::Unavailable(SamplerUnavailable {
+                    sampler: "host".into(),
+                    reason: "x".repeat(100_000),
+                })),
+            }],
+        })),
+    };
+    let status = welcome_then_error(vec![encode(&hello("val-1")), encode(&huge)]).await?;
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("max_frame_bytes"),
+        "{}",
+        status.message()
+    );
+
+    // Field 1 with wire type 7 does not exist in protobuf.
+    let garbage = vec![0x0f, 0xff, 0xff, 0xff, 0xff];
+    let status = welcome_then_error(vec![encode(&hello("val-1")), garbage]).await?;
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(
+        status.message().contains("malformed AgentFrame"),
+        "{}",
+        status.message()
+    );
+
+    // A batch whose sample has no kind is refused too, and stores nothing.
+    let empty = AgentFrame {
+        frame: Some(agent_frame::Frame::Batch(SampleBatch {
+            seq: 1,
+            samples: vec![Sample {
+                observed_at_unix_ms: 1,
+                kind: None,
+            }],
+        })),
+    };
+    let status = welcome_then_error(vec![encode(&hello("val-1")), encode(&empty)]).await?;
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+
+    // The well-behaved agent kept streaming throughout.
+    let before = last_seq(&scratch, &server, "val-2").await.unwrap_or(0);
+    wait_for_batches(&scratch, &server, "val-2", before + 3).await?;
+    assert_eq!(last_seq(&scratch, &server, "val-1").await, Some(0));
+    let events = Ledger::open(&scratch.sqlite_url())
+        .await?
+        .security_events()
+        .await?;
+    let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
+    assert!(
+        kinds.contains(&"frame_too_large") && kinds.contains(&"malformed_frame"),
+        "{kinds:?}"
+    );
+    Ok(())
+}
+
+fn run_check(bin: &str, args: &[&str]) -> anyhow::Result<(Option<i32>, String)> {
+    let out = Command::new(binary(bin)?).args(args).output()?;
+    Ok((
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+#[test]
+fn bad_config_exits_64_naming_the_field() -> TestResult {
+    let scratch = Scratch::new(&["val-1"])?;
+    let good = scratch.server_config(&scratch.sqlite_url(), "")?;
+    let good = good.to_str().unwrap_or_default().to_owned();
+    assert_eq!(
+        run_check("guardian-server", &["--config", &good, "--check-config"])?.0,
+        Some(0)
+    );
+
+    let cases = [
+        ("max_frame_bytes = 10", "max_frame_bytes"),
+        ("listen_adress = \"127.0.0.1:1\"", "listen_adress"),
+        ("hello_timeout_ms = \"soon\"", "hello_timeout_ms"),
+    ];
+    for (extra, field) in cases {
+        let config = scratch.server_config(&scratch.sqlite_url(), extra)?;
+        let (code, stderr) = run_check(
+            "guardian-server",
+            &[
+                "--config",
+                config.to_str().unwrap_or_default(),
+                "--check-config",
+            ],
+        )?;
+        assert_eq!(code, Some(64), "{extra}: {stderr}");
+        assert!(
+            stderr.contains(&format!("`{field}`")) && stderr.contains("fix:"),
+            "{extra}: {stderr}"
+        );
+    }
+    let config = scratch.server_config("mysql://nope", "")?;
+    let (code, stderr) = run_check(
+        "guardian-server",
+        &[
+            "--config",
+            config.to_str().unwrap_or_default(),
+            "--check-config",
+        ],
+    )?;
+    assert_eq!(code, Some(64));
+    assert!(stderr.contains("`ledger_url`"), "{stderr}");
+
+    let agent = scratch.agent_config("val-1", "127.0.0.1:1".parse()?, 1000)?;
+    let agent = agent.to_str().unwrap_or_default();
+    assert_eq!(
+        run_check("guardian-agent", &["--config", agent, "--check-config"])?.0,
+        Some(0)
+    );
+    let (code, stderr) = run_check(
+        "guardian-agent",
+        &["--config", agent, "--check-config", "--node-id", "Bad Name"],
+    )?;
+    assert_eq!(code, Some(64));
+    assert!(stderr.contains("`node_id`"), "{stderr}");
+    let (code, stderr) = run_check(
+        "guardian-agent",
+        &[
+            "--config",
+            agent,
+            "--check-config",
+            "--sample-interval-ms",
+            "5",
+        ],
+    )?;
+    assert_eq!(code, Some(64));
+    assert!(stderr.contains("`sample_interval_ms`"), "{stderr}");
+    let (code, stderr) = run_check(
+        "guardian-agent",
+        &["--config", "/nonexistent.toml", "--check-config"],
+    )?;
+    assert_eq!(code, Some(64));
+    assert!(stderr.contains("--config"), "{stderr}");
+
+    // --print-config writes the documented effective config, which loads back as valid.
+    let printed = Command::new(binary("guardian-agent")?)
+        .args(["--config", agent, "--print-config"])
+        .output()?;
+    assert!(printed.status.success());
+    let text = String::from_utf8(printed.stdout)?;
+    assert!(
+        text.contains("# This node's id") && text.contains("node_id = \"val-1\""),
+        "{text}"
+    );
+    let reprinted = scratch.path("printed.toml");
+    std::fs::write(&reprinted, text)?;
+    assert_eq!(
+        run_check(
+            "guardian-agent",
+            &[
+                "--config",
+                reprinted.to_str().unwrap_or_default(),
+                "--check-config"
+            ]
+        )?
+        .0,
+        Some(0)
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn watch_follows_the_fleet_live() -> TestResult {
+    let scratch = Scratch::new(&["val-1"])?;
+    let server = Server::start(
+        &scratch.server_config(&scratch.sqlite_url(), "")?,
+        scratch.path("server.log"),
+    )?;
+    let watch = tokio::process::Command::new(binary("guardianctl")?)
+        .args([
+            "watch",
+            "--count",
+            "3",
+            "--server",
+            &format!("https://{}", server.grpc),
+        ])
+        .arg("--pki-dir")
+        .arg(&scratch.pki.dir)
+        .output();
+    let _agent = start_agent(
+        &scratch.agent_config("val-1", server.grpc, 200)?,
+        scratch.path("agent.log"),
+    )?;
+    let out = tokio::time::timeout(WAIT, watch).await??;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout)?;
+    assert_eq!(text.lines().count(), 3, "{text}");
+    assert!(text.lines().all(|l| l.contains("val-1")), "{text}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn no_batch_is_lost_or_doubled_when_the_server_is_killed_and_restarted() -> TestResult {
+    let scratch = Scratch::new(&["val-1"])?;
+    let config = scratch.server_config(&scratch.sqlite_url(), "")?;
+    let mut server = Server::start(&config, scratch.path("server-1.log"))?;
+    let mut agent = start_agent(
+        &scratch.agent_config("val-1", server.grpc, 100)?,
+        scratch.path("agent.log"),
+    )?;
+    wait_for_batches(&scratch, &server, "val-1", 5).await?;
+    server.proc.child.kill()?;
+    server.proc.child.wait()?;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+
+    // Same ports, so the agent reconnects by itself.
+    let text = std::fs::read_to_string(&config)?.replacen(
+        "listen = \"127.0.0.1:0\"",
+        &format!("listen = \"{}\"", server.grpc),
+        1,
+    );
+    std::fs::write(&config, text)?;
+    let server = Server::start(&config, scratch.path("server-2.log"))?;
+    let restored = last_seq(&scratch, &server, "val-1").await.unwrap_or(0);
+    assert!(
+        restored >= 5,
+        "the registry is rebuilt from the ledger (seq {restored})"
+    );
+    wait_for_batches(&scratch, &server, "val-1", restored + 5).await?;
+    assert_eq!(
+        agent.terminate()?,
+        Some(0),
+        "agent exits cleanly on SIGTERM"
+    );
+
+    let ledger = Ledger::open(&scratch.sqlite_url()).await?;
+    let (batches, distinct, _) = ledger.counts(&NodeId::parse("val-1")?).await?;
+    let last = last_seq(&scratch, &server, "val-1").await.unwrap_or(0);
+    assert_eq!(batches, distinct, "no (node, seq) stored twice");
+    assert_eq!(u64::try_from(distinct)?, last, "no gap in 1..={last}");
+    let _ = HostSample::default();
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_ledger_works_on_postgresql() -> TestResult {
+    let postgres = Postgres::start()?;
+    let scratch = Scratch::new(&["val-1"])?;
+    let server = Server::start(
+        &scratch.server_config(&postgres.url(), "")?,
+        scratch.path("server.log"),
+    )?;
+    let _agent = start_agent(
+        &scratch.agent_config("val-1", server.grpc, 200)?,
+        scratch.path("agent.log"),
+    )?;
+    wait_for_batches(&scratch, &server, "val-1", 3).await?;
+
+    let ledger = Ledger::open(&postgres.url()).await?;
+    let (batches, distinct, samples) = ledger.counts(&NodeId::parse("val-1")?).await?;
+    assert!(batches >= 3);
+    assert_eq!((batches, samples), (distinct, distinct));
+    let nodes = ledger.nodes().await?;
+    assert_eq!(nodes.len(), 1);
+    assert!(
+        nodes[0]
+            .last_host
+            .as_ref()
+            .is_some_and(|h| h.mem_total_bytes > 0)
+    );
+
+    // A refused Hello is recorded in PostgreSQL too.
+    let (cert, key) = scratch.pki.node("val-1");
+    let channel = scratch.channel(server.grpc, &cert, &key).await?;
+    if let Ok((_tx, mut replies)) = raw_uplink(channel, vec![encode(&hello("intruder"))]).await {
+        assert!(replies.message().await.is_err());
+    }
+    let events = ledger.security_events().await?;
+    assert!(
+        events.iter().any(|e| e.kind == "hello_identity_mismatch"),
+        "{events:?}"
+    );
+    Ok(())
+}
