@@ -269,7 +269,7 @@ fn pem_file(field: &str, path: &Path, label: &str) -> Result<(), ConfigError> {
             "point it at an existing PEM file (guardianctl pki init --dir DIR writes a throwaway set)",
         )
     })?;
-    if !text.contains(&format!("-----BEGIN ")) || !text.contains(label) {
+    if !text.contains("-----BEGIN ") || !text.contains(label) {
         return Err(ConfigError::new(
             field,
             format!("{} holds no PEM {label} block", path.display()),

@@ -76,11 +76,11 @@ impl Registry {
             let node = &mut entry.node;
             node.last_stored_seq = node.last_stored_seq.max(batch.seq);
             for sample in &batch.samples {
-                if let Some(sample::Kind::Host(host)) = &sample.kind {
-                    if sample.observed_at_unix_ms >= node.last_host_observed_unix_ms {
-                        node.last_host = Some(host.clone());
-                        node.last_host_observed_unix_ms = sample.observed_at_unix_ms;
-                    }
+                if let Some(sample::Kind::Host(host)) = &sample.kind
+                    && sample.observed_at_unix_ms >= node.last_host_observed_unix_ms
+                {
+                    node.last_host = Some(host.clone());
+                    node.last_host_observed_unix_ms = sample.observed_at_unix_ms;
                 }
             }
         });

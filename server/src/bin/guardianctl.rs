@@ -219,11 +219,14 @@ fn age(now: i64, then: i64) -> String {
         return "never".to_owned();
     }
     let ms = (now - then).max(0);
-    match ms {
-        ..=999 => format!("{ms}ms ago"),
-        ..=119_999 => format!("{:.1}s ago", ms as f64 / 1000.0),
-        ..=7_199_999 => format!("{}m ago", ms / 60_000),
-        _ => format!("{}h ago", ms / 3_600_000),
+    if ms < 1000 {
+        format!("{ms}ms ago")
+    } else if ms < 120_000 {
+        format!("{:.1}s ago", ms as f64 / 1000.0)
+    } else if ms < 7_200_000 {
+        format!("{}m ago", ms / 60_000)
+    } else {
+        format!("{}h ago", ms / 3_600_000)
     }
 }
 
