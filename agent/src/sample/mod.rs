@@ -5,7 +5,9 @@
 //! A sampler that fails this round yields a `SamplerUnavailable` sample instead of nothing,
 //! so the server sees *why* data is missing.
 
+pub mod gpu;
 pub mod host;
+pub mod keystore;
 
 use std::path::PathBuf;
 

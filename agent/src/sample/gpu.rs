@@ -1,0 +1,1 @@
+//! GPU sampler (being written).

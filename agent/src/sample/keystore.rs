@@ -1,0 +1,1 @@
+//! Keystore sampler (being written).
