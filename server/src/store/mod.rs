@@ -279,6 +279,25 @@ impl Ledger {
                     .execute(&mut *tx)
                     .await?;
                 }
+                Some(other) => {
+                    let kind = match other {
+                        sample::Kind::Gpu(_) => "gpu",
+                        sample::Kind::Keystore(_) => "keystore",
+                        sample::Kind::Host(_) | sample::Kind::Unavailable(_) => "other",
+                    };
+                    sqlx::query(
+                        "INSERT INTO kind_samples (node_id, seq, idx, kind, observed_at_unix_ms, sample)
+                         VALUES ($1, $2, $3, $4, $5, $6)",
+                    )
+                    .bind(node.as_str())
+                    .bind(seq)
+                    .bind(idx)
+                    .bind(kind)
+                    .bind(sample.observed_at_unix_ms)
+                    .bind(sample.encode_to_vec())
+                    .execute(&mut *tx)
+                    .await?;
+                }
                 // Ingest rejects kind-less samples before they get here.
                 None => {}
             }
