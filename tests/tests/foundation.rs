@@ -5,8 +5,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use guardian_proto::v1::{
-    AgentFrame, GetNodeRequest, Hello, HostSample, ListNodesRequest, NodeDescriptor, Sample,
-    SampleBatch, SamplerUnavailable, agent_frame, sample, server_frame,
+    AgentFrame, GetNodeRequest, Hello, ListNodesRequest, NodeDescriptor, Sample, SampleBatch,
+    SamplerUnavailable, agent_frame, sample, server_frame,
 };
 use guardian_server::identity::NodeId;
 use guardian_server::store::Ledger;
@@ -555,7 +555,6 @@ async fn no_batch_is_lost_or_doubled_when_the_server_is_killed_and_restarted() -
     let last = last_seq(&scratch, &server, "val-1").await.unwrap_or(0);
     assert_eq!(batches, distinct, "no (node, seq) stored twice");
     assert_eq!(u64::try_from(distinct)?, last, "no gap in 1..={last}");
-    let _ = HostSample::default();
     Ok(())
 }
 
@@ -596,6 +595,56 @@ async fn the_ledger_works_on_postgresql() -> TestResult {
     assert!(
         events.iter().any(|e| e.kind == "hello_identity_mismatch"),
         "{events:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_stream_without_hello_is_refused() -> TestResult {
+    let scratch = Scratch::new(&["val-1"])?;
+    let config = scratch.server_config(&scratch.sqlite_url(), "hello_timeout_ms = 300")?;
+    let server = Server::start(&config, scratch.path("server.log"))?;
+    let (cert, key) = scratch.pki.node("val-1");
+
+    // First frame is a batch, not Hello.
+    let batch = AgentFrame {
+        frame: Some(agent_frame::Frame::Batch(SampleBatch {
+            seq: 1,
+            samples: vec![],
+        })),
+    };
+    let channel = scratch.channel(server.grpc, &cert, &key).await?;
+    let status = match raw_uplink(channel, vec![encode(&batch)]).await {
+        Err(status) => status,
+        Ok((_tx, mut replies)) => replies
+            .message()
+            .await
+            .err()
+            .ok_or_else(|| anyhow::anyhow!("accepted"))?,
+    };
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+
+    // Nothing at all: the server gives up after hello_timeout_ms instead of holding the stream.
+    let channel = scratch.channel(server.grpc, &cert, &key).await?;
+    let started = std::time::Instant::now();
+    let status = match raw_uplink(channel, vec![]).await {
+        Err(status) => status,
+        Ok((_tx, mut replies)) => replies
+            .message()
+            .await
+            .err()
+            .ok_or_else(|| anyhow::anyhow!("accepted"))?,
+    };
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(started.elapsed() < WAIT);
+    let events = Ledger::open(&scratch.sqlite_url())
+        .await?
+        .security_events()
+        .await?;
+    let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
+    assert!(
+        kinds.contains(&"missing_hello") && kinds.contains(&"hello_timeout"),
+        "{kinds:?}"
     );
     Ok(())
 }
