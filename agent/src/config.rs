@@ -28,6 +28,11 @@ pub struct AgentConfig {
     pub chain_data_path: PathBuf,
     /// Where procfs is mounted (a container may mount the host's elsewhere).
     pub proc_root: PathBuf,
+    /// The hotkey keystore folder to audit (mode, owner, tmpfs, fingerprints; never key
+    /// bytes); empty disables the keystore sampler.
+    pub keystore_path: PathBuf,
+    /// Sample NVIDIA GPUs through NVML (reports "unavailable" on hosts without a driver).
+    pub gpu: bool,
     /// Batches kept while the server is unreachable; beyond it the oldest are dropped and counted.
     pub max_pending_batches: usize,
     /// Reconnect backoff.
@@ -68,6 +73,8 @@ impl Default for AgentConfig {
             sample_interval_ms: 1000,
             chain_data_path: PathBuf::from("/var/lib/subtensor"),
             proc_root: PathBuf::from("/proc"),
+            keystore_path: PathBuf::new(),
+            gpu: true,
             max_pending_batches: 3600,
             reconnect: Reconnect::default(),
             tls: AgentTls::default(),
@@ -157,7 +164,12 @@ impl AgentConfig {
             figment = figment.merge(Toml::file_exact(file));
         }
         figment
-            .merge(Env::prefixed("GUARDIAN_AGENT_").split("__"))
+            // GUARDIAN_AGENT_CONFIG is the --config flag, not a field.
+            .merge(
+                Env::prefixed("GUARDIAN_AGENT_")
+                    .ignore(&["config"])
+                    .split("__"),
+            )
             .merge(overrides)
             .extract()
             .map_err(ConfigError::from_figment)

@@ -28,10 +28,20 @@ const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(5);
 
 /// Runs the agent until `shutdown` is cancelled.
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) {
-    let samplers: Vec<Box<dyn Sampler>> = vec![Box::new(sample::host::HostSampler::new(
+    let mut samplers: Vec<Box<dyn Sampler>> = vec![Box::new(sample::host::HostSampler::new(
         config.proc_root.clone(),
         config.chain_data_path.clone(),
     ))];
+    if config.gpu {
+        samplers.push(Box::new(sample::gpu::GpuSampler::new()));
+    }
+    if !config.keystore_path.as_os_str().is_empty() {
+        samplers.push(Box::new(sample::keystore::KeystoreSampler::new(
+            config.keystore_path.clone(),
+            config.proc_root.clone(),
+        )));
+    }
+    let capabilities: Vec<String> = samplers.iter().map(|s| s.name().to_owned()).collect();
     let descriptor = NodeDescriptor {
         node_id: config.node_id.clone(),
         hostname: read_trimmed("/proc/sys/kernel/hostname"),
@@ -49,7 +59,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) {
             .instrument(tracing::info_span!("sample_loop")),
     );
     tasks.spawn(
-        uplink::run(config, descriptor, shared, shutdown.clone())
+        uplink::run(config, descriptor, capabilities, shared, shutdown.clone())
             .instrument(tracing::info_span!("uplink")),
     );
     tasks.close();

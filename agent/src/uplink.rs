@@ -94,12 +94,20 @@ impl Shared {
 pub async fn run(
     config: AgentConfig,
     descriptor: NodeDescriptor,
+    capabilities: Vec<String>,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
 ) {
     let mut failures: u32 = 0;
     loop {
-        let session = session(&config, &descriptor, &shared, &shutdown, &mut failures);
+        let session = session(
+            &config,
+            &descriptor,
+            &capabilities,
+            &shared,
+            &shutdown,
+            &mut failures,
+        );
         let outcome = tokio::select! {
             () = shutdown.cancelled() => return,
             outcome = session => outcome,
@@ -168,6 +176,7 @@ async fn channel(config: &AgentConfig) -> Result<Channel, UplinkError> {
 async fn session(
     config: &AgentConfig,
     descriptor: &NodeDescriptor,
+    capabilities: &[String],
     shared: &Shared,
     shutdown: &CancellationToken,
     failures: &mut u32,
@@ -181,7 +190,7 @@ async fn session(
         frame: Some(agent_frame::Frame::Hello(Hello {
             agent_version: env!("CARGO_PKG_VERSION").to_owned(),
             node: Some(descriptor.clone()),
-            capabilities: vec!["host".to_owned()],
+            capabilities: capabilities.to_vec(),
             last_acked_seq: shared.spool().last_acked_seq(),
         })),
     };
@@ -212,9 +221,11 @@ async fn session(
     *failures = 0;
     shared.spool().set_base(welcome.last_stored_seq);
     if welcome.sample_interval_ms != 0 {
+        let asked = u64::from(welcome.sample_interval_ms);
+        // Only a real change restarts the ticker (a reconnect must not add a batch).
         shared
             .interval_ms
-            .send_replace(u64::from(welcome.sample_interval_ms));
+            .send_if_modified(|ms| std::mem::replace(ms, asked) != asked);
     }
     tracing::info!(
         server = config.server_url,

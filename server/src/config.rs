@@ -136,7 +136,13 @@ impl ServerConfig {
             figment = figment.merge(Toml::file_exact(file));
         }
         figment
-            .merge(Env::prefixed("GUARDIAN_SERVER_").split("__"))
+            // GUARDIAN_SERVER_CONFIG is the --config flag and GUARDIAN_SERVER_URL is
+            // guardianctl's: neither is a config field.
+            .merge(
+                Env::prefixed("GUARDIAN_SERVER_")
+                    .ignore(&["config", "url"])
+                    .split("__"),
+            )
             .merge(overrides)
             .extract()
             .map_err(ConfigError::from_figment)
@@ -213,7 +219,7 @@ impl ServerConfig {
             &mut out,
             "Ledger + embedded telemetry: sqlite://PATH (created on first run) or postgres://USER@HOST:PORT/DB.",
             "ledger_url",
-            self.ledger_url.clone().into(),
+            crate::store::redact(&self.ledger_url).into(),
         );
         line(
             &mut out,

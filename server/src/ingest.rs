@@ -9,12 +9,14 @@
 //! - `Ack { through_seq }` is sent only after [`Ledger::commit_batch`] returned; a replayed
 //!   `(node, seq)` is acked without being stored twice.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use guardian_proto::v1::uplink_server::Uplink;
 use guardian_proto::v1::{
-    Ack, AgentFrame, Hello, SampleBatch, ServerFrame, Welcome, agent_frame, server_frame,
+    Ack, AgentFrame, Hello, NodeDescriptor, SampleBatch, ServerFrame, Welcome, agent_frame, sample,
+    server_frame,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -31,6 +33,75 @@ use crate::unix_ms;
 
 /// Most samples one batch may carry.
 pub const MAX_SAMPLES_PER_BATCH: usize = 10_000;
+/// How long a new stream waits for the node's previous session to finish its commit.
+const TAKEOVER_TIMEOUT: Duration = Duration::from_secs(15);
+/// Longest text accepted in a Hello field (hostnames may be 253).
+const MAX_HELLO_TEXT: usize = 253;
+
+/// One live session per node. A new stream for a node cancels the previous one and waits for
+/// it to end before reading `last_stored_seq`, so the number the agent builds on already
+/// includes every batch the old stream committed (no seq is handed out twice).
+#[derive(Debug, Default)]
+struct Takeover {
+    by_node: std::sync::Mutex<HashMap<NodeId, Live>>,
+    generation: std::sync::atomic::AtomicU64,
+}
+
+#[derive(Debug)]
+struct Live {
+    generation: u64,
+    cancel: CancellationToken,
+    /// Held by the running session for its whole life.
+    running: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Takeover {
+    /// Cancels the node's current session (if any) and registers a new one.
+    fn begin(
+        &self,
+        node: &NodeId,
+        parent: &CancellationToken,
+    ) -> (u64, CancellationToken, Arc<tokio::sync::Mutex<()>>) {
+        let generation = self
+            .generation
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let cancel = parent.child_token();
+        let mut map = self
+            .by_node
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let running = match map.get(node) {
+            Some(live) => {
+                live.cancel.cancel();
+                Arc::clone(&live.running)
+            }
+            None => Arc::default(),
+        };
+        map.insert(
+            node.clone(),
+            Live {
+                generation,
+                cancel: cancel.clone(),
+                running: Arc::clone(&running),
+            },
+        );
+        (generation, cancel, running)
+    }
+
+    /// Forgets the node's entry if it still belongs to `generation`.
+    fn end(&self, node: &NodeId, generation: u64) {
+        let mut map = self
+            .by_node
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if map
+            .get(node)
+            .is_some_and(|live| live.generation == generation)
+        {
+            map.remove(node);
+        }
+    }
+}
 
 /// The Uplink gRPC service.
 #[derive(Debug, Clone)]
@@ -43,6 +114,7 @@ pub struct Ingest {
     max_frame_bytes: usize,
     shutdown: CancellationToken,
     sessions: TaskTracker,
+    takeover: Arc<Takeover>,
 }
 
 impl Ingest {
@@ -68,6 +140,7 @@ impl Ingest {
             max_frame_bytes,
             shutdown,
             sessions,
+            takeover: Arc::default(),
         }
     }
 
@@ -160,12 +233,17 @@ impl Ingest {
         node: NodeId,
         mut inbound: Streaming<AgentFrame>,
         outbound: mpsc::Sender<Result<ServerFrame, Status>>,
+        (generation, cancel, running): (u64, CancellationToken, tokio::sync::OwnedMutexGuard<()>),
     ) {
         let peer = format!("node/{node}");
         self.metrics.streams_active.inc();
         let end: Option<Status> = loop {
             let frame = tokio::select! {
-                () = self.shutdown.cancelled() => break Some(Status::unavailable("server shutting down; reconnect")),
+                () = cancel.cancelled() => break Some(if self.shutdown.is_cancelled() {
+                    Status::unavailable("server shutting down; reconnect")
+                } else {
+                    Status::aborted(format!("a newer stream for node {node} took over this one"))
+                }),
                 () = outbound.closed() => break None,
                 frame = inbound.message() => frame,
             };
@@ -214,13 +292,52 @@ impl Ingest {
             let _ = outbound.send(Err(status)).await;
         }
         self.metrics.streams_active.dec();
+        self.takeover.end(&node, generation);
+        drop(running);
         self.registry.disconnected(&node, unix_ms());
         tracing::info!(node = %node, "AgentDisconnected");
     }
 
+    /// Bounds what a Hello may make the server keep in memory and in the ledger.
+    fn check_hello(&self, hello: &Hello, descriptor: &NodeDescriptor) -> Result<(), Status> {
+        let fields = [
+            ("agent_version", hello.agent_version.len()),
+            ("node.hostname", descriptor.hostname.len()),
+            ("node.network", descriptor.network.len()),
+            ("node.kernel_release", descriptor.kernel_release.len()),
+        ];
+        if let Some((field, len)) = fields.iter().find(|(_, len)| *len > MAX_HELLO_TEXT) {
+            return Err(Status::invalid_argument(format!(
+                "Hello.{field} is {len} bytes; at most {MAX_HELLO_TEXT} are accepted"
+            )));
+        }
+        if hello.capabilities.len() > 64 {
+            return Err(Status::invalid_argument(
+                "Hello lists more than 64 capabilities",
+            ));
+        }
+        Ok(())
+    }
+
     fn validate(&self, batch: &SampleBatch) -> Result<(), Status> {
-        if batch.seq == 0 {
-            return Err(Status::invalid_argument("SampleBatch.seq must start at 1"));
+        if batch.seq == 0 || batch.seq > i64::MAX as u64 {
+            return Err(Status::invalid_argument(format!(
+                "SampleBatch.seq {} is outside 1..={}",
+                batch.seq,
+                i64::MAX
+            )));
+        }
+        for sample in &batch.samples {
+            if let Some(sample::Kind::Host(host)) = &sample.kind {
+                if host.disks.len() > 256 || host.networks.len() > 256 {
+                    return Err(Status::invalid_argument(format!(
+                        "SampleBatch {} reports {} disks and {} networks; at most 256 of each are accepted",
+                        batch.seq,
+                        host.disks.len(),
+                        host.networks.len()
+                    )));
+                }
+            }
         }
         if batch.samples.len() > MAX_SAMPLES_PER_BATCH {
             return Err(Status::invalid_argument(format!(
@@ -266,7 +383,7 @@ impl Ingest {
                     .inc();
                 tracing::error!(node = %node, seq = batch.seq, %error, "StoreFailed");
                 Err(Status::unavailable(format!(
-                    "store commit failed, batch {} not acked (the agent resends it): {error}",
+                    "store commit failed, batch {} not acked (the agent resends it)",
                     batch.seq
                 )))
             }
@@ -298,13 +415,22 @@ impl Uplink for Ingest {
         let mut inbound = request.into_inner();
         let hello = self.await_hello(&node, &mut inbound).await?;
         let descriptor = hello.node.clone().unwrap_or_default();
+        self.check_hello(&hello, &descriptor)?;
+        let (generation, cancel, running) = self.takeover.begin(&node, &self.shutdown);
+        let running = tokio::time::timeout(TAKEOVER_TIMEOUT, running.lock_owned())
+            .await
+            .map_err(|_| {
+                Status::unavailable(format!(
+                    "the previous stream of node {node} is still committing; retry shortly"
+                ))
+            })?;
         let last_stored_seq = self
             .ledger
             .record_hello(&node, &descriptor, &hello.agent_version, unix_ms())
             .await
             .map_err(|error| {
                 tracing::error!(node = %node, %error, "StoreFailed");
-                Status::unavailable(format!("ledger unavailable, try again: {error}"))
+                Status::unavailable("the server's ledger is unavailable; retrying later is safe")
             })?;
         self.registry.connected(
             &node,
@@ -331,7 +457,7 @@ impl Uplink for Ingest {
         let span = tracing::info_span!("uplink_session", node = %node);
         self.sessions.spawn(
             self.clone()
-                .session(node, inbound, outbound)
+                .session(node, inbound, outbound, (generation, cancel, running))
                 .instrument(span),
         );
         Ok(Response::new(ReceiverStream::new(rx)))

@@ -63,13 +63,17 @@ pub enum ServerError {
     Admin(std::io::Error),
 }
 
-/// Runs the server on the given listeners until `shutdown` is cancelled.
+/// Runs the server on the given listeners and the opened `ledger` (see [`Ledger::open`];
+/// opening it first lets the caller announce readiness only once migrations are applied)
+/// until `shutdown` is cancelled. Streams still open [`SHUTDOWN_DEADLINE`] after shutdown
+/// began are cut.
 ///
 /// # Errors
 /// [`ServerError`] when TLS material, the ledger or a listener fails.
 pub async fn run(
     listeners: Listeners,
     config: ServerConfig,
+    ledger: Ledger,
     shutdown: CancellationToken,
 ) -> Result<(), ServerError> {
     let read = |path: &std::path::Path| {
@@ -86,7 +90,6 @@ pub async fn run(
         .client_ca_root(Certificate::from_pem(read(&config.tls.ca_file)?))
         .client_auth_optional(false);
 
-    let ledger = Ledger::open(&config.ledger_url).await?;
     let registry = Arc::new(registry::Registry::from_stored(ledger.nodes().await?));
     let metrics = Arc::new(metrics::Metrics::default());
     metrics
@@ -138,9 +141,21 @@ pub async fn run(
     )
     .with_graceful_shutdown(shutdown.clone().cancelled_owned());
 
-    let outcome = tokio::try_join!(async { grpc.await.map_err(ServerError::from) }, async {
-        admin.await.map_err(ServerError::Admin)
-    },);
+    // Graceful shutdown waits for open streams; a peer that never reads must not hold it.
+    let cut_off = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(SHUTDOWN_DEADLINE).await;
+    };
+    let grpc = async {
+        tokio::select! {
+            outcome = grpc => outcome.map_err(ServerError::from),
+            () = cut_off => {
+                tracing::warn!("streams still open at the shutdown deadline; closing them");
+                Ok(())
+            }
+        }
+    };
+    let outcome = tokio::try_join!(grpc, async { admin.await.map_err(ServerError::Admin) });
     // Either both stopped on shutdown, or one failed: stop the other parts too.
     shutdown.cancel();
     tasks.close();

@@ -10,6 +10,7 @@ use clap::Parser;
 use figment::Figment;
 use figment::providers::Serialized;
 use guardian_server::config::{EXIT_CONFIG, ServerConfig};
+use guardian_server::store::Ledger;
 use guardian_server::{Listeners, run};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
@@ -95,6 +96,8 @@ fn main() -> ExitCode {
 
 #[tokio::main]
 async fn serve(config: ServerConfig) -> anyhow::Result<()> {
+    // Migrations first: "listening" means ready.
+    let ledger = Ledger::open(&config.ledger_url).await?;
     let grpc = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot bind listen = {}", config.listen))?;
@@ -108,7 +111,7 @@ async fn serve(config: ServerConfig) -> anyhow::Result<()> {
         admin.local_addr()?
     );
     let shutdown = CancellationToken::new();
-    let server = run(Listeners { grpc, admin }, config, shutdown.clone());
+    let server = run(Listeners { grpc, admin }, config, ledger, shutdown.clone());
     tokio::pin!(server);
     tokio::select! {
         outcome = &mut server => outcome?,

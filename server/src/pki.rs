@@ -184,6 +184,12 @@ fn write(files: &mut PkiFiles, path: &Path, pem: String, secret: bool) -> Result
         .open(path)
         .map_err(err)?;
     file.write_all(pem.as_bytes()).map_err(err)?;
+    // `mode` applies only to new files: make --force over an old, looser key tight too.
+    std::fs::set_permissions(
+        path,
+        std::os::unix::fs::PermissionsExt::from_mode(if secret { 0o600 } else { 0o644 }),
+    )
+    .map_err(err)?;
     files.written.push(path.to_owned());
     Ok(())
 }

@@ -106,11 +106,25 @@ impl Scratch {
         server: SocketAddr,
         interval_ms: u64,
     ) -> anyhow::Result<PathBuf> {
+        self.agent_config_with(node, server, interval_ms, "")
+    }
+
+    /// Like [`Scratch::agent_config`], with `extra` top-level TOML lines.
+    ///
+    /// # Errors
+    /// On I/O errors.
+    pub fn agent_config_with(
+        &self,
+        node: &str,
+        server: SocketAddr,
+        interval_ms: u64,
+        extra: &str,
+    ) -> anyhow::Result<PathBuf> {
         let (cert, key) = self.pki.node(node);
         let chain = self.path(&format!("chain-{node}"));
         std::fs::create_dir_all(&chain)?;
         let text = format!(
-            "node_id = \"{node}\"\nnetwork = \"local\"\nserver_url = \"https://{server}\"\nsample_interval_ms = {interval_ms}\n\
+            "node_id = \"{node}\"\nnetwork = \"local\"\nserver_url = \"https://{server}\"\nsample_interval_ms = {interval_ms}\n{extra}\n\
              chain_data_path = \"{}\"\n[reconnect]\ninitial_ms = 100\nmax_ms = 1000\n\
              [tls]\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
             chain.display(),
@@ -171,8 +185,9 @@ impl Proc {
     /// # Errors
     /// When the process does not exit.
     pub fn terminate(&mut self) -> anyhow::Result<Option<i32>> {
-        let pid = self.child.id().to_string();
-        Command::new("kill").args(["-TERM", &pid]).status()?;
+        let pid = self.child.id();
+        let raw = rustix::process::Pid::from_raw(i32::try_from(pid)?).context("pid 0")?;
+        rustix::process::kill_process(raw, rustix::process::Signal::TERM)?;
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             if let Some(status) = self.child.try_wait()? {
@@ -307,7 +322,7 @@ impl Postgres {
             .max()
             .context("no /usr/lib/postgresql/*/bin/initdb: apt-get install -y postgresql")?;
         let dir = tempfile::Builder::new().prefix("guardian-pg").tempdir()?;
-        let port = free_port()?;
+        let port = stable_port()?;
         let is_root = Command::new("id")
             .arg("-u")
             .output()?
@@ -386,6 +401,22 @@ impl Drop for Postgres {
             Command::new(&pg_ctl).args(args).output()
         };
     }
+}
+
+/// A port free on 127.0.0.1 now, below the kernel's ephemeral range (32768 and up on
+/// Linux), so no outgoing connection takes it while a test restarts a server on it.
+///
+/// # Errors
+/// When no port in 20000..32000 can be bound.
+pub fn stable_port() -> anyhow::Result<u16> {
+    let start = 20_000 + (std::process::id() % 6000) as u16 * 2;
+    for offset in 0..12_000u16 {
+        let port = 20_000 + (start - 20_000 + offset) % 12_000;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no free port in 20000..32000")
 }
 
 /// A port free on 127.0.0.1 right now.

@@ -519,7 +519,14 @@ async fn watch_follows_the_fleet_live() -> TestResult {
 #[tokio::test]
 async fn no_batch_is_lost_or_doubled_when_the_server_is_killed_and_restarted() -> TestResult {
     let scratch = Scratch::new(&["val-1"])?;
+    let port = guardian_tests::stable_port()?;
     let config = scratch.server_config(&scratch.sqlite_url(), "")?;
+    let text = std::fs::read_to_string(&config)?.replacen(
+        "listen = \"127.0.0.1:0\"",
+        &format!("listen = \"127.0.0.1:{port}\""),
+        1,
+    );
+    std::fs::write(&config, text)?;
     let mut server = Server::start(&config, scratch.path("server-1.log"))?;
     let mut agent = start_agent(
         &scratch.agent_config("val-1", server.grpc, 100)?,
@@ -530,13 +537,7 @@ async fn no_batch_is_lost_or_doubled_when_the_server_is_killed_and_restarted() -
     server.proc.child.wait()?;
     tokio::time::sleep(Duration::from_millis(700)).await;
 
-    // Same ports, so the agent reconnects by itself.
-    let text = std::fs::read_to_string(&config)?.replacen(
-        "listen = \"127.0.0.1:0\"",
-        &format!("listen = \"{}\"", server.grpc),
-        1,
-    );
-    std::fs::write(&config, text)?;
+    // Same port, so the agent reconnects by itself.
     let server = Server::start(&config, scratch.path("server-2.log"))?;
     let restored = last_seq(&scratch, &server, "val-1").await.unwrap_or(0);
     assert!(
@@ -551,9 +552,13 @@ async fn no_batch_is_lost_or_doubled_when_the_server_is_killed_and_restarted() -
     );
 
     let ledger = Ledger::open(&scratch.sqlite_url()).await?;
-    let (batches, distinct, _) = ledger.counts(&NodeId::parse("val-1")?).await?;
+    let (batches, distinct, host_samples) = ledger.counts(&NodeId::parse("val-1")?).await?;
     let last = last_seq(&scratch, &server, "val-1").await.unwrap_or(0);
     assert_eq!(batches, distinct, "no (node, seq) stored twice");
+    assert_eq!(
+        host_samples, batches,
+        "every stored batch holds its one host sample"
+    );
     assert_eq!(u64::try_from(distinct)?, last, "no gap in 1..={last}");
     Ok(())
 }
@@ -646,5 +651,37 @@ async fn a_stream_without_hello_is_refused() -> TestResult {
         kinds.contains(&"missing_hello") && kinds.contains(&"hello_timeout"),
         "{kinds:?}"
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_agent_killed_and_restarted_continues_the_numbering_without_collisions() -> TestResult {
+    let scratch = Scratch::new(&["val-1"])?;
+    let server = Server::start(
+        &scratch.server_config(&scratch.sqlite_url(), "")?,
+        scratch.path("server.log"),
+    )?;
+    let config = scratch.agent_config("val-1", server.grpc, 100)?;
+    let mut first = start_agent(&config, scratch.path("agent-1.log"))?;
+    let killed_at = wait_for_batches(&scratch, &server, "val-1", 5).await?;
+    first.child.kill()?;
+    first.child.wait()?;
+    // Restart at once: the old stream may still be open on the server side.
+    let mut second = start_agent(&config, scratch.path("agent-2.log"))?;
+    wait_for_batches(&scratch, &server, "val-1", killed_at + 10).await?;
+    assert_eq!(second.terminate()?, Some(0));
+
+    let metrics = reqwest_like_get(server.admin, "/metrics").await?;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "guardian_ingest_batches_duplicate_total 0"),
+        "a restarted agent must not reuse a stored seq: {metrics}"
+    );
+    let ledger = Ledger::open(&scratch.sqlite_url()).await?;
+    let (batches, distinct, host_samples) = ledger.counts(&NodeId::parse("val-1")?).await?;
+    let last = last_seq(&scratch, &server, "val-1").await.unwrap_or(0);
+    assert_eq!((batches, host_samples), (distinct, distinct));
+    assert_eq!(u64::try_from(distinct)?, last, "no gap in 1..={last}");
     Ok(())
 }

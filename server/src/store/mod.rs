@@ -152,12 +152,13 @@ impl Ledger {
             .after_connect(move |conn, _| {
                 Box::pin(async move {
                     if backend == Backend::Sqlite {
-                        // WAL keeps readers off the writer's back; NORMAL is durable across
-                        // process crashes (the fault the ack protocol protects against).
+                        // WAL keeps readers off the writer's back; FULL syncs the WAL on
+                        // every commit, so an acked batch survives power loss, not only a
+                        // process crash.
                         sqlx::query("PRAGMA journal_mode = WAL")
                             .execute(&mut *conn)
                             .await?;
-                        sqlx::query("PRAGMA synchronous = NORMAL")
+                        sqlx::query("PRAGMA synchronous = FULL")
                             .execute(&mut *conn)
                             .await?;
                         sqlx::query("PRAGMA busy_timeout = 10000")
@@ -413,20 +414,36 @@ impl Ledger {
     /// # Errors
     /// [`StoreError::Query`].
     pub async fn counts(&self, node: &NodeId) -> Result<(i64, i64, i64), StoreError> {
-        let batches =
-            sqlx::query("SELECT COUNT(*), COUNT(DISTINCT seq) FROM batches WHERE node_id = $1")
-                .bind(node.as_str())
-                .fetch_one(&self.pool)
-                .await?;
-        let samples = sqlx::query("SELECT COUNT(*) FROM host_samples WHERE node_id = $1")
-            .bind(node.as_str())
-            .fetch_one(&self.pool)
-            .await?;
-        Ok((
-            batches.try_get(0)?,
-            batches.try_get(1)?,
-            samples.try_get(0)?,
-        ))
+        // One statement, so a commit landing meanwhile cannot skew one count against another.
+        let row = sqlx::query(
+            "SELECT (SELECT COUNT(*) FROM batches WHERE node_id = $1),
+                    (SELECT COUNT(DISTINCT seq) FROM batches WHERE node_id = $1),
+                    (SELECT COUNT(*) FROM host_samples WHERE node_id = $1)",
+        )
+        .bind(node.as_str())
+        .fetch_one(&self.pool)
+        .await?;
+        Ok((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?))
+    }
+
+    /// Every stored sample of `kind` (`gpu`, `keystore`) for a node, protobuf-encoded
+    /// `guardian.v1.Sample`s, oldest first.
+    ///
+    /// # Errors
+    /// [`StoreError::Query`].
+    pub async fn kind_samples(
+        &self,
+        node: &NodeId,
+        kind: &str,
+    ) -> Result<Vec<Vec<u8>>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT sample FROM kind_samples WHERE node_id = $1 AND kind = $2 ORDER BY seq, idx",
+        )
+        .bind(node.as_str())
+        .bind(kind)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(|row| Ok(row.try_get(0)?)).collect()
     }
 
     /// Closes the pool, waiting for in-flight queries.
@@ -523,7 +540,8 @@ fn sqlite_url(url: &str) -> Result<String, StoreError> {
 
 /// Removes a password from a URL before it reaches a log or an error.
 pub fn redact(url: &str) -> String {
-    match (url.find("://"), url.find('@')) {
+    // The last '@' ends the userinfo: a password may itself contain '@'.
+    match (url.find("://"), url.rfind('@')) {
         (Some(scheme_end), Some(at)) if at > scheme_end => {
             let userinfo = &url[scheme_end + 3..at];
             match userinfo.split_once(':') {
@@ -546,6 +564,7 @@ mod tests {
             "postgres://u:***@h:1/db"
         );
         assert_eq!(redact("sqlite://data/x.db"), "sqlite://data/x.db");
+        assert_eq!(redact("postgres://u:p@ss@h/db"), "postgres://u:***@h/db");
     }
 
     #[test]
