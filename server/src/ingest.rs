@@ -328,15 +328,15 @@ impl Ingest {
             )));
         }
         for sample in &batch.samples {
-            if let Some(sample::Kind::Host(host)) = &sample.kind {
-                if host.disks.len() > 256 || host.networks.len() > 256 {
-                    return Err(Status::invalid_argument(format!(
-                        "SampleBatch {} reports {} disks and {} networks; at most 256 of each are accepted",
-                        batch.seq,
-                        host.disks.len(),
-                        host.networks.len()
-                    )));
-                }
+            if let Some(sample::Kind::Host(host)) = &sample.kind
+                && (host.disks.len() > 256 || host.networks.len() > 256)
+            {
+                return Err(Status::invalid_argument(format!(
+                    "SampleBatch {} reports {} disks and {} networks; at most 256 of each are accepted",
+                    batch.seq,
+                    host.disks.len(),
+                    host.networks.len()
+                )));
             }
         }
         if batch.samples.len() > MAX_SAMPLES_PER_BATCH {
