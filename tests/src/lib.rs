@@ -5,6 +5,8 @@
 //! Binaries are taken from the workspace's target folder; the README's test command builds
 //! them first (`cargo build --workspace --bins`).
 
+pub mod fake_node;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

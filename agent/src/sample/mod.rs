@@ -5,6 +5,7 @@
 //! A sampler that fails this round yields a `SamplerUnavailable` sample instead of nothing,
 //! so the server sees *why* data is missing.
 
+pub mod chain;
 pub mod gpu;
 pub mod host;
 pub mod keystore;

@@ -282,6 +282,7 @@ impl Ledger {
                 }
                 Some(other) => {
                     let kind = match other {
+                        sample::Kind::Chain(_) => "chain",
                         sample::Kind::Gpu(_) => "gpu",
                         sample::Kind::Keystore(_) => "keystore",
                         sample::Kind::Host(_) | sample::Kind::Unavailable(_) => "other",

@@ -1,0 +1,1 @@
+//! Chain sampler (being written).

@@ -1,0 +1,1 @@
+//! Fake subtensor node (being written).
