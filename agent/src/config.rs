@@ -35,10 +35,46 @@ pub struct AgentConfig {
     pub gpu: bool,
     /// Batches kept while the server is unreachable; beyond it the oldest are dropped and counted.
     pub max_pending_batches: usize,
+    /// The local subtensor node and the validator's on-chain standing.
+    pub chain: ChainConfig,
     /// Reconnect backoff.
     pub reconnect: Reconnect,
     /// TLS material.
     pub tls: AgentTls,
+}
+
+/// Where the subtensor node answers and which validator to follow on chain.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ChainConfig {
+    /// Sample the node at all.
+    pub enabled: bool,
+    /// The node's JSON-RPC WebSocket endpoint.
+    pub endpoint: String,
+    /// Other endpoints whose tip the node is compared with (another node of yours, a public RPC).
+    pub references: Vec<String>,
+    /// Time allowed for any one RPC call, ms; a node silent for longer is reported unresponsive.
+    pub call_timeout_ms: u64,
+    /// The validator hotkey (ss58) whose standing is read; empty reads none.
+    pub hotkey_ss58: String,
+    /// Subnet of the validator (needed with hotkey_ss58).
+    pub netuid: u16,
+    /// Standing is re-read every this many blocks (and after a runtime upgrade).
+    pub standing_every_blocks: u64,
+}
+
+impl Default for ChainConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            endpoint: "ws://127.0.0.1:9944".to_owned(),
+            references: Vec::new(),
+            call_timeout_ms: 800,
+            hotkey_ss58: String::new(),
+            netuid: 0,
+            standing_every_blocks: 25,
+        }
+    }
 }
 
 /// Jittered exponential backoff between reconnect attempts.
@@ -76,6 +112,7 @@ impl Default for AgentConfig {
             keystore_path: PathBuf::new(),
             gpu: true,
             max_pending_batches: 3600,
+            chain: ChainConfig::default(),
             reconnect: Reconnect::default(),
             tls: AgentTls::default(),
         }
@@ -232,9 +269,60 @@ impl AgentConfig {
                 "e.g. initial_ms = 500, max_ms = 30000",
             ));
         }
+        if self.chain.enabled {
+            self.validate_chain()?;
+        }
         pem_file("tls.ca_file", &self.tls.ca_file, "CERTIFICATE")?;
         pem_file("tls.cert_file", &self.tls.cert_file, "CERTIFICATE")?;
         pem_file("tls.key_file", &self.tls.key_file, "PRIVATE KEY")?;
+        Ok(())
+    }
+
+    fn validate_chain(&self) -> Result<(), ConfigError> {
+        let chain = &self.chain;
+        for (field, url) in std::iter::once(("chain.endpoint", &chain.endpoint))
+            .chain(chain.references.iter().map(|r| ("chain.references", r)))
+        {
+            if !(url.starts_with("ws://") || url.starts_with("wss://")) {
+                return Err(ConfigError::new(
+                    field,
+                    format!("{url:?} is not a ws:// or wss:// URL"),
+                    "give the node's JSON-RPC WebSocket address, e.g. ws://127.0.0.1:9944",
+                ));
+            }
+        }
+        // A silent node must show as unresponsive within one sampling interval.
+        if chain.call_timeout_ms < 50 || chain.call_timeout_ms >= self.sample_interval_ms {
+            return Err(ConfigError::new(
+                "chain.call_timeout_ms",
+                format!(
+                    "{} is outside 50..{} (sample_interval_ms)",
+                    chain.call_timeout_ms, self.sample_interval_ms
+                ),
+                "use at least 50 ms and less than sample_interval_ms (default 800)",
+            ));
+        }
+        if chain.standing_every_blocks == 0 {
+            return Err(ConfigError::new(
+                "chain.standing_every_blocks",
+                "0 would re-read storage on every sample",
+                "use 1 or more (default 25 blocks, about 5 minutes)",
+            ));
+        }
+        if !chain.hotkey_ss58.is_empty() {
+            crate::sample::chain::StandingTarget {
+                hotkey_ss58: chain.hotkey_ss58.clone(),
+                netuid: chain.netuid,
+            }
+            .validate()
+            .map_err(|why| {
+                ConfigError::new(
+                    "chain.hotkey_ss58",
+                    why,
+                    "give the validator hotkey's ss58 address (btcli wallet overview shows it)",
+                )
+            })?;
+        }
         Ok(())
     }
 
@@ -296,6 +384,56 @@ impl AgentConfig {
             "Batches kept while the server is away; beyond it the oldest are dropped and counted (default 3600).",
             "max_pending_batches",
             int(self.max_pending_batches as u64),
+        );
+        out.push_str("\n[chain]\n");
+        line(
+            &mut out,
+            "Sample the local subtensor node (default true).",
+            "enabled",
+            self.chain.enabled.into(),
+        );
+        line(
+            &mut out,
+            "The node's JSON-RPC WebSocket endpoint (default ws://127.0.0.1:9944).",
+            "endpoint",
+            self.chain.endpoint.clone().into(),
+        );
+        line(
+            &mut out,
+            "Endpoints whose tip the node is compared with (default none).",
+            "references",
+            toml::Value::Array(
+                self.chain
+                    .references
+                    .iter()
+                    .cloned()
+                    .map(toml::Value::String)
+                    .collect(),
+            ),
+        );
+        line(
+            &mut out,
+            "Time allowed per RPC call, ms; slower is reported unresponsive; below sample_interval_ms (default 800).",
+            "call_timeout_ms",
+            int(self.chain.call_timeout_ms),
+        );
+        line(
+            &mut out,
+            "Validator hotkey ss58 whose standing is read; empty reads none (default empty).",
+            "hotkey_ss58",
+            self.chain.hotkey_ss58.clone().into(),
+        );
+        line(
+            &mut out,
+            "The validator's subnet (default 0).",
+            "netuid",
+            int(u64::from(self.chain.netuid)),
+        );
+        line(
+            &mut out,
+            "Re-read standing every this many blocks and after runtime upgrades (default 25).",
+            "standing_every_blocks",
+            int(self.chain.standing_every_blocks),
         );
         out.push_str("\n[reconnect]\n");
         line(

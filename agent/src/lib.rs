@@ -28,6 +28,7 @@ const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(5);
 
 /// Runs the agent until `shutdown` is cancelled.
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) {
+    let tasks = TaskTracker::new();
     let mut samplers: Vec<Box<dyn Sampler>> = vec![Box::new(sample::host::HostSampler::new(
         config.proc_root.clone(),
         config.chain_data_path.clone(),
@@ -39,6 +40,25 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) {
         samplers.push(Box::new(sample::keystore::KeystoreSampler::new(
             config.keystore_path.clone(),
             config.proc_root.clone(),
+        )));
+    }
+    if config.chain.enabled {
+        let chain = &config.chain;
+        let settings = sample::chain::ChainSettings {
+            endpoint: chain.endpoint.clone(),
+            references: chain.references.clone(),
+            call_timeout: Duration::from_millis(chain.call_timeout_ms),
+            interval: Duration::from_millis(config.sample_interval_ms),
+            standing: (!chain.hotkey_ss58.is_empty()).then(|| sample::chain::StandingTarget {
+                hotkey_ss58: chain.hotkey_ss58.clone(),
+                netuid: chain.netuid,
+            }),
+            standing_every_blocks: chain.standing_every_blocks,
+        };
+        samplers.push(Box::new(sample::chain::ChainSampler::spawn(
+            settings,
+            &tasks,
+            shutdown.clone(),
         )));
     }
     let capabilities: Vec<String> = samplers.iter().map(|s| s.name().to_owned()).collect();
@@ -53,7 +73,6 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) {
         queued: Notify::new(),
         interval_ms: watch::channel(config.sample_interval_ms).0,
     });
-    let tasks = TaskTracker::new();
     tasks.spawn(
         sample_loop(samplers, Arc::clone(&shared), shutdown.clone())
             .instrument(tracing::info_span!("sample_loop")),

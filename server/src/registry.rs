@@ -76,11 +76,17 @@ impl Registry {
             let node = &mut entry.node;
             node.last_stored_seq = node.last_stored_seq.max(batch.seq);
             for sample in &batch.samples {
-                if let Some(sample::Kind::Host(host)) = &sample.kind
-                    && sample.observed_at_unix_ms >= node.last_host_observed_unix_ms
-                {
-                    node.last_host = Some(host.clone());
-                    node.last_host_observed_unix_ms = sample.observed_at_unix_ms;
+                let at = sample.observed_at_unix_ms;
+                match &sample.kind {
+                    Some(sample::Kind::Host(host)) if at >= node.last_host_observed_unix_ms => {
+                        node.last_host = Some(host.clone());
+                        node.last_host_observed_unix_ms = at;
+                    }
+                    Some(sample::Kind::Chain(chain)) if at >= node.last_chain_observed_unix_ms => {
+                        node.last_chain = Some(chain.clone());
+                        node.last_chain_observed_unix_ms = at;
+                    }
+                    _ => {}
                 }
             }
         });

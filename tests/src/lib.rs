@@ -111,7 +111,8 @@ impl Scratch {
         self.agent_config_with(node, server, interval_ms, "")
     }
 
-    /// Like [`Scratch::agent_config`], with `extra` top-level TOML lines.
+    /// Like [`Scratch::agent_config`], with `extra` TOML appended after the top-level keys
+    /// (top-level keys first, then tables such as `[chain]`).
     ///
     /// # Errors
     /// On I/O errors.
@@ -125,9 +126,15 @@ impl Scratch {
         let (cert, key) = self.pki.node(node);
         let chain = self.path(&format!("chain-{node}"));
         std::fs::create_dir_all(&chain)?;
+        // No subtensor node unless the test brings one (in `extra`, as a [chain] table).
+        let chain_off = if extra.contains("[chain]") {
+            ""
+        } else {
+            "[chain]\nenabled = false\n"
+        };
         let text = format!(
-            "node_id = \"{node}\"\nnetwork = \"local\"\nserver_url = \"https://{server}\"\nsample_interval_ms = {interval_ms}\n{extra}\n\
-             chain_data_path = \"{}\"\n[reconnect]\ninitial_ms = 100\nmax_ms = 1000\n\
+            "node_id = \"{node}\"\nnetwork = \"local\"\nserver_url = \"https://{server}\"\nsample_interval_ms = {interval_ms}\n\
+             chain_data_path = \"{}\"\n{extra}\n{chain_off}[reconnect]\ninitial_ms = 100\nmax_ms = 1000\n\
              [tls]\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
             chain.display(),
             self.pki.ca().display(),

@@ -239,7 +239,7 @@ fn mem_used_percent(node: &Node) -> Option<f64> {
 }
 
 fn table(nodes: &[Node], now: i64) -> String {
-    let mut rows = vec![
+    let mut rows: Vec<Vec<String>> = vec![
         [
             "NODE",
             "STATE",
@@ -252,8 +252,13 @@ fn table(nodes: &[Node], now: i64) -> String {
             "IO-LAT-MS",
             "NET-RX/s",
             "NET-TX/s",
+            "BEST",
+            "LAG",
+            "PEERS",
+            "HEAD-AGE",
         ]
-        .map(str::to_owned),
+        .map(str::to_owned)
+        .to_vec(),
     ];
     for node in nodes {
         let host = node.last_host.as_ref();
@@ -276,30 +281,35 @@ fn table(nodes: &[Node], now: i64) -> String {
                 .map(|n| n.tx_bytes_per_second)
                 .sum::<f64>()
         });
-        rows.push([
-            node.node_id.clone(),
-            if node.connected {
-                "connected"
-            } else {
-                "offline"
-            }
-            .to_owned(),
-            age(now, node.last_host_observed_unix_ms),
-            node.last_stored_seq.to_string(),
-            fmt(host.map(|h| h.cpu_busy_percent)),
-            fmt(mem_used_percent(node)),
-            fmt(host.map(|h| h.load_avg_1m)),
-            fmt(host
-                .and_then(|h| h.chain_data.as_ref())
-                .map(|f| f.used_percent)),
-            fmt(latency),
-            rx.map_or("-".to_owned(), bytes),
-            tx.map_or("-".to_owned(), bytes),
-        ]);
+        rows.push(
+            [
+                node.node_id.clone(),
+                if node.connected {
+                    "connected"
+                } else {
+                    "offline"
+                }
+                .to_owned(),
+                age(now, node.last_host_observed_unix_ms),
+                node.last_stored_seq.to_string(),
+                fmt(host.map(|h| h.cpu_busy_percent)),
+                fmt(mem_used_percent(node)),
+                fmt(host.map(|h| h.load_avg_1m)),
+                fmt(host
+                    .and_then(|h| h.chain_data.as_ref())
+                    .map(|f| f.used_percent)),
+                fmt(latency),
+                rx.map_or("-".to_owned(), bytes),
+                tx.map_or("-".to_owned(), bytes),
+            ]
+            .into_iter()
+            .chain(chain_cells(node))
+            .collect::<Vec<_>>(),
+        );
     }
-    let mut widths = [0usize; 11];
+    let mut widths = vec![0usize; rows[0].len()];
     for row in &rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
+        for (w, cell) in widths.iter_mut().zip(row.iter()) {
             *w = (*w).max(cell.len());
         }
     }
@@ -307,7 +317,7 @@ fn table(nodes: &[Node], now: i64) -> String {
     for row in &rows {
         let line: Vec<String> = row
             .iter()
-            .zip(widths)
+            .zip(widths.iter().copied())
             .map(|(c, w)| format!("{c:<w$}"))
             .collect();
         out.push_str(line.join("  ").trim_end());
@@ -317,6 +327,40 @@ fn table(nodes: &[Node], now: i64) -> String {
         out.push_str("(no node has connected yet)\n");
     }
     out
+}
+
+/// Blocks the node is behind: its own sync view, or the best reference endpoint's tip.
+fn chain_lag(chain: &guardian_proto::v1::ChainSample) -> u64 {
+    let own = chain
+        .sync_highest_block
+        .saturating_sub(chain.sync_current_block);
+    let reference = chain
+        .references
+        .iter()
+        .filter(|r| r.responsive)
+        .map(|r| r.best_block.saturating_sub(chain.best_block))
+        .max()
+        .unwrap_or(0);
+    own.max(reference)
+}
+
+/// BEST, LAG, PEERS, HEAD-AGE cells.
+fn chain_cells(node: &Node) -> [String; 4] {
+    match node.last_chain.as_ref() {
+        None => ["-", "-", "-", "-"].map(str::to_owned),
+        Some(chain) if !chain.responsive => [
+            "down".to_owned(),
+            "-".to_owned(),
+            "-".to_owned(),
+            format!("{:.1}s", chain.head_age_ms as f64 / 1000.0),
+        ],
+        Some(chain) => [
+            chain.best_block.to_string(),
+            chain_lag(chain).to_string(),
+            chain.peers.to_string(),
+            format!("{:.1}s", chain.head_age_ms as f64 / 1000.0),
+        ],
+    }
 }
 
 fn bytes(per_second: f64) -> String {
@@ -341,6 +385,34 @@ fn json(node: &Node, now: i64) -> serde_json::Value {
         "last_stored_seq": node.last_stored_seq,
         "last_sample_unix_ms": node.last_host_observed_unix_ms,
         "last_sample_age_ms": (node.last_host_observed_unix_ms > 0).then(|| now - node.last_host_observed_unix_ms),
+        "chain": node.last_chain.as_ref().map(|c| serde_json::json!({
+            "observed_at_unix_ms": node.last_chain_observed_unix_ms,
+            "endpoint": c.endpoint,
+            "responsive": c.responsive,
+            "error": c.error,
+            "best_block": c.best_block,
+            "finalized_block": c.finalized_block,
+            "sync_current_block": c.sync_current_block,
+            "sync_highest_block": c.sync_highest_block,
+            "lag_blocks": chain_lag(c),
+            "peers": c.peers,
+            "is_syncing": c.is_syncing,
+            "head_age_ms": c.head_age_ms,
+            "rpc_latency_ms": c.rpc_latency_ms,
+            "spec_version": c.spec_version,
+            "standing": c.standing.as_ref().map(|s| serde_json::json!({
+                "hotkey_ss58": s.hotkey_ss58,
+                "netuid": s.netuid,
+                "registered": s.registered,
+                "uid": s.uid,
+                "last_update_block": s.last_update_block,
+                "blocks_since_last_update": s.blocks_since_last_update,
+                "validator_permit": s.validator_permit,
+                "validator_trust_ratio": s.validator_trust_ratio,
+                "emission_rao": s.emission_rao,
+                "active": s.active,
+            })),
+        })),
         "host": host.map(|h| serde_json::json!({
             "cpu_busy_percent": h.cpu_busy_percent,
             "cpu_count": h.cpu_count,

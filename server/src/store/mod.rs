@@ -404,6 +404,9 @@ impl Ledger {
                     last_stored_seq: u64::try_from(row.try_get::<i64, _>(6)?).unwrap_or(0),
                     last_host,
                     last_host_observed_unix_ms: row.try_get(8)?,
+                    // Chain figures live in memory only; the next sample restores them.
+                    last_chain: None,
+                    last_chain_observed_unix_ms: 0,
                 })
             })
             .collect()
