@@ -49,6 +49,22 @@ async fn wait_for_batches(
     .await
 }
 
+/// Opens an Uplink stream, sends `frames`, and returns the status the server ended it with
+/// (before or after its first reply); fails if the server accepts the stream.
+async fn refusal(
+    channel: tonic::transport::Channel,
+    frames: Vec<Vec<u8>>,
+) -> anyhow::Result<tonic::Status> {
+    match raw_uplink(channel, frames).await {
+        Err(status) => Ok(status),
+        Ok((_tx, mut replies)) => replies
+            .message()
+            .await
+            .err()
+            .ok_or_else(|| anyhow::anyhow!("the server accepted the stream")),
+    }
+}
+
 fn hello(node: &str) -> AgentFrame {
     AgentFrame {
         frame: Some(agent_frame::Frame::Hello(Hello {
@@ -218,14 +234,7 @@ async fn hello_naming_another_node_is_refused_and_recorded() -> TestResult {
     )?;
     let (cert, key) = scratch.pki.node("val-1");
     let channel = scratch.channel(server.grpc, &cert, &key).await?;
-    let status = match raw_uplink(channel, vec![encode(&hello("val-2"))]).await {
-        Err(status) => status,
-        Ok((_tx, mut replies)) => replies
-            .message()
-            .await
-            .err()
-            .ok_or_else(|| anyhow::anyhow!("stream accepted"))?,
-    };
+    let status = refusal(channel, vec![encode(&hello("val-2"))]).await?;
     assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
     assert!(status.message().contains("val-2"), "{}", status.message());
 
@@ -619,27 +628,13 @@ async fn a_stream_without_hello_is_refused() -> TestResult {
         })),
     };
     let channel = scratch.channel(server.grpc, &cert, &key).await?;
-    let status = match raw_uplink(channel, vec![encode(&batch)]).await {
-        Err(status) => status,
-        Ok((_tx, mut replies)) => replies
-            .message()
-            .await
-            .err()
-            .ok_or_else(|| anyhow::anyhow!("accepted"))?,
-    };
+    let status = refusal(channel, vec![encode(&batch)]).await?;
     assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
 
     // Nothing at all: the server gives up after hello_timeout_ms instead of holding the stream.
     let channel = scratch.channel(server.grpc, &cert, &key).await?;
     let started = std::time::Instant::now();
-    let status = match raw_uplink(channel, vec![]).await {
-        Err(status) => status,
-        Ok((_tx, mut replies)) => replies
-            .message()
-            .await
-            .err()
-            .ok_or_else(|| anyhow::anyhow!("accepted"))?,
-    };
+    let status = refusal(channel, vec![]).await?;
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
     assert!(started.elapsed() < WAIT);
     let events = Ledger::open(&scratch.sqlite_url())
