@@ -73,6 +73,7 @@ impl Spool {
             .filter(|(local, _)| base + local > after_seq)
             .take(limit)
             .map(|(local, samples)| SampleBatch {
+                spool_dropped_batches_total: 0,
                 seq: base + local,
                 samples: samples.clone(),
             })

@@ -9,7 +9,7 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use guardian_proto::v1::fleet_server::Fleet;
 use guardian_proto::v1::{
-    GetNodeRequest, ListNodesRequest, ListNodesResponse, Node, NodeEvent, WatchNodesRequest,
+    GetNodeRequest, HistoryRequest, HistoryResponse, ListNodesRequest, ListNodesResponse, Node, NodeEvent, WatchNodesRequest,
 };
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
@@ -106,6 +106,14 @@ impl Fleet for FleetApi {
             .get(&id)
             .map(Response::new)
             .ok_or_else(|| Status::not_found(format!("no node {raw:?} has ever connected")))
+    }
+
+    async fn get_history(
+        &self,
+        request: Request<HistoryRequest>,
+    ) -> Result<Response<HistoryResponse>, Status> {
+        self.authorize(&request, "GetHistory").await?;
+        Err(Status::unimplemented("GetHistory is being wired to the stores"))
     }
 
     type WatchNodesStream = ReceiverStream<Result<NodeEvent, Status>>;

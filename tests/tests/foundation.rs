@@ -325,6 +325,7 @@ async fn malformed_or_oversized_frames_end_only_that_stream() -> TestResult {
 
     let huge = AgentFrame {
         frame: Some(agent_frame::Frame::Batch(SampleBatch {
+            spool_dropped_batches_total: 0,
             seq: 1,
             samples: vec![Sample {
                 observed_at_unix_ms: 1,
@@ -356,6 +357,7 @@ async fn malformed_or_oversized_frames_end_only_that_stream() -> TestResult {
     // A batch whose sample has no kind is refused too, and stores nothing.
     let empty = AgentFrame {
         frame: Some(agent_frame::Frame::Batch(SampleBatch {
+            spool_dropped_batches_total: 0,
             seq: 1,
             samples: vec![Sample {
                 observed_at_unix_ms: 1,
@@ -623,6 +625,7 @@ async fn a_stream_without_hello_is_refused() -> TestResult {
     // First frame is a batch, not Hello.
     let batch = AgentFrame {
         frame: Some(agent_frame::Frame::Batch(SampleBatch {
+            spool_dropped_batches_total: 0,
             seq: 1,
             samples: vec![],
         })),

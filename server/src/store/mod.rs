@@ -7,6 +7,9 @@
 //!   never covers data that is not on disk. A replayed `(node, seq)` stores nothing new.
 //! - Migrations are embedded in the binary and applied at open.
 
+pub mod clickhouse;
+pub mod telemetry;
+
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
@@ -407,6 +410,7 @@ impl Ledger {
                     // Chain figures live in memory only; the next sample restores them.
                     last_chain: None,
                     last_chain_observed_unix_ms: 0,
+                    spool_dropped_batches_total: 0,
                 })
             })
             .collect()
@@ -596,6 +600,7 @@ mod tests {
             0
         );
         let batch = SampleBatch {
+            spool_dropped_batches_total: 0,
             seq: 7,
             samples: vec![guardian_proto::v1::Sample {
                 observed_at_unix_ms: 5,

@@ -1,0 +1,1 @@
+//! ClickHouse telemetry store (work in progress).
