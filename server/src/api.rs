@@ -9,7 +9,7 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use guardian_proto::v1::fleet_server::Fleet;
 use guardian_proto::v1::{
-    GetNodeRequest, HistoryRequest, HistoryResponse, ListNodesRequest, ListNodesResponse, Node, NodeEvent, WatchNodesRequest,
+    GetNodeRequest, HistoryPoint, HistoryRequest, HistoryResponse, ListNodesRequest, ListNodesResponse, Node, NodeEvent, WatchNodesRequest,
 };
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
@@ -21,6 +21,8 @@ use tracing::Instrument;
 use crate::identity::{NodeId, Peer};
 use crate::metrics::Metrics;
 use crate::registry::Registry;
+use crate::store::clickhouse::{ClickHouseSettings, ClickHouseStore};
+use crate::store::telemetry;
 use crate::store::{Ledger, SecurityEvent};
 use crate::unix_ms;
 
@@ -32,16 +34,35 @@ pub struct FleetApi {
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
     watchers: TaskTracker,
+    clickhouse: Option<ClickHouseHistory>,
+}
+
+/// History from ClickHouse: the store is opened on the first query (the server starts
+/// while ClickHouse is down; the outbox keeps ingest lossless meanwhile).
+#[derive(Clone)]
+struct ClickHouseHistory {
+    settings: ClickHouseSettings,
+    store: Arc<tokio::sync::OnceCell<ClickHouseStore>>,
+}
+
+impl std::fmt::Debug for ClickHouseHistory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClickHouseHistory")
+            .field("url", &self.settings.url)
+            .finish_non_exhaustive()
+    }
 }
 
 impl FleetApi {
-    /// A Fleet API over `registry`; watch streams end on `shutdown`.
+    /// A Fleet API over `registry`; watch streams end on `shutdown`. History comes from
+    /// ClickHouse when `clickhouse` is enabled, else from the ledger's embedded tables.
     pub fn new(
         registry: Arc<Registry>,
         ledger: Ledger,
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
         watchers: TaskTracker,
+        clickhouse: &ClickHouseSettings,
     ) -> Self {
         Self {
             registry,
@@ -49,6 +70,10 @@ impl FleetApi {
             metrics,
             shutdown,
             watchers,
+            clickhouse: clickhouse.enabled().then(|| ClickHouseHistory {
+                settings: clickhouse.clone(),
+                store: Arc::default(),
+            }),
         }
     }
 
@@ -113,7 +138,66 @@ impl Fleet for FleetApi {
         request: Request<HistoryRequest>,
     ) -> Result<Response<HistoryResponse>, Status> {
         self.authorize(&request, "GetHistory").await?;
-        Err(Status::unimplemented("GetHistory is being wired to the stores"))
+        let request = request.into_inner();
+        let id = NodeId::parse(&request.node_id).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if self.registry.get(&id).is_none() {
+            return Err(Status::not_found(format!(
+                "no node {:?} has ever connected",
+                request.node_id
+            )));
+        }
+        let def = telemetry::metric(&request.metric).ok_or_else(|| {
+            Status::invalid_argument(
+                telemetry::HistoryError::UnknownMetric(request.metric.clone()).to_string(),
+            )
+        })?;
+        let to = if request.to_unix_ms == 0 { unix_ms() } else { request.to_unix_ms };
+        let from = if request.from_unix_ms == 0 { to - 3_600_000 } else { request.from_unix_ms };
+        let (resolution, plan_source) = telemetry::plan(from, to, request.resolution_seconds)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let unavailable = |what: &str, error: &dyn std::fmt::Display| {
+            tracing::warn!(%error, what, "HistoryFailed");
+            Status::unavailable(format!("{what} cannot answer now: {error}; retry later"))
+        };
+        let (source, points) = match &self.clickhouse {
+            Some(ch) => {
+                let store = ch
+                    .store
+                    .get_or_try_init(|| ClickHouseStore::open(&ch.settings))
+                    .await
+                    .map_err(|e| unavailable("ClickHouse", &e))?;
+                let points = store
+                    .history(id.as_str(), def, from, to, resolution, plan_source)
+                    .await
+                    .map_err(|e| unavailable("ClickHouse", &e))?;
+                (plan_source, points)
+            }
+            None => {
+                let points = self
+                    .ledger
+                    .history(id.as_str(), def, from, to, resolution)
+                    .await
+                    .map_err(|e| unavailable("the embedded store", &e))?;
+                ("embedded", points)
+            }
+        };
+        Ok(Response::new(HistoryResponse {
+            node_id: id.to_string(),
+            metric: def.name.to_owned(),
+            unit: def.unit.to_owned(),
+            resolution_seconds: resolution,
+            source: source.to_owned(),
+            points: points
+                .into_iter()
+                .map(|p| HistoryPoint {
+                    start_unix_ms: p.start_unix_ms,
+                    avg: p.avg,
+                    min: p.min,
+                    max: p.max,
+                    count: p.count,
+                })
+                .collect(),
+        }))
     }
 
     type WatchNodesStream = ReceiverStream<Result<NodeEvent, Status>>;

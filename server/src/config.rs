@@ -9,6 +9,7 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
 use crate::store::Backend;
+use crate::store::clickhouse::ClickHouseSettings;
 
 /// Exit code for invalid configuration (EX_USAGE... sysexits' EX_USAGE is 64).
 pub const EXIT_CONFIG: i32 = 64;
@@ -29,6 +30,14 @@ pub struct ServerConfig {
     pub sample_interval_ms: u32,
     /// How long an agent may take to send Hello after opening a stream, in milliseconds.
     pub hello_timeout_ms: u64,
+    /// With ClickHouse: most bytes of acked batches the outbox may hold while ClickHouse is
+    /// behind or down; beyond it ingest pauses (agents keep spooling).
+    pub outbox_max_bytes: u64,
+    /// How far back the in-memory per-node windows reach, in seconds (rebuilt from the
+    /// store at start).
+    pub window_seconds: u32,
+    /// ClickHouse telemetry store; off (embedded store) while `url` is empty.
+    pub clickhouse: ClickHouseSettings,
     /// TLS material.
     pub tls: ServerTls,
 }
@@ -54,6 +63,9 @@ impl Default for ServerConfig {
             max_frame_bytes: guardian_proto::DEFAULT_MAX_FRAME_BYTES,
             sample_interval_ms: 0,
             hello_timeout_ms: 10_000,
+            outbox_max_bytes: 1 << 30,
+            window_seconds: 1800,
+            clickhouse: ClickHouseSettings::default(),
             tls: ServerTls::default(),
         }
     }
@@ -188,6 +200,29 @@ impl ServerConfig {
                 "e.g. sqlite://guardian-data/guardian.db",
             )
         })?;
+        if self.outbox_max_bytes < 1 << 20 {
+            return Err(ConfigError::new(
+                "outbox_max_bytes",
+                format!("{} is below 1 MiB", self.outbox_max_bytes),
+                "allow at least 1048576 bytes (default 1073741824: minutes of a large fleet)",
+            ));
+        }
+        if !(60..=86_400).contains(&self.window_seconds) {
+            return Err(ConfigError::new(
+                "window_seconds",
+                format!("{} is outside 60..=86400", self.window_seconds),
+                "use 60 s to 1 day (default 1800)",
+            ));
+        }
+        if self.clickhouse.enabled() {
+            self.clickhouse.validate().map_err(|problem| {
+                ConfigError::new(
+                    "clickhouse",
+                    problem,
+                    "fix the [clickhouse] section, or remove url to use the embedded store",
+                )
+            })?;
+        }
         pem_file("tls.ca_file", &self.tls.ca_file, "CERTIFICATE")?;
         pem_file("tls.cert_file", &self.tls.cert_file, "CERTIFICATE")?;
         pem_file("tls.key_file", &self.tls.key_file, "PRIVATE KEY")?;
@@ -239,6 +274,41 @@ impl ServerConfig {
             "hello_timeout_ms",
             to_value(self.hello_timeout_ms),
         );
+        line(
+            &mut out,
+            "With ClickHouse: bytes of acked batches the outbox may hold while ClickHouse is behind (default 1 GiB).",
+            "outbox_max_bytes",
+            to_value(self.outbox_max_bytes),
+        );
+        line(
+            &mut out,
+            "Reach of the in-memory per-node windows, s, rebuilt from the store at start (default 1800).",
+            "window_seconds",
+            i64::from(self.window_seconds).into(),
+        );
+        let ch = &self.clickhouse;
+        out.push_str("\n# ClickHouse telemetry store for fleets; url = \"\" keeps the embedded store (ledger_url).\n[clickhouse]\n");
+        line(&mut out, "HTTP URL, e.g. http://127.0.0.1:8123; empty = off.", "url", ch.url.clone().into());
+        line(&mut out, "Database (created if missing).", "database", ch.database.clone().into());
+        line(&mut out, "User.", "user", ch.user.clone().into());
+        line(
+            &mut out,
+            "Password (set it through GUARDIAN_SERVER_CLICKHOUSE__PASSWORD rather than here).",
+            "password",
+            if ch.password.is_empty() { "" } else { "***" }.into(),
+        );
+        line(
+            &mut out,
+            "Cluster name for ON CLUSTER DDL, Replicated*MergeTree and Distributed tables; empty = one server.",
+            "cluster",
+            ch.cluster.clone().into(),
+        );
+        line(&mut out, "Raw samples kept, days (default 30).", "raw_retention_days", i64::from(ch.raw_retention_days).into());
+        line(&mut out, "1-minute rollups kept, days (default 180).", "rollup_1m_retention_days", i64::from(ch.rollup_1m_retention_days).into());
+        line(&mut out, "1-hour rollups kept, days (default 730).", "rollup_1h_retention_days", i64::from(ch.rollup_1h_retention_days).into());
+        line(&mut out, "An insert goes when this many rows wait (default 50000)...", "insert_max_rows", to_value(ch.insert_max_rows));
+        line(&mut out, "...or when the oldest waiting batch is this old, ms (default 1000).", "insert_max_delay_ms", to_value(ch.insert_max_delay_ms));
+        line(&mut out, "Time allowed for one ClickHouse request, ms (default 10000).", "request_timeout_ms", to_value(ch.request_timeout_ms));
         out.push_str("\n[tls]\n");
         line(
             &mut out,

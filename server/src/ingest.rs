@@ -6,7 +6,8 @@
 //!   refused and recorded in the ledger's security events.
 //! - A malformed or oversized frame ends *that* stream with a clear status; other streams
 //!   are untouched.
-//! - `Ack { through_seq }` is sent only after [`Ledger::commit_batch`] returned; a replayed
+//! - `Ack { through_seq }` is sent only after the group commit holding the batch returned
+//!   (see [`crate::store::commit`]); a replayed
 //!   `(node, seq)` is acked without being stored twice.
 
 use std::collections::HashMap;
@@ -28,6 +29,7 @@ use tracing::Instrument;
 use crate::identity::{NodeId, Peer};
 use crate::metrics::Metrics;
 use crate::registry::Registry;
+use crate::store::commit::{Committer, Job};
 use crate::store::{Commit, Ledger, SecurityEvent};
 use crate::unix_ms;
 
@@ -107,6 +109,7 @@ impl Takeover {
 #[derive(Debug, Clone)]
 pub struct Ingest {
     ledger: Ledger,
+    committer: Committer,
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
     sample_interval_ms: u32,
@@ -123,6 +126,7 @@ impl Ingest {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         ledger: Ledger,
+        committer: Committer,
         registry: Arc<Registry>,
         metrics: Arc<Metrics>,
         sample_interval_ms: u32,
@@ -133,6 +137,7 @@ impl Ingest {
     ) -> Self {
         Self {
             ledger,
+            committer,
             registry,
             metrics,
             sample_interval_ms,
@@ -231,6 +236,7 @@ impl Ingest {
     async fn session(
         self,
         node: NodeId,
+        network: String,
         mut inbound: Streaming<AgentFrame>,
         outbound: mpsc::Sender<Result<ServerFrame, Status>>,
         (generation, cancel, running): (u64, CancellationToken, tokio::sync::OwnedMutexGuard<()>),
@@ -257,12 +263,11 @@ impl Ingest {
                     if let Err(status) = self.validate(&batch) {
                         break Some(self.refuse("malformed_frame", &peer, status).await);
                     }
-                    match self.commit(&node, &batch).await {
+                    let seq = batch.seq;
+                    match self.commit(&node, &network, batch).await {
                         Ok(()) => {
                             let ack = ServerFrame {
-                                frame: Some(server_frame::Frame::Ack(Ack {
-                                    through_seq: batch.seq,
-                                })),
+                                frame: Some(server_frame::Frame::Ack(Ack { through_seq: seq })),
                             };
                             if outbound.send(Ok(ack)).await.is_err() {
                                 break None;
@@ -355,36 +360,36 @@ impl Ingest {
         Ok(())
     }
 
-    async fn commit(&self, node: &NodeId, batch: &SampleBatch) -> Result<(), Status> {
-        let started = std::time::Instant::now();
+    async fn commit(&self, node: &NodeId, network: &str, batch: SampleBatch) -> Result<(), Status> {
         let now = unix_ms();
-        match self.ledger.commit_batch(node, batch, now).await {
+        let seq = batch.seq;
+        let batch = Arc::new(batch);
+        let job = Job {
+            node: node.clone(),
+            network: network.to_owned(),
+            batch: Arc::clone(&batch),
+        };
+        match self.committer.commit(job).await {
             Ok(Commit::Stored { samples }) => {
-                self.metrics
-                    .commit_seconds
-                    .observe(started.elapsed().as_secs_f64());
                 self.metrics.batches_committed.inc();
                 self.metrics.samples_committed.inc_by(samples as u64);
-                self.registry.committed(node, batch, now);
-                tracing::debug!(node = %node, seq = batch.seq, samples, "BatchAcked");
+                self.registry.committed(node, &batch, now);
+                tracing::debug!(node = %node, seq, samples, "BatchAcked");
                 Ok(())
             }
             Ok(Commit::Duplicate) => {
                 self.metrics.batches_duplicate.inc();
-                tracing::debug!(node = %node, seq = batch.seq, "BatchReplayed");
+                tracing::debug!(node = %node, seq, "BatchReplayed");
                 Ok(())
             }
             Err(error) => {
                 self.metrics
                     .store_errors
-                    .get_or_create(&crate::metrics::Reason {
-                        reason: error.kind(),
-                    })
+                    .get_or_create(&crate::metrics::Reason { reason: error.kind })
                     .inc();
-                tracing::error!(node = %node, seq = batch.seq, %error, "StoreFailed");
+                tracing::error!(node = %node, seq, %error, "StoreFailed");
                 Err(Status::unavailable(format!(
-                    "store commit failed, batch {} not acked (the agent resends it)",
-                    batch.seq
+                    "store commit failed, batch {seq} not acked (the agent resends it)"
                 )))
             }
         }
@@ -457,7 +462,13 @@ impl Uplink for Ingest {
         let span = tracing::info_span!("uplink_session", node = %node);
         self.sessions.spawn(
             self.clone()
-                .session(node, inbound, outbound, (generation, cancel, running))
+                .session(
+                    node,
+                    descriptor.network.clone(),
+                    inbound,
+                    outbound,
+                    (generation, cancel, running),
+                )
                 .instrument(span),
         );
         Ok(Response::new(ReceiverStream::new(rx)))

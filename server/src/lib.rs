@@ -13,7 +13,9 @@ pub mod ingest;
 pub mod metrics;
 pub mod pki;
 pub mod registry;
+pub mod sink;
 pub mod store;
+pub mod window;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -90,15 +92,72 @@ pub async fn run(
         .client_ca_root(Certificate::from_pem(read(&config.tls.ca_file)?))
         .client_auth_optional(false);
 
-    let registry = Arc::new(registry::Registry::from_stored(ledger.nodes().await?));
+    let registry = Arc::new(registry::Registry::from_stored(
+        ledger.nodes().await?,
+        config.window_seconds,
+    ));
+    rebuild_windows(&registry, &ledger, &config).await;
     let metrics = Arc::new(metrics::Metrics::default());
     metrics
         .nodes_known
         .set(i64::try_from(registry.len()).unwrap_or(i64::MAX));
     let tasks = TaskTracker::new();
 
+    let telemetry = if config.clickhouse.enabled() {
+        store::commit::Telemetry::Outbox
+    } else {
+        store::commit::Telemetry::Embedded
+    };
+    let outbox = Arc::new(store::commit::OutboxGauge::default());
+    let (pending_batches, pending_bytes) = ledger.outbox_pending().await?;
+    outbox
+        .batches
+        .store(pending_batches, std::sync::atomic::Ordering::Relaxed);
+    outbox
+        .bytes
+        .store(pending_bytes, std::sync::atomic::Ordering::Relaxed);
+    if pending_batches > 0 {
+        if telemetry == store::commit::Telemetry::Outbox {
+            tracing::info!(
+                pending_batches,
+                pending_bytes,
+                "OutboxReplay: batches committed before the restart are still to be inserted into ClickHouse"
+            );
+        } else {
+            tracing::warn!(
+                pending_batches,
+                "the outbox holds batches for ClickHouse but [clickhouse] url is not set; they stay there until it is"
+            );
+        }
+    }
+    let observe: store::commit::GroupObserver = {
+        let metrics = Arc::clone(&metrics);
+        Arc::new(move |batches, seconds| {
+            metrics.commit_seconds.observe(seconds);
+            metrics.commit_group_batches.observe(batches as f64);
+        })
+    };
+    let committer = store::commit::Committer::spawn(
+        ledger.clone(),
+        telemetry,
+        Arc::clone(&outbox),
+        config.outbox_max_bytes,
+        observe,
+        &tasks,
+    );
+    if telemetry == store::commit::Telemetry::Outbox {
+        tasks.spawn(sink::run(
+            ledger.clone(),
+            config.clickhouse.clone(),
+            Arc::clone(&outbox),
+            Arc::clone(&metrics),
+            shutdown.clone(),
+        ));
+    }
+
     let ingest = ingest::Ingest::new(
         ledger.clone(),
+        committer,
         Arc::clone(&registry),
         Arc::clone(&metrics),
         config.sample_interval_ms,
@@ -113,6 +172,7 @@ pub async fn run(
         Arc::clone(&metrics),
         shutdown.clone(),
         tasks.clone(),
+        &config.clickhouse,
     );
     let grpc = Server::builder()
         .tls_config(tls)?
@@ -167,6 +227,58 @@ pub async fn run(
     }
     ledger.close().await;
     outcome.map(|_| ())
+}
+
+/// Refills the per-node windows from the telemetry store (ClickHouse when configured, else
+/// the embedded tables). A store that cannot answer leaves them empty, with a warning: the
+/// server still starts, and the windows fill from live samples.
+async fn rebuild_windows(registry: &registry::Registry, ledger: &Ledger, config: &ServerConfig) {
+    let started = std::time::Instant::now();
+    let since = unix_ms() - registry.window_ms();
+    let rows = if config.clickhouse.enabled() {
+        let fetched = async {
+            let store = store::clickhouse::ClickHouseStore::open(&config.clickhouse).await?;
+            Ok::<_, store::clickhouse::ClickHouseError>((
+                store.recent_host(since).await?,
+                store.recent_chain(since).await?,
+            ))
+        };
+        match tokio::time::timeout(Duration::from_secs(30), fetched).await {
+            Ok(Ok(rows)) => Some(rows),
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "WindowsNotRebuilt: ClickHouse did not answer; windows fill from live samples");
+                None
+            }
+            Err(_) => {
+                tracing::warn!("WindowsNotRebuilt: ClickHouse took over 30 s; windows fill from live samples");
+                None
+            }
+        }
+    } else {
+        let fetched = async {
+            Ok::<_, store::StoreError>((
+                ledger.recent_host(since).await?,
+                ledger.recent_chain(since).await?,
+            ))
+        };
+        match fetched.await {
+            Ok(rows) => Some(rows),
+            Err(error) => {
+                tracing::warn!(%error, "WindowsNotRebuilt: windows fill from live samples");
+                None
+            }
+        }
+    };
+    if let Some((host, chain)) = rows {
+        let rows = host.len() + chain.len();
+        let points = registry.rebuild_windows(host, chain);
+        tracing::info!(
+            rows,
+            points,
+            millis = started.elapsed().as_millis() as u64,
+            "WindowsRebuilt"
+        );
+    }
 }
 
 /// Wall-clock now in Unix milliseconds.

@@ -33,8 +33,26 @@ pub struct Metrics {
     pub streams_active: Gauge,
     /// Nodes known to the registry.
     pub nodes_known: Gauge,
-    /// Time to commit one batch.
+    /// Time to commit one group of batches (one transaction).
     pub commit_seconds: Histogram,
+    /// Batches per group commit.
+    pub commit_group_batches: Histogram,
+    /// Batches waiting in the ClickHouse outbox.
+    pub outbox_batches: Gauge,
+    /// Bytes waiting in the ClickHouse outbox.
+    pub outbox_bytes: Gauge,
+    /// Rows inserted into ClickHouse.
+    pub clickhouse_rows: Counter,
+    /// Rows skipped on replay because ClickHouse already held them.
+    pub clickhouse_rows_skipped: Counter,
+    /// ClickHouse insert failures, by kind.
+    pub clickhouse_errors: Family<Reason, Counter>,
+    /// Time of one ClickHouse insert (every raw table of one chunk).
+    pub clickhouse_insert_seconds: Histogram,
+    /// ClickHouse circuit breaker: 0 closed, 1 open, 2 half-open.
+    pub clickhouse_breaker: Gauge,
+    /// Partitions dropped by retention.
+    pub clickhouse_partitions_dropped: Counter,
 }
 
 impl Default for Metrics {
@@ -49,6 +67,15 @@ impl Default for Metrics {
             streams_active: Gauge::default(),
             nodes_known: Gauge::default(),
             commit_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
+            commit_group_batches: Histogram::new(exponential_buckets(1.0, 2.0, 11)),
+            outbox_batches: Gauge::default(),
+            outbox_bytes: Gauge::default(),
+            clickhouse_rows: Counter::default(),
+            clickhouse_rows_skipped: Counter::default(),
+            clickhouse_errors: Family::default(),
+            clickhouse_insert_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
+            clickhouse_breaker: Gauge::default(),
+            clickhouse_partitions_dropped: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -88,8 +115,53 @@ impl Default for Metrics {
         );
         registry.register(
             "ingest_commit_seconds",
-            "Time to commit one batch",
+            "Time to commit one group of batches (one transaction)",
             metrics.commit_seconds.clone(),
+        );
+        registry.register(
+            "ingest_commit_group_batches",
+            "Batches per group commit",
+            metrics.commit_group_batches.clone(),
+        );
+        registry.register(
+            "outbox_batches",
+            "Batches waiting in the ClickHouse outbox",
+            metrics.outbox_batches.clone(),
+        );
+        registry.register(
+            "outbox_bytes",
+            "Bytes waiting in the ClickHouse outbox",
+            metrics.outbox_bytes.clone(),
+        );
+        registry.register(
+            "clickhouse_rows_inserted",
+            "Rows inserted into ClickHouse",
+            metrics.clickhouse_rows.clone(),
+        );
+        registry.register(
+            "clickhouse_rows_skipped",
+            "Rows skipped on replay because ClickHouse already held them",
+            metrics.clickhouse_rows_skipped.clone(),
+        );
+        registry.register(
+            "clickhouse_errors",
+            "ClickHouse failures, by kind",
+            metrics.clickhouse_errors.clone(),
+        );
+        registry.register(
+            "clickhouse_insert_seconds",
+            "Time of one ClickHouse insert of a chunk",
+            metrics.clickhouse_insert_seconds.clone(),
+        );
+        registry.register(
+            "clickhouse_breaker_state",
+            "ClickHouse circuit breaker: 0 closed, 1 open, 2 half-open",
+            metrics.clickhouse_breaker.clone(),
+        );
+        registry.register(
+            "clickhouse_partitions_dropped",
+            "Partitions dropped by retention",
+            metrics.clickhouse_partitions_dropped.clone(),
         );
         Self {
             registry,

@@ -8,6 +8,8 @@ use guardian_proto::v1::{Node, NodeDescriptor, SampleBatch, sample};
 use tokio::sync::broadcast;
 
 use crate::identity::NodeId;
+use crate::store::telemetry::{ChainValues, HostValues};
+use crate::window::Window;
 
 /// Capacity of the change feed; a watcher that falls this far behind gets a fresh snapshot.
 const EVENT_CAPACITY: usize = 1024;
@@ -17,6 +19,7 @@ const EVENT_CAPACITY: usize = 1024;
 pub struct Registry {
     nodes: RwLock<HashMap<NodeId, Entry>>,
     events: broadcast::Sender<Node>,
+    window_ms: i64,
 }
 
 #[derive(Debug)]
@@ -24,6 +27,23 @@ struct Entry {
     node: Node,
     /// Open streams for this node (a reconnect can overlap the old stream briefly).
     streams: u32,
+    /// The node's recent past.
+    window: Window,
+}
+
+impl Entry {
+    fn new(node: Node, window_ms: i64) -> Self {
+        Self {
+            node,
+            streams: 0,
+            window: Window::new(window_ms),
+        }
+    }
+
+    fn sync_window_figures(&mut self) {
+        self.node.window_points = u32::try_from(self.window.len()).unwrap_or(u32::MAX);
+        self.node.window_oldest_unix_ms = self.window.oldest_unix_ms().unwrap_or(0);
+    }
 }
 
 impl Default for Registry {
@@ -31,23 +51,64 @@ impl Default for Registry {
         Self {
             nodes: RwLock::default(),
             events: broadcast::channel(EVENT_CAPACITY).0,
+            window_ms: 1_800_000,
         }
     }
 }
 
 impl Registry {
-    /// A registry seeded with the nodes stored in the ledger (all disconnected).
-    pub fn from_stored(nodes: Vec<Node>) -> Self {
-        let registry = Self::default();
+    /// A registry seeded with the nodes stored in the ledger (all disconnected), keeping
+    /// `window_seconds` of each node's figures in memory.
+    pub fn from_stored(nodes: Vec<Node>, window_seconds: u32) -> Self {
+        let registry = Self {
+            window_ms: i64::from(window_seconds) * 1000,
+            ..Self::default()
+        };
         {
             let mut map = registry.write();
             for node in nodes {
                 if let Ok(id) = NodeId::parse(&node.node_id) {
-                    map.insert(id, Entry { node, streams: 0 });
+                    map.insert(id, Entry::new(node, registry.window_ms));
                 }
             }
         }
         registry
+    }
+
+    /// How far back windows reach, ms.
+    pub fn window_ms(&self) -> i64 {
+        self.window_ms
+    }
+
+    /// Refills the windows from stored rows (`(node, observed_at, values)`); nodes the
+    /// registry does not know are skipped. Returns the points now held in all.
+    pub fn rebuild_windows(
+        &self,
+        host: Vec<(String, i64, HostValues)>,
+        chain: Vec<(String, i64, ChainValues)>,
+    ) -> usize {
+        let mut map = self.write();
+        for (node, at, values) in host {
+            if let Some(entry) = NodeId::parse(&node).ok().and_then(|id| map.get_mut(&id)) {
+                entry.window.record_host(at, values);
+            }
+        }
+        for (node, at, values) in chain {
+            if let Some(entry) = NodeId::parse(&node).ok().and_then(|id| map.get_mut(&id)) {
+                entry.window.record_chain(at, values);
+            }
+        }
+        let mut total = 0;
+        for entry in map.values_mut() {
+            entry.sync_window_figures();
+            total += entry.window.len();
+        }
+        total
+    }
+
+    /// A copy of one node's window.
+    pub fn window(&self, id: &NodeId) -> Option<Window> {
+        self.read().get(id).map(|e| e.window.clone())
     }
 
     /// A stream for `id` passed Hello.
@@ -78,17 +139,27 @@ impl Registry {
             for sample in &batch.samples {
                 let at = sample.observed_at_unix_ms;
                 match &sample.kind {
-                    Some(sample::Kind::Host(host)) if at >= node.last_host_observed_unix_ms => {
-                        node.last_host = Some(host.clone());
-                        node.last_host_observed_unix_ms = at;
+                    Some(sample::Kind::Host(host)) => {
+                        entry.window.record_host(at, HostValues::of(host));
+                        if at >= node.last_host_observed_unix_ms {
+                            node.last_host = Some(host.clone());
+                            node.last_host_observed_unix_ms = at;
+                        }
                     }
-                    Some(sample::Kind::Chain(chain)) if at >= node.last_chain_observed_unix_ms => {
-                        node.last_chain = Some(chain.clone());
-                        node.last_chain_observed_unix_ms = at;
+                    Some(sample::Kind::Chain(chain)) => {
+                        entry.window.record_chain(at, ChainValues::of(chain));
+                        if at >= node.last_chain_observed_unix_ms {
+                            node.last_chain = Some(chain.clone());
+                            node.last_chain_observed_unix_ms = at;
+                        }
                     }
                     _ => {}
                 }
             }
+            node.spool_dropped_batches_total = node
+                .spool_dropped_batches_total
+                .max(batch.spool_dropped_batches_total);
+            entry.sync_window_figures();
         });
     }
 
@@ -131,13 +202,16 @@ impl Registry {
     fn update(&self, id: &NodeId, now_unix_ms: i64, change: impl FnOnce(&mut Entry)) {
         let snapshot = {
             let mut map = self.write();
-            let entry = map.entry(id.clone()).or_insert_with(|| Entry {
-                node: Node {
-                    node_id: id.to_string(),
-                    first_seen_unix_ms: now_unix_ms,
-                    ..Node::default()
-                },
-                streams: 0,
+            let window_ms = self.window_ms;
+            let entry = map.entry(id.clone()).or_insert_with(|| {
+                Entry::new(
+                    Node {
+                        node_id: id.to_string(),
+                        first_seen_unix_ms: now_unix_ms,
+                        ..Node::default()
+                    },
+                    window_ms,
+                )
             });
             change(entry);
             entry.node.last_seen_unix_ms = entry.node.last_seen_unix_ms.max(now_unix_ms);

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use guardian_proto::v1::fleet_client::FleetClient;
-use guardian_proto::v1::{ListNodesRequest, Node, WatchNodesRequest};
+use guardian_proto::v1::{HistoryRequest, ListNodesRequest, Node, WatchNodesRequest};
 use guardian_server::pki::{self, PkiRequest};
 use guardian_server::unix_ms;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
@@ -32,6 +32,26 @@ enum Command {
     Status {
         #[command(flatten)]
         connection: Connection,
+        /// Output format.
+        #[arg(long, short, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// One node's metric over time, bucketed (from ClickHouse rollups when the range is long).
+    History {
+        #[command(flatten)]
+        connection: Connection,
+        /// The node.
+        #[arg(long)]
+        node: String,
+        /// The metric (cpu_busy_percent, block_lag, head_age_ms, peers, ...; a wrong name lists them).
+        #[arg(long)]
+        metric: String,
+        /// How far back: 90s, 30m, 6h, 7d.
+        #[arg(long, default_value = "1h")]
+        since: String,
+        /// Bucket width in seconds (default: chosen from the range).
+        #[arg(long)]
+        resolution: Option<u32>,
         /// Output format.
         #[arg(long, short, value_enum, default_value_t = Output::Table)]
         output: Output,
@@ -188,6 +208,72 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::History {
+            connection,
+            node,
+            metric,
+            since,
+            resolution,
+            output,
+        } => {
+            let span_ms = parse_span(&since)?;
+            let to = unix_ms();
+            let mut client = connection.client().await?;
+            let history = client
+                .get_history(HistoryRequest {
+                    node_id: node,
+                    metric,
+                    from_unix_ms: to - span_ms,
+                    to_unix_ms: to,
+                    resolution_seconds: resolution.unwrap_or(0),
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            match output {
+                Output::Table => {
+                    println!(
+                        "# {} {} ({}) every {} s from {}: {} buckets",
+                        history.node_id,
+                        history.metric,
+                        history.unit,
+                        history.resolution_seconds,
+                        history.source,
+                        history.points.len()
+                    );
+                    println!("{:<20} {:>14} {:>14} {:>14} {:>7}", "TIME (UTC)", "AVG", "MIN", "MAX", "COUNT");
+                    for p in &history.points {
+                        println!(
+                            "{:<20} {:>14.3} {:>14.3} {:>14.3} {:>7}",
+                            utc(p.start_unix_ms),
+                            p.avg,
+                            p.min,
+                            p.max,
+                            p.count
+                        );
+                    }
+                }
+                Output::Json => {
+                    let points: Vec<_> = history
+                        .points
+                        .iter()
+                        .map(|p| {
+                            serde_json::json!({
+                                "start_unix_ms": p.start_unix_ms, "avg": p.avg,
+                                "min": p.min, "max": p.max, "count": p.count,
+                            })
+                        })
+                        .collect();
+                    let doc = serde_json::json!({
+                        "node_id": history.node_id, "metric": history.metric,
+                        "unit": history.unit, "resolution_seconds": history.resolution_seconds,
+                        "source": history.source, "points": points,
+                    });
+                    println!("{}", serde_json::to_string_pretty(&doc)?);
+                }
+            }
+            Ok(())
+        }
         Command::Watch { connection, count } => {
             let mut client = connection.client().await?;
             let mut events = client
@@ -208,6 +294,48 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// `90s`, `30m`, `6h`, `7d` in milliseconds.
+fn parse_span(text: &str) -> anyhow::Result<i64> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: i64 = number
+        .parse()
+        .with_context(|| format!("--since {text:?}: expected a number and a unit, e.g. 30m, 6h, 7d"))?;
+    let unit_ms = match unit {
+        "s" => 1000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => bail!("--since {text:?}: unit must be s, m, h or d (e.g. 30m, 6h, 7d)"),
+    };
+    if number <= 0 {
+        bail!("--since {text:?}: must be more than zero");
+    }
+    Ok(number.saturating_mul(unit_ms))
+}
+
+/// `YYYY-MM-DD HH:MM:SS` in UTC (civil-from-days, no time zone database needed).
+fn utc(unix_ms: i64) -> String {
+    let secs = unix_ms.div_euclid(1000);
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 fn status_error(status: tonic::Status) -> anyhow::Error {
@@ -458,4 +586,19 @@ fn chrono_like(unix_ms: i64) -> String {
         day_ms / 1000 % 60,
         day_ms % 1000
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spans_and_utc_times_read_as_operators_write_them() {
+        assert_eq!(parse_span("90s").ok(), Some(90_000));
+        assert_eq!(parse_span("7d").ok(), Some(604_800_000));
+        assert!(parse_span("5w").is_err());
+        assert!(parse_span("h").is_err());
+        assert_eq!(utc(0), "1970-01-01 00:00:00");
+        assert_eq!(utc(1_796_000_000_000), "2026-11-29 05:33:20");
+    }
 }

@@ -8,13 +8,15 @@
 //! - Migrations are embedded in the binary and applied at open.
 
 pub mod clickhouse;
+pub mod commit;
+pub mod queries;
 pub mod telemetry;
 
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
-use guardian_proto::v1::{HostSample, Node, NodeDescriptor, SampleBatch, sample};
+use guardian_proto::v1::{HostSample, Node, NodeDescriptor, SampleBatch};
 use prost::Message;
 use sqlx::any::{AnyPoolOptions, install_default_drivers};
 use sqlx::{AnyPool, Row};
@@ -232,7 +234,8 @@ impl Ledger {
         Ok(u64::try_from(seq).unwrap_or(0))
     }
 
-    /// Stores one batch atomically, at most once per `(node, seq)`.
+    /// Stores one batch atomically in the embedded tables, at most once per `(node, seq)`
+    /// (a group of one: see [`commit::Committer`] for the path ingest uses).
     ///
     /// # Errors
     /// [`StoreError::Query`]; nothing is stored then, and the batch must not be acked.
@@ -242,96 +245,15 @@ impl Ledger {
         batch: &SampleBatch,
         now_unix_ms: i64,
     ) -> Result<Commit, StoreError> {
-        let seq = to_i64(batch.seq);
-        let mut tx = self.pool.begin().await?;
-        let inserted = sqlx::query(
-            "INSERT INTO batches (node_id, seq, received_at_unix_ms, sample_count) VALUES ($1, $2, $3, $4)
-             ON CONFLICT (node_id, seq) DO NOTHING",
-        )
-        .bind(node.as_str())
-        .bind(seq)
-        .bind(now_unix_ms)
-        .bind(to_i64(batch.samples.len() as u64))
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if inserted == 0 {
-            tx.rollback().await?;
-            return Ok(Commit::Duplicate);
-        }
-        let mut newest_host: Option<(&HostSample, i64)> = None;
-        for (idx, sample) in batch.samples.iter().enumerate() {
-            let idx = to_i64(idx as u64);
-            match &sample.kind {
-                Some(sample::Kind::Host(host)) => {
-                    insert_host(&mut tx, node, seq, idx, sample.observed_at_unix_ms, host).await?;
-                    if newest_host.is_none_or(|(_, at)| sample.observed_at_unix_ms >= at) {
-                        newest_host = Some((host, sample.observed_at_unix_ms));
-                    }
-                }
-                Some(sample::Kind::Unavailable(why)) => {
-                    sqlx::query(
-                        "INSERT INTO unavailable_samples (node_id, seq, idx, observed_at_unix_ms, sampler, reason)
-                         VALUES ($1, $2, $3, $4, $5, $6)",
-                    )
-                    .bind(node.as_str())
-                    .bind(seq)
-                    .bind(idx)
-                    .bind(sample.observed_at_unix_ms)
-                    .bind(&why.sampler)
-                    .bind(&why.reason)
-                    .execute(&mut *tx)
-                    .await?;
-                }
-                Some(other) => {
-                    let kind = match other {
-                        sample::Kind::Chain(_) => "chain",
-                        sample::Kind::Gpu(_) => "gpu",
-                        sample::Kind::Keystore(_) => "keystore",
-                        sample::Kind::Host(_) | sample::Kind::Unavailable(_) => "other",
-                    };
-                    sqlx::query(
-                        "INSERT INTO kind_samples (node_id, seq, idx, kind, observed_at_unix_ms, sample)
-                         VALUES ($1, $2, $3, $4, $5, $6)",
-                    )
-                    .bind(node.as_str())
-                    .bind(seq)
-                    .bind(idx)
-                    .bind(kind)
-                    .bind(sample.observed_at_unix_ms)
-                    .bind(sample.encode_to_vec())
-                    .execute(&mut *tx)
-                    .await?;
-                }
-                // Ingest rejects kind-less samples before they get here.
-                None => {}
-            }
-        }
-        sqlx::query(
-            "UPDATE nodes SET last_seen_unix_ms = $2,
-                 last_stored_seq = CASE WHEN last_stored_seq < $3 THEN $3 ELSE last_stored_seq END
-             WHERE node_id = $1",
-        )
-        .bind(node.as_str())
-        .bind(now_unix_ms)
-        .bind(seq)
-        .execute(&mut *tx)
-        .await?;
-        if let Some((host, at)) = newest_host {
-            sqlx::query(
-                "UPDATE nodes SET last_host = $2, last_host_observed_unix_ms = $3
-                 WHERE node_id = $1 AND last_host_observed_unix_ms <= $3",
-            )
-            .bind(node.as_str())
-            .bind(host.encode_to_vec())
-            .bind(at)
-            .execute(&mut *tx)
+        let job = commit::Job {
+            node: node.clone(),
+            network: String::new(),
+            batch: std::sync::Arc::new(batch.clone()),
+        };
+        let mut outcome = self
+            .commit_group(&[job], commit::Telemetry::Embedded, now_unix_ms)
             .await?;
-        }
-        tx.commit().await?;
-        Ok(Commit::Stored {
-            samples: batch.samples.len(),
-        })
+        Ok(outcome.remove(0).0)
     }
 
     /// Records a refused stream or call.
@@ -380,7 +302,7 @@ impl Ledger {
     pub async fn nodes(&self) -> Result<Vec<Node>, StoreError> {
         let rows = sqlx::query(
             "SELECT node_id, hostname, agent_version, network, first_seen_unix_ms, last_seen_unix_ms,
-                    last_stored_seq, last_host, last_host_observed_unix_ms
+                    last_stored_seq, last_host, last_host_observed_unix_ms, spool_dropped_batches_total
              FROM nodes ORDER BY node_id",
         )
         .fetch_all(&self.pool)
@@ -410,7 +332,11 @@ impl Ledger {
                     // Chain figures live in memory only; the next sample restores them.
                     last_chain: None,
                     last_chain_observed_unix_ms: 0,
-                    spool_dropped_batches_total: 0,
+                    spool_dropped_batches_total: u64::try_from(row.try_get::<i64, _>(9)?)
+                        .unwrap_or(0),
+                    // The registry fills these from its windows.
+                    window_points: 0,
+                    window_oldest_unix_ms: 0,
                 })
             })
             .collect()
@@ -458,57 +384,6 @@ impl Ledger {
     pub async fn close(&self) {
         self.pool.close().await;
     }
-}
-
-async fn insert_host(
-    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
-    node: &NodeId,
-    seq: i64,
-    idx: i64,
-    observed_at_unix_ms: i64,
-    host: &HostSample,
-) -> Result<(), StoreError> {
-    let max =
-        |f: fn(&guardian_proto::v1::DiskIo) -> f64| host.disks.iter().map(f).fold(0.0, f64::max);
-    let net_errors: u64 = host
-        .networks
-        .iter()
-        .map(|n| n.rx_errors_total.saturating_add(n.tx_errors_total))
-        .sum();
-    sqlx::query(
-        "INSERT INTO host_samples (node_id, seq, idx, observed_at_unix_ms, cpu_busy_percent, cpu_iowait_percent,
-             mem_total_bytes, mem_available_bytes, load_avg_1m, cpu_psi_some_avg10_percent,
-             memory_psi_full_avg10_percent, io_psi_full_avg10_percent, chain_data_used_percent,
-             chain_data_available_bytes, disk_read_latency_ms_max, disk_write_latency_ms_max,
-             disk_utilisation_percent_max, net_rx_bytes_per_second, net_tx_bytes_per_second,
-             net_errors_total, oom_kills_total, sample)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22)",
-    )
-    .bind(node.as_str())
-    .bind(seq)
-    .bind(idx)
-    .bind(observed_at_unix_ms)
-    .bind(host.cpu_busy_percent)
-    .bind(host.cpu_iowait_percent)
-    .bind(to_i64(host.mem_total_bytes))
-    .bind(to_i64(host.mem_available_bytes))
-    .bind(host.load_avg_1m)
-    .bind(host.cpu_pressure.as_ref().map(|p| p.some_avg10_percent))
-    .bind(host.memory_pressure.as_ref().map(|p| p.full_avg10_percent))
-    .bind(host.io_pressure.as_ref().map(|p| p.full_avg10_percent))
-    .bind(host.chain_data.as_ref().map(|f| f.used_percent))
-    .bind(host.chain_data.as_ref().map(|f| to_i64(f.available_bytes)))
-    .bind(max(|d| d.read_latency_ms))
-    .bind(max(|d| d.write_latency_ms))
-    .bind(max(|d| d.utilisation_percent))
-    .bind(host.networks.iter().map(|n| n.rx_bytes_per_second).sum::<f64>())
-    .bind(host.networks.iter().map(|n| n.tx_bytes_per_second).sum::<f64>())
-    .bind(to_i64(net_errors))
-    .bind(to_i64(host.oom_kills_total))
-    .bind(host.encode_to_vec())
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
 }
 
 /// SQL BIGINT is signed; counters beyond i64::MAX saturate rather than wrap.
@@ -604,7 +479,7 @@ mod tests {
             seq: 7,
             samples: vec![guardian_proto::v1::Sample {
                 observed_at_unix_ms: 5,
-                kind: Some(sample::Kind::Host(HostSample {
+                kind: Some(guardian_proto::v1::sample::Kind::Host(HostSample {
                     cpu_count: 2,
                     ..Default::default()
                 })),

@@ -1,0 +1,339 @@
+//! The ClickHouse sink: drains the durable outbox into ClickHouse in commit order, behind a
+//! circuit breaker, and applies retention on a schedule.
+//!
+//! # Guarantees
+//! - An outbox batch is deleted only after every raw table holds its rows.
+//! - Exactly once per table: after any failure (and at start) the sink asks ClickHouse what
+//!   it already holds ([`ClickHouseStore::high_water`]) and skips those rows, so an insert
+//!   that landed although its answer was lost is not repeated.
+//! - While ClickHouse is down, batches stay in the outbox (acked, durable); the breaker
+//!   spaces out probes; when ClickHouse returns, the backlog is replayed in order with
+//!   progress in the log (`OutboxReplay`) and in `guardian_outbox_*` metrics.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::{Metrics, Reason};
+use crate::store::Ledger;
+use crate::store::clickhouse::{ClickHouseSettings, ClickHouseStore, HighWater};
+use crate::store::commit::OutboxGauge;
+
+/// Consecutive failures that open the breaker.
+const TRIP_AFTER: u32 = 3;
+/// First open period; doubles up to [`MAX_OPEN`].
+const FIRST_OPEN: Duration = Duration::from_millis(500);
+/// Longest open period.
+const MAX_OPEN: Duration = Duration::from_secs(15);
+/// How often retention runs.
+const RETENTION_EVERY: Duration = Duration::from_secs(3600);
+/// Most batches read from the outbox per chunk.
+const MAX_CHUNK_BATCHES: usize = 20_000;
+
+/// Circuit breaker state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Breaker {
+    /// Inserting normally.
+    Closed,
+    /// Not trying until the instant.
+    Open(Instant),
+    /// One probe allowed.
+    HalfOpen,
+}
+
+/// The breaker's bookkeeping, separate from IO so it can be tested alone.
+#[derive(Debug)]
+pub struct CircuitBreaker {
+    state: Breaker,
+    failures: u32,
+    open_for: Duration,
+}
+
+impl Default for CircuitBreaker {
+    fn default() -> Self {
+        Self {
+            state: Breaker::Closed,
+            failures: 0,
+            open_for: FIRST_OPEN,
+        }
+    }
+}
+
+impl CircuitBreaker {
+    /// How long to wait before the next attempt (zero when one may go now).
+    pub fn wait(&mut self, now: Instant) -> Duration {
+        match self.state {
+            Breaker::Open(until) if now < until => until - now,
+            Breaker::Open(_) => {
+                self.state = Breaker::HalfOpen;
+                Duration::ZERO
+            }
+            _ => Duration::ZERO,
+        }
+    }
+
+    /// An attempt succeeded. Returns true when this closed an open breaker.
+    pub fn success(&mut self) -> bool {
+        let recovered = self.state != Breaker::Closed;
+        self.state = Breaker::Closed;
+        self.failures = 0;
+        self.open_for = FIRST_OPEN;
+        recovered
+    }
+
+    /// An attempt failed. Returns true when this opened the breaker.
+    pub fn failure(&mut self, now: Instant) -> bool {
+        self.failures = self.failures.saturating_add(1);
+        match self.state {
+            Breaker::HalfOpen => {
+                self.open_for = (self.open_for * 2).min(MAX_OPEN);
+                self.state = Breaker::Open(now + self.open_for);
+                false
+            }
+            Breaker::Closed if self.failures >= TRIP_AFTER => {
+                self.state = Breaker::Open(now + self.open_for);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The state now.
+    pub fn state(&self) -> Breaker {
+        self.state
+    }
+
+    fn gauge(&self) -> i64 {
+        match self.state {
+            Breaker::Closed => 0,
+            Breaker::Open(_) => 1,
+            Breaker::HalfOpen => 2,
+        }
+    }
+}
+
+/// Runs the sink until `shutdown`; a chunk in flight is finished first.
+pub async fn run(
+    ledger: Ledger,
+    settings: ClickHouseSettings,
+    outbox: Arc<OutboxGauge>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    let mut breaker = CircuitBreaker::default();
+    let mut store: Option<ClickHouseStore> = None;
+    let mut high: Option<HighWater> = None;
+    // Highest outbox id delivered to every table (valid while `high` is).
+    let mut cursor = 0u64;
+    let mut last_retention: Option<Instant> = None;
+    let mut last_progress = Instant::now();
+    let mut replaying = false;
+    let max_rows = settings.insert_max_rows.max(1);
+    let max_delay = Duration::from_millis(settings.insert_max_delay_ms);
+    loop {
+        metrics.clickhouse_breaker.set(breaker.gauge());
+        metrics
+            .outbox_batches
+            .set(i64::try_from(outbox.batches.load(Ordering::Relaxed)).unwrap_or(i64::MAX));
+        metrics
+            .outbox_bytes
+            .set(i64::try_from(outbox.bytes.load(Ordering::Relaxed)).unwrap_or(i64::MAX));
+        let wait = breaker.wait(Instant::now());
+        if !wait.is_zero() {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(wait) => continue,
+            }
+        }
+        let attempt = async {
+            let current = match &store {
+                Some(store) => store.clone(),
+                None => {
+                    let opened = ClickHouseStore::open(&settings).await?;
+                    tracing::info!(
+                        url = settings.url,
+                        database = settings.database,
+                        version = opened.server_version(),
+                        ttl = opened.supports_ttl(),
+                        "ClickHouseReady"
+                    );
+                    store = Some(opened.clone());
+                    opened
+                }
+            };
+            let known = match &mut high {
+                Some(known) => known,
+                None => {
+                    let fresh = current.high_water().await?;
+                    cursor = fresh.min();
+                    high.insert(fresh)
+                }
+            };
+            if last_retention.is_none_or(|at| at.elapsed() >= RETENTION_EVERY) {
+                last_retention = Some(Instant::now());
+                let dropped = current.drop_expired(crate::unix_ms()).await?;
+                if !dropped.is_empty() {
+                    metrics
+                        .clickhouse_partitions_dropped
+                        .inc_by(dropped.len() as u64);
+                    tracing::info!(?dropped, "RetentionDroppedPartitions");
+                }
+            }
+            let chunk = ledger
+                .outbox_read(cursor, MAX_CHUNK_BATCHES, max_rows)
+                .await
+                .map_err(SinkError::Ledger)?;
+            let Some(last) = chunk.last() else {
+                return Ok::<_, SinkError>(Step::Idle);
+            };
+            let samples: usize = chunk.iter().map(|b| b.batch.samples.len()).sum();
+            // Time trigger: a small chunk waits until its oldest batch is max_delay old.
+            let age = crate::unix_ms().saturating_sub(chunk[0].received_at_unix_ms);
+            let age = Duration::from_millis(u64::try_from(age).unwrap_or(0));
+            if samples < max_rows && age < max_delay && !shutdown.is_cancelled() {
+                return Ok(Step::Wait(max_delay - age));
+            }
+            let last_id = last.outbox_id;
+            let started = Instant::now();
+            let stats = current.insert(&chunk, known).await?;
+            metrics
+                .clickhouse_insert_seconds
+                .observe(started.elapsed().as_secs_f64());
+            metrics.clickhouse_rows.inc_by(stats.rows as u64);
+            metrics
+                .clickhouse_rows_skipped
+                .inc_by(stats.skipped_rows as u64);
+            cursor = last_id;
+            let (batches, bytes) = ledger
+                .outbox_delete_through(last_id)
+                .await
+                .map_err(SinkError::Ledger)?;
+            outbox.remove(batches, bytes);
+            Ok(Step::Inserted {
+                batches: chunk.len(),
+                rows: stats.rows,
+            })
+        };
+        match attempt.await {
+            Ok(step) => {
+                if breaker.success() {
+                    tracing::info!(
+                        pending_batches = outbox.batches.load(Ordering::Relaxed),
+                        "ClickHouseRecovered: replaying the outbox in order"
+                    );
+                    replaying = true;
+                }
+                match step {
+                    Step::Idle => {
+                        if replaying {
+                            tracing::info!("OutboxReplay complete: ClickHouse is up to date");
+                            replaying = false;
+                        }
+                        if shutdown.is_cancelled() {
+                            return;
+                        }
+                        tokio::select! {
+                            () = shutdown.cancelled() => {}
+                            () = outbox.added.notified() => {}
+                            () = tokio::time::sleep(max_delay.max(Duration::from_millis(50))) => {}
+                        }
+                    }
+                    Step::Wait(delay) => {
+                        tokio::select! {
+                            () = shutdown.cancelled() => {}
+                            () = tokio::time::sleep(delay) => {}
+                        }
+                    }
+                    Step::Inserted { batches, rows } => {
+                        tracing::debug!(batches, rows, "ClickHouseInserted");
+                        if replaying && last_progress.elapsed() >= Duration::from_secs(5) {
+                            last_progress = Instant::now();
+                            tracing::info!(
+                                remaining_batches = outbox.batches.load(Ordering::Relaxed),
+                                remaining_bytes = outbox.bytes.load(Ordering::Relaxed),
+                                "OutboxReplay in progress"
+                            );
+                        }
+                    }
+                }
+            }
+            Err(error) => {
+                metrics
+                    .clickhouse_errors
+                    .get_or_create(&Reason {
+                        reason: error.kind(),
+                    })
+                    .inc();
+                // What landed is unknown now: ask ClickHouse again before the next insert.
+                high = None;
+                if matches!(error, SinkError::ClickHouse(_)) {
+                    store = None;
+                }
+                let opened = breaker.failure(Instant::now());
+                let pending = outbox.batches.load(Ordering::Relaxed);
+                if opened {
+                    tracing::error!(%error, pending_batches = pending, "ClickHouseUnavailable: breaker open; batches stay in the outbox");
+                } else if breaker.state() == Breaker::Closed {
+                    tracing::warn!(%error, pending_batches = pending, "ClickHouseInsertFailed: retrying");
+                } else {
+                    tracing::debug!(%error, pending_batches = pending, "ClickHouse probe failed");
+                }
+                if shutdown.is_cancelled() {
+                    return;
+                }
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(Duration::from_millis(200)) => {}
+                }
+            }
+        }
+    }
+}
+
+enum Step {
+    Idle,
+    Wait(Duration),
+    Inserted { batches: usize, rows: usize },
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SinkError {
+    #[error(transparent)]
+    ClickHouse(#[from] crate::store::clickhouse::ClickHouseError),
+    #[error("outbox: {0}")]
+    Ledger(crate::store::StoreError),
+}
+
+impl SinkError {
+    fn kind(&self) -> &'static str {
+        match self {
+            Self::ClickHouse(error) => error.kind(),
+            Self::Ledger(error) => error.kind(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_breaker_opens_after_repeated_failures_and_probes_once() {
+        let mut breaker = CircuitBreaker::default();
+        let now = Instant::now();
+        assert!(!breaker.failure(now));
+        assert!(!breaker.failure(now));
+        assert!(breaker.failure(now), "third failure opens");
+        assert!(breaker.wait(now) > Duration::ZERO);
+        let later = now + FIRST_OPEN;
+        assert_eq!(breaker.wait(later), Duration::ZERO);
+        assert_eq!(breaker.state(), Breaker::HalfOpen);
+        assert!(!breaker.failure(later), "a failed probe re-opens, longer");
+        assert!(breaker.wait(later) > FIRST_OPEN);
+        assert_eq!(breaker.wait(later + MAX_OPEN), Duration::ZERO);
+        assert!(breaker.success(), "a good probe closes it");
+        assert_eq!(breaker.state(), Breaker::Closed);
+    }
+}
