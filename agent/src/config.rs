@@ -33,8 +33,11 @@ pub struct AgentConfig {
     pub keystore_path: PathBuf,
     /// Sample NVIDIA GPUs through NVML (reports "unavailable" on hosts without a driver).
     pub gpu: bool,
-    /// Batches kept while the server is unreachable; beyond it the oldest are dropped and counted.
-    pub max_pending_batches: usize,
+    /// Folder of the on-disk spool (batches awaiting the server's ack); one agent per folder.
+    pub spool_dir: PathBuf,
+    /// Bytes of batches the spool keeps while the server is unreachable; beyond it the
+    /// oldest are dropped and counted.
+    pub spool_max_bytes: u64,
     /// The local subtensor node and the validator's on-chain standing.
     pub chain: ChainConfig,
     /// Reconnect backoff.
@@ -111,7 +114,8 @@ impl Default for AgentConfig {
             proc_root: PathBuf::from("/proc"),
             keystore_path: PathBuf::new(),
             gpu: true,
-            max_pending_batches: 3600,
+            spool_dir: PathBuf::from("/var/lib/guardian-agent/spool"),
+            spool_max_bytes: 256 << 20,
             chain: ChainConfig::default(),
             reconnect: Reconnect::default(),
             tls: AgentTls::default(),
@@ -252,11 +256,22 @@ impl AgentConfig {
                 "point it at a procfs mount (default /proc)",
             ));
         }
-        if self.max_pending_batches == 0 {
+        if self.spool_dir.as_os_str().is_empty() {
             return Err(ConfigError::new(
-                "max_pending_batches",
-                "0 would drop every batch while the server is away",
-                "use at least 1 (default 3600: an hour at 1 Hz)",
+                "spool_dir",
+                "is empty",
+                "give a folder only this agent writes (default /var/lib/guardian-agent/spool)",
+            ));
+        }
+        if self.spool_max_bytes < crate::spool::MIN_MAX_BYTES {
+            return Err(ConfigError::new(
+                "spool_max_bytes",
+                format!(
+                    "{} is below 1 MiB ({} bytes)",
+                    self.spool_max_bytes,
+                    crate::spool::MIN_MAX_BYTES
+                ),
+                "use at least 1048576 (default 268435456, 256 MiB)",
             ));
         }
         if self.reconnect.initial_ms == 0 || self.reconnect.initial_ms > self.reconnect.max_ms {
@@ -381,9 +396,15 @@ impl AgentConfig {
         );
         line(
             &mut out,
-            "Batches kept while the server is away; beyond it the oldest are dropped and counted (default 3600).",
-            "max_pending_batches",
-            int(self.max_pending_batches as u64),
+            "Folder of the on-disk spool of batches awaiting the server's ack; one agent per folder (default /var/lib/guardian-agent/spool).",
+            "spool_dir",
+            path(&self.spool_dir),
+        );
+        line(
+            &mut out,
+            "Bytes the spool keeps while the server is away; beyond it the oldest batches are dropped and counted; at least 1 MiB (default 268435456).",
+            "spool_max_bytes",
+            int(self.spool_max_bytes),
         );
         out.push_str("\n[chain]\n");
         line(
@@ -516,6 +537,8 @@ mod tests {
         let config = AgentConfig {
             node_id: "n1".into(),
             sample_interval_ms: 250,
+            spool_dir: dir.path().join("spool"),
+            spool_max_bytes: 2 << 20,
             ..AgentConfig::default()
         };
         std::fs::write(&file, config.documented_toml()).expect("write");

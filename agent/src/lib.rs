@@ -2,7 +2,7 @@
 //! over mTLS, keeping every batch until the server acks it.
 //!
 //! Modules in data-flow order: [`sample`] (one sampler per source) -> [`spool`] (numbered
-//! batches awaiting ack) -> [`uplink`] (the mTLS stream); plus [`config`].
+//! batches on disk awaiting ack) -> [`uplink`] (the mTLS stream); plus [`config`].
 
 pub mod config;
 pub mod sample;
@@ -26,8 +26,9 @@ use crate::uplink::Shared;
 /// How long shutdown waits for the sampling loop and the uplink.
 const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(5);
 
-/// Runs the agent until `shutdown` is cancelled.
-pub async fn run(config: AgentConfig, shutdown: CancellationToken) {
+/// Runs the agent until `shutdown` is cancelled, with `spool` (opened by the caller, see
+/// [`Spool::open`], so a spool that cannot be opened stops the agent before it starts).
+pub async fn run(config: AgentConfig, spool: Spool, shutdown: CancellationToken) {
     let tasks = TaskTracker::new();
     let mut samplers: Vec<Box<dyn Sampler>> = vec![Box::new(sample::host::HostSampler::new(
         config.proc_root.clone(),
@@ -69,7 +70,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) {
         kernel_release: read_trimmed("/proc/sys/kernel/osrelease"),
     };
     let shared = Arc::new(Shared {
-        spool: Mutex::new(Spool::new(config.max_pending_batches)),
+        spool: Mutex::new(spool),
         queued: Notify::new(),
         interval_ms: watch::channel(config.sample_interval_ms).0,
     });
@@ -115,12 +116,8 @@ async fn sample_loop(
             .iter_mut()
             .map(|sampler| sample::take(sampler.as_mut(), now))
             .collect();
-        if let Some(dropped_total) = shared.spool().push(samples) {
-            tracing::warn!(
-                dropped_total,
-                "SpoolBatchesDropped: spool full while the server is unreachable; oldest batch dropped"
-            );
-        }
+        // The spool logs drops and I/O failures itself (rate-limited, with counts).
+        let _ = shared.spool().push(samples);
         shared.queued.notify_one();
     }
 }

@@ -8,6 +8,7 @@ use clap::Parser;
 use figment::Figment;
 use figment::providers::Serialized;
 use guardian_agent::config::{AgentConfig, EXIT_CONFIG};
+use guardian_agent::spool::Spool;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
@@ -86,6 +87,16 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    // Opened before anything runs: without a spool no batch could be kept, and a second
+    // agent on the same folder would corrupt the numbering. Exit 1 (not 64): the config is
+    // valid, the folder is unusable right now (permissions, disk, another agent).
+    let spool = match Spool::open(&config.spool_dir, config.spool_max_bytes) {
+        Ok(spool) => spool,
+        Err(error) => {
+            eprintln!("guardian-agent: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -103,7 +114,7 @@ fn main() -> ExitCode {
             server = config.server_url,
             "guardian-agent starting"
         );
-        let agent = guardian_agent::run(config, shutdown.clone());
+        let agent = guardian_agent::run(config, spool, shutdown.clone());
         tokio::pin!(agent);
         tokio::select! {
             () = &mut agent => {}

@@ -3,7 +3,8 @@
 //!
 //! # Guarantees
 //! - After each (re)connect every unacked batch is sent again, with its original seq.
-//! - Nothing is removed from the spool except by an ack (see [`crate::spool`]).
+//! - Nothing is removed from the spool except by an ack or a counted drop (see
+//!   [`crate::spool`]); every batch carries the spool's drop counter.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -19,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::config::AgentConfig;
-use crate::spool::Spool;
+use crate::spool::{self, Spool};
 
 /// Most batches sent but not yet acked on one stream.
 const IN_FLIGHT_WINDOW: usize = 256;
@@ -244,9 +245,8 @@ async fn session(
             usize::try_from(sent_through.saturating_sub(acked_through)).unwrap_or(usize::MAX);
         let room = IN_FLIGHT_WINDOW.saturating_sub(in_flight);
         if room > 0 {
-            let batches = shared
-                .spool()
-                .batches_after(sent_through.max(acked_through), room);
+            // Files are read with the spool unlocked: the sampler is not held up.
+            let batches = spool::read_after(&shared.spool, sent_through.max(acked_through), room);
             for batch in batches {
                 let seq = batch.seq;
                 let frame = AgentFrame {

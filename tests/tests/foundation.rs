@@ -669,13 +669,9 @@ async fn an_agent_killed_and_restarted_continues_the_numbering_without_collision
     wait_for_batches(&scratch, &server, "val-1", killed_at + 10).await?;
     assert_eq!(second.terminate()?, Some(0));
 
-    let metrics = reqwest_like_get(server.admin, "/metrics").await?;
-    assert!(
-        metrics
-            .lines()
-            .any(|l| l == "guardian_ingest_batches_duplicate_total 0"),
-        "a restarted agent must not reuse a stored seq: {metrics}"
-    );
+    // A kill between the server's commit and the agent's file delete makes the restarted
+    // agent resend that batch: acked as a duplicate, stored once. What must not happen is a
+    // reused seq carrying new data, which would show as a gap below.
     let ledger = Ledger::open(&scratch.sqlite_url()).await?;
     let (batches, distinct, host_samples) = ledger.counts(&NodeId::parse("val-1")?).await?;
     let last = last_seq(&scratch, &server, "val-1").await.unwrap_or(0);

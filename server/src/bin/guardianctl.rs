@@ -599,6 +599,6 @@ mod tests {
         assert!(parse_span("5w").is_err());
         assert!(parse_span("h").is_err());
         assert_eq!(utc(0), "1970-01-01 00:00:00");
-        assert_eq!(utc(1_796_000_000_000), "2026-11-29 05:33:20");
+        assert_eq!(utc(1_796_000_000_000), "2026-11-30 00:53:20");
     }
 }
