@@ -5,7 +5,9 @@
 //! Binaries are taken from the workspace's target folder; the README's test command builds
 //! them first (`cargo build --workspace --bins`).
 
+pub mod clickhouse;
 pub mod fake_node;
+pub mod proxy;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -132,9 +134,18 @@ impl Scratch {
         } else {
             "[chain]\nenabled = false\n"
         };
+        // Each node's spool lives in the scratch folder (one per node: the spool is locked).
+        let spool = if extra.contains("spool_dir") {
+            String::new()
+        } else {
+            format!(
+                "spool_dir = \"{}\"\n",
+                self.path(&format!("spool-{node}")).display()
+            )
+        };
         let text = format!(
             "node_id = \"{node}\"\nnetwork = \"local\"\nserver_url = \"https://{server}\"\nsample_interval_ms = {interval_ms}\n\
-             chain_data_path = \"{}\"\n{extra}\n{chain_off}[reconnect]\ninitial_ms = 100\nmax_ms = 1000\n\
+             chain_data_path = \"{}\"\n{spool}{extra}\n{chain_off}[reconnect]\ninitial_ms = 100\nmax_ms = 1000\n\
              [tls]\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
             chain.display(),
             self.pki.ca().display(),
