@@ -178,6 +178,29 @@ async fn opening_twice_applies_each_migration_once() -> TestResult {
     }
     assert_eq!(tables.lines().filter(|l| l.starts_with("mv_")).count(), 6);
     assert_eq!(again.high_water().await?.min(), 0);
+
+    // Refusals name the server and never the password.
+    let wrong = ClickHouseSettings {
+        password: "hunter2".into(),
+        ..settings(&ch)
+    };
+    let err = ClickHouseStore::open(&wrong)
+        .await
+        .expect_err("wrong password");
+    assert_eq!(err.kind(), "server", "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains(&ch.url()) && !text.contains("hunter2"),
+        "{text}"
+    );
+    let nowhere = ClickHouseSettings {
+        url: "http://127.0.0.1:1".into(),
+        ..settings(&ch)
+    };
+    let err = ClickHouseStore::open(&nowhere)
+        .await
+        .expect_err("nothing listens");
+    assert_eq!(err.kind(), "unreachable", "{err}");
     Ok(())
 }
 

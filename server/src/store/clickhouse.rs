@@ -612,7 +612,7 @@ impl<'a> UnavailableRow<'a> {
     }
 }
 
-/// The value columns of a raw table, by its index in [`RAW_TABLES`].
+/// The value columns of a raw table, by name (after the [`COMMON_COLUMNS`]).
 fn value_columns(table: &str) -> &'static [(&'static str, &'static str)] {
     match table {
         "host_samples" => HOST_COLUMNS,
