@@ -9,7 +9,8 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use guardian_proto::v1::fleet_server::Fleet;
 use guardian_proto::v1::{
-    GetNodeRequest, HistoryPoint, HistoryRequest, HistoryResponse, ListNodesRequest, ListNodesResponse, Node, NodeEvent, WatchNodesRequest,
+    GetNodeRequest, HistoryPoint, HistoryRequest, HistoryResponse, ListNodesRequest,
+    ListNodesResponse, Node, NodeEvent, WatchNodesRequest,
 };
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
@@ -139,7 +140,8 @@ impl Fleet for FleetApi {
     ) -> Result<Response<HistoryResponse>, Status> {
         self.authorize(&request, "GetHistory").await?;
         let request = request.into_inner();
-        let id = NodeId::parse(&request.node_id).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let id =
+            NodeId::parse(&request.node_id).map_err(|e| Status::invalid_argument(e.to_string()))?;
         if self.registry.get(&id).is_none() {
             return Err(Status::not_found(format!(
                 "no node {:?} has ever connected",
@@ -151,8 +153,16 @@ impl Fleet for FleetApi {
                 telemetry::HistoryError::UnknownMetric(request.metric.clone()).to_string(),
             )
         })?;
-        let to = if request.to_unix_ms == 0 { unix_ms() } else { request.to_unix_ms };
-        let from = if request.from_unix_ms == 0 { to - 3_600_000 } else { request.from_unix_ms };
+        let to = if request.to_unix_ms == 0 {
+            unix_ms()
+        } else {
+            request.to_unix_ms
+        };
+        let from = if request.from_unix_ms == 0 {
+            to - 3_600_000
+        } else {
+            request.from_unix_ms
+        };
         let (resolution, plan_source) = telemetry::plan(from, to, request.resolution_seconds)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let unavailable = |what: &str, error: &dyn std::fmt::Display| {

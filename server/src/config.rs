@@ -288,8 +288,18 @@ impl ServerConfig {
         );
         let ch = &self.clickhouse;
         out.push_str("\n# ClickHouse telemetry store for fleets; url = \"\" keeps the embedded store (ledger_url).\n[clickhouse]\n");
-        line(&mut out, "HTTP URL, e.g. http://127.0.0.1:8123; empty = off.", "url", ch.url.clone().into());
-        line(&mut out, "Database (created if missing).", "database", ch.database.clone().into());
+        line(
+            &mut out,
+            "HTTP URL, e.g. http://127.0.0.1:8123; empty = off.",
+            "url",
+            ch.url.clone().into(),
+        );
+        line(
+            &mut out,
+            "Database (created if missing).",
+            "database",
+            ch.database.clone().into(),
+        );
         line(&mut out, "User.", "user", ch.user.clone().into());
         line(
             &mut out,
@@ -303,12 +313,42 @@ impl ServerConfig {
             "cluster",
             ch.cluster.clone().into(),
         );
-        line(&mut out, "Raw samples kept, days (default 30).", "raw_retention_days", i64::from(ch.raw_retention_days).into());
-        line(&mut out, "1-minute rollups kept, days (default 180).", "rollup_1m_retention_days", i64::from(ch.rollup_1m_retention_days).into());
-        line(&mut out, "1-hour rollups kept, days (default 730).", "rollup_1h_retention_days", i64::from(ch.rollup_1h_retention_days).into());
-        line(&mut out, "An insert goes when this many rows wait (default 50000)...", "insert_max_rows", to_value(ch.insert_max_rows));
-        line(&mut out, "...or when the oldest waiting batch is this old, ms (default 1000).", "insert_max_delay_ms", to_value(ch.insert_max_delay_ms));
-        line(&mut out, "Time allowed for one ClickHouse request, ms (default 10000).", "request_timeout_ms", to_value(ch.request_timeout_ms));
+        line(
+            &mut out,
+            "Raw samples kept, days (default 30).",
+            "raw_retention_days",
+            i64::from(ch.raw_retention_days).into(),
+        );
+        line(
+            &mut out,
+            "1-minute rollups kept, days (default 180).",
+            "rollup_1m_retention_days",
+            i64::from(ch.rollup_1m_retention_days).into(),
+        );
+        line(
+            &mut out,
+            "1-hour rollups kept, days (default 730).",
+            "rollup_1h_retention_days",
+            i64::from(ch.rollup_1h_retention_days).into(),
+        );
+        line(
+            &mut out,
+            "An insert goes when this many rows wait (default 50000)...",
+            "insert_max_rows",
+            to_value(ch.insert_max_rows),
+        );
+        line(
+            &mut out,
+            "...or when the oldest waiting batch is this old, ms (default 1000).",
+            "insert_max_delay_ms",
+            to_value(ch.insert_max_delay_ms),
+        );
+        line(
+            &mut out,
+            "Time allowed for one ClickHouse request, ms (default 10000).",
+            "request_timeout_ms",
+            to_value(ch.request_timeout_ms),
+        );
         out.push_str("\n[tls]\n");
         line(
             &mut out,

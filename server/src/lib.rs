@@ -250,7 +250,9 @@ async fn rebuild_windows(registry: &registry::Registry, ledger: &Ledger, config:
                 None
             }
             Err(_) => {
-                tracing::warn!("WindowsNotRebuilt: ClickHouse took over 30 s; windows fill from live samples");
+                tracing::warn!(
+                    "WindowsNotRebuilt: ClickHouse took over 30 s; windows fill from live samples"
+                );
                 None
             }
         }

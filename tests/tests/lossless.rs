@@ -82,9 +82,11 @@ impl Rig {
     }
 
     async fn wait_for_seq(&self, at_least: u64) -> anyhow::Result<u64> {
-        eventually(WAIT, &format!("{NODE} to commit seq {at_least}"), || async {
-            self.last_seq().await.filter(|seq| *seq >= at_least)
-        })
+        eventually(
+            WAIT,
+            &format!("{NODE} to commit seq {at_least}"),
+            || async { self.last_seq().await.filter(|seq| *seq >= at_least) },
+        )
         .await
     }
 
@@ -125,7 +127,11 @@ impl Rig {
         let range = self.clickhouse.query(&format!(
             "SELECT min(seq), max(seq) FROM guardian.host_samples WHERE node_id = '{NODE}'"
         ))?;
-        assert_eq!(range.trim(), format!("1\t{sent}"), "seqs are exactly 1..={sent}");
+        assert_eq!(
+            range.trim(),
+            format!("1\t{sent}"),
+            "seqs are exactly 1..={sent}"
+        );
         Ok(sent)
     }
 }

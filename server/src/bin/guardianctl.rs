@@ -241,7 +241,10 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                         history.source,
                         history.points.len()
                     );
-                    println!("{:<20} {:>14} {:>14} {:>14} {:>7}", "TIME (UTC)", "AVG", "MIN", "MAX", "COUNT");
+                    println!(
+                        "{:<20} {:>14} {:>14} {:>14} {:>7}",
+                        "TIME (UTC)", "AVG", "MIN", "MAX", "COUNT"
+                    );
                     for p in &history.points {
                         println!(
                             "{:<20} {:>14.3} {:>14.3} {:>14.3} {:>7}",
@@ -299,11 +302,13 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
 /// `90s`, `30m`, `6h`, `7d` in milliseconds.
 fn parse_span(text: &str) -> anyhow::Result<i64> {
     let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
-    let number: i64 = number
-        .parse()
-        .with_context(|| format!("--since {text:?}: expected a number and a unit, e.g. 30m, 6h, 7d"))?;
+    let number: i64 = number.parse().with_context(|| {
+        format!("--since {text:?}: expected a number and a unit, e.g. 30m, 6h, 7d")
+    })?;
     let unit_ms = match unit {
         "s" => 1000,
         "m" => 60_000,

@@ -436,7 +436,10 @@ mod tests {
             plan(0, 30 * 86_400_000, 1),
             Err(HistoryError::TooManyPoints { .. })
         ));
-        assert!(matches!(plan(5, 5, 0), Err(HistoryError::EmptyRange { .. })));
+        assert!(matches!(
+            plan(5, 5, 0),
+            Err(HistoryError::EmptyRange { .. })
+        ));
     }
 
     #[test]
