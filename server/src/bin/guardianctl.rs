@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use guardian_proto::v1::fleet_client::FleetClient;
 use guardian_proto::v1::{HistoryRequest, ListNodesRequest, Node, WatchNodesRequest};
 use guardian_server::pki::{self, PkiRequest};
+use guardian_server::store::Ledger;
 use guardian_server::unix_ms;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
@@ -64,6 +65,69 @@ enum Command {
         #[arg(long)]
         count: Option<u64>,
     },
+    /// The audit ledger (findings, decisions, commands, outcomes, operator acts), read from
+    /// the ledger database directly: run it on the server host or against PostgreSQL.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Check the hash chain and name the first broken link.
+    ///
+    /// Prints `audit chain OK: N entries` and exits 0, or `audit chain BROKEN at seq S:
+    /// REASON` and exits 3. Any other failure (database unreachable, no ledger at the URL)
+    /// exits 1.
+    Verify {
+        #[command(flatten)]
+        ledger: LedgerArgs,
+    },
+    /// Print audit entries, oldest first.
+    List {
+        #[command(flatten)]
+        ledger: LedgerArgs,
+        /// Only entries after this seq.
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        /// At most this many entries.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Output format.
+        #[arg(long, short, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+}
+
+/// Which ledger database to read.
+#[derive(Debug, Args)]
+struct LedgerArgs {
+    /// Ledger URL: sqlite://PATH or postgres://USER@HOST:PORT/DB.
+    #[arg(
+        long,
+        env = "GUARDIAN_SERVER_LEDGER_URL",
+        default_value = "sqlite://guardian-data/guardian.db"
+    )]
+    ledger_url: String,
+}
+
+impl LedgerArgs {
+    /// Opens the ledger; a SQLite file must exist already (opening would create an empty one,
+    /// whose empty chain would verify).
+    async fn open(&self) -> anyhow::Result<Ledger> {
+        if let Some(rest) = self
+            .ledger_url
+            .strip_prefix("sqlite://")
+            .or_else(|| self.ledger_url.strip_prefix("sqlite:"))
+        {
+            let path = rest.split_once('?').map_or(rest, |(path, _)| path);
+            if path != ":memory:" && !std::path::Path::new(path).is_file() {
+                bail!("no ledger at {path} (set --ledger-url or GUARDIAN_SERVER_LEDGER_URL)");
+            }
+        }
+        Ok(Ledger::open(&self.ledger_url).await?)
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -293,6 +357,81 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                     println!("{}", watch_line(&node, unix_ms()));
                 }
                 seen += 1;
+            }
+            Ok(())
+        }
+        Command::Audit {
+            command: AuditCommand::Verify { ledger },
+        } => {
+            let ledger = ledger.open().await?;
+            let report = ledger.audit_verify().await?;
+            ledger.close().await;
+            match report.first_broken {
+                None => {
+                    println!("audit chain OK: {} entries", report.entries);
+                    Ok(())
+                }
+                Some(broken) => {
+                    println!(
+                        "audit chain BROKEN at seq {}: {}",
+                        broken.seq, broken.reason
+                    );
+                    // The documented exit status for a broken chain (1 is any other error).
+                    std::process::exit(3);
+                }
+            }
+        }
+        Command::Audit {
+            command:
+                AuditCommand::List {
+                    ledger,
+                    after,
+                    limit,
+                    output,
+                },
+        } => {
+            let ledger = ledger.open().await?;
+            let entries = ledger.audit_entries(after, limit).await?;
+            ledger.close().await;
+            match output {
+                Output::Table => {
+                    println!(
+                        "{:>8}  {:<23}  {:<8}  {:<16}  {:<12}  BODY",
+                        "SEQ", "TIME (UTC)", "KIND", "NODE", "HASH"
+                    );
+                    for e in &entries {
+                        println!(
+                            "{:>8}  {:<19}.{:03}  {:<8}  {:<16}  {:<12}  {}",
+                            e.seq,
+                            utc(e.at_unix_ms),
+                            e.at_unix_ms.rem_euclid(1000),
+                            e.kind.as_str(),
+                            if e.node_id.is_empty() {
+                                "-"
+                            } else {
+                                &e.node_id
+                            },
+                            e.hash.get(..12).unwrap_or(&e.hash),
+                            e.body
+                        );
+                    }
+                    if entries.is_empty() {
+                        println!("(no audit entry after seq {after})");
+                    }
+                }
+                Output::Json => {
+                    let rows: Vec<_> = entries
+                        .iter()
+                        .map(|e| {
+                            serde_json::json!({
+                                "seq": e.seq, "at_unix_ms": e.at_unix_ms, "kind": e.kind.as_str(),
+                                "node_id": e.node_id, "body": e.body,
+                                "prev_hash": e.prev_hash, "hash": e.hash,
+                            })
+                        })
+                        .collect();
+                    println!("{}", serde_json::to_string_pretty(&rows)?);
+                }
             }
             Ok(())
         }

@@ -7,6 +7,7 @@
 //!   never covers data that is not on disk. A replayed `(node, seq)` stores nothing new.
 //! - Migrations are embedded in the binary and applied at open.
 
+pub mod audit;
 pub mod clickhouse;
 pub mod commit;
 pub mod queries;
