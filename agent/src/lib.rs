@@ -4,6 +4,7 @@
 //! Modules in data-flow order: [`sample`] (one sampler per source) -> [`spool`] (numbered
 //! batches on disk awaiting ack) -> [`uplink`] (the mTLS stream); plus [`config`].
 
+pub mod command;
 pub mod config;
 pub mod sample;
 pub mod spool;
@@ -28,7 +29,14 @@ const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(5);
 
 /// Runs the agent until `shutdown` is cancelled, with `spool` (opened by the caller, see
 /// [`Spool::open`], so a spool that cannot be opened stops the agent before it starts).
-pub async fn run(config: AgentConfig, spool: Spool, shutdown: CancellationToken) {
+///
+/// `commands` is `None` when remote commands are off (every command is then refused).
+pub async fn run(
+    config: AgentConfig,
+    spool: Spool,
+    commands: Option<uplink::RemoteCommands>,
+    shutdown: CancellationToken,
+) {
     let tasks = TaskTracker::new();
     let mut samplers: Vec<Box<dyn Sampler>> = vec![Box::new(sample::host::HostSampler::new(
         config.proc_root.clone(),
@@ -73,6 +81,9 @@ pub async fn run(config: AgentConfig, spool: Spool, shutdown: CancellationToken)
         spool: Mutex::new(spool),
         queued: Notify::new(),
         interval_ms: watch::channel(config.sample_interval_ms).0,
+        commands,
+        outcomes: Mutex::default(),
+        outcome_ready: Notify::new(),
     });
     tasks.spawn(
         sample_loop(samplers, Arc::clone(&shared), shutdown.clone())

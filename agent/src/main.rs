@@ -97,6 +97,31 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Remote commands: the verify key and the seen-ids file (beside the spool) must be
+    // usable before anything runs, or a replayed command could run twice.
+    let commands = if config.commands.enabled {
+        let seen = config.spool_dir.join("commands-seen");
+        match guardian_agent::command::CommandVerifier::open(
+            &config.commands,
+            config.node_id.clone(),
+            &seen,
+            guardian_agent::unix_ms(),
+        ) {
+            Ok(verifier) => Some(guardian_agent::uplink::RemoteCommands {
+                verifier: std::sync::Mutex::new(verifier),
+                executor: std::sync::Arc::new(guardian_agent::command::Executor::new(
+                    config.commands.clone(),
+                    config.chain_data_path.clone(),
+                )),
+            }),
+            Err(error) => {
+                eprintln!("guardian-agent: remote commands: {error}");
+                return ExitCode::from(64);
+            }
+        }
+    } else {
+        None
+    };
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -114,7 +139,7 @@ fn main() -> ExitCode {
             server = config.server_url,
             "guardian-agent starting"
         );
-        let agent = guardian_agent::run(config, spool, shutdown.clone());
+        let agent = guardian_agent::run(config, spool, commands, shutdown.clone());
         tokio::pin!(agent);
         tokio::select! {
             () = &mut agent => {}

@@ -11,14 +11,17 @@ use std::time::Duration;
 
 use guardian_proto::v1::uplink_client::UplinkClient;
 use guardian_proto::v1::{
-    AgentFrame, Hello, NodeDescriptor, ServerFrame, agent_frame, server_frame,
+    AgentFrame, Command, CommandOutcome, Hello, NodeDescriptor, ServerFrame, agent_frame,
+    server_frame,
 };
 use rand::Rng;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tracing::Instrument;
 
+use crate::command::{CommandVerifier, Executor, Refusal, refusal_outcome};
 use crate::config::AgentConfig;
 use crate::spool::{self, Spool};
 
@@ -80,6 +83,84 @@ pub struct Shared {
     pub queued: Notify,
     /// Sampling interval; the server's Welcome may change it.
     pub interval_ms: watch::Sender<u64>,
+    /// Remote commands: `None` when `[commands] enabled = false` (every command is refused).
+    pub commands: Option<RemoteCommands>,
+    /// Outcomes waiting to be sent (kept across reconnects, not across restarts).
+    pub outcomes: Mutex<std::collections::VecDeque<CommandOutcome>>,
+    /// Signalled when an outcome is queued.
+    pub outcome_ready: Notify,
+}
+
+/// What running signed commands needs.
+#[derive(Debug)]
+pub struct RemoteCommands {
+    /// Checks signature, node, validity and the persisted seen ids.
+    pub verifier: Mutex<CommandVerifier>,
+    /// Runs allowed actions.
+    pub executor: Arc<Executor>,
+}
+
+/// Most outcomes kept while the server is unreachable.
+const MAX_PENDING_OUTCOMES: usize = 256;
+
+impl Shared {
+    /// Queues an outcome for the server.
+    pub fn push_outcome(&self, outcome: CommandOutcome) {
+        let mut outcomes = self
+            .outcomes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if outcomes.len() >= MAX_PENDING_OUTCOMES {
+            let lost = outcomes.pop_front();
+            tracing::warn!(
+                command_id = lost.map(|o| o.command_id),
+                "CommandOutcomeDropped: too many unsent outcomes"
+            );
+        }
+        outcomes.push_back(outcome);
+        drop(outcomes);
+        self.outcome_ready.notify_one();
+    }
+
+    fn take_outcomes(&self) -> Vec<CommandOutcome> {
+        self.outcomes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .drain(..)
+            .collect()
+    }
+}
+
+/// Verifies a command and, if it may run, runs it in the background; the outcome (or the
+/// refusal) is queued for the server.
+fn handle_command(shared: &Arc<Shared>, command: Command) {
+    let Some(remote) = &shared.commands else {
+        let refusal = Refusal::ActionNotAllowed(
+            "this agent runs no remote commands ([commands] enabled = false)".to_owned(),
+        );
+        tracing::warn!("CommandRefused: {refusal}");
+        shared.push_outcome(refusal_outcome(&command, &refusal));
+        return;
+    };
+    let verdict = remote
+        .verifier
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .verify(&command, crate::unix_ms());
+    match verdict {
+        Err(refusal) => shared.push_outcome(refusal_outcome(&command, &refusal)),
+        Ok(envelope) => {
+            let executor = Arc::clone(&remote.executor);
+            let shared = Arc::clone(shared);
+            tokio::spawn(
+                async move {
+                    let outcome = executor.execute(&envelope).await;
+                    shared.push_outcome(outcome);
+                }
+                .instrument(tracing::info_span!("command")),
+            );
+        }
+    }
 }
 
 impl Shared {
@@ -100,12 +181,13 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let mut failures: u32 = 0;
+    let shared = &shared;
     loop {
         let session = session(
             &config,
             &descriptor,
             &capabilities,
-            &shared,
+            shared,
             &shutdown,
             &mut failures,
         );
@@ -178,7 +260,7 @@ async fn session(
     config: &AgentConfig,
     descriptor: &NodeDescriptor,
     capabilities: &[String],
-    shared: &Shared,
+    shared: &Arc<Shared>,
     shutdown: &CancellationToken,
     failures: &mut u32,
 ) -> Result<(), UplinkError> {
@@ -240,6 +322,14 @@ async fn session(
     let mut sent_through = 0u64;
     let mut acked_through = 0u64;
     loop {
+        for outcome in shared.take_outcomes() {
+            let frame = AgentFrame {
+                frame: Some(agent_frame::Frame::Outcome(outcome)),
+            };
+            if tx.send(frame).await.is_err() {
+                return Err(UplinkError::Protocol("request stream closed".into()));
+            }
+        }
         // Top up the in-flight window from the spool.
         let in_flight =
             usize::try_from(sent_through.saturating_sub(acked_through)).unwrap_or(usize::MAX);
@@ -261,15 +351,15 @@ async fn session(
         tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
             () = shared.queued.notified() => {}
+            () = shared.outcome_ready.notified() => {}
             message = inbound.message() => match message {
                 Ok(Some(ServerFrame { frame: Some(server_frame::Frame::Ack(ack)) })) => {
                     let removed = shared.spool().ack(ack.through_seq);
                     acked_through = acked_through.max(ack.through_seq);
                     tracing::debug!(through_seq = ack.through_seq, removed, "BatchAcked");
                 }
-                Ok(Some(ServerFrame { frame: Some(server_frame::Frame::Command(_)) })) => {
-                    // Signed commands are not executed by this agent version: refuse loudly.
-                    tracing::warn!("CommandRefused: this agent does not run remote commands yet");
+                Ok(Some(ServerFrame { frame: Some(server_frame::Frame::Command(command)) })) => {
+                    handle_command(shared, command);
                 }
                 Ok(Some(_)) => return Err(UplinkError::Protocol("unexpected server frame".into())),
                 Ok(None) => return Ok(()),

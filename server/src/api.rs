@@ -9,8 +9,9 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use guardian_proto::v1::fleet_server::Fleet;
 use guardian_proto::v1::{
-    GetNodeRequest, HistoryPoint, HistoryRequest, HistoryResponse, ListNodesRequest,
-    ListNodesResponse, Node, NodeEvent, WatchNodesRequest,
+    CommandRecord, GetCommandRequest, GetNodeRequest, HistoryPoint, HistoryRequest,
+    HistoryResponse, IssueCommandRequest, ListNodesRequest, ListNodesResponse, Node, NodeEvent,
+    WatchNodesRequest,
 };
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
@@ -19,7 +20,9 @@ use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
+use crate::command::{Action, CommandError, CommandSigner};
 use crate::identity::{NodeId, Peer};
+use crate::ingest::LiveSessions;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::store::clickhouse::{ClickHouseSettings, ClickHouseStore};
@@ -36,6 +39,24 @@ pub struct FleetApi {
     shutdown: CancellationToken,
     watchers: TaskTracker,
     clickhouse: Option<ClickHouseHistory>,
+    commands: Commands,
+}
+
+/// What issuing commands needs: the signing key (None = commands off) and the live streams.
+#[derive(Clone)]
+pub struct Commands {
+    /// Signs envelopes; `None` when `command_signing_key_file` is not set.
+    pub signer: Option<Arc<CommandSigner>>,
+    /// Agents' live streams.
+    pub live: LiveSessions,
+}
+
+impl std::fmt::Debug for Commands {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Commands")
+            .field("enabled", &self.signer.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 /// History from ClickHouse: the store is opened on the first query (the server starts
@@ -64,6 +85,7 @@ impl FleetApi {
         shutdown: CancellationToken,
         watchers: TaskTracker,
         clickhouse: &ClickHouseSettings,
+        commands: Commands,
     ) -> Self {
         Self {
             registry,
@@ -75,7 +97,17 @@ impl FleetApi {
                 settings: clickhouse.clone(),
                 store: Arc::default(),
             }),
+            commands,
         }
+    }
+
+    async fn command_record(&self, command_id: &str) -> Result<Response<CommandRecord>, Status> {
+        self.ledger
+            .command(command_id)
+            .await
+            .map_err(|e| Status::unavailable(format!("the ledger cannot answer now: {e}")))?
+            .map(Response::new)
+            .ok_or_else(|| Status::not_found(format!("no command {command_id:?} was issued")))
     }
 
     /// Lets operators through; refuses (and records) anyone else.
@@ -208,6 +240,61 @@ impl Fleet for FleetApi {
                 })
                 .collect(),
         }))
+    }
+
+    async fn issue_command(
+        &self,
+        request: Request<IssueCommandRequest>,
+    ) -> Result<Response<CommandRecord>, Status> {
+        let operator = self.authorize(&request, "IssueCommand").await?;
+        let request = request.into_inner();
+        let Some(signer) = &self.commands.signer else {
+            return Err(Status::failed_precondition(
+                "remote commands are off on this server: set command_signing_key_file \
+                 (guardianctl pki init writes command-signing-key.pk8; agents need command-verify.pub)",
+            ));
+        };
+        let node =
+            NodeId::parse(&request.node_id).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let action: Action = request
+            .action
+            .parse()
+            .map_err(|e: CommandError| Status::invalid_argument(e.to_string()))?;
+        if !self.commands.live.is_live(&node) {
+            return Err(Status::unavailable(format!(
+                "node {node} has no live stream; nothing was issued (commands are never queued \
+                 for later: a stale restart is worse than none)"
+            )));
+        }
+        let ttl = std::time::Duration::from_secs(u64::from(match request.ttl_seconds {
+            0 => 300,
+            ttl => ttl,
+        }));
+        let (envelope, command) = signer
+            .issue(&node, action, request.parameters, ttl, unix_ms())
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        // Written (and audited) before it leaves: a command is never sent unrecorded.
+        self.ledger
+            .record_command_issued(&envelope, &format!("operator/{operator}"))
+            .await
+            .map_err(|e| Status::unavailable(format!("cannot record the command: {e}")))?;
+        tracing::info!(node = %node, command_id = envelope.command_id, action = envelope.action, operator, "CommandIssued");
+        if let Err(why) = self.commands.live.send_command(&node, command).await {
+            tracing::warn!(node = %node, command_id = envelope.command_id, why, "CommandNotDelivered");
+            return Err(Status::unavailable(format!(
+                "command {} recorded but not delivered: {why}; it expires unexecuted",
+                envelope.command_id
+            )));
+        }
+        self.command_record(&envelope.command_id).await
+    }
+
+    async fn get_command(
+        &self,
+        request: Request<GetCommandRequest>,
+    ) -> Result<Response<CommandRecord>, Status> {
+        self.authorize(&request, "GetCommand").await?;
+        self.command_record(&request.get_ref().command_id).await
     }
 
     type WatchNodesStream = ReceiverStream<Result<NodeEvent, Status>>;

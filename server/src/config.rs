@@ -36,6 +36,8 @@ pub struct ServerConfig {
     /// How far back the in-memory per-node windows reach, in seconds (rebuilt from the
     /// store at start).
     pub window_seconds: u32,
+    /// Ed25519 PKCS#8 key that signs remote commands; empty = remote commands off.
+    pub command_signing_key_file: PathBuf,
     /// ClickHouse telemetry store; off (embedded store) while `url` is empty.
     pub clickhouse: ClickHouseSettings,
     /// TLS material.
@@ -65,6 +67,7 @@ impl Default for ServerConfig {
             hello_timeout_ms: 10_000,
             outbox_max_bytes: 1 << 30,
             window_seconds: 1800,
+            command_signing_key_file: PathBuf::new(),
             clickhouse: ClickHouseSettings::default(),
             tls: ServerTls::default(),
         }
@@ -214,6 +217,15 @@ impl ServerConfig {
                 "use 60 s to 1 day (default 1800)",
             ));
         }
+        if !self.command_signing_key_file.as_os_str().is_empty()
+            && !self.command_signing_key_file.is_file()
+        {
+            return Err(ConfigError::new(
+                "command_signing_key_file",
+                format!("{} does not exist", self.command_signing_key_file.display()),
+                "point it at the PKCS#8 key (guardianctl pki init writes command-signing-key.pk8), or leave it empty to keep remote commands off",
+            ));
+        }
         if self.clickhouse.enabled() {
             self.clickhouse.validate().map_err(|problem| {
                 ConfigError::new(
@@ -285,6 +297,12 @@ impl ServerConfig {
             "Reach of the in-memory per-node windows, s, rebuilt from the store at start (default 1800).",
             "window_seconds",
             i64::from(self.window_seconds).into(),
+        );
+        line(
+            &mut out,
+            "Ed25519 PKCS#8 key signing remote commands; empty = remote commands off.",
+            "command_signing_key_file",
+            self.command_signing_key_file.display().to_string().into(),
         );
         let ch = &self.clickhouse;
         out.push_str("\n# ClickHouse telemetry store for fleets; url = \"\" keeps the embedded store (ledger_url).\n[clickhouse]\n");

@@ -53,6 +53,9 @@ struct Takeover {
 struct Live {
     generation: u64,
     cancel: CancellationToken,
+    /// Frames to the agent on this session's stream (commands go here); set once Welcome
+    /// is queued, so nothing can overtake it.
+    outbound: Option<mpsc::Sender<Result<ServerFrame, Status>>>,
     /// Held by the running session for its whole life.
     running: Arc<tokio::sync::Mutex<()>>,
 }
@@ -84,10 +87,38 @@ impl Takeover {
             Live {
                 generation,
                 cancel: cancel.clone(),
+                outbound: None,
                 running: Arc::clone(&running),
             },
         );
         (generation, cancel, running)
+    }
+
+    /// The live stream of `node`, if it has one.
+    fn outbound(&self, node: &NodeId) -> Option<mpsc::Sender<Result<ServerFrame, Status>>> {
+        self.by_node
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(node)
+            .and_then(|live| live.outbound.clone())
+    }
+
+    /// Opens the session's stream to commands (after its Welcome is queued).
+    fn attach(
+        &self,
+        node: &NodeId,
+        generation: u64,
+        outbound: mpsc::Sender<Result<ServerFrame, Status>>,
+    ) {
+        if let Some(live) = self
+            .by_node
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get_mut(node)
+            .filter(|live| live.generation == generation)
+        {
+            live.outbound = Some(outbound);
+        }
     }
 
     /// Forgets the node's entry if it still belongs to `generation`.
@@ -102,6 +133,39 @@ impl Takeover {
         {
             map.remove(node);
         }
+    }
+}
+
+/// A handle for sending frames down agents' live streams.
+#[derive(Debug, Clone)]
+pub struct LiveSessions(Arc<Takeover>);
+
+impl LiveSessions {
+    /// Whether `node` has a live stream now.
+    pub fn is_live(&self, node: &NodeId) -> bool {
+        self.0.outbound(node).is_some()
+    }
+
+    /// Sends a signed command down `node`'s live stream.
+    ///
+    /// # Errors
+    /// A message saying why, when the node has no live stream or it just closed.
+    pub async fn send_command(
+        &self,
+        node: &NodeId,
+        command: guardian_proto::v1::Command,
+    ) -> Result<(), String> {
+        let outbound = self
+            .0
+            .outbound(node)
+            .ok_or_else(|| format!("node {node} has no live stream"))?;
+        let frame = ServerFrame {
+            frame: Some(server_frame::Frame::Command(command)),
+        };
+        tokio::time::timeout(Duration::from_secs(5), outbound.send(Ok(frame)))
+            .await
+            .map_err(|_| format!("node {node}'s stream did not take the command within 5 s"))?
+            .map_err(|_| format!("node {node}'s stream closed"))
     }
 }
 
@@ -147,6 +211,11 @@ impl Ingest {
             sessions,
             takeover: Arc::default(),
         }
+    }
+
+    /// The handle the Fleet API sends commands through.
+    pub fn live_sessions(&self) -> LiveSessions {
+        LiveSessions(Arc::clone(&self.takeover))
     }
 
     /// Records a refusal (metric, log line, ledger row) and returns the status to send.
@@ -277,7 +346,27 @@ impl Ingest {
                     }
                 }
                 Some(agent_frame::Frame::Outcome(outcome)) => {
-                    tracing::info!(node = %node, command_id = outcome.command_id, succeeded = outcome.succeeded, "CommandOutcomeReceived");
+                    match self
+                        .ledger
+                        .record_command_outcome(&node, &outcome, unix_ms())
+                        .await
+                    {
+                        Ok(recorded) => tracing::info!(
+                            node = %node, command_id = outcome.command_id,
+                            succeeded = outcome.succeeded, refused = outcome.refused,
+                            ?recorded, "CommandOutcomeReceived"
+                        ),
+                        // The agent does not resend outcomes: the loss is logged and counted.
+                        Err(error) => {
+                            self.metrics
+                                .store_errors
+                                .get_or_create(&crate::metrics::Reason {
+                                    reason: error.kind(),
+                                })
+                                .inc();
+                            tracing::error!(node = %node, command_id = outcome.command_id, %error, "CommandOutcomeNotRecorded");
+                        }
+                    }
                 }
                 Some(agent_frame::Frame::Hello(_)) => {
                     let status = Status::failed_precondition(
@@ -457,8 +546,9 @@ impl Uplink for Ingest {
                 last_stored_seq,
             })),
         };
-        // The channel is fresh, so this cannot be full.
+        // The channel is fresh, so this cannot be full; commands can be queued only after.
         let _ = outbound.try_send(Ok(welcome));
+        self.takeover.attach(&node, generation, outbound.clone());
         let span = tracing::info_span!("uplink_session", node = %node);
         self.sessions.spawn(
             self.clone()

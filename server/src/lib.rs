@@ -7,6 +7,7 @@
 //! [`metrics`]; plus [`config`] and [`pki`] (throwaway certificates for trials and tests).
 
 pub mod api;
+pub mod command;
 pub mod config;
 pub mod identity;
 pub mod ingest;
@@ -60,6 +61,9 @@ pub enum ServerError {
     /// The gRPC server failed.
     #[error("gRPC server failed: {0}")]
     Grpc(#[from] tonic::transport::Error),
+    /// The command signing key could not be loaded.
+    #[error("command signing key: {0}")]
+    Command(String),
     /// The admin HTTP server failed.
     #[error("admin HTTP server failed: {0}")]
     Admin(std::io::Error),
@@ -92,6 +96,14 @@ pub async fn run(
         .client_ca_root(Certificate::from_pem(read(&config.tls.ca_file)?))
         .client_auth_optional(false);
 
+    let signer = if config.command_signing_key_file.as_os_str().is_empty() {
+        None
+    } else {
+        Some(Arc::new(
+            command::CommandSigner::load(&config.command_signing_key_file)
+                .map_err(|e| ServerError::Command(e.to_string()))?,
+        ))
+    };
     let registry = Arc::new(registry::Registry::from_stored(
         ledger.nodes().await?,
         config.window_seconds,
@@ -173,6 +185,10 @@ pub async fn run(
         shutdown.clone(),
         tasks.clone(),
         &config.clickhouse,
+        api::Commands {
+            signer,
+            live: ingest.live_sessions(),
+        },
     );
     let grpc = Server::builder()
         .tls_config(tls)?

@@ -1,5 +1,6 @@
 //! Throwaway fleet PKI for trials and tests: one CA, a server certificate, an operator
-//! certificate and one agent certificate per node, written as PEM files.
+//! certificate and one agent certificate per node, written as PEM files; plus the Ed25519
+//! command-signing key pair (see [`crate::command`]).
 //!
 //! Production fleets bring their own CA; the server only needs its PEM and the certificates'
 //! URI SANs to follow [`crate::identity`].
@@ -39,6 +40,17 @@ impl PkiFiles {
     /// `(DIR/node-NAME.pem, DIR/node-NAME-key.pem)`.
     pub fn node(&self, node: &str) -> (PathBuf, PathBuf) {
         pair(&self.dir, &format!("node-{node}"))
+    }
+    /// `DIR/command-signing-key.pk8`: the server's Ed25519 command key, PKCS#8 DER, mode 0600
+    /// (load it with [`crate::command::CommandSigner::load`]).
+    pub fn command_signing_key(&self) -> PathBuf {
+        self.dir.join("command-signing-key.pk8")
+    }
+    /// `DIR/command-verify.pub`: its public half as 64 lowercase hex characters and a newline
+    /// (hex text, so it can be pasted into config management and compared by eye); every
+    /// agent's `commands.verify_key_file`.
+    pub fn command_verify_key(&self) -> PathBuf {
+        self.dir.join("command-verify.pub")
     }
 }
 
@@ -114,7 +126,7 @@ pub fn init(dir: &Path, request: &PkiRequest) -> Result<PkiFiles, PkiError> {
     ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     let ca_cert = ca_params.self_signed(&ca_key)?;
     let ca_path = files.ca();
-    write(&mut files, &ca_path, ca_cert.pem(), false)?;
+    write(&mut files, &ca_path, ca_cert.pem().as_bytes(), false)?;
     let issuer = Issuer::new(ca_params, ca_key);
 
     let mut server_names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
@@ -142,6 +154,15 @@ pub fn init(dir: &Path, request: &PkiRequest) -> Result<PkiFiles, PkiError> {
             &format!("node-{node}"),
         )?;
     }
+
+    let command_key = KeyPair::generate_for(&rcgen::PKCS_ED25519)?;
+    let (signing, verify) = (files.command_signing_key(), files.command_verify_key());
+    write(&mut files, &signing, command_key.serialized_der(), true)?;
+    let public = format!(
+        "{}\n",
+        crate::command::hex(rcgen::PublicKeyData::der_bytes(&command_key))
+    );
+    write(&mut files, &verify, public.as_bytes(), false)?;
     Ok(files)
 }
 
@@ -164,12 +185,12 @@ fn issue(
     let key = KeyPair::generate()?;
     let cert = params.signed_by(&key, issuer)?;
     let (cert_path, key_path) = pair(&files.dir, stem);
-    write(files, &cert_path, cert.pem(), false)?;
-    write(files, &key_path, key.serialize_pem(), true)?;
+    write(files, &cert_path, cert.pem().as_bytes(), false)?;
+    write(files, &key_path, key.serialize_pem().as_bytes(), true)?;
     Ok(())
 }
 
-fn write(files: &mut PkiFiles, path: &Path, pem: String, secret: bool) -> Result<(), PkiError> {
+fn write(files: &mut PkiFiles, path: &Path, contents: &[u8], secret: bool) -> Result<(), PkiError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let err = |source| PkiError::Write {
@@ -183,7 +204,7 @@ fn write(files: &mut PkiFiles, path: &Path, pem: String, secret: bool) -> Result
         .mode(if secret { 0o600 } else { 0o644 })
         .open(path)
         .map_err(err)?;
-    file.write_all(pem.as_bytes()).map_err(err)?;
+    file.write_all(contents).map_err(err)?;
     // `mode` applies only to new files: make --force over an old, looser key tight too.
     std::fs::set_permissions(
         path,
@@ -226,6 +247,19 @@ mod tests {
             Peer::Operator("alice".into())
         );
         assert!(Peer::from_cert_der(&der(files.server().0)?).is_err());
+        let signer = crate::command::CommandSigner::load(&files.command_signing_key())?;
+        assert_eq!(
+            fs::read_to_string(files.command_verify_key())?,
+            format!("{}\n", crate::command::hex(signer.public_key()))
+        );
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            fs::metadata(files.command_signing_key())?
+                .permissions()
+                .mode()
+                & 0o777,
+            0o600
+        );
         assert!(matches!(
             init(
                 dir.path(),

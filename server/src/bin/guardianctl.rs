@@ -8,7 +8,10 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use guardian_proto::v1::fleet_client::FleetClient;
-use guardian_proto::v1::{HistoryRequest, ListNodesRequest, Node, WatchNodesRequest};
+use guardian_proto::v1::{
+    GetCommandRequest, HistoryRequest, IssueCommandRequest, ListNodesRequest, Node,
+    WatchNodesRequest,
+};
 use guardian_server::pki::{self, PkiRequest};
 use guardian_server::store::Ledger;
 use guardian_server::unix_ms;
@@ -36,6 +39,12 @@ enum Command {
         /// Output format.
         #[arg(long, short, value_enum, default_value_t = Output::Table)]
         output: Output,
+    },
+    /// Signed remote commands: issue one to a connected node, or show one with its outcome.
+    #[command(name = "command")]
+    Remote {
+        #[command(subcommand)]
+        command: CommandCommand,
     },
     /// One node's metric over time, bucketed (from ClickHouse rollups when the range is long).
     History {
@@ -128,6 +137,37 @@ impl LedgerArgs {
         }
         Ok(Ledger::open(&self.ledger_url).await?)
     }
+}
+
+#[derive(Debug, Subcommand)]
+enum CommandCommand {
+    /// Sign and send a command; the agent runs it only if its own [commands] config allows it.
+    Issue {
+        #[command(flatten)]
+        connection: Connection,
+        /// The node.
+        #[arg(long)]
+        node: String,
+        /// restart-unit, restart-container, run-hook or collect-diagnostics.
+        #[arg(long)]
+        action: String,
+        /// KEY=VALUE (repeatable): unit=NAME, container=NAME, hook=NAME, or hook parameters.
+        #[arg(long = "param")]
+        params: Vec<String>,
+        /// Validity in seconds (default 300, at most 3600).
+        #[arg(long, default_value_t = 300)]
+        ttl: u32,
+        /// Wait up to this many seconds for the outcome (0 = do not wait).
+        #[arg(long, default_value_t = 30)]
+        wait: u64,
+    },
+    /// Show a command and its outcome.
+    Show {
+        #[command(flatten)]
+        connection: Connection,
+        /// The command id.
+        id: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -270,6 +310,66 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                     println!("{}", serde_json::to_string_pretty(&rows)?);
                 }
             }
+            Ok(())
+        }
+        Command::Remote {
+            command:
+                CommandCommand::Issue {
+                    connection,
+                    node,
+                    action,
+                    params,
+                    ttl,
+                    wait,
+                },
+        } => {
+            let mut parameters = std::collections::HashMap::new();
+            for param in params {
+                let (key, value) = param
+                    .split_once('=')
+                    .with_context(|| format!("--param {param:?}: expected KEY=VALUE"))?;
+                parameters.insert(key.to_owned(), value.to_owned());
+            }
+            let mut client = connection.client().await?;
+            let mut record = client
+                .issue_command(IssueCommandRequest {
+                    node_id: node,
+                    action,
+                    parameters,
+                    ttl_seconds: ttl,
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            println!("issued {} to {}", record.command_id, record.node_id);
+            let deadline = std::time::Instant::now() + Duration::from_secs(wait);
+            while record.state == "issued" && std::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                record = client
+                    .get_command(GetCommandRequest {
+                        command_id: record.command_id.clone(),
+                    })
+                    .await
+                    .map_err(status_error)?
+                    .into_inner();
+            }
+            print_command(&record);
+            if record.state == "succeeded" || (wait == 0 && record.state == "issued") {
+                Ok(())
+            } else {
+                bail!("command {} ended {}", record.command_id, record.state)
+            }
+        }
+        Command::Remote {
+            command: CommandCommand::Show { connection, id },
+        } => {
+            let mut client = connection.client().await?;
+            let record = client
+                .get_command(GetCommandRequest { command_id: id })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            print_command(&record);
             Ok(())
         }
         Command::History {
@@ -435,6 +535,16 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             }
             Ok(())
         }
+    }
+}
+
+fn print_command(record: &guardian_proto::v1::CommandRecord) {
+    println!(
+        "{} node={} action={} state={} issued_by={}",
+        record.command_id, record.node_id, record.action, record.state, record.issued_by
+    );
+    if !record.detail.is_empty() {
+        println!("{}", record.detail.trim_end());
     }
 }
 

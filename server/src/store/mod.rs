@@ -9,6 +9,7 @@
 
 pub mod audit;
 pub mod clickhouse;
+pub mod commands;
 pub mod commit;
 pub mod queries;
 pub mod telemetry;

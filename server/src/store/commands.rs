@@ -1,0 +1,162 @@
+//! Signed commands as recorded: issued (with who issued them), then the first outcome the
+//! agent reports. Each step is also appended to the audit chain.
+
+use std::collections::HashMap;
+
+use guardian_proto::v1::{CommandEnvelope, CommandOutcome, CommandRecord};
+use sqlx::Row;
+
+use super::audit::AuditKind;
+use super::{Ledger, StoreError};
+use crate::identity::NodeId;
+
+/// What [`Ledger::record_command_outcome`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutcomeRecorded {
+    /// The first outcome for this command: stored and audited.
+    Stored,
+    /// An outcome was already recorded (e.g. a later `replayed` refusal): kept the first.
+    AlreadyKnown,
+    /// No command with this id was issued to this node: nothing stored.
+    Unknown,
+}
+
+impl Ledger {
+    /// Records a command before it is sent (and audits it).
+    ///
+    /// # Errors
+    /// [`StoreError::Query`].
+    pub async fn record_command_issued(
+        &self,
+        envelope: &CommandEnvelope,
+        issued_by: &str,
+    ) -> Result<(), StoreError> {
+        let parameters: serde_json::Map<String, serde_json::Value> = envelope
+            .parameters
+            .iter()
+            .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+            .collect();
+        let parameters = serde_json::Value::Object(parameters);
+        sqlx::query(
+            "INSERT INTO commands (command_id, node_id, action, parameters, issued_at_unix_ms,
+                 expires_at_unix_ms, issued_by, state)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, 'issued')",
+        )
+        .bind(&envelope.command_id)
+        .bind(&envelope.node_id)
+        .bind(&envelope.action)
+        .bind(parameters.to_string())
+        .bind(envelope.issued_at_unix_ms)
+        .bind(envelope.expires_at_unix_ms)
+        .bind(issued_by)
+        .execute(&self.pool)
+        .await?;
+        let body = serde_json::json!({
+            "command_id": envelope.command_id,
+            "action": envelope.action,
+            "parameters": parameters,
+            "issued_at_unix_ms": envelope.issued_at_unix_ms,
+            "expires_at_unix_ms": envelope.expires_at_unix_ms,
+            "issued_by": issued_by,
+        });
+        self.audit_append(
+            AuditKind::Command,
+            &envelope.node_id,
+            &body,
+            envelope.issued_at_unix_ms,
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Records the first outcome a node reports for one of *its* commands (and audits it).
+    ///
+    /// # Errors
+    /// [`StoreError::Query`].
+    pub async fn record_command_outcome(
+        &self,
+        node: &NodeId,
+        outcome: &CommandOutcome,
+        now_unix_ms: i64,
+    ) -> Result<OutcomeRecorded, StoreError> {
+        let state = if !outcome.refused.is_empty() {
+            "refused"
+        } else if outcome.succeeded {
+            "succeeded"
+        } else {
+            "failed"
+        };
+        let detail = if outcome.refused.is_empty() {
+            outcome.detail.clone()
+        } else {
+            format!("{}: {}", outcome.refused, outcome.detail)
+        };
+        let updated = sqlx::query(
+            "UPDATE commands SET state = $3, detail = $4, outcome_at_unix_ms = $5
+             WHERE command_id = $1 AND node_id = $2 AND state = 'issued'",
+        )
+        .bind(&outcome.command_id)
+        .bind(node.as_str())
+        .bind(state)
+        .bind(&detail)
+        .bind(now_unix_ms)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        if updated == 0 {
+            let known =
+                sqlx::query("SELECT 1 FROM commands WHERE command_id = $1 AND node_id = $2")
+                    .bind(&outcome.command_id)
+                    .bind(node.as_str())
+                    .fetch_optional(&self.pool)
+                    .await?
+                    .is_some();
+            return Ok(if known {
+                OutcomeRecorded::AlreadyKnown
+            } else {
+                OutcomeRecorded::Unknown
+            });
+        }
+        let body = serde_json::json!({
+            "command_id": outcome.command_id,
+            "state": state,
+            "detail": detail,
+        });
+        self.audit_append(AuditKind::Outcome, node.as_str(), &body, now_unix_ms)
+            .await?;
+        Ok(OutcomeRecorded::Stored)
+    }
+
+    /// One command as recorded.
+    ///
+    /// # Errors
+    /// [`StoreError::Query`].
+    pub async fn command(&self, command_id: &str) -> Result<Option<CommandRecord>, StoreError> {
+        let Some(row) = sqlx::query(
+            "SELECT command_id, node_id, action, parameters, issued_at_unix_ms, expires_at_unix_ms,
+                    issued_by, state, detail, outcome_at_unix_ms
+             FROM commands WHERE command_id = $1",
+        )
+        .bind(command_id)
+        .fetch_optional(&self.pool)
+        .await?
+        else {
+            return Ok(None);
+        };
+        let parameters: String = row.try_get(3)?;
+        let parameters: HashMap<String, String> =
+            serde_json::from_str(&parameters).unwrap_or_default();
+        Ok(Some(CommandRecord {
+            command_id: row.try_get(0)?,
+            node_id: row.try_get(1)?,
+            action: row.try_get(2)?,
+            parameters,
+            issued_at_unix_ms: row.try_get(4)?,
+            expires_at_unix_ms: row.try_get(5)?,
+            issued_by: row.try_get(6)?,
+            state: row.try_get(7)?,
+            detail: row.try_get(8)?,
+            outcome_at_unix_ms: row.try_get(9)?,
+        }))
+    }
+}

@@ -1,0 +1,346 @@
+//! Signed remote commands across the two crates: what the server's `CommandSigner` issues
+//! with the keys `pki init` writes, the agent's `CommandVerifier` accepts exactly once, and
+//! its `Executor` runs only what the agent's config allows; forged, replayed, expired,
+//! not-yet-valid, other-node and not-allowed commands are refused with their kind.
+
+use std::collections::{BTreeMap, HashMap};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use guardian_agent::command::{CommandVerifier, Executor, refusal_outcome};
+use guardian_agent::config::CommandsConfig;
+use guardian_proto::v1::Command;
+use guardian_server::command::{Action, CommandSigner};
+use guardian_server::identity::NodeId;
+use guardian_server::pki::{self, PkiFiles, PkiRequest};
+
+type TestResult = anyhow::Result<()>;
+
+const NODE: &str = "val-1";
+const TTL: Duration = Duration::from_secs(300);
+
+/// A tempdir with a fresh PKI (nodes val-1 and val-2), the server's signer, and an agent
+/// `[commands]` config allowing one unit and the given hooks.
+struct Fixture {
+    dir: tempfile::TempDir,
+    files: PkiFiles,
+    signer: CommandSigner,
+    config: CommandsConfig,
+}
+
+impl Fixture {
+    fn new() -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let files = pki_in(&dir.path().join("pki"))?;
+        let signer = CommandSigner::load(&files.command_signing_key())?;
+        let config = CommandsConfig {
+            enabled: true,
+            verify_key_file: files.command_verify_key(),
+            allowed_units: vec!["subtensor.service".into()],
+            hooks: BTreeMap::new(),
+            hook_timeout_ms: 1000,
+            ..CommandsConfig::default()
+        };
+        Ok(Self {
+            dir,
+            files,
+            signer,
+            config,
+        })
+    }
+
+    fn seen_path(&self) -> PathBuf {
+        self.dir.path().join("commands-seen")
+    }
+
+    /// A verifier for `node` as the agent opens it at start (key file + seen-ids file).
+    fn verifier(&self, node: &str) -> anyhow::Result<CommandVerifier> {
+        Ok(CommandVerifier::open(
+            &self.config,
+            node,
+            &self.seen_path(),
+            now(),
+        )?)
+    }
+
+    fn issue(
+        &self,
+        node: &str,
+        action: Action,
+        params: &[(&str, &str)],
+        issued_at: i64,
+    ) -> anyhow::Result<Command> {
+        let params: HashMap<String, String> = params
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        let (_, command) =
+            self.signer
+                .issue(&NodeId::parse(node)?, action, params, TTL, issued_at)?;
+        Ok(command)
+    }
+
+    /// Writes an executable shell script into the tempdir and registers it as hook `name`.
+    fn hook(&mut self, name: &str, body: &str) -> anyhow::Result<()> {
+        let path = self.dir.path().join(format!("{name}.sh"));
+        std::fs::write(&path, format!("#!/bin/sh\n{body}\n"))?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
+        self.config.hooks.insert(name.to_owned(), path);
+        Ok(())
+    }
+}
+
+fn pki_in(dir: &Path) -> anyhow::Result<PkiFiles> {
+    Ok(pki::init(
+        dir,
+        &PkiRequest {
+            nodes: vec![NODE.into(), "val-2".into()],
+            operator: "tester".into(),
+            server_names: vec![],
+            force: false,
+        },
+    )?)
+}
+
+fn now() -> i64 {
+    guardian_agent::unix_ms()
+}
+
+fn refused(verifier: &mut CommandVerifier, command: &Command) -> &'static str {
+    match verifier.verify(command, now()) {
+        Ok(envelope) => panic!("command {} must be refused", envelope.command_id),
+        Err(refusal) => refusal.kind(),
+    }
+}
+
+#[tokio::test]
+async fn agent_runs_a_signed_hook_once_with_its_parameters() -> TestResult {
+    let mut f = Fixture::new()?;
+    f.hook(
+        "snapshot-restore",
+        "echo \"restoring $GUARDIAN_PARAM_SNAPSHOT for $GUARDIAN_NODE_ID\"; echo done >&2",
+    )?;
+    let mut verifier = f.verifier(NODE)?;
+    let command = f.issue(
+        NODE,
+        Action::RunHook,
+        &[("hook", "snapshot-restore"), ("snapshot", "block-4242")],
+        now(),
+    )?;
+    let envelope = verifier.verify(&command, now())?;
+    assert_eq!(envelope.action, "run-hook");
+    let outcome = Executor::new(f.config.clone(), f.dir.path().to_owned())
+        .execute(&envelope)
+        .await;
+    assert_eq!(outcome.command_id, envelope.command_id);
+    assert!(outcome.succeeded, "{}", outcome.detail);
+    assert!(outcome.refused.is_empty());
+    assert!(
+        outcome.detail.contains("restoring block-4242 for val-1"),
+        "{}",
+        outcome.detail
+    );
+    assert!(outcome.detail.contains("done"), "{}", outcome.detail);
+    assert!(
+        outcome.detail.contains("exit status: 0"),
+        "{}",
+        outcome.detail
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn agent_refuses_replayed_command_also_after_restart() -> TestResult {
+    let mut f = Fixture::new()?;
+    f.hook("count", "echo ran >> \"$GUARDIAN_PARAM_LOG\"")?;
+    let log = f.dir.path().join("runs.log");
+    let log_text = log.display().to_string();
+    let command = f.issue(
+        NODE,
+        Action::RunHook,
+        &[("hook", "count"), ("log", &log_text)],
+        now(),
+    )?;
+    let executor = Executor::new(f.config.clone(), f.dir.path().to_owned());
+    let mut verifier = f.verifier(NODE)?;
+    let envelope = verifier.verify(&command, now())?;
+    assert!(executor.execute(&envelope).await.succeeded);
+
+    assert_eq!(refused(&mut verifier, &command), "replayed");
+    // A restarted agent (or a reconnect that re-delivers it) reopens the seen-ids file.
+    drop(verifier);
+    let mut restarted = f.verifier(NODE)?;
+    assert_eq!(refused(&mut restarted, &command), "replayed");
+    let refusal = restarted.verify(&command, now()).expect_err("replayed");
+    let outcome = refusal_outcome(&command, &refusal);
+    assert_eq!(
+        (outcome.succeeded, outcome.refused.as_str()),
+        (false, "replayed")
+    );
+    assert!(outcome.detail.contains(&outcome.command_id));
+    assert_eq!(std::fs::read_to_string(&log)?, "ran\n");
+    Ok(())
+}
+
+#[test]
+fn agent_refuses_forged_commands() -> TestResult {
+    let f = Fixture::new()?;
+    let mut verifier = f.verifier(NODE)?;
+    // Signed by another server's key (another PKI).
+    let other = pki_in(&f.dir.path().join("other-pki"))?;
+    let forger = CommandSigner::load(&other.command_signing_key())?;
+    let (_, forged) = forger.issue(
+        &NodeId::parse(NODE)?,
+        Action::CollectDiagnostics,
+        HashMap::new(),
+        TTL,
+        now(),
+    )?;
+    assert_eq!(refused(&mut verifier, &forged), "bad_signature");
+    let outcome = refusal_outcome(
+        &forged,
+        &verifier.verify(&forged, now()).expect_err("forged"),
+    );
+    assert_eq!(outcome.refused, "bad_signature");
+    assert!(!outcome.succeeded);
+
+    // Genuine, then altered in transit: every flipped byte breaks the signature.
+    let genuine = f.issue(
+        NODE,
+        Action::RestartUnit,
+        &[("unit", "subtensor.service")],
+        now(),
+    )?;
+    for at in [0, genuine.envelope.len() / 2, genuine.envelope.len() - 1] {
+        let mut altered = genuine.clone();
+        altered.envelope[at] ^= 0x01;
+        assert_eq!(
+            refused(&mut verifier, &altered),
+            "bad_signature",
+            "byte {at}"
+        );
+    }
+    let mut bad_signature = genuine.clone();
+    bad_signature.signature[0] ^= 0x80;
+    assert_eq!(refused(&mut verifier, &bad_signature), "bad_signature");
+    // None of them burned the genuine id.
+    verifier.verify(&genuine, now())?;
+    assert_eq!(f.files.command_verify_key(), f.config.verify_key_file);
+    Ok(())
+}
+
+#[test]
+fn agent_refuses_expired_future_and_other_node_commands() -> TestResult {
+    let f = Fixture::new()?;
+    let mut verifier = f.verifier(NODE)?;
+    let diag = Action::CollectDiagnostics;
+    let expired = f.issue(NODE, diag, &[], now() - 2 * TTL.as_millis() as i64)?;
+    assert_eq!(refused(&mut verifier, &expired), "expired");
+    let future = f.issue(NODE, diag, &[], now() + 60_000)?;
+    assert_eq!(refused(&mut verifier, &future), "not_yet_valid");
+    let other_node = f.issue("val-2", diag, &[], now())?;
+    assert_eq!(refused(&mut verifier, &other_node), "wrong_node");
+    // The other node's agent takes it.
+    let seen_2 = f.dir.path().join("commands-seen-2");
+    CommandVerifier::open(&f.config, "val-2", &seen_2, now())?.verify(&other_node, now())?;
+    assert!(verifier.seen().is_empty());
+    Ok(())
+}
+
+#[tokio::test]
+async fn agent_refuses_actions_its_config_does_not_allow() -> TestResult {
+    let f = Fixture::new()?;
+    let mut verifier = f.verifier(NODE)?;
+    let executor = Executor::new(f.config.clone(), f.dir.path().to_owned());
+    for (action, params) in [
+        (Action::RestartUnit, vec![("unit", "sshd.service")]),
+        (Action::RestartContainer, vec![("container", "validator")]),
+        (Action::RunHook, vec![("hook", "wipe-disk")]),
+    ] {
+        let command = f.issue(NODE, action, &params, now())?;
+        let envelope = verifier.verify(&command, now())?;
+        let outcome = executor.execute(&envelope).await;
+        assert!(!outcome.succeeded, "{action}");
+        assert_eq!(outcome.refused, "action_not_allowed", "{action}");
+        assert_eq!(outcome.command_id, envelope.command_id);
+        assert!(
+            outcome.detail.contains("not in commands."),
+            "{}",
+            outcome.detail
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn hook_past_its_timeout_is_killed_and_reported_failed() -> TestResult {
+    let mut f = Fixture::new()?;
+    let pid_file = f.dir.path().join("sleep.pid");
+    f.hook(
+        "slow",
+        &format!(
+            "echo started; sleep 30 & echo $! > '{}'; wait",
+            pid_file.display()
+        ),
+    )?;
+    f.config.hook_timeout_ms = 500;
+    let mut verifier = f.verifier(NODE)?;
+    let command = f.issue(NODE, Action::RunHook, &[("hook", "slow")], now())?;
+    let envelope = verifier.verify(&command, now())?;
+    let started = std::time::Instant::now();
+    let outcome = Executor::new(f.config.clone(), f.dir.path().to_owned())
+        .execute(&envelope)
+        .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(!outcome.succeeded);
+    assert!(outcome.refused.is_empty(), "it ran, then was killed");
+    assert!(
+        outcome
+            .detail
+            .contains("killed after its timeout of 500 ms"),
+        "{}",
+        outcome.detail
+    );
+    assert!(outcome.detail.contains("started"), "{}", outcome.detail);
+    // The hook's own child went with it (the whole process group is killed).
+    let sleep_pid = std::fs::read_to_string(&pid_file)?.trim().to_owned();
+    let gone = || {
+        std::fs::read_to_string(format!("/proc/{sleep_pid}/stat"))
+            .map_or(true, |stat| stat.contains(") Z "))
+    };
+    for _ in 0..50 {
+        if gone() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(gone(), "sleep {sleep_pid} outlived its killed hook");
+    Ok(())
+}
+
+#[tokio::test]
+async fn diagnostics_are_collected_and_bounded() -> TestResult {
+    let f = Fixture::new()?;
+    let mut verifier = f.verifier(NODE)?;
+    let envelope = verifier.verify(
+        &f.issue(NODE, Action::CollectDiagnostics, &[], now())?,
+        now(),
+    )?;
+    let outcome = Executor::new(f.config.clone(), f.dir.path().to_owned())
+        .execute(&envelope)
+        .await;
+    assert!(outcome.succeeded);
+    assert!(
+        outcome.detail.contains("== uname -a =="),
+        "{}",
+        outcome.detail
+    );
+    assert!(outcome.detail.contains("== df -h "), "{}", outcome.detail);
+    assert!(outcome.detail.len() <= guardian_agent::command::DIAGNOSTICS_MAX_BYTES);
+    Ok(())
+}
