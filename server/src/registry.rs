@@ -136,25 +136,38 @@ impl Registry {
         self.update(id, now_unix_ms, |entry| {
             let node = &mut entry.node;
             node.last_stored_seq = node.last_stored_seq.max(batch.seq);
+            // Windows take every sample; the newest of each kind is cloned once.
+            let mut newest_host: Option<(i64, &guardian_proto::v1::HostSample)> = None;
+            let mut newest_chain: Option<(i64, &guardian_proto::v1::ChainSample)> = None;
             for sample in &batch.samples {
                 let at = sample.observed_at_unix_ms;
                 match &sample.kind {
                     Some(sample::Kind::Host(host)) => {
                         entry.window.record_host(at, HostValues::of(host));
-                        if at >= node.last_host_observed_unix_ms {
-                            node.last_host = Some(host.clone());
-                            node.last_host_observed_unix_ms = at;
+                        if newest_host.is_none_or(|(seen, _)| at >= seen) {
+                            newest_host = Some((at, host));
                         }
                     }
                     Some(sample::Kind::Chain(chain)) => {
                         entry.window.record_chain(at, ChainValues::of(chain));
-                        if at >= node.last_chain_observed_unix_ms {
-                            node.last_chain = Some(chain.clone());
-                            node.last_chain_observed_unix_ms = at;
+                        if newest_chain.is_none_or(|(seen, _)| at >= seen) {
+                            newest_chain = Some((at, chain));
                         }
                     }
                     _ => {}
                 }
+            }
+            if let Some((at, host)) = newest_host
+                && at >= node.last_host_observed_unix_ms
+            {
+                node.last_host = Some(host.clone());
+                node.last_host_observed_unix_ms = at;
+            }
+            if let Some((at, chain)) = newest_chain
+                && at >= node.last_chain_observed_unix_ms
+            {
+                node.last_chain = Some(chain.clone());
+                node.last_chain_observed_unix_ms = at;
             }
             node.spool_dropped_batches_total = node
                 .spool_dropped_batches_total

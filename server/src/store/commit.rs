@@ -23,16 +23,16 @@ use sqlx::{AssertSqlSafe, Row};
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use super::telemetry::{ChainValues, GpuValues, HostValues};
-use super::{Commit, Ledger, StoreError, to_i64};
+use super::{Backend, Commit, Ledger, StoreError, to_i64};
 use crate::identity::NodeId;
 
 /// Most batches committed in one transaction.
 const MAX_GROUP_BATCHES: usize = 512;
-/// Bound values per multi-row INSERT statement. Small on purpose: sqlx-sqlite looks up each
-/// parameter's name by a linear scan, so binding costs grow with the square of the values in
-/// one statement (a 400-row statement spent 80 % of the server's CPU there); a few rows per
-/// statement amortise the round trip without that.
-const VALUES_PER_STATEMENT: usize = 512;
+/// Bound values per multi-row INSERT statement (SQLite allows 32 766, PostgreSQL 65 535).
+/// With numbered placeholders sqlx-sqlite resolves each parameter's name by a linear scan, so
+/// binding was quadratic in the values per statement (a 400-row statement spent 80 % of the
+/// server's CPU there); SQLite statements therefore use anonymous `?` placeholders.
+const VALUES_PER_STATEMENT: usize = 4096;
 
 /// Where a committed batch's samples go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -244,8 +244,9 @@ async fn writer(
     }
 }
 
-/// `$a, $b, ...` for one row of `width` values starting after `*next`.
-fn placeholders(next: &mut usize, width: usize) -> String {
+/// `(?, ?, ...)` (SQLite) or `($a, $b, ...)` (PostgreSQL) for one row of `width` values
+/// starting after `*next`.
+fn placeholders(next: &mut usize, width: usize, backend: Backend) -> String {
     let mut row = String::with_capacity(width * 4 + 2);
     row.push('(');
     for i in 0..width {
@@ -253,8 +254,15 @@ fn placeholders(next: &mut usize, width: usize) -> String {
             row.push_str(", ");
         }
         *next += 1;
-        row.push('$');
-        row.push_str(&next.to_string());
+        match backend {
+            // Anonymous parameters: sqlx-sqlite then binds each in O(1) (a numbered one costs
+            // a linear scan of the statement's parameter names).
+            Backend::Sqlite => row.push('?'),
+            Backend::Postgres => {
+                row.push('$');
+                row.push_str(&next.to_string());
+            }
+        }
     }
     row.push(')');
     row
@@ -273,6 +281,7 @@ enum Value {
 /// [`VALUES_PER_STATEMENT`] bound values.
 async fn insert_rows(
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    backend: Backend,
     table: &str,
     columns: &[&str],
     rows: Vec<Vec<Value>>,
@@ -287,7 +296,7 @@ async fn insert_rows(
             if i > 0 {
                 sql.push_str(", ");
             }
-            sql.push_str(&placeholders(&mut next, columns.len()));
+            sql.push_str(&placeholders(&mut next, columns.len(), backend));
         }
         // Table and column names are constants of this module; every value is bound.
         let mut query = sqlx::query(AssertSqlSafe(sql));
@@ -514,7 +523,7 @@ impl Ledger {
         now_unix_ms: i64,
     ) -> Result<Vec<(Commit, u64)>, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let stored = insert_batch_records(&mut tx, jobs, now_unix_ms).await?;
+        let stored = insert_batch_records(&mut tx, self.backend, jobs, now_unix_ms).await?;
         let mut outcome = Vec::with_capacity(jobs.len());
         let mut rows = Rows::default();
         let mut outbox: Vec<Vec<Value>> = Vec::new();
@@ -547,11 +556,26 @@ impl Ledger {
                 bytes,
             ));
         }
-        insert_rows(&mut tx, "host_samples", HOST_COLUMNS, rows.host).await?;
-        insert_rows(&mut tx, "chain_samples", CHAIN_COLUMNS, rows.chain).await?;
-        insert_rows(&mut tx, "gpu_samples", GPU_COLUMNS, rows.gpu).await?;
         insert_rows(
             &mut tx,
+            self.backend,
+            "host_samples",
+            HOST_COLUMNS,
+            rows.host,
+        )
+        .await?;
+        insert_rows(
+            &mut tx,
+            self.backend,
+            "chain_samples",
+            CHAIN_COLUMNS,
+            rows.chain,
+        )
+        .await?;
+        insert_rows(&mut tx, self.backend, "gpu_samples", GPU_COLUMNS, rows.gpu).await?;
+        insert_rows(
+            &mut tx,
+            self.backend,
             "unavailable_samples",
             &[
                 "node_id",
@@ -566,6 +590,7 @@ impl Ledger {
         .await?;
         insert_rows(
             &mut tx,
+            self.backend,
             "kind_samples",
             &[
                 "node_id",
@@ -582,12 +607,13 @@ impl Ledger {
         // sequence calls); one writer task means no other transaction interleaves ids.
         insert_rows(
             &mut tx,
+            self.backend,
             "outbox",
             &["node_id", "network", "received_at_unix_ms", "batch"],
             outbox,
         )
         .await?;
-        update_nodes(&mut tx, nodes, now_unix_ms).await?;
+        update_nodes(&mut tx, self.backend, nodes, now_unix_ms).await?;
         tx.commit().await?;
         Ok(outcome)
     }
@@ -596,6 +622,7 @@ impl Ledger {
 /// Inserts the `(node, seq)` idempotency records of a group; returns the ones that were new.
 async fn insert_batch_records(
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    backend: Backend,
     jobs: &[Job],
     now_unix_ms: i64,
 ) -> Result<HashSet<(String, i64)>, StoreError> {
@@ -608,7 +635,7 @@ async fn insert_batch_records(
             if i > 0 {
                 sql.push_str(", ");
             }
-            sql.push_str(&placeholders(&mut next, columns.len()));
+            sql.push_str(&placeholders(&mut next, columns.len(), backend));
         }
         sql.push_str(" ON CONFLICT (node_id, seq) DO NOTHING RETURNING node_id, seq");
         // Only placeholders are spliced in; every value is bound.
@@ -664,6 +691,7 @@ impl NodeUpdate {
 /// insert half only satisfies the syntax).
 async fn update_nodes(
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    backend: Backend,
     nodes: HashMap<&str, NodeUpdate>,
     now_unix_ms: i64,
 ) -> Result<(), StoreError> {
@@ -684,7 +712,7 @@ async fn update_nodes(
             if i > 0 {
                 sql.push_str(", ");
             }
-            sql.push_str(&placeholders(&mut next, COLUMNS.len()));
+            sql.push_str(&placeholders(&mut next, COLUMNS.len(), backend));
         }
         sql.push_str(
             " ON CONFLICT (node_id) DO UPDATE SET
@@ -729,7 +757,8 @@ mod tests {
     #[test]
     fn placeholders_number_across_rows() {
         let mut next = 0;
-        assert_eq!(placeholders(&mut next, 2), "($1, $2)");
-        assert_eq!(placeholders(&mut next, 2), "($3, $4)");
+        assert_eq!(placeholders(&mut next, 2, Backend::Postgres), "($1, $2)");
+        assert_eq!(placeholders(&mut next, 2, Backend::Postgres), "($3, $4)");
+        assert_eq!(placeholders(&mut next, 2, Backend::Sqlite), "(?, ?)");
     }
 }
