@@ -9,10 +9,12 @@
 pub mod api;
 pub mod command;
 pub mod config;
+pub mod detect;
 pub mod identity;
 pub mod ingest;
 pub mod metrics;
 pub mod pki;
+pub mod reconcile;
 pub mod registry;
 pub mod sink;
 pub mod store;
