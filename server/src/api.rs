@@ -9,9 +9,10 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use guardian_proto::v1::fleet_server::Fleet;
 use guardian_proto::v1::{
-    CommandRecord, GetCommandRequest, GetNodeRequest, HistoryPoint, HistoryRequest,
-    HistoryResponse, IssueCommandRequest, ListNodesRequest, ListNodesResponse, Node, NodeEvent,
-    WatchNodesRequest,
+    CancelCommandRequest, CommandRecord, GetCommandRequest, GetNodeRequest, HistoryPoint,
+    HistoryRequest, HistoryResponse, IssueCommandRequest, ListFindingsRequest,
+    ListFindingsResponse, ListNodesRequest, ListNodesResponse, Node, NodeEvent, PauseNodeRequest,
+    ResumeNodeRequest, WatchNodesRequest,
 };
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
@@ -24,6 +25,7 @@ use crate::command::{Action, CommandError, CommandSigner};
 use crate::identity::{NodeId, Peer};
 use crate::ingest::LiveSessions;
 use crate::metrics::Metrics;
+use crate::reconcile::runner::ReconcileHandle;
 use crate::registry::Registry;
 use crate::store::clickhouse::{ClickHouseSettings, ClickHouseStore};
 use crate::store::telemetry;
@@ -40,6 +42,7 @@ pub struct FleetApi {
     watchers: TaskTracker,
     clickhouse: Option<ClickHouseHistory>,
     commands: Commands,
+    reconcile: ReconcileHandle,
 }
 
 /// What issuing commands needs: the signing key (None = commands off) and the live streams.
@@ -86,6 +89,7 @@ impl FleetApi {
         watchers: TaskTracker,
         clickhouse: &ClickHouseSettings,
         commands: Commands,
+        reconcile: ReconcileHandle,
     ) -> Self {
         Self {
             registry,
@@ -98,7 +102,15 @@ impl FleetApi {
                 store: Arc::default(),
             }),
             commands,
+            reconcile,
         }
+    }
+
+    fn node_or_status(&self, raw: &str) -> Result<Node, Status> {
+        let id = NodeId::parse(raw).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        self.registry
+            .get(&id)
+            .ok_or_else(|| Status::not_found(format!("no node {raw:?} has ever connected")))
     }
 
     async fn command_record(&self, command_id: &str) -> Result<Response<CommandRecord>, Status> {
@@ -151,9 +163,9 @@ impl Fleet for FleetApi {
         request: Request<ListNodesRequest>,
     ) -> Result<Response<ListNodesResponse>, Status> {
         self.authorize(&request, "ListNodes").await?;
-        Ok(Response::new(ListNodesResponse {
-            nodes: self.registry.list(),
-        }))
+        let nodes = self.registry.list();
+        let fleet_risk = nodes.iter().map(|n| n.risk).fold(0.0, f64::max);
+        Ok(Response::new(ListNodesResponse { nodes, fleet_risk }))
     }
 
     async fn get_node(&self, request: Request<GetNodeRequest>) -> Result<Response<Node>, Status> {
@@ -287,6 +299,137 @@ impl Fleet for FleetApi {
             )));
         }
         self.command_record(&envelope.command_id).await
+    }
+
+    async fn cancel_command(
+        &self,
+        request: Request<CancelCommandRequest>,
+    ) -> Result<Response<CommandRecord>, Status> {
+        let operator = self.authorize(&request, "CancelCommand").await?;
+        let request = request.into_inner();
+        let reason = if request.reason.trim().is_empty() {
+            "no reason given"
+        } else {
+            request.reason.trim()
+        };
+        let record = self
+            .ledger
+            .cancel_command(&request.command_id, &operator, reason, unix_ms())
+            .await
+            .map_err(|e| Status::unavailable(format!("the ledger cannot answer now: {e}")))?
+            .ok_or_else(|| {
+                Status::not_found(format!("no command {:?} was issued", request.command_id))
+            })?;
+        if record.state != "cancelled" {
+            return Err(Status::failed_precondition(format!(
+                "command {} already finished ({}): nothing to cancel",
+                record.command_id, record.state
+            )));
+        }
+        tracing::info!(
+            command_id = record.command_id,
+            node = record.node_id,
+            operator,
+            "CommandCancelled"
+        );
+        // Tell a live agent (signed) never to run it and to stop it if it runs: the ledger
+        // already says cancelled, so a late outcome is kept out of the record either way.
+        if let (Some(signer), Ok(node)) = (&self.commands.signer, NodeId::parse(&record.node_id))
+            && self.commands.live.is_live(&node)
+        {
+            let parameters = std::collections::HashMap::from([(
+                "command_id".to_owned(),
+                record.command_id.clone(),
+            )]);
+            match signer.issue(
+                &node,
+                Action::CancelCommand,
+                parameters,
+                std::time::Duration::from_secs(300),
+                unix_ms(),
+            ) {
+                Ok((envelope, command)) => {
+                    let recorded = self
+                        .ledger
+                        .record_command_issued(&envelope, &format!("operator/{operator}"))
+                        .await;
+                    if recorded.is_ok()
+                        && let Err(why) = self.commands.live.send_command(&node, command).await
+                    {
+                        tracing::warn!(node = %node, why, "CancelNotDelivered");
+                    }
+                }
+                Err(error) => tracing::warn!(%error, "CancelNotSigned"),
+            }
+        }
+        Ok(Response::new(record))
+    }
+
+    async fn list_findings(
+        &self,
+        request: Request<ListFindingsRequest>,
+    ) -> Result<Response<ListFindingsResponse>, Status> {
+        self.authorize(&request, "ListFindings").await?;
+        let request = request.into_inner();
+        if !request.node_id.is_empty() {
+            NodeId::parse(&request.node_id).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        }
+        let limit = match request.limit {
+            0 => 100,
+            n => n.min(10_000),
+        };
+        let findings = self
+            .ledger
+            .findings(&request.node_id, request.include_cleared, limit)
+            .await
+            .map_err(|e| Status::unavailable(format!("the ledger cannot answer now: {e}")))?;
+        let fleet_risk = self
+            .registry
+            .list()
+            .iter()
+            .map(|n| n.risk)
+            .fold(0.0, f64::max);
+        Ok(Response::new(ListFindingsResponse {
+            findings,
+            fleet_risk,
+        }))
+    }
+
+    async fn pause_node(
+        &self,
+        request: Request<PauseNodeRequest>,
+    ) -> Result<Response<Node>, Status> {
+        let operator = self.authorize(&request, "PauseNode").await?;
+        let request = request.into_inner();
+        self.node_or_status(&request.node_id)?;
+        let node =
+            NodeId::parse(&request.node_id).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let reason = if request.reason.trim().is_empty() {
+            "no reason given"
+        } else {
+            request.reason.trim()
+        };
+        self.reconcile
+            .pause(node, &operator, reason)
+            .await
+            .map_err(Status::failed_precondition)?;
+        self.node_or_status(&request.node_id).map(Response::new)
+    }
+
+    async fn resume_node(
+        &self,
+        request: Request<ResumeNodeRequest>,
+    ) -> Result<Response<Node>, Status> {
+        let operator = self.authorize(&request, "ResumeNode").await?;
+        let request = request.into_inner();
+        self.node_or_status(&request.node_id)?;
+        let node =
+            NodeId::parse(&request.node_id).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        self.reconcile
+            .resume(node, &operator)
+            .await
+            .map_err(Status::failed_precondition)?;
+        self.node_or_status(&request.node_id).map(Response::new)
     }
 
     async fn get_command(

@@ -37,15 +37,18 @@ pub enum Action {
     RunHook,
     /// Collects a bounded diagnostics text (uname, uptime, df, unit status).
     CollectDiagnostics,
+    /// Never runs command `command_id` (parameter), and stops it if it is running.
+    CancelCommand,
 }
 
 impl Action {
     /// Every action, in a stable order.
-    pub const ALL: [Action; 4] = [
+    pub const ALL: [Action; 5] = [
         Action::RestartUnit,
         Action::RestartContainer,
         Action::RunHook,
         Action::CollectDiagnostics,
+        Action::CancelCommand,
     ];
 
     /// The wire value: `restart-unit`, `restart-container`, `run-hook`, `collect-diagnostics`.
@@ -55,6 +58,7 @@ impl Action {
             Action::RestartContainer => "restart-container",
             Action::RunHook => "run-hook",
             Action::CollectDiagnostics => "collect-diagnostics",
+            Action::CancelCommand => "cancel-command",
         }
     }
 
@@ -65,6 +69,7 @@ impl Action {
             Action::RestartContainer => Some("container"),
             Action::RunHook => Some("hook"),
             Action::CollectDiagnostics => None,
+            Action::CancelCommand => Some("command_id"),
         }
     }
 }

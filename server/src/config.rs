@@ -40,6 +40,10 @@ pub struct ServerConfig {
     pub command_signing_key_file: PathBuf,
     /// ClickHouse telemetry store; off (embedded store) while `url` is empty.
     pub clickhouse: ClickHouseSettings,
+    /// Detector thresholds (`[detect]`).
+    pub detect: crate::detect::DetectPolicy,
+    /// The reconciler and the fleet's default sync policy (`[reconcile]`).
+    pub reconcile: crate::reconcile::ReconcileSettings,
     /// TLS material.
     pub tls: ServerTls,
 }
@@ -69,6 +73,8 @@ impl Default for ServerConfig {
             window_seconds: 1800,
             command_signing_key_file: PathBuf::new(),
             clickhouse: ClickHouseSettings::default(),
+            detect: crate::detect::DetectPolicy::default(),
+            reconcile: crate::reconcile::ReconcileSettings::default(),
             tls: ServerTls::default(),
         }
     }
@@ -224,6 +230,22 @@ impl ServerConfig {
                 "command_signing_key_file",
                 format!("{} does not exist", self.command_signing_key_file.display()),
                 "point it at the PKCS#8 key (guardianctl pki init writes command-signing-key.pk8), or leave it empty to keep remote commands off",
+            ));
+        }
+        if let Some(problem) = self.reconcile.problems().into_iter().next() {
+            return Err(ConfigError::new(
+                "reconcile",
+                problem,
+                "fix the [reconcile] section (defaults are documented in README.md)",
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.detect.fleet_degraded_share)
+            || self.detect.fleet_degraded_share == 0.0
+        {
+            return Err(ConfigError::new(
+                "detect.fleet_degraded_share",
+                format!("{} is outside (0, 1]", self.detect.fleet_degraded_share),
+                "use a share such as 0.5 (half of a network's nodes degraded together)",
             ));
         }
         if self.clickhouse.enabled() {

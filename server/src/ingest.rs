@@ -182,6 +182,7 @@ pub struct Ingest {
     shutdown: CancellationToken,
     sessions: TaskTracker,
     takeover: Arc<Takeover>,
+    reconcile: Option<Arc<crate::reconcile::runner::Trigger>>,
 }
 
 impl Ingest {
@@ -210,7 +211,15 @@ impl Ingest {
             shutdown,
             sessions,
             takeover: Arc::default(),
+            reconcile: None,
         }
+    }
+
+    /// Wakes the reconciler after each committed batch.
+    #[must_use]
+    pub fn with_reconcile(mut self, trigger: Arc<crate::reconcile::runner::Trigger>) -> Self {
+        self.reconcile = Some(trigger);
+        self
     }
 
     /// The handle the Fleet API sends commands through.
@@ -450,6 +459,7 @@ impl Ingest {
     }
 
     async fn commit(&self, node: &NodeId, network: &str, batch: SampleBatch) -> Result<(), Status> {
+        let arrived = std::time::Instant::now();
         let now = unix_ms();
         let seq = batch.seq;
         let batch = Arc::new(batch);
@@ -463,6 +473,9 @@ impl Ingest {
                 self.metrics.batches_committed.inc();
                 self.metrics.samples_committed.inc_by(samples as u64);
                 self.registry.committed(node, &batch, now);
+                if let Some(trigger) = &self.reconcile {
+                    trigger.sample(node, arrived);
+                }
                 tracing::debug!(node = %node, seq, samples, "BatchAcked");
                 Ok(())
             }

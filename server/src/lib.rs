@@ -180,6 +180,29 @@ pub async fn run(
         shutdown.clone(),
         tasks.clone(),
     );
+    let commands = api::Commands {
+        signer,
+        live: ingest.live_sessions(),
+    };
+    let (ingest, reconcile) = if config.reconcile.enabled {
+        let handle = reconcile::runner::spawn(
+            reconcile::runner::Parts {
+                settings: config.reconcile.clone(),
+                detect: config.detect.clone(),
+                registry: Arc::clone(&registry),
+                ledger: ledger.clone(),
+                commands: commands.clone(),
+                metrics: Arc::clone(&metrics),
+            },
+            shutdown.clone(),
+            &tasks,
+        )
+        .await?;
+        (ingest.with_reconcile(handle.trigger()), handle)
+    } else {
+        tracing::warn!("[reconcile] enabled = false: no detectors, no remediation");
+        (ingest, reconcile::runner::ReconcileHandle::disabled())
+    };
     let fleet = api::FleetApi::new(
         Arc::clone(&registry),
         ledger.clone(),
@@ -187,10 +210,8 @@ pub async fn run(
         shutdown.clone(),
         tasks.clone(),
         &config.clickhouse,
-        api::Commands {
-            signer,
-            live: ingest.live_sessions(),
-        },
+        commands,
+        reconcile,
     );
     let grpc = Server::builder()
         .tls_config(tls)?

@@ -53,6 +53,16 @@ pub struct Metrics {
     pub clickhouse_breaker: Gauge,
     /// Partitions dropped by retention.
     pub clickhouse_partitions_dropped: Counter,
+    /// Reconciler evaluations of one node (detectors + plan).
+    pub reconcile_evaluations: Counter,
+    /// Findings raised, by kind (`FindingRaised`).
+    pub findings_raised: Family<Reason, Counter>,
+    /// Remediation commands sent by the reconciler, by action (`RemediationIssued`).
+    pub remediations_issued: Family<Reason, Counter>,
+    /// Alerts raised by the reconciler (`RemediationAlert`).
+    pub remediation_alerts: Counter,
+    /// From the arrival of the batch that tipped a decision to its command leaving the server.
+    pub decision_latency_seconds: Histogram,
 }
 
 impl Default for Metrics {
@@ -76,6 +86,11 @@ impl Default for Metrics {
             clickhouse_insert_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
             clickhouse_breaker: Gauge::default(),
             clickhouse_partitions_dropped: Counter::default(),
+            reconcile_evaluations: Counter::default(),
+            findings_raised: Family::default(),
+            remediations_issued: Family::default(),
+            remediation_alerts: Counter::default(),
+            decision_latency_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             registry: Registry::default(),
         };
         registry.register(
@@ -162,6 +177,31 @@ impl Default for Metrics {
             "clickhouse_partitions_dropped",
             "Partitions dropped by retention",
             metrics.clickhouse_partitions_dropped.clone(),
+        );
+        registry.register(
+            "reconcile_evaluations",
+            "Reconciler evaluations of one node",
+            metrics.reconcile_evaluations.clone(),
+        );
+        registry.register(
+            "findings_raised",
+            "Findings raised, by kind",
+            metrics.findings_raised.clone(),
+        );
+        registry.register(
+            "remediations_issued",
+            "Remediation commands sent by the reconciler, by action",
+            metrics.remediations_issued.clone(),
+        );
+        registry.register(
+            "remediation_alerts",
+            "Alerts raised by the reconciler",
+            metrics.remediation_alerts.clone(),
+        );
+        registry.register(
+            "decision_latency_seconds",
+            "From the arrival of the batch that tipped a decision to its command leaving the server",
+            metrics.decision_latency_seconds.clone(),
         );
         Self {
             registry,

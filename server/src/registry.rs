@@ -4,9 +4,12 @@
 use std::collections::HashMap;
 use std::sync::RwLock;
 
-use guardian_proto::v1::{Node, NodeDescriptor, SampleBatch, sample};
+use guardian_proto::v1::{
+    ChainSample, GpuSample, KeystoreSample, Node, NodeDescriptor, SampleBatch, sample,
+};
 use tokio::sync::broadcast;
 
+use crate::detect::{FleetContext, NodeInput};
 use crate::identity::NodeId;
 use crate::store::telemetry::{ChainValues, HostValues};
 use crate::window::Window;
@@ -29,6 +32,33 @@ struct Entry {
     streams: u32,
     /// The node's recent past.
     window: Window,
+    /// The chain sample before `node.last_chain`.
+    previous_chain: Option<(i64, ChainSample)>,
+    /// Newest GPU sample and the one before it.
+    gpu: Option<(i64, GpuSample)>,
+    previous_gpu: Option<(i64, GpuSample)>,
+    /// Newest keystore sample, and when its key fingerprints last changed.
+    keystore: Option<(i64, KeystoreSample)>,
+    keystore_changed_unix_ms: Option<i64>,
+    /// Start of the current run of syncing chain samples.
+    syncing_since_unix_ms: Option<i64>,
+}
+
+/// The reconciler's figures shown on a node (see [`Registry::set_reconcile`]).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ReconcileFigures {
+    /// Phase name.
+    pub phase: String,
+    /// When the phase was entered.
+    pub phase_since_unix_ms: i64,
+    /// Composite risk 0..1.
+    pub risk: f64,
+    /// Open findings.
+    pub open_findings: u32,
+    /// Remediations in the current budget.
+    pub attempts: u32,
+    /// Paused by an operator.
+    pub paused: bool,
 }
 
 impl Entry {
@@ -37,6 +67,12 @@ impl Entry {
             node,
             streams: 0,
             window: Window::new(window_ms),
+            previous_chain: None,
+            gpu: None,
+            previous_gpu: None,
+            keystore: None,
+            keystore_changed_unix_ms: None,
+            syncing_since_unix_ms: None,
         }
     }
 
@@ -139,6 +175,8 @@ impl Registry {
             // Windows take every sample; the newest of each kind is cloned once.
             let mut newest_host: Option<(i64, &guardian_proto::v1::HostSample)> = None;
             let mut newest_chain: Option<(i64, &guardian_proto::v1::ChainSample)> = None;
+            let mut newest_gpu: Option<(i64, &GpuSample)> = None;
+            let mut newest_keystore: Option<(i64, &KeystoreSample)> = None;
             for sample in &batch.samples {
                 let at = sample.observed_at_unix_ms;
                 match &sample.kind {
@@ -154,6 +192,16 @@ impl Registry {
                             newest_chain = Some((at, chain));
                         }
                     }
+                    Some(sample::Kind::Gpu(gpu)) => {
+                        if newest_gpu.is_none_or(|(seen, _)| at >= seen) {
+                            newest_gpu = Some((at, gpu));
+                        }
+                    }
+                    Some(sample::Kind::Keystore(keystore)) => {
+                        if newest_keystore.is_none_or(|(seen, _)| at >= seen) {
+                            newest_keystore = Some((at, keystore));
+                        }
+                    }
                     _ => {}
                 }
             }
@@ -166,14 +214,154 @@ impl Registry {
             if let Some((at, chain)) = newest_chain
                 && at >= node.last_chain_observed_unix_ms
             {
-                node.last_chain = Some(chain.clone());
-                node.last_chain_observed_unix_ms = at;
+                if chain.responsive && chain.is_syncing {
+                    entry.syncing_since_unix_ms.get_or_insert(at);
+                } else if chain.responsive {
+                    entry.syncing_since_unix_ms = None;
+                }
+                let before = node.last_chain.replace(chain.clone());
+                let before_at = std::mem::replace(&mut node.last_chain_observed_unix_ms, at);
+                entry.previous_chain = before.map(|c| (before_at, c));
+            }
+            if let Some((at, gpu)) = newest_gpu
+                && entry.gpu.as_ref().is_none_or(|(seen, _)| at >= *seen)
+            {
+                entry.previous_gpu = entry.gpu.replace((at, gpu.clone()));
+            }
+            if let Some((at, keystore)) = newest_keystore
+                && entry.keystore.as_ref().is_none_or(|(seen, _)| at >= *seen)
+            {
+                let fingerprints = |k: &KeystoreSample| {
+                    let mut prints: Vec<&str> = k
+                        .files
+                        .iter()
+                        .map(|f| f.sha256_fingerprint.as_str())
+                        .collect();
+                    prints.sort_unstable();
+                    prints.join(",")
+                };
+                if let Some((_, before)) = &entry.keystore
+                    && fingerprints(before) != fingerprints(keystore)
+                {
+                    entry.keystore_changed_unix_ms = Some(at);
+                }
+                entry.keystore = Some((at, keystore.clone()));
             }
             node.spool_dropped_batches_total = node
                 .spool_dropped_batches_total
                 .max(batch.spool_dropped_batches_total);
             entry.sync_window_figures();
         });
+    }
+
+    /// Runs `detect` over one node's window and newest samples (under the read lock: keep
+    /// it quick), with the node's network. `None` for an unknown node.
+    pub fn evaluate<R>(
+        &self,
+        id: &NodeId,
+        now_unix_ms: i64,
+        detect: impl FnOnce(&NodeInput<'_>, &str) -> R,
+    ) -> Option<R> {
+        let map = self.read();
+        let entry = map.get(id)?;
+        let node = &entry.node;
+        let input = NodeInput {
+            now_unix_ms,
+            connected: node.connected,
+            last_seen_unix_ms: node.last_seen_unix_ms,
+            window: &entry.window,
+            host: node
+                .last_host
+                .as_ref()
+                .map(|h| (node.last_host_observed_unix_ms, h)),
+            chain: node
+                .last_chain
+                .as_ref()
+                .map(|c| (node.last_chain_observed_unix_ms, c)),
+            previous_chain: entry.previous_chain.as_ref().map(|(at, c)| (*at, c)),
+            gpu: entry.gpu.as_ref().map(|(at, g)| (*at, g)),
+            previous_gpu: entry.previous_gpu.as_ref().map(|(at, g)| (*at, g)),
+            keystore: entry.keystore.as_ref().map(|(at, k)| (*at, k)),
+            keystore_changed_unix_ms: entry.keystore_changed_unix_ms,
+            syncing_since_unix_ms: entry.syncing_since_unix_ms,
+        };
+        Some(detect(&input, &node.network))
+    }
+
+    /// Every node id with its network.
+    pub fn ids(&self) -> Vec<(NodeId, String)> {
+        self.read()
+            .iter()
+            .map(|(id, e)| (id.clone(), e.node.network.clone()))
+            .collect()
+    }
+
+    /// Per network: the highest best block and the median peer count of its connected nodes
+    /// with a responsive chain sample.
+    pub fn network_contexts(&self) -> HashMap<String, FleetContext> {
+        let map = self.read();
+        let mut by_network: HashMap<&str, (u64, Vec<u32>)> = HashMap::new();
+        for entry in map.values() {
+            let node = &entry.node;
+            if let Some(chain) = &node.last_chain
+                && chain.responsive
+                && node.connected
+            {
+                let slot = by_network.entry(node.network.as_str()).or_default();
+                slot.0 = slot.0.max(chain.best_block);
+                slot.1.push(chain.peers);
+            }
+        }
+        by_network
+            .into_iter()
+            .map(|(network, (best, mut peers))| {
+                peers.sort_unstable();
+                let median = (peers.len() >= 2).then(|| {
+                    let mid = peers.len() / 2;
+                    if peers.len() % 2 == 0 {
+                        (f64::from(peers[mid - 1]) + f64::from(peers[mid])) / 2.0
+                    } else {
+                        f64::from(peers[mid])
+                    }
+                });
+                (
+                    network.to_owned(),
+                    FleetContext {
+                        network_best_block: best,
+                        network_median_peers: median,
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// Shows the reconciler's figures on a node; watchers hear of it only when they change.
+    pub fn set_reconcile(&self, id: &NodeId, figures: &ReconcileFigures) {
+        let snapshot = {
+            let mut map = self.write();
+            let Some(entry) = map.get_mut(id) else {
+                return;
+            };
+            let node = &mut entry.node;
+            let risk_changed = (node.risk - figures.risk).abs() >= 0.01;
+            if node.phase == figures.phase
+                && node.phase_since_unix_ms == figures.phase_since_unix_ms
+                && !risk_changed
+                && node.open_findings == figures.open_findings
+                && node.remediation_attempts == figures.attempts
+                && node.paused == figures.paused
+            {
+                return;
+            }
+            node.phase.clone_from(&figures.phase);
+            node.phase_since_unix_ms = figures.phase_since_unix_ms;
+            node.risk = figures.risk;
+            node.open_findings = figures.open_findings;
+            node.remediation_attempts = figures.attempts;
+            node.paused = figures.paused;
+            node.clone()
+        };
+        let _ = self.events.send(snapshot);
     }
 
     /// A stream for `id` ended.

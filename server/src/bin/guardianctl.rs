@@ -1,6 +1,8 @@
 //! `guardianctl`: the operator's CLI. Writes a throwaway PKI, shows the fleet as a table or
 //! JSON, and follows it live, over the Fleet API with an operator certificate.
 
+#![recursion_limit = "256"]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -9,7 +11,8 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use guardian_proto::v1::fleet_client::FleetClient;
 use guardian_proto::v1::{
-    GetCommandRequest, HistoryRequest, IssueCommandRequest, ListNodesRequest, Node,
+    CancelCommandRequest, GetCommandRequest, HistoryRequest, IssueCommandRequest,
+    ListFindingsRequest, ListNodesRequest, Node, PauseNodeRequest, ResumeNodeRequest,
     WatchNodesRequest,
 };
 use guardian_server::pki::{self, PkiRequest};
@@ -73,6 +76,40 @@ enum Command {
         /// Stop after this many events (default: never).
         #[arg(long)]
         count: Option<u64>,
+    },
+    /// Findings: open ones (or all with --all), newest first, with the fleet's risk.
+    Findings {
+        #[command(flatten)]
+        connection: Connection,
+        /// Only this node's (default: every node's and the fleet's).
+        #[arg(long)]
+        node: Option<String>,
+        /// Include cleared findings.
+        #[arg(long)]
+        all: bool,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        /// Output format.
+        #[arg(long, short, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Stop automatic remediation of a node (phase paused) until `resume`.
+    Pause {
+        #[command(flatten)]
+        connection: Connection,
+        /// The node.
+        node: String,
+        /// Why (kept in the audit ledger).
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Hand a paused or cordoned node back to the reconciler.
+    Resume {
+        #[command(flatten)]
+        connection: Connection,
+        /// The node.
+        node: String,
     },
     /// The audit ledger (findings, decisions, commands, outcomes, operator acts), read from
     /// the ledger database directly: run it on the server host or against PostgreSQL.
@@ -160,6 +197,17 @@ enum CommandCommand {
         /// Wait up to this many seconds for the outcome (0 = do not wait).
         #[arg(long, default_value_t = 30)]
         wait: u64,
+    },
+    /// Cancel a command that has no outcome yet (a live agent is told never to run it and
+    /// to stop it if it is running).
+    Cancel {
+        #[command(flatten)]
+        connection: Connection,
+        /// The command id.
+        id: String,
+        /// Why (kept in the audit ledger).
+        #[arg(long, default_value = "")]
+        reason: String,
     },
     /// Show a command and its outcome.
     Show {
@@ -359,6 +407,102 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             } else {
                 bail!("command {} ended {}", record.command_id, record.state)
             }
+        }
+        Command::Remote {
+            command:
+                CommandCommand::Cancel {
+                    connection,
+                    id,
+                    reason,
+                },
+        } => {
+            let mut client = connection.client().await?;
+            let record = client
+                .cancel_command(CancelCommandRequest {
+                    command_id: id,
+                    reason,
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            print_command(&record);
+            Ok(())
+        }
+        Command::Findings {
+            connection,
+            node,
+            all,
+            limit,
+            output,
+        } => {
+            let mut client = connection.client().await?;
+            let response = client
+                .list_findings(ListFindingsRequest {
+                    node_id: node.unwrap_or_default(),
+                    include_cleared: all,
+                    limit,
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            match output {
+                Output::Table => print!("{}", findings_table(&response)),
+                Output::Json => {
+                    let findings: Vec<serde_json::Value> = response
+                        .findings
+                        .iter()
+                        .map(|f| {
+                            serde_json::json!({
+                                "finding_id": f.finding_id,
+                                "node_id": f.node_id,
+                                "network": f.network,
+                                "kind": f.kind,
+                                "severity": f.severity,
+                                "score": f.score,
+                                "summary": f.summary,
+                                "evidence": f.evidence,
+                                "raised_at_unix_ms": f.raised_at_unix_ms,
+                                "cleared_at_unix_ms": f.cleared_at_unix_ms,
+                            })
+                        })
+                        .collect();
+                    println!(
+                        "{}",
+                        serde_json::json!({"fleet_risk": response.fleet_risk, "findings": findings})
+                    );
+                }
+            }
+            Ok(())
+        }
+        Command::Pause {
+            connection,
+            node,
+            reason,
+        } => {
+            let mut client = connection.client().await?;
+            let node = client
+                .pause_node(PauseNodeRequest {
+                    node_id: node,
+                    reason,
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            println!("{} is {}", node.node_id, node.phase);
+            Ok(())
+        }
+        Command::Resume { connection, node } => {
+            let mut client = connection.client().await?;
+            let node = client
+                .resume_node(ResumeNodeRequest { node_id: node })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            println!(
+                "{} is {} (handed back to the reconciler)",
+                node.node_id, node.phase
+            );
+            Ok(())
         }
         Command::Remote {
             command: CommandCommand::Show { connection, id },
@@ -625,6 +769,8 @@ fn table(nodes: &[Node], now: i64) -> String {
         [
             "NODE",
             "STATE",
+            "PHASE",
+            "RISK",
             "LAST SAMPLE",
             "SEQ",
             "CPU%",
@@ -672,6 +818,12 @@ fn table(nodes: &[Node], now: i64) -> String {
                     "offline"
                 }
                 .to_owned(),
+                if node.phase.is_empty() {
+                    "-".to_owned()
+                } else {
+                    node.phase.clone()
+                },
+                format!("{:.2}", node.risk),
                 age(now, node.last_host_observed_unix_ms),
                 node.last_stored_seq.to_string(),
                 fmt(host.map(|h| h.cpu_busy_percent)),
@@ -765,6 +917,12 @@ fn json(node: &Node, now: i64) -> serde_json::Value {
         "first_seen_unix_ms": node.first_seen_unix_ms,
         "last_seen_unix_ms": node.last_seen_unix_ms,
         "last_stored_seq": node.last_stored_seq,
+        "phase": node.phase,
+        "phase_since_unix_ms": node.phase_since_unix_ms,
+        "risk": node.risk,
+        "open_findings": node.open_findings,
+        "remediation_attempts": node.remediation_attempts,
+        "paused": node.paused,
         "last_sample_unix_ms": node.last_host_observed_unix_ms,
         "last_sample_age_ms": (node.last_host_observed_unix_ms > 0).then(|| now - node.last_host_observed_unix_ms),
         "chain": node.last_chain.as_ref().map(|c| serde_json::json!({
@@ -812,10 +970,41 @@ fn json(node: &Node, now: i64) -> serde_json::Value {
     })
 }
 
+fn findings_table(response: &guardian_proto::v1::ListFindingsResponse) -> String {
+    let mut out = format!("# fleet risk {:.2}\n", response.fleet_risk);
+    if response.findings.is_empty() {
+        out.push_str("(no findings)\n");
+        return out;
+    }
+    for f in &response.findings {
+        let subject = if f.node_id.is_empty() {
+            format!("network {}", f.network)
+        } else {
+            f.node_id.clone()
+        };
+        let state = if f.cleared_at_unix_ms == 0 {
+            "open".to_owned()
+        } else {
+            format!("cleared {}", utc(f.cleared_at_unix_ms))
+        };
+        out.push_str(&format!(
+            "{} {} {} {} score={:.2} [{}] {}\n",
+            utc(f.raised_at_unix_ms),
+            subject,
+            f.severity,
+            f.kind,
+            f.score,
+            state,
+            f.summary
+        ));
+    }
+    out
+}
+
 fn watch_line(node: &Node, now: i64) -> String {
     let host = node.last_host.as_ref();
     format!(
-        "{} {} {} seq={} cpu={} mem={} sample={}",
+        "{} {} {} phase={} risk={:.2} seq={} cpu={} mem={} sample={}",
         chrono_like(now),
         node.node_id,
         if node.connected {
@@ -823,6 +1012,12 @@ fn watch_line(node: &Node, now: i64) -> String {
         } else {
             "offline"
         },
+        if node.phase.is_empty() {
+            "-"
+        } else {
+            &node.phase
+        },
+        node.risk,
         node.last_stored_seq,
         host.map_or("-".to_owned(), |h| format!("{:.1}%", h.cpu_busy_percent)),
         mem_used_percent(node).map_or("-".to_owned(), |m| format!("{m:.1}%")),

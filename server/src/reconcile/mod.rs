@@ -218,3 +218,149 @@ impl Plan {
         self.next.phase != before.phase || !self.actions.is_empty()
     }
 }
+
+/// `[reconcile]`: the reconciler's switches and the fleet's default [`SyncPolicy`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReconcileSettings {
+    /// Run detectors and the reconciler. Default true.
+    pub enabled: bool,
+    /// Decide and record everything, send no command. Default false.
+    pub dry_run: bool,
+    /// Most nodes in `recovering` at once across the fleet. Default 5.
+    pub max_concurrent_remediations: usize,
+    /// How often every node is evaluated even without a new sample (silent agents,
+    /// cooldowns, budget resets), ms. Default 1000.
+    pub evaluate_interval_ms: u64,
+    /// Fleet defaults.
+    pub policy: SyncPolicy,
+    /// Per-node overrides of single fields: `[reconcile.nodes.NODE_ID]`.
+    pub nodes: BTreeMap<String, SyncPolicyOverride>,
+}
+
+impl Default for ReconcileSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            dry_run: false,
+            max_concurrent_remediations: 5,
+            evaluate_interval_ms: 1000,
+            policy: SyncPolicy::default(),
+            nodes: BTreeMap::new(),
+        }
+    }
+}
+
+/// One node's overrides of the fleet's [`SyncPolicy`]; unset fields keep the default.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+#[allow(missing_docs)]
+pub struct SyncPolicyOverride {
+    pub max_block_lag: Option<u64>,
+    pub recovery_strategy: Option<RecoveryStrategy>,
+    pub max_restart_attempts: Option<u32>,
+    pub probe_interval_seconds: Option<u32>,
+    pub sync_timeout_minutes: Option<u32>,
+    pub stable_reset_minutes: Option<u32>,
+    pub confirm_samples: Option<u32>,
+    pub recover_samples: Option<u32>,
+    pub restart_unit: Option<String>,
+    pub restart_container: Option<String>,
+    pub snapshot_hook: Option<String>,
+}
+
+impl SyncPolicyOverride {
+    /// `base` with this override's set fields.
+    pub fn apply(&self, base: &SyncPolicy) -> SyncPolicy {
+        let mut policy = base.clone();
+        macro_rules! take {
+            ($($field:ident),*) => {
+                $(if let Some(value) = &self.$field {
+                    policy.$field = value.clone();
+                })*
+            };
+        }
+        take!(
+            max_block_lag,
+            recovery_strategy,
+            max_restart_attempts,
+            probe_interval_seconds,
+            sync_timeout_minutes,
+            stable_reset_minutes,
+            confirm_samples,
+            recover_samples,
+            restart_unit,
+            restart_container,
+            snapshot_hook
+        );
+        policy
+    }
+}
+
+impl SyncPolicy {
+    /// Problems with this policy, each naming the field (`at` is where it came from).
+    pub fn problems(&self, at: &str) -> Vec<String> {
+        let mut problems = Vec::new();
+        if self.max_block_lag == 0 {
+            problems.push(format!("{at}.max_block_lag must be at least 1 block"));
+        }
+        if self.confirm_samples == 0 || self.recover_samples == 0 {
+            problems.push(format!(
+                "{at}.confirm_samples and recover_samples must be at least 1"
+            ));
+        }
+        if self.probe_interval_seconds == 0 {
+            problems.push(format!("{at}.probe_interval_seconds must be at least 1"));
+        }
+        if self.recovery_strategy == RecoveryStrategy::Restart
+            && self.restart_unit.trim().is_empty()
+            && self.restart_container.trim().is_empty()
+        {
+            problems.push(format!(
+                "{at}: recovery_strategy = \"restart\" needs restart_unit or restart_container"
+            ));
+        }
+        if self.recovery_strategy == RecoveryStrategy::SnapshotRestore
+            && self.snapshot_hook.trim().is_empty()
+        {
+            problems.push(format!(
+                "{at}: recovery_strategy = \"snapshot-restore\" needs snapshot_hook (a hook named in the agent's [commands.hooks])"
+            ));
+        }
+        problems
+    }
+}
+
+impl ReconcileSettings {
+    /// The policy for one node: the fleet default with its overrides.
+    pub fn policy_for(&self, node_id: &str) -> SyncPolicy {
+        match self.nodes.get(node_id) {
+            Some(over) => over.apply(&self.policy),
+            None => self.policy.clone(),
+        }
+    }
+
+    /// Problems with these settings, each naming the field and the fix.
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = self.policy.problems("reconcile.policy");
+        if self.max_concurrent_remediations == 0 {
+            problems.push(
+                "reconcile.max_concurrent_remediations must be at least 1 (use dry_run = true to act on nothing)"
+                    .to_owned(),
+            );
+        }
+        if self.evaluate_interval_ms < 100 {
+            problems.push("reconcile.evaluate_interval_ms must be at least 100".to_owned());
+        }
+        for (node, over) in &self.nodes {
+            if let Err(e) = crate::identity::NodeId::parse(node) {
+                problems.push(format!("reconcile.nodes.{node}: {e}"));
+            }
+            problems.extend(
+                over.apply(&self.policy)
+                    .problems(&format!("reconcile.nodes.{node}")),
+            );
+        }
+        problems
+    }
+}

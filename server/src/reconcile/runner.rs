@@ -1,1 +1,722 @@
-//! Placeholder.
+//! Runs the control loop: after each committed batch (and on a steady tick for nodes that
+//! went quiet) it runs the detectors over the node's window, records raised and cleared
+//! findings, asks [`plan`](super::plan) what to do, writes the decision to the ledger and
+//! only then carries it out: a signed command down the agent's live stream, or an alert.
+//!
+//! One task owns every node's [`NodeState`]; ingest wakes it through a [`Trigger`] and the
+//! Fleet API reaches it through a [`ReconcileHandle`] (pause, resume).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use super::{NodeState, Observation, Phase, Plan, PlannedAction, ReconcileSettings, SyncPolicy};
+use crate::api::Commands;
+use crate::command::Action;
+use crate::detect::fleet::{self, NodeHealth};
+use crate::detect::{self, DetectPolicy, Finding, FindingKind, FleetContext, Severity};
+use crate::identity::NodeId;
+use crate::metrics::{Metrics, Reason};
+use crate::registry::{ReconcileFigures, Registry};
+use crate::store::Ledger;
+use crate::unix_ms;
+
+/// How long a reconciler command stays valid: it must not run long after the decision.
+const COMMAND_TTL: Duration = Duration::from_secs(120);
+
+/// Nodes with new samples, each with the arrival time of its oldest unevaluated batch.
+#[derive(Debug, Default)]
+pub struct Trigger {
+    pending: Mutex<HashMap<NodeId, Instant>>,
+    wake: Notify,
+}
+
+impl Trigger {
+    /// A batch for `node` that arrived at `arrived` was committed.
+    pub fn sample(&self, node: &NodeId, arrived: Instant) {
+        {
+            let mut pending = self
+                .pending
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            pending.entry(node.clone()).or_insert(arrived);
+        }
+        self.wake.notify_one();
+    }
+
+    fn take(&self) -> HashMap<NodeId, Instant> {
+        std::mem::take(
+            &mut *self
+                .pending
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+}
+
+/// An operator's request to the reconciler.
+#[derive(Debug)]
+enum Request {
+    Pause {
+        node: NodeId,
+        operator: String,
+        reason: String,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    Resume {
+        node: NodeId,
+        operator: String,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+}
+
+/// The Fleet API's way in (pause, resume); cheap to clone.
+#[derive(Debug, Clone)]
+pub struct ReconcileHandle {
+    trigger: Arc<Trigger>,
+    requests: Option<mpsc::Sender<Request>>,
+}
+
+impl ReconcileHandle {
+    /// A handle to a reconciler that is off: samples are ignored, pause/resume refused.
+    pub fn disabled() -> Self {
+        Self {
+            trigger: Arc::default(),
+            requests: None,
+        }
+    }
+
+    /// What ingest wakes the reconciler with.
+    pub fn trigger(&self) -> Arc<Trigger> {
+        Arc::clone(&self.trigger)
+    }
+
+    /// Stops automatic remediation of `node` until [`ReconcileHandle::resume`].
+    ///
+    /// # Errors
+    /// Why not (reconciler off, unknown node, ledger unavailable).
+    pub async fn pause(&self, node: NodeId, operator: &str, reason: &str) -> Result<(), String> {
+        self.ask(|reply| Request::Pause {
+            node,
+            operator: operator.to_owned(),
+            reason: reason.to_owned(),
+            reply,
+        })
+        .await
+    }
+
+    /// Hands a paused or cordoned node back to the reconciler (from `pending`).
+    ///
+    /// # Errors
+    /// Why not (reconciler off, unknown node, ledger unavailable).
+    pub async fn resume(&self, node: NodeId, operator: &str) -> Result<(), String> {
+        self.ask(|reply| Request::Resume {
+            node,
+            operator: operator.to_owned(),
+            reply,
+        })
+        .await
+    }
+
+    async fn ask(
+        &self,
+        request: impl FnOnce(oneshot::Sender<Result<(), String>>) -> Request,
+    ) -> Result<(), String> {
+        let Some(requests) = &self.requests else {
+            return Err(
+                "the reconciler is off on this server ([reconcile] enabled = false)".to_owned(),
+            );
+        };
+        let (reply, answer) = oneshot::channel();
+        requests
+            .send(request(reply))
+            .await
+            .map_err(|_| "the reconciler has stopped (server shutting down)".to_owned())?;
+        answer
+            .await
+            .map_err(|_| "the reconciler stopped before answering".to_owned())?
+    }
+}
+
+/// What the runner needs from the rest of the server.
+#[derive(Debug)]
+pub struct Parts {
+    /// `[reconcile]`.
+    pub settings: ReconcileSettings,
+    /// `[detect]`.
+    pub detect: DetectPolicy,
+    /// The fleet in memory.
+    pub registry: Arc<Registry>,
+    /// The ledger.
+    pub ledger: Ledger,
+    /// Signer and live streams.
+    pub commands: Commands,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+}
+
+/// Loads the stored states and open findings, then spawns the loop on `tasks` (it ends when
+/// `shutdown` is cancelled).
+///
+/// # Errors
+/// [`crate::store::StoreError`] when the stored state cannot be read.
+pub async fn spawn(
+    parts: Parts,
+    shutdown: CancellationToken,
+    tasks: &TaskTracker,
+) -> Result<ReconcileHandle, crate::store::StoreError> {
+    let mut states = HashMap::new();
+    for (node, state) in parts.ledger.node_states().await? {
+        if let Ok(id) = NodeId::parse(&node) {
+            states.insert(id, state);
+        }
+    }
+    let open = parts.ledger.open_findings().await?;
+    if parts.commands.signer.is_none() && !parts.settings.dry_run {
+        tracing::warn!(
+            "reconciler runs without command_signing_key_file: it decides and alerts, but cannot send a remediation"
+        );
+    }
+    let trigger = Arc::new(Trigger::default());
+    let (requests, inbox) = mpsc::channel(64);
+    let mut runner = Runner {
+        in_flight: states
+            .iter()
+            .filter(|(_, s)| s.phase == Phase::Recovering)
+            .map(|(id, _)| id.clone())
+            .collect(),
+        states,
+        open,
+        current: HashMap::new(),
+        health: HashMap::new(),
+        contexts: HashMap::new(),
+        evaluated: HashMap::new(),
+        policies: HashMap::new(),
+        trigger: Arc::clone(&trigger),
+        parts,
+    };
+    for (id, state) in &runner.states {
+        runner.parts.registry.set_reconcile(
+            id,
+            &ReconcileFigures {
+                phase: state.phase.as_str().to_owned(),
+                phase_since_unix_ms: state.phase_since_unix_ms,
+                attempts: state.attempts,
+                paused: state.paused,
+                ..ReconcileFigures::default()
+            },
+        );
+    }
+    let span = tracing::info_span!("reconciler");
+    tasks.spawn(async move { runner.run(inbox, shutdown).await }.instrument(span));
+    Ok(ReconcileHandle {
+        trigger,
+        requests: Some(requests),
+    })
+}
+
+struct Runner {
+    parts: Parts,
+    trigger: Arc<Trigger>,
+    states: HashMap<NodeId, NodeState>,
+    /// Open findings: `(node id or "network:NAME", kind) -> finding_id`.
+    open: HashMap<(String, String), u64>,
+    /// Each node's findings at its last evaluation (risk, API).
+    current: HashMap<NodeId, Vec<Finding>>,
+    /// Each node's network and whether it has a remediable finding now.
+    health: HashMap<NodeId, (String, bool)>,
+    /// Per network: best block and median peers, refreshed each tick.
+    contexts: HashMap<String, FleetContext>,
+    /// When each node was last evaluated (the tick skips fresh ones).
+    evaluated: HashMap<NodeId, Instant>,
+    /// Per node: its sync policy and detector thresholds (from the settings).
+    policies: HashMap<NodeId, Arc<(SyncPolicy, DetectPolicy)>>,
+    /// Nodes in `recovering`.
+    in_flight: HashSet<NodeId>,
+}
+
+impl Runner {
+    async fn run(&mut self, mut inbox: mpsc::Receiver<Request>, shutdown: CancellationToken) {
+        let every = Duration::from_millis(self.parts.settings.evaluate_interval_ms);
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tracing::info!(
+            dry_run = self.parts.settings.dry_run,
+            nodes = self.states.len(),
+            "ReconcilerStarted"
+        );
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = self.trigger.wake.notified() => {
+                    for (node, arrived) in self.trigger.take() {
+                        self.evaluate(&node, Some(arrived)).await;
+                    }
+                }
+                _ = tick.tick() => self.tick(every).await,
+                Some(request) = inbox.recv() => self.answer(request).await,
+            }
+        }
+    }
+
+    /// Refreshes fleet context, correlates networks, and evaluates nodes not evaluated
+    /// within `every` (silent agents, cooldowns and budgets move on without samples).
+    async fn tick(&mut self, every: Duration) {
+        self.contexts = self.parts.registry.network_contexts();
+        self.correlate().await;
+        for (id, _) in self.parts.registry.ids() {
+            let fresh = self
+                .evaluated
+                .get(&id)
+                .is_some_and(|at| at.elapsed() < every);
+            if !fresh {
+                self.evaluate(&id, None).await;
+            }
+        }
+    }
+
+    fn policy(&mut self, id: &NodeId) -> Arc<(SyncPolicy, DetectPolicy)> {
+        let settings = &self.parts.settings;
+        let base = &self.parts.detect;
+        Arc::clone(self.policies.entry(id.clone()).or_insert_with(|| {
+            let sync = settings.policy_for(id.as_str());
+            let detect = DetectPolicy {
+                max_block_lag: sync.max_block_lag,
+                ..base.clone()
+            };
+            Arc::new((sync, detect))
+        }))
+    }
+
+    async fn evaluate(&mut self, id: &NodeId, arrived: Option<Instant>) {
+        let now = unix_ms();
+        let policies = self.policy(id);
+        let (sync_policy, detect_policy) = &*policies;
+        let contexts = &self.contexts;
+        let Some((network, findings, lag, has_chain, chain_syncing)) =
+            self.parts.registry.evaluate(id, now, |input, network| {
+                let context = contexts.get(network).copied().unwrap_or_default();
+                let findings = detect::detect(input, &context, detect_policy);
+                let (lag, has_chain, syncing) = match input.chain {
+                    Some((_, chain)) if chain.responsive => {
+                        let references = chain
+                            .references
+                            .iter()
+                            .filter(|r| r.responsive)
+                            .map(|r| r.best_block)
+                            .max()
+                            .unwrap_or(0);
+                        let tip = chain
+                            .sync_highest_block
+                            .max(references)
+                            .max(context.network_best_block);
+                        (tip.saturating_sub(chain.best_block), true, chain.is_syncing)
+                    }
+                    Some(_) => (0, true, false),
+                    None => (0, false, false),
+                };
+                (network.to_owned(), findings, lag, has_chain, syncing)
+            })
+        else {
+            return;
+        };
+        self.evaluated.insert(id.clone(), Instant::now());
+        self.parts.metrics.reconcile_evaluations.inc();
+        self.record_findings(id.as_str(), &network, &findings, now)
+            .await;
+
+        let before = self.states.get(id).cloned().unwrap_or_default();
+        // Catching up is expected only before the node was ever synced and after a
+        // remediation; a synced node that falls behind is degraded even if it says syncing.
+        let frozen = findings.iter().any(|f| f.kind == FindingKind::FrozenHead);
+        let syncing = chain_syncing
+            && !frozen
+            && matches!(
+                before.phase,
+                Phase::Pending | Phase::Syncing | Phase::Recovering
+            );
+        let remediable: Vec<FindingKind> = findings
+            .iter()
+            .filter(|f| f.kind.remediable())
+            // A z-score outlier under max_block_lag is an early warning, not a reason to restart.
+            .filter(|f| f.kind != FindingKind::BlockLag || lag > sync_policy.max_block_lag)
+            .filter(|f| !(syncing && f.kind == FindingKind::BlockLag))
+            .map(|f| f.kind)
+            .collect();
+        let silent = findings.iter().any(|f| f.kind == FindingKind::AgentSilent);
+        let blocked_by = findings
+            .iter()
+            .find(|f| f.kind == FindingKind::Keystore && f.severity == Severity::Critical)
+            .map(|f| f.kind);
+        let degraded_now = !remediable.is_empty() || silent;
+        self.health
+            .insert(id.clone(), (network.clone(), degraded_now));
+        let observation = Observation {
+            now_unix_ms: now,
+            has_chain,
+            block_lag: lag,
+            syncing,
+            remediable,
+            silent,
+            blocked_by,
+            fleet_hold: self.network_held(&network),
+            fleet_in_flight: self.in_flight.iter().filter(|n| *n != id).count(),
+            fleet_max_in_flight: self.parts.settings.max_concurrent_remediations,
+        };
+        let plan = super::plan(&before, &observation, sync_policy);
+        let risk = detect::risk::score(&findings);
+        let open_findings = u32::try_from(findings.len()).unwrap_or(u32::MAX);
+        self.current.insert(id.clone(), findings);
+        self.commit(id, before, plan, arrived).await;
+        let state = self.states.get(id).cloned().unwrap_or_default();
+        self.parts.registry.set_reconcile(
+            id,
+            &ReconcileFigures {
+                phase: state.phase.as_str().to_owned(),
+                phase_since_unix_ms: state.phase_since_unix_ms,
+                risk,
+                open_findings,
+                attempts: state.attempts,
+                paused: state.paused,
+            },
+        );
+    }
+
+    /// Records the plan (a decision before it is carried out), then carries it out.
+    async fn commit(
+        &mut self,
+        id: &NodeId,
+        before: NodeState,
+        plan: Plan,
+        arrived: Option<Instant>,
+    ) {
+        let now = unix_ms();
+        if plan.is_decision(&before) {
+            if let Err(error) = self
+                .parts
+                .ledger
+                .record_decision(
+                    id.as_str(),
+                    &before,
+                    &plan,
+                    self.parts.settings.dry_run,
+                    now,
+                )
+                .await
+            {
+                // Not recorded, so not done: the next evaluation decides again.
+                tracing::error!(node = %id, %error, "DecisionNotRecorded");
+                return;
+            }
+            tracing::info!(
+                node = %id,
+                from = before.phase.as_str(),
+                to = plan.next.phase.as_str(),
+                attempts = plan.next.attempts,
+                reason = plan.reason,
+                "PhaseDecided"
+            );
+        } else if persisted_fields_differ(&before, &plan.next)
+            && let Err(error) = self
+                .parts
+                .ledger
+                .save_node_state(id.as_str(), &plan.next, now)
+                .await
+        {
+            tracing::warn!(node = %id, %error, "NodeStateNotSaved");
+        }
+        if plan.next.phase == Phase::Recovering {
+            self.in_flight.insert(id.clone());
+        } else {
+            self.in_flight.remove(id);
+        }
+        self.states.insert(id.clone(), plan.next.clone());
+        for action in plan.actions {
+            match action {
+                PlannedAction::Command { action, parameters } => {
+                    self.send(id, action, parameters, arrived).await;
+                }
+                PlannedAction::Alert { message } => {
+                    self.parts.metrics.remediation_alerts.inc();
+                    tracing::warn!(node = %id, message, "RemediationAlert");
+                }
+            }
+        }
+    }
+
+    async fn send(
+        &self,
+        id: &NodeId,
+        action: Action,
+        parameters: BTreeMap<String, String>,
+        arrived: Option<Instant>,
+    ) {
+        if self.parts.settings.dry_run {
+            tracing::info!(node = %id, action = action.as_str(), ?parameters, "RemediationDryRun");
+            return;
+        }
+        let Some(signer) = &self.parts.commands.signer else {
+            tracing::warn!(node = %id, action = action.as_str(), "RemediationImpossible: remote commands are off (command_signing_key_file)");
+            return;
+        };
+        let (envelope, command) = match signer.issue(
+            id,
+            action,
+            parameters.into_iter().collect(),
+            COMMAND_TTL,
+            unix_ms(),
+        ) {
+            Ok(signed) => signed,
+            Err(error) => {
+                tracing::error!(node = %id, %error, "RemediationNotSigned");
+                return;
+            }
+        };
+        if let Err(error) = self
+            .parts
+            .ledger
+            .record_command_issued(&envelope, "reconciler")
+            .await
+        {
+            tracing::error!(node = %id, %error, "RemediationNotRecorded: not sent");
+            return;
+        }
+        match self.parts.commands.live.send_command(id, command).await {
+            Ok(()) => {
+                if let Some(arrived) = arrived {
+                    self.parts
+                        .metrics
+                        .decision_latency_seconds
+                        .observe(arrived.elapsed().as_secs_f64());
+                }
+                self.parts
+                    .metrics
+                    .remediations_issued
+                    .get_or_create(&Reason {
+                        reason: action.as_str(),
+                    })
+                    .inc();
+                tracing::info!(node = %id, command_id = envelope.command_id, action = action.as_str(), "RemediationIssued");
+            }
+            Err(why) => {
+                tracing::warn!(node = %id, command_id = envelope.command_id, why, "RemediationNotDelivered");
+            }
+        }
+    }
+
+    /// Raises findings that are new and clears those that went away (ledger + audit).
+    async fn record_findings(&mut self, key: &str, network: &str, findings: &[Finding], now: i64) {
+        let kinds: HashSet<&str> = findings.iter().map(|f| f.kind.as_str()).collect();
+        let stale: Vec<((String, String), u64)> = self
+            .open
+            .iter()
+            .filter(|((node, kind), _)| node == key && !kinds.contains(kind.as_str()))
+            .map(|(k, id)| (k.clone(), *id))
+            .collect();
+        for ((node, kind), finding_id) in stale {
+            match self
+                .parts
+                .ledger
+                .clear_finding(
+                    finding_id,
+                    if node.starts_with("network:") {
+                        ""
+                    } else {
+                        &node
+                    },
+                    &kind,
+                    now,
+                )
+                .await
+            {
+                Ok(()) => {
+                    tracing::info!(node, kind, finding_id, "FindingCleared");
+                    self.open.remove(&(node, kind));
+                }
+                Err(error) => tracing::warn!(node, kind, %error, "FindingNotRecorded"),
+            }
+        }
+        // A node's findings may hold several of one kind; the first (worst-sorted) is stored.
+        let mut seen = HashSet::new();
+        for finding in findings {
+            let kind = finding.kind.as_str();
+            if !seen.insert(kind) || self.open.contains_key(&(key.to_owned(), kind.to_owned())) {
+                continue;
+            }
+            let node_id = if key.starts_with("network:") { "" } else { key };
+            match self
+                .parts
+                .ledger
+                .raise_finding(node_id, network, finding, now)
+                .await
+            {
+                Ok(finding_id) => {
+                    self.parts
+                        .metrics
+                        .findings_raised
+                        .get_or_create(&Reason { reason: kind })
+                        .inc();
+                    tracing::info!(
+                        node = key,
+                        kind,
+                        severity = finding.severity.as_str(),
+                        score = finding.score,
+                        summary = finding.summary,
+                        "FindingRaised"
+                    );
+                    self.open
+                        .insert((key.to_owned(), kind.to_owned()), finding_id);
+                }
+                Err(error) => tracing::warn!(node = key, kind, %error, "FindingNotRecorded"),
+            }
+        }
+    }
+
+    /// Whether the share of `network`'s nodes degraded now calls for holding per-node action.
+    fn network_held(&self, network: &str) -> bool {
+        let (mut nodes, mut degraded) = (0usize, 0usize);
+        for (net, bad) in self.health.values() {
+            if net == network {
+                nodes += 1;
+                degraded += usize::from(*bad);
+            }
+        }
+        let policy = &self.parts.detect;
+        nodes >= policy.fleet_min_nodes
+            && degraded as f64 >= policy.fleet_degraded_share * nodes as f64
+    }
+
+    /// Raises or clears one fleet finding per network.
+    async fn correlate(&mut self) {
+        let nodes: Vec<NodeHealth> = self
+            .health
+            .iter()
+            .map(|(id, (network, degraded))| NodeHealth {
+                node_id: id.to_string(),
+                network: network.clone(),
+                degraded: *degraded,
+            })
+            .collect();
+        let fleet_findings = fleet::correlate(&nodes, &self.parts.detect);
+        let networks: HashSet<String> = nodes.iter().map(|n| n.network.clone()).collect();
+        let now = unix_ms();
+        for network in networks {
+            let findings: Vec<Finding> = fleet_findings
+                .iter()
+                .filter(|f| f.network == network)
+                .map(|f| f.finding.clone())
+                .collect();
+            self.record_findings(&format!("network:{network}"), &network, &findings, now)
+                .await;
+        }
+    }
+
+    async fn answer(&mut self, request: Request) {
+        match request {
+            Request::Pause {
+                node,
+                operator,
+                reason,
+                reply,
+            } => {
+                let result = self
+                    .operator_decision(&node, &operator, true, &reason)
+                    .await;
+                let _ = reply.send(result);
+            }
+            Request::Resume {
+                node,
+                operator,
+                reply,
+            } => {
+                let result = self.operator_decision(&node, &operator, false, "").await;
+                let _ = reply.send(result);
+            }
+        }
+    }
+
+    async fn operator_decision(
+        &mut self,
+        node: &NodeId,
+        operator: &str,
+        pause: bool,
+        reason: &str,
+    ) -> Result<(), String> {
+        if self.parts.registry.get(node).is_none() {
+            return Err(format!("no node {node} has ever connected"));
+        }
+        let now = unix_ms();
+        let before = self.states.get(node).cloned().unwrap_or_default();
+        let mut next = before.clone();
+        next.paused = pause;
+        next.phase = if pause { Phase::Paused } else { Phase::Pending };
+        next.phase_since_unix_ms = now;
+        next.bad_streak = 0;
+        next.good_streak = 0;
+        let plan = Plan {
+            next,
+            actions: Vec::new(),
+            reason: if pause {
+                format!("paused by operator {operator}: {reason}")
+            } else {
+                format!("resumed by operator {operator}")
+            },
+        };
+        let body = serde_json::json!({
+            "event": if pause { "node_paused" } else { "node_resumed" },
+            "operator": operator,
+            "reason": reason,
+        });
+        self.parts
+            .ledger
+            .audit_operator(node.as_str(), &body, now)
+            .await
+            .map_err(|e| format!("cannot record it: {e}"))?;
+        self.parts
+            .ledger
+            .record_decision(
+                node.as_str(),
+                &before,
+                &plan,
+                self.parts.settings.dry_run,
+                now,
+            )
+            .await
+            .map_err(|e| format!("cannot record it: {e}"))?;
+        tracing::info!(node = %node, operator, pause, "OperatorDecision");
+        self.in_flight.remove(node);
+        self.states.insert(node.clone(), plan.next.clone());
+        let risk = self
+            .current
+            .get(node)
+            .map_or(0.0, |f| detect::risk::score(f));
+        self.parts.registry.set_reconcile(
+            node,
+            &ReconcileFigures {
+                phase: plan.next.phase.as_str().to_owned(),
+                phase_since_unix_ms: now,
+                risk,
+                open_findings: self
+                    .current
+                    .get(node)
+                    .map_or(0, |f| u32::try_from(f.len()).unwrap_or(u32::MAX)),
+                attempts: plan.next.attempts,
+                paused: pause,
+            },
+        );
+        Ok(())
+    }
+}
+
+/// Whether the fields worth keeping across a restart changed (streaks are not).
+fn persisted_fields_differ(a: &NodeState, b: &NodeState) -> bool {
+    a.phase != b.phase
+        || a.attempts != b.attempts
+        || a.last_action_unix_ms != b.last_action_unix_ms
+        || a.paused != b.paused
+}

@@ -12,6 +12,7 @@ pub mod clickhouse;
 pub mod commands;
 pub mod commit;
 pub mod queries;
+pub mod reconcile;
 pub mod telemetry;
 
 use std::path::Path;
@@ -339,6 +340,8 @@ impl Ledger {
                     // The registry fills these from its windows.
                     window_points: 0,
                     window_oldest_unix_ms: 0,
+                    // The reconciler fills these.
+                    ..Node::default()
                 })
             })
             .collect()

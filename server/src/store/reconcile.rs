@@ -1,0 +1,298 @@
+//! The reconciler's durable side: each node's state (phase, attempt budget, cooldown),
+//! findings from raise to clear, and cancelled commands. Every change is audited.
+
+use std::collections::HashMap;
+
+use guardian_proto::v1::{CommandRecord, FindingRecord};
+use sqlx::Row;
+
+use super::audit::AuditKind;
+use super::{Ledger, StoreError};
+use crate::detect::Finding;
+use crate::reconcile::{NodeState, Plan};
+
+/// Open finding rows at start: `(node_id or "", kind) -> finding_id`.
+pub type OpenFindings = HashMap<(String, String), u64>;
+
+impl Ledger {
+    /// Every stored node state (a row that does not parse is skipped with a warning: the
+    /// node starts from `pending` again, which only delays its first decision).
+    ///
+    /// # Errors
+    /// [`StoreError::Query`].
+    pub async fn node_states(&self) -> Result<Vec<(String, NodeState)>, StoreError> {
+        let rows = sqlx::query("SELECT node_id, state FROM node_state")
+            .fetch_all(&self.pool)
+            .await?;
+        let mut states = Vec::with_capacity(rows.len());
+        for row in rows {
+            let node: String = row.try_get(0)?;
+            let text: String = row.try_get(1)?;
+            match serde_json::from_str::<NodeState>(&text) {
+                Ok(state) => states.push((node, state)),
+                Err(e) => tracing::warn!(node, error = %e, "NodeStateUnreadable"),
+            }
+        }
+        Ok(states)
+    }
+
+    /// Stores one node's state (insert or replace).
+    ///
+    /// # Errors
+    /// [`StoreError::Query`].
+    pub async fn save_node_state(
+        &self,
+        node_id: &str,
+        state: &NodeState,
+        now_unix_ms: i64,
+    ) -> Result<(), StoreError> {
+        let text = serde_json::to_string(state).unwrap_or_default();
+        sqlx::query(
+            "INSERT INTO node_state (node_id, phase, state, updated_at_unix_ms)
+             VALUES ($1, $2, $3, $4)
+             ON CONFLICT (node_id) DO UPDATE SET phase = excluded.phase,
+                 state = excluded.state, updated_at_unix_ms = excluded.updated_at_unix_ms",
+        )
+        .bind(node_id)
+        .bind(state.phase.as_str())
+        .bind(text)
+        .bind(now_unix_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Records a decision before it is carried out: the new state first (so a crash after
+    /// this point cannot spend the same attempt twice), then the audit entry.
+    ///
+    /// # Errors
+    /// [`StoreError::Query`]: then nothing must be carried out.
+    pub async fn record_decision(
+        &self,
+        node_id: &str,
+        before: &NodeState,
+        plan: &Plan,
+        dry_run: bool,
+        now_unix_ms: i64,
+    ) -> Result<(), StoreError> {
+        self.save_node_state(node_id, &plan.next, now_unix_ms)
+            .await?;
+        let actions: Vec<serde_json::Value> = plan
+            .actions
+            .iter()
+            .map(|a| match a {
+                crate::reconcile::PlannedAction::Command { action, parameters } => {
+                    serde_json::json!({"command": action.as_str(), "parameters": parameters})
+                }
+                crate::reconcile::PlannedAction::Alert { message } => {
+                    serde_json::json!({"alert": message})
+                }
+            })
+            .collect();
+        let body = serde_json::json!({
+            "from": before.phase.as_str(),
+            "to": plan.next.phase.as_str(),
+            "reason": plan.reason,
+            "attempts": plan.next.attempts,
+            "actions": actions,
+            "dry_run": dry_run,
+        });
+        self.audit_append(AuditKind::Decision, node_id, &body, now_unix_ms)
+            .await?;
+        Ok(())
+    }
+
+    /// Stores a newly raised finding (node `""` for a fleet finding) and audits it.
+    ///
+    /// # Errors
+    /// [`StoreError::Query`].
+    pub async fn raise_finding(
+        &self,
+        node_id: &str,
+        network: &str,
+        finding: &Finding,
+        now_unix_ms: i64,
+    ) -> Result<u64, StoreError> {
+        let evidence = serde_json::to_string(&finding.evidence).unwrap_or_default();
+        let row = sqlx::query(
+            "INSERT INTO findings (node_id, network, kind, severity, score, summary, evidence,
+                 raised_at_unix_ms)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING finding_id",
+        )
+        .bind(node_id)
+        .bind(network)
+        .bind(finding.kind.as_str())
+        .bind(finding.severity.as_str())
+        .bind(finding.score)
+        .bind(&finding.summary)
+        .bind(evidence)
+        .bind(now_unix_ms)
+        .fetch_one(&self.pool)
+        .await?;
+        let id: i64 = row.try_get(0)?;
+        let body = serde_json::json!({
+            "event": "raised",
+            "finding_id": id,
+            "network": network,
+            "kind": finding.kind.as_str(),
+            "severity": finding.severity.as_str(),
+            "score": finding.score,
+            "summary": finding.summary,
+            "evidence": finding.evidence,
+        });
+        self.audit_append(AuditKind::Finding, node_id, &body, now_unix_ms)
+            .await?;
+        Ok(u64::try_from(id).unwrap_or_default())
+    }
+
+    /// Marks a finding cleared and audits it.
+    ///
+    /// # Errors
+    /// [`StoreError::Query`].
+    pub async fn clear_finding(
+        &self,
+        finding_id: u64,
+        node_id: &str,
+        kind: &str,
+        now_unix_ms: i64,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE findings SET cleared_at_unix_ms = $2
+             WHERE finding_id = $1 AND cleared_at_unix_ms = 0",
+        )
+        .bind(super::to_i64(finding_id))
+        .bind(now_unix_ms)
+        .execute(&self.pool)
+        .await?;
+        let body = serde_json::json!({"event": "cleared", "finding_id": finding_id, "kind": kind});
+        self.audit_append(AuditKind::Finding, node_id, &body, now_unix_ms)
+            .await?;
+        Ok(())
+    }
+
+    /// Findings still open (to carry across a restart without raising them again).
+    ///
+    /// # Errors
+    /// [`StoreError::Query`].
+    pub async fn open_findings(&self) -> Result<OpenFindings, StoreError> {
+        let rows = sqlx::query(
+            "SELECT finding_id, node_id, kind, network FROM findings WHERE cleared_at_unix_ms = 0",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut open = OpenFindings::new();
+        for row in rows {
+            let id: i64 = row.try_get(0)?;
+            let node: String = row.try_get(1)?;
+            let kind: String = row.try_get(2)?;
+            let network: String = row.try_get(3)?;
+            // Fleet findings are keyed by their network.
+            let key = if node.is_empty() {
+                format!("network:{network}")
+            } else {
+                node
+            };
+            open.insert((key, kind), u64::try_from(id).unwrap_or_default());
+        }
+        Ok(open)
+    }
+
+    /// Findings, newest first: open ones (all, or `include_cleared`), for one node (its own
+    /// and none of the fleet's) or for all (`node_id` empty).
+    ///
+    /// # Errors
+    /// [`StoreError::Query`].
+    pub async fn findings(
+        &self,
+        node_id: &str,
+        include_cleared: bool,
+        limit: u32,
+    ) -> Result<Vec<FindingRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT finding_id, node_id, network, kind, severity, score, summary, evidence,
+                    raised_at_unix_ms, cleared_at_unix_ms
+             FROM findings
+             WHERE ($1 = '' OR node_id = $1) AND ($2 = 1 OR cleared_at_unix_ms = 0)
+             ORDER BY raised_at_unix_ms DESC, finding_id DESC LIMIT $3",
+        )
+        .bind(node_id)
+        .bind(i64::from(include_cleared))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|row| {
+                let id: i64 = row.try_get(0)?;
+                let evidence: String = row.try_get(7)?;
+                Ok(FindingRecord {
+                    finding_id: u64::try_from(id).unwrap_or_default(),
+                    node_id: row.try_get(1)?,
+                    network: row.try_get(2)?,
+                    kind: row.try_get(3)?,
+                    severity: row.try_get(4)?,
+                    score: row.try_get(5)?,
+                    summary: row.try_get(6)?,
+                    evidence: serde_json::from_str(&evidence).unwrap_or_default(),
+                    raised_at_unix_ms: row.try_get(8)?,
+                    cleared_at_unix_ms: row.try_get(9)?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(StoreError::from)
+    }
+
+    /// Cancels a command that has no outcome yet (and audits it). `None` when no such
+    /// command exists; the record as it now stands otherwise (a finished command keeps its
+    /// state: check `state == "cancelled"`).
+    ///
+    /// # Errors
+    /// [`StoreError::Query`].
+    pub async fn cancel_command(
+        &self,
+        command_id: &str,
+        operator: &str,
+        reason: &str,
+        now_unix_ms: i64,
+    ) -> Result<Option<CommandRecord>, StoreError> {
+        let detail = format!("cancelled by {operator}: {reason}");
+        let updated = sqlx::query(
+            "UPDATE commands SET state = 'cancelled', detail = $2, outcome_at_unix_ms = $3
+             WHERE command_id = $1 AND state = 'issued'",
+        )
+        .bind(command_id)
+        .bind(&detail)
+        .bind(now_unix_ms)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        let record = self.command(command_id).await?;
+        if updated == 1
+            && let Some(record) = &record
+        {
+            let body = serde_json::json!({
+                "event": "command_cancelled",
+                "command_id": command_id,
+                "operator": operator,
+                "reason": reason,
+            });
+            self.audit_append(AuditKind::Operator, &record.node_id, &body, now_unix_ms)
+                .await?;
+        }
+        Ok(record)
+    }
+
+    /// Audits an operator's pause or resume of a node.
+    ///
+    /// # Errors
+    /// [`StoreError::Query`].
+    pub async fn audit_operator(
+        &self,
+        node_id: &str,
+        body: &serde_json::Value,
+        now_unix_ms: i64,
+    ) -> Result<(), StoreError> {
+        self.audit_append(AuditKind::Operator, node_id, body, now_unix_ms)
+            .await?;
+        Ok(())
+    }
+}
