@@ -81,6 +81,7 @@ impl std::fmt::Debug for ClickHouseHistory {
 impl FleetApi {
     /// A Fleet API over `registry`; watch streams end on `shutdown`. History comes from
     /// ClickHouse when `clickhouse` is enabled, else from the ledger's embedded tables.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         registry: Arc<Registry>,
         ledger: Ledger,

@@ -192,15 +192,15 @@ impl Registry {
                             newest_chain = Some((at, chain));
                         }
                     }
-                    Some(sample::Kind::Gpu(gpu)) => {
-                        if newest_gpu.is_none_or(|(seen, _)| at >= seen) {
-                            newest_gpu = Some((at, gpu));
-                        }
+                    Some(sample::Kind::Gpu(gpu))
+                        if newest_gpu.is_none_or(|(seen, _)| at >= seen) =>
+                    {
+                        newest_gpu = Some((at, gpu));
                     }
-                    Some(sample::Kind::Keystore(keystore)) => {
-                        if newest_keystore.is_none_or(|(seen, _)| at >= seen) {
-                            newest_keystore = Some((at, keystore));
-                        }
+                    Some(sample::Kind::Keystore(keystore))
+                        if newest_keystore.is_none_or(|(seen, _)| at >= seen) =>
+                    {
+                        newest_keystore = Some((at, keystore));
                     }
                     _ => {}
                 }

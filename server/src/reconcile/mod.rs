@@ -106,8 +106,8 @@ pub struct SyncPolicy {
     pub probe_interval_seconds: u32,
     /// Minutes a node may stay syncing/recovering while catching up. Default 120.
     pub sync_timeout_minutes: u32,
-    /// Minutes of `synced` after which the attempt budget resets. Default 30.
-    pub stable_reset_minutes: u32,
+    /// Seconds of `synced` after which the attempt budget resets. Default 1800.
+    pub stable_reset_seconds: u32,
     /// Consecutive bad evaluations before `degraded` (hysteresis). Default 2.
     pub confirm_samples: u32,
     /// Consecutive good evaluations before `synced` again (hysteresis). Default 3.
@@ -128,7 +128,7 @@ impl Default for SyncPolicy {
             max_restart_attempts: 3,
             probe_interval_seconds: 30,
             sync_timeout_minutes: 120,
-            stable_reset_minutes: 30,
+            stable_reset_seconds: 1800,
             confirm_samples: 2,
             recover_samples: 3,
             restart_unit: "subtensor.service".to_owned(),
@@ -261,7 +261,7 @@ pub struct SyncPolicyOverride {
     pub max_restart_attempts: Option<u32>,
     pub probe_interval_seconds: Option<u32>,
     pub sync_timeout_minutes: Option<u32>,
-    pub stable_reset_minutes: Option<u32>,
+    pub stable_reset_seconds: Option<u32>,
     pub confirm_samples: Option<u32>,
     pub recover_samples: Option<u32>,
     pub restart_unit: Option<String>,
@@ -286,7 +286,7 @@ impl SyncPolicyOverride {
             max_restart_attempts,
             probe_interval_seconds,
             sync_timeout_minutes,
-            stable_reset_minutes,
+            stable_reset_seconds,
             confirm_samples,
             recover_samples,
             restart_unit,

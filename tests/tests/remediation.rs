@@ -1,0 +1,481 @@
+//! Detect, decide, remediate, end to end with real processes: fake subtensor nodes, agents
+//! sampling them, the server's detectors and reconciler, signed commands run by the agent
+//! through a stand-in container runtime (a script that "restarts" the node by healing the
+//! fake node over its admin RPC), findings and phases read through the Fleet API and
+//! guardianctl, and the audit chain verified at the end.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use guardian_proto::v1::fleet_client::FleetClient;
+use guardian_proto::v1::{GetNodeRequest, ListFindingsRequest, Node};
+use guardian_tests::fake_node::{FakeNode, FakeNodeConfig};
+use guardian_tests::{Proc, Scratch, Server, binary, eventually, start_agent};
+use tonic::transport::Channel;
+
+type TestResult = anyhow::Result<()>;
+
+/// Agent sampling interval.
+const INTERVAL_MS: u64 = 400;
+const WAIT: Duration = Duration::from_secs(40);
+
+/// What the stand-in container runtime does when asked to restart the node.
+#[derive(Clone, Copy, PartialEq)]
+enum Restart {
+    /// Heals the fake node (the restart fixes it).
+    Heals,
+    /// Does nothing useful (the restart does not help).
+    DoesNotHelp,
+}
+
+struct Rig {
+    scratch: Scratch,
+    server: Server,
+    nodes: Vec<FakeNode>,
+    agents: Vec<Proc>,
+    operator: FleetClient<Channel>,
+}
+
+impl Rig {
+    /// One fake node and agent per name (network "local"), a server with the policy
+    /// `reconcile` (TOML lines of `[reconcile.policy]`) and `more` (further server TOML).
+    async fn start(
+        names: &[&str],
+        restart: Restart,
+        reconcile: &str,
+        more: &str,
+        agent_more: &str,
+    ) -> anyhow::Result<Rig> {
+        let scratch = Scratch::new(names)?;
+        let server_extra = format!(
+            "command_signing_key_file = \"{}\"\n[detect]\nfrozen_head_ms = 2500\n\
+             [reconcile]\nevaluate_interval_ms = 200\n[reconcile.policy]\nmax_block_lag = 5\n\
+             recovery_strategy = \"restart\"\nrestart_container = \"subtensor\"\n\
+             probe_interval_seconds = 2\nconfirm_samples = 2\nrecover_samples = 2\n{reconcile}\n{more}\n",
+            scratch.pki.command_signing_key().display()
+        );
+        let server = Server::start(
+            &scratch.server_config(&scratch.sqlite_url(), &server_extra)?,
+            scratch.path("server.log"),
+        )?;
+        let mut nodes = Vec::new();
+        let mut agents = Vec::new();
+        for name in names {
+            let node = FakeNode::start(FakeNodeConfig::default()).await?;
+            let runs = scratch.path(&format!("restarts-{name}"));
+            let runtime = scratch.path(&format!("runtime-{name}.sh"));
+            let heal = match restart {
+                Restart::Heals => format!(
+                    "curl -s -m 5 -H 'Content-Type: application/json' \
+                     -d '{{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"fake_heal\",\"params\":[]}}' {} > /dev/null\n",
+                    node.http_url()
+                ),
+                Restart::DoesNotHelp => String::new(),
+            };
+            std::fs::write(
+                &runtime,
+                format!(
+                    "#!/bin/sh\necho \"$@\" >> '{}'\n{heal}echo \"$1 $2: done\"\n",
+                    runs.display()
+                ),
+            )?;
+            std::fs::set_permissions(&runtime, std::fs::Permissions::from_mode(0o755))?;
+            let agent_extra = format!(
+                "{agent_more}[commands]\nenabled = true\nverify_key_file = \"{}\"\n\
+                 container_runtime = \"{}\"\nallowed_containers = [\"subtensor\"]\n\
+                 [chain]\nendpoint = \"{}\"\ncall_timeout_ms = 300\n",
+                scratch.pki.command_verify_key().display(),
+                runtime.display(),
+                node.ws_url()
+            );
+            agents.push(start_agent(
+                &scratch.agent_config_with(name, server.grpc, INTERVAL_MS, &agent_extra)?,
+                scratch.path(&format!("agent-{name}.log")),
+            )?);
+            nodes.push(node);
+        }
+        let operator = scratch.operator(server.grpc).await?;
+        let rig = Rig {
+            scratch,
+            server,
+            nodes,
+            agents,
+            operator,
+        };
+        for name in names {
+            rig.wait_phase(name, "synced").await?;
+        }
+        Ok(rig)
+    }
+
+    async fn node(&self, name: &str) -> Option<Node> {
+        let mut operator = self.operator.clone();
+        Some(
+            operator
+                .get_node(GetNodeRequest {
+                    node_id: name.into(),
+                })
+                .await
+                .ok()?
+                .into_inner(),
+        )
+    }
+
+    async fn wait_phase(&self, name: &str, phase: &str) -> anyhow::Result<Node> {
+        eventually(WAIT, &format!("{name} to be {phase}"), || async {
+            self.node(name).await.filter(|n| n.phase == phase)
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}; server log:\n{}", self.server_log_tail()))
+    }
+
+    /// The restarts the stand-in runtime ran for `name`.
+    fn restarts(&self, name: &str) -> usize {
+        std::fs::read_to_string(self.restarts_file(name))
+            .map(|t| t.lines().count())
+            .unwrap_or(0)
+    }
+
+    fn restarts_file(&self, name: &str) -> PathBuf {
+        self.scratch.path(&format!("restarts-{name}"))
+    }
+
+    async fn wait_restarts(&self, name: &str, count: usize) -> anyhow::Result<Duration> {
+        let started = Instant::now();
+        eventually(WAIT, &format!("{count} restart(s) of {name}"), || async {
+            (self.restarts(name) >= count).then_some(())
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}; server log:\n{}", self.server_log_tail()))?;
+        Ok(started.elapsed())
+    }
+
+    async fn findings(&self, node: &str) -> anyhow::Result<Vec<guardian_proto::v1::FindingRecord>> {
+        let mut operator = self.operator.clone();
+        Ok(operator
+            .list_findings(ListFindingsRequest {
+                node_id: node.into(),
+                include_cleared: true,
+                limit: 1000,
+            })
+            .await?
+            .into_inner()
+            .findings)
+    }
+
+    fn guardianctl(&self, args: &[&str]) -> anyhow::Result<(bool, String)> {
+        let out = std::process::Command::new(binary("guardianctl")?)
+            .args(args)
+            .arg("--server")
+            .arg(format!("https://{}", self.server.grpc))
+            .arg("--pki-dir")
+            .arg(&self.scratch.pki.dir)
+            .output()?;
+        Ok((
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        ))
+    }
+
+    /// `guardianctl audit verify` against the ledger file, and the audit entries' text.
+    fn audit(&self) -> anyhow::Result<(bool, String)> {
+        let url = self.scratch.sqlite_url();
+        let run = |args: &[&str]| -> anyhow::Result<(bool, String)> {
+            let out = std::process::Command::new(binary("guardianctl")?)
+                .args(args)
+                .arg("--ledger-url")
+                .arg(&url)
+                .output()?;
+            Ok((
+                out.status.success(),
+                format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                ),
+            ))
+        };
+        let (ok, verify) = run(&["audit", "verify"])?;
+        let (_, list) = run(&["audit", "list", "--limit", "10000", "-o", "json"])?;
+        Ok((ok, format!("{verify}\n{list}")))
+    }
+
+    fn server_log_tail(&self) -> String {
+        let text = self.server.proc.log_text();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    async fn stop(mut self) -> TestResult {
+        for agent in &mut self.agents {
+            agent.terminate()?;
+        }
+        for node in &self.nodes {
+            node.shutdown().await?;
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_lagging_node_is_restarted_once_and_comes_back_synced() -> TestResult {
+    let rig = Rig::start(&["val-1"], Restart::Heals, "", "", "").await?;
+    let fault = Instant::now();
+    rig.nodes[0].lag(40);
+    let to_restart = rig.wait_restarts("val-1", 1).await?;
+    let back = rig.wait_phase("val-1", "synced").await?;
+    let synced_after = fault.elapsed();
+    println!(
+        "fault-to-remediation {:.2} s ({:.1} sampling intervals of {INTERVAL_MS} ms); synced again after {:.2} s",
+        to_restart.as_secs_f64(),
+        to_restart.as_secs_f64() * 1000.0 / INTERVAL_MS as f64,
+        synced_after.as_secs_f64()
+    );
+    assert_eq!(back.remediation_attempts, 1, "{back:?}");
+    assert_eq!(
+        std::fs::read_to_string(rig.restarts_file("val-1"))?.trim(),
+        "restart subtensor"
+    );
+    // Give the reconciler time to (wrongly) act again.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        rig.restarts("val-1"),
+        1,
+        "restarted again after it recovered"
+    );
+
+    let findings = rig.findings("val-1").await?;
+    let lag = findings
+        .iter()
+        .find(|f| f.kind == "block_lag")
+        .ok_or_else(|| anyhow::anyhow!("no block_lag finding: {findings:?}"))?;
+    assert!(
+        lag.cleared_at_unix_ms > 0,
+        "the lag finding cleared: {lag:?}"
+    );
+    assert!(
+        lag.score > 0.0 && lag.evidence.contains_key("lag"),
+        "{lag:?}"
+    );
+
+    let (ok, audit) = rig.audit()?;
+    assert!(ok, "{audit}");
+    for needle in [
+        "\"to\":\"degraded\"",
+        "\"to\":\"recovering\"",
+        "\"to\":\"synced\"",
+        "restart-container",
+        "\"state\":\"succeeded\"",
+        "block_lag",
+    ] {
+        assert!(audit.contains(needle), "audit lacks {needle}: {audit}");
+    }
+    let metrics = reqwest_metrics(&rig).await?;
+    assert!(
+        metrics.contains("guardian_decision_latency_seconds_count 1"),
+        "{metrics}"
+    );
+    rig.stop().await
+}
+
+#[tokio::test]
+async fn a_frozen_head_is_remediated_and_an_unresponsive_rpc_is_detected() -> TestResult {
+    let rig = Rig::start(&["val-1"], Restart::Heals, "", "", "").await?;
+    rig.nodes[0].freeze_head();
+    rig.wait_restarts("val-1", 1).await?;
+    rig.wait_phase("val-1", "synced").await?;
+    assert!(
+        rig.findings("val-1")
+            .await?
+            .iter()
+            .any(|f| f.kind == "frozen_head"),
+        "no frozen_head finding"
+    );
+
+    rig.nodes[0].hang();
+    let finding = eventually(WAIT, "rpc_unresponsive finding", || async {
+        rig.findings("val-1")
+            .await
+            .ok()?
+            .into_iter()
+            .find(|f| f.kind == "rpc_unresponsive")
+    })
+    .await?;
+    assert_eq!(finding.severity, "critical", "{finding:?}");
+    // Unresponsive is remediable too: the restart heals the hang.
+    rig.wait_restarts("val-1", 2).await?;
+    rig.wait_phase("val-1", "synced").await?;
+    rig.stop().await
+}
+
+#[tokio::test]
+async fn repeated_failure_ends_failed_and_the_budget_resets_after_stability() -> TestResult {
+    let rig = Rig::start(
+        &["val-1"],
+        Restart::DoesNotHelp,
+        "max_restart_attempts = 2\nstable_reset_seconds = 3\n",
+        "",
+        "",
+    )
+    .await?;
+    rig.nodes[0].lag(40);
+    let failed = rig.wait_phase("val-1", "failed").await?;
+    assert_eq!(failed.remediation_attempts, 2, "{failed:?}");
+    assert_eq!(rig.restarts("val-1"), 2);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(rig.restarts("val-1"), 2, "acted after the budget was spent");
+
+    // A human fixes it: the node is synced again and, after a stable period, the budget
+    // is whole again, so the next fault is remediated.
+    rig.nodes[0].heal();
+    rig.wait_phase("val-1", "synced").await?;
+    eventually(WAIT, "the attempt budget to reset", || async {
+        rig.node("val-1")
+            .await
+            .filter(|n| n.remediation_attempts == 0)
+    })
+    .await?;
+    rig.nodes[0].lag(40);
+    rig.wait_restarts("val-1", 3).await?;
+    let (ok, audit) = rig.audit()?;
+    assert!(ok, "{audit}");
+    assert!(audit.contains("\"to\":\"failed\""), "{audit}");
+    rig.stop().await
+}
+
+#[tokio::test]
+async fn cordon_and_alert_cordons_without_a_command_until_resumed() -> TestResult {
+    let rig = Rig::start(
+        &["val-1"],
+        Restart::Heals,
+        "",
+        "[reconcile.nodes.val-1]\nrecovery_strategy = \"cordon-and-alert\"\n",
+        "",
+    )
+    .await?;
+    rig.nodes[0].lag(40);
+    rig.wait_phase("val-1", "cordoned").await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(rig.restarts("val-1"), 0, "cordon-and-alert sent a command");
+    assert!(
+        rig.server.proc.log_text().contains("RemediationAlert"),
+        "no alert logged"
+    );
+    rig.nodes[0].heal();
+    let (ok, text) = rig.guardianctl(&["resume", "val-1"])?;
+    assert!(ok, "{text}");
+    rig.wait_phase("val-1", "synced").await?;
+    rig.stop().await
+}
+
+#[tokio::test]
+async fn a_paused_node_is_left_alone_until_resumed() -> TestResult {
+    let rig = Rig::start(&["val-1"], Restart::Heals, "", "", "").await?;
+    let (ok, text) = rig.guardianctl(&["pause", "val-1", "--reason", "maintenance"])?;
+    assert!(ok && text.contains("paused"), "{text}");
+    rig.nodes[0].lag(40);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(rig.restarts("val-1"), 0, "a paused node was restarted");
+    assert_eq!(
+        rig.node("val-1").await.map(|n| n.phase),
+        Some("paused".to_owned())
+    );
+    let (ok, text) = rig.guardianctl(&["resume", "val-1"])?;
+    assert!(ok, "{text}");
+    rig.wait_restarts("val-1", 1).await?;
+    rig.wait_phase("val-1", "synced").await?;
+    let (ok, audit) = rig.audit()?;
+    assert!(ok, "{audit}");
+    assert!(
+        audit.contains("node_paused") && audit.contains("maintenance"),
+        "{audit}"
+    );
+    rig.stop().await
+}
+
+#[tokio::test]
+async fn fleet_wide_lag_raises_one_fleet_finding_and_restarts_nothing() -> TestResult {
+    let names = ["val-1", "val-2", "val-3"];
+    let rig = Rig::start(&names, Restart::Heals, "", "", "").await?;
+    for node in &rig.nodes {
+        node.lag(40);
+    }
+    let fleet = eventually(WAIT, "a fleet finding", || async {
+        rig.findings("")
+            .await
+            .ok()?
+            .into_iter()
+            .find(|f| f.kind == "fleet_degraded" && f.cleared_at_unix_ms == 0)
+    })
+    .await?;
+    assert_eq!(fleet.node_id, "", "{fleet:?}");
+    assert_eq!(fleet.network, "local", "{fleet:?}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for name in names {
+        assert_eq!(
+            rig.restarts(name),
+            0,
+            "{name} was restarted during a fleet-wide lag"
+        );
+    }
+    let open_fleet = rig
+        .findings("")
+        .await?
+        .into_iter()
+        .filter(|f| f.kind == "fleet_degraded")
+        .count();
+    assert_eq!(
+        open_fleet, 1,
+        "one fleet finding, not one per node or per sample"
+    );
+    rig.stop().await
+}
+
+#[tokio::test]
+async fn a_keystore_on_disk_is_critical_and_blocks_any_restart() -> TestResult {
+    let keystore = tempfile::tempdir_in(std::env::temp_dir())?;
+    std::fs::write(keystore.path().join("hotkey"), b"{\"not\":\"a real key\"}")?;
+    std::fs::set_permissions(
+        keystore.path().join("hotkey"),
+        std::fs::Permissions::from_mode(0o600),
+    )?;
+    let agent_more = format!("keystore_path = \"{}\"\n", keystore.path().display());
+    let rig = Rig::start(&["val-1"], Restart::Heals, "", "", &agent_more).await?;
+    let finding = eventually(WAIT, "a keystore finding", || async {
+        rig.findings("val-1")
+            .await
+            .ok()?
+            .into_iter()
+            .find(|f| f.kind == "keystore")
+    })
+    .await?;
+    assert_eq!(finding.severity, "critical", "{finding:?}");
+    rig.nodes[0].lag(40);
+    rig.wait_phase("val-1", "degraded").await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        rig.restarts("val-1"),
+        0,
+        "a node whose keystore is unsafe was restarted"
+    );
+    let (ok, text) = rig.guardianctl(&["findings", "--node", "val-1"])?;
+    assert!(ok && text.contains("critical keystore"), "{text}");
+    rig.stop().await
+}
+
+async fn reqwest_metrics(rig: &Rig) -> anyhow::Result<String> {
+    let out = std::process::Command::new("curl")
+        .args([
+            "-s",
+            "-m",
+            "5",
+            &format!("http://{}/metrics", rig.server.admin),
+        ])
+        .output()?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
