@@ -4,12 +4,16 @@
 //! genuine, meant for this node, current and new (recording its id before it returns), and
 //! [`Executor`] runs a verified envelope if this agent's `[commands]` config allows it
 //! ([`Executor::plan`] is the pure decision, [`Executor::execute`] the act). Either way the
-//! result is a [`CommandOutcome`] for the server.
+//! result is a [`CommandOutcome`] for the server. A `cancel-command` is answered by
+//! [`Executor::cancel`] instead, which needs both halves: it records its target in the seen
+//! ids (so the target never runs) and stops the target if it is running.
 //!
 //! # Guarantees
 //! - The signature is checked over the exact envelope bytes received, before decoding.
 //! - A command id is written (fsync'd) to the seen-ids file before `verify` returns it, so a
 //!   crash or reconnect mid-execution never runs it twice; it may then run zero times.
+//! - A cancelled command's id is written (fsync'd) the same way before the cancel's outcome
+//!   is reported, so a cancelled command that arrives later (even after a restart) is refused.
 //! - Nothing runs through a shell: programs get their arguments as separate `argv` entries,
 //!   hooks get parameters only as `GUARDIAN_PARAM_<KEY>` environment variables.
 //! - Output kept and reported is bounded ([`OUTPUT_TAIL_BYTES`], [`DIAGNOSTICS_MAX_BYTES`]).
@@ -19,12 +23,14 @@ use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use guardian_proto::v1::{Command, CommandEnvelope, CommandOutcome};
 use prost::Message;
 use ring::signature::{ED25519, UnparsedPublicKey};
 use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio_util::sync::CancellationToken;
 
 use crate::config::CommandsConfig;
 
@@ -46,6 +52,9 @@ const DIAGNOSTIC_STEP_TIMEOUT: Duration = Duration::from_secs(10);
 const DRAIN_GRACE: Duration = Duration::from_secs(1);
 /// PATH given to hooks, which otherwise start with an empty environment.
 const HOOK_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// The action that cancels another command (parameter `command_id`); answered by
+/// [`Executor::cancel`], not [`Executor::execute`].
+pub const CANCEL_COMMAND: &str = "cancel-command";
 
 /// Why a command was not run. [`Refusal::kind`] is the stable label (logs, metrics, the
 /// outcome's `refused` field).
@@ -96,6 +105,15 @@ pub enum Refusal {
         /// The id.
         command_id: String,
     },
+    /// This command id was cancelled (by a `cancel-command`) before it arrived. After a
+    /// restart the same command is refused as [`Refusal::Replayed`].
+    #[error("command {command_id} was cancelled by command {by} before it arrived; it never runs")]
+    Cancelled {
+        /// The id.
+        command_id: String,
+        /// The id of the `cancel-command`.
+        by: String,
+    },
     /// The action, or its target, is not allowed by this agent's `[commands]` config.
     #[error("not allowed: {0}")]
     ActionNotAllowed(String),
@@ -110,7 +128,7 @@ fn ms_between(later: &i64, earlier: &i64) -> i64 {
 
 impl Refusal {
     /// Stable label: `bad_signature`, `malformed`, `wrong_node`, `expired`, `not_yet_valid`,
-    /// `lifetime_too_long`, `replayed`, `action_not_allowed`, `seen_store_failed`.
+    /// `lifetime_too_long`, `replayed`, `cancelled`, `action_not_allowed`, `seen_store_failed`.
     pub fn kind(&self) -> &'static str {
         match self {
             Refusal::BadSignature(_) => "bad_signature",
@@ -120,6 +138,7 @@ impl Refusal {
             Refusal::NotYetValid { .. } => "not_yet_valid",
             Refusal::LifetimeTooLong { .. } => "lifetime_too_long",
             Refusal::Replayed { .. } => "replayed",
+            Refusal::Cancelled { .. } => "cancelled",
             Refusal::ActionNotAllowed(_) => "action_not_allowed",
             Refusal::SeenStoreFailed(_) => "seen_store_failed",
         }
@@ -366,6 +385,9 @@ pub struct CommandVerifier {
     public_key: [u8; 32],
     node_id: String,
     seen: SeenIds,
+    /// Seen ids recorded by [`CommandVerifier::forbid`] (target -> cancel id), so a refusal
+    /// can name the cancel. In memory only: after a restart such a target is `replayed`.
+    cancelled: HashMap<String, String>,
 }
 
 impl CommandVerifier {
@@ -375,6 +397,7 @@ impl CommandVerifier {
             public_key,
             node_id: node_id.into(),
             seen,
+            cancelled: HashMap::new(),
         }
     }
 
@@ -468,14 +491,56 @@ impl CommandVerifier {
             });
         }
         if self.seen.contains(&envelope.command_id) {
-            return Err(Refusal::Replayed {
-                command_id: envelope.command_id,
+            return Err(match self.cancelled.get(&envelope.command_id) {
+                Some(by) => Refusal::Cancelled {
+                    command_id: envelope.command_id,
+                    by: by.clone(),
+                },
+                None => Refusal::Replayed {
+                    command_id: envelope.command_id,
+                },
             });
         }
         self.seen
             .insert(&envelope.command_id, envelope.expires_at_unix_ms, now)
             .map_err(|e| Refusal::SeenStoreFailed(format!("{}: {e}", self.seen.path.display())))?;
         Ok(envelope)
+    }
+
+    /// Records `target` as seen on behalf of the verified `cancel-command` `by`, so that
+    /// verifying `target` later is refused ([`Refusal::Cancelled`]). Returns whether `target`
+    /// was new here (never received, so it will never run).
+    ///
+    /// # Guarantees
+    /// The id is appended and fsync'd before this returns `Ok(true)`, and remembered at least
+    /// as long as `target` could still be accepted.
+    ///
+    /// # Errors
+    /// [`Refusal::SeenStoreFailed`] when it cannot be recorded.
+    pub fn forbid(
+        &mut self,
+        target: &str,
+        by: &CommandEnvelope,
+        now_unix_ms: i64,
+    ) -> Result<bool, Refusal> {
+        if self.seen.contains(target) {
+            return Ok(false);
+        }
+        // The target was issued before its cancel, so it expires at most MAX_TTL_MS after the
+        // cancel was issued; the target's own expiry is unknown here.
+        let expires = by
+            .issued_at_unix_ms
+            .max(now_unix_ms)
+            .saturating_add(MAX_TTL_MS);
+        self.seen
+            .insert(target, expires, now_unix_ms)
+            .map_err(|e| Refusal::SeenStoreFailed(format!("{}: {e}", self.seen.path.display())))?;
+        // Forget names of cancels whose targets the seen set no longer holds (compacted).
+        let seen = &self.seen;
+        self.cancelled.retain(|id, _| seen.contains(id));
+        self.cancelled
+            .insert(target.to_owned(), by.command_id.clone());
+        Ok(true)
     }
 }
 
@@ -501,13 +566,62 @@ pub enum Plan {
     Run(Invocation),
     /// Collect the bounded diagnostics report.
     Diagnostics,
+    /// Never run command `target`, and stop it if it is running ([`Executor::cancel`]).
+    Cancel {
+        /// The id of the command to cancel.
+        target: String,
+    },
 }
 
 /// Runs verified envelopes that this agent's `[commands]` config allows.
+///
+/// Clones share the set of commands running now, so any clone can cancel them.
 #[derive(Debug, Clone)]
 pub struct Executor {
     config: CommandsConfig,
     chain_data_path: PathBuf,
+    running: Arc<Mutex<HashMap<String, Running>>>,
+}
+
+/// A command between [`Executor::execute`] and its outcome.
+#[derive(Debug)]
+struct Running {
+    /// Cancelled by [`Executor::cancel`]; its process group is then killed.
+    stop: CancellationToken,
+    /// The id of the `cancel-command` that stopped it.
+    cancelled_by: Option<String>,
+}
+
+/// Keeps a command in [`Executor`]'s running set until dropped.
+#[derive(Debug)]
+struct Registration {
+    running: Arc<Mutex<HashMap<String, Running>>>,
+    command_id: String,
+    stop: CancellationToken,
+}
+
+impl Registration {
+    /// The `cancel-command` that stopped this command, if one did.
+    fn cancelled_by(&self) -> Option<String> {
+        lock(&self.running)
+            .get(&self.command_id)
+            .and_then(|r| r.cancelled_by.clone())
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        lock(&self.running).remove(&self.command_id);
+    }
+}
+
+/// Locks the running set; a poisoned lock (a panic mid-update) still holds consistent data.
+fn lock(
+    running: &Mutex<HashMap<String, Running>>,
+) -> std::sync::MutexGuard<'_, HashMap<String, Running>> {
+    running
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Executor {
@@ -516,10 +630,12 @@ impl Executor {
         Self {
             config,
             chain_data_path,
+            running: Arc::default(),
         }
     }
 
-    /// Decides what `envelope` does here, without doing it.
+    /// Decides what `envelope` does here, without doing it. `cancel-command` needs no
+    /// allow-list entry (it can only make the agent do less), only commands enabled.
     ///
     /// # Errors
     /// [`Refusal::ActionNotAllowed`] for an unknown action, a target not in the allow-list or
@@ -634,38 +750,95 @@ impl Executor {
                 }))
             }
             "collect-diagnostics" => Ok(Plan::Diagnostics),
+            CANCEL_COMMAND => {
+                let target = param("command_id")?;
+                if !valid_command_id(target) {
+                    return Err(Refusal::Malformed(format!(
+                        "parameter \"command_id\" {target:?} is not 1 to 64 characters of A-Z, a-z, 0-9, '-', '_'"
+                    )));
+                }
+                if *target == envelope.command_id {
+                    return Err(Refusal::Malformed(
+                        "a cancel-command cannot cancel itself".to_owned(),
+                    ));
+                }
+                Ok(Plan::Cancel {
+                    target: target.clone(),
+                })
+            }
             other => Err(Refusal::ActionNotAllowed(format!(
-                "unknown action {other:?} (this agent knows restart-unit, restart-container, run-hook, collect-diagnostics)"
+                "unknown action {other:?} (this agent knows restart-unit, restart-container, run-hook, collect-diagnostics, cancel-command)"
             ))),
         }
     }
 
     /// Plans and runs `envelope` (already verified), and reports what happened. A refused
     /// plan becomes a refused outcome. Logs `CommandExecuted` or `CommandRefused`.
-    pub async fn execute(&self, envelope: &CommandEnvelope) -> CommandOutcome {
+    ///
+    /// # Guarantees
+    /// The command counts as running from the moment `execute` is called, before the future
+    /// is first polled, so a [`Executor::cancel`] handled right after spawning it stops it.
+    /// A stopped command fails with a detail that starts `cancelled by command <id>`.
+    /// A `cancel-command` is refused here (malformed): it goes to [`Executor::cancel`].
+    pub fn execute(
+        &self,
+        envelope: &CommandEnvelope,
+    ) -> impl Future<Output = CommandOutcome> + Send + 'static {
+        let stop = CancellationToken::new();
+        lock(&self.running).insert(
+            envelope.command_id.clone(),
+            Running {
+                stop: stop.clone(),
+                cancelled_by: None,
+            },
+        );
+        let registration = Registration {
+            running: Arc::clone(&self.running),
+            command_id: envelope.command_id.clone(),
+            stop,
+        };
+        let executor = self.clone();
+        let envelope = envelope.clone();
+        async move { executor.run(&envelope, registration).await }
+    }
+
+    async fn run(&self, envelope: &CommandEnvelope, registration: Registration) -> CommandOutcome {
+        let refused = |refusal: Refusal| {
+            tracing::warn!(
+                kind = refusal.kind(),
+                command_id = envelope.command_id,
+                action = envelope.action,
+                "CommandRefused: {refusal}"
+            );
+            refusal.outcome(&envelope.command_id)
+        };
         let plan = match self.plan(envelope) {
             Ok(plan) => plan,
-            Err(refusal) => {
-                tracing::warn!(
-                    kind = refusal.kind(),
-                    command_id = envelope.command_id,
-                    action = envelope.action,
-                    "CommandRefused: {refusal}"
-                );
-                return refusal.outcome(&envelope.command_id);
-            }
+            Err(refusal) => return refused(refusal),
         };
+        let stop = &registration.stop;
         let (succeeded, detail) = match plan {
             Plan::Run(invocation) => {
-                let ran = run_bounded(&invocation, OUTPUT_TAIL_BYTES).await;
+                let ran = run_bounded(&invocation, OUTPUT_TAIL_BYTES, stop).await;
                 (ran.succeeded(), ran.describe())
             }
-            Plan::Diagnostics => (true, self.diagnostics().await),
+            Plan::Diagnostics => (true, self.diagnostics(stop).await),
+            Plan::Cancel { .. } => {
+                return refused(Refusal::Malformed(
+                    "cancel-command must be answered by Executor::cancel, which records its target as seen".to_owned(),
+                ));
+            }
+        };
+        let cancelled_by = registration.cancelled_by();
+        let (succeeded, detail) = match &cancelled_by {
+            Some(by) => (false, format!("cancelled by command {by}; {detail}")),
+            None => (succeeded, detail),
         };
         tracing::info!(
             command_id = envelope.command_id,
             action = envelope.action,
             succeeded,
+            cancelled_by,
             "CommandExecuted"
         );
         CommandOutcome {
@@ -676,10 +849,76 @@ impl Executor {
         }
     }
 
+    /// Answers a verified `cancel-command`: records its target as seen in `verifier` (so the
+    /// target is refused if it arrives later), then stops the target if it is running (its
+    /// process group is killed and its own outcome fails as cancelled). The outcome succeeds
+    /// with `stopped running command X`, `command X will never run` or `command X already
+    /// finished; nothing to stop`. Logs `CommandCancelled` or `CommandRefused`.
+    pub fn cancel(
+        &self,
+        envelope: &CommandEnvelope,
+        verifier: &mut CommandVerifier,
+        now_unix_ms: i64,
+    ) -> CommandOutcome {
+        let refused = |refusal: Refusal| {
+            tracing::warn!(
+                kind = refusal.kind(),
+                command_id = envelope.command_id,
+                action = envelope.action,
+                "CommandRefused: {refusal}"
+            );
+            refusal.outcome(&envelope.command_id)
+        };
+        let target = match self.plan(envelope) {
+            Ok(Plan::Cancel { target }) => target,
+            Ok(_) => {
+                return refused(Refusal::Malformed(format!(
+                    "action {} is not {CANCEL_COMMAND}",
+                    envelope.action
+                )));
+            }
+            Err(refusal) => return refused(refusal),
+        };
+        let never_received = match verifier.forbid(&target, envelope, now_unix_ms) {
+            Ok(new) => new,
+            Err(refusal) => return refused(refusal),
+        };
+        let detail = if self.stop(&target, &envelope.command_id) {
+            format!("stopped running command {target}")
+        } else if never_received {
+            format!("command {target} will never run")
+        } else {
+            format!("command {target} already finished; nothing to stop")
+        };
+        tracing::info!(
+            command_id = envelope.command_id,
+            cancelled = target,
+            "CommandCancelled: {detail}"
+        );
+        CommandOutcome {
+            command_id: envelope.command_id.clone(),
+            succeeded: true,
+            detail,
+            refused: String::new(),
+        }
+    }
+
+    /// Stops `target` if it is running (first cancel wins); returns whether it was.
+    fn stop(&self, target: &str, by: &str) -> bool {
+        let mut running = lock(&self.running);
+        let Some(command) = running.get_mut(target) else {
+            return false;
+        };
+        command.cancelled_by.get_or_insert_with(|| by.to_owned());
+        command.stop.cancel();
+        true
+    }
+
     /// uname, uptime, df of the chain data, memory, and the status of every allowed unit and
     /// container; each step bounded in time and output, the whole at most
     /// [`DIAGNOSTICS_MAX_BYTES`].
-    async fn diagnostics(&self) -> String {
+    /// Stops after the current step once `stop` is cancelled.
+    async fn diagnostics(&self, stop: &CancellationToken) -> String {
         let chain = self.chain_data_path.display().to_string();
         let mut steps: Vec<(String, Vec<String>)> = vec![
             ("uname".into(), vec!["-a".into()]),
@@ -706,7 +945,7 @@ impl Executor {
         }
         let mut report = String::new();
         for (program, args) in steps {
-            if report.len() >= DIAGNOSTICS_MAX_BYTES {
+            if report.len() >= DIAGNOSTICS_MAX_BYTES || stop.is_cancelled() {
                 break;
             }
             let invocation = Invocation {
@@ -716,7 +955,7 @@ impl Executor {
                 env: Vec::new(),
                 timeout: DIAGNOSTIC_STEP_TIMEOUT,
             };
-            let ran = run_bounded(&invocation, 8 * 1024).await;
+            let ran = run_bounded(&invocation, 8 * 1024, stop).await;
             report.push_str(&format!("== {program} {} ==\n", args.join(" ")));
             report.push_str(&ran.describe());
             report.push('\n');
@@ -743,19 +982,26 @@ struct Ran {
     status: Option<ExitStatus>,
     start_error: Option<String>,
     timed_out: Option<Duration>,
+    /// Killed (or never started) because the command was cancelled.
+    stopped: bool,
     elapsed: Duration,
     tail: Tail,
 }
 
 impl Ran {
     fn succeeded(&self) -> bool {
-        self.timed_out.is_none() && self.status.is_some_and(|s| s.success())
+        !self.stopped && self.timed_out.is_none() && self.status.is_some_and(|s| s.success())
     }
 
     fn describe(&self) -> String {
         let program = self.program.display();
         let head = if let Some(error) = &self.start_error {
             format!("could not start {program}: {error}")
+        } else if self.stopped {
+            format!(
+                "{program} killed after {} ms: the command was cancelled",
+                self.elapsed.as_millis()
+            )
         } else if let Some(timeout) = self.timed_out {
             format!(
                 "{program} killed after its timeout of {} ms",
@@ -812,15 +1058,24 @@ async fn read_some<R: AsyncRead + Unpin>(reader: &mut Option<R>, buf: &mut [u8])
     }
 }
 
+/// How a bounded run ended.
+enum End {
+    Exited,
+    TimedOut,
+    Stopped,
+}
+
 /// Runs `invocation` in its own process group, keeping the last `keep` bytes of stdout and
-/// stderr (interleaved as they arrive); kills the group when the timeout passes.
-async fn run_bounded(invocation: &Invocation, keep: usize) -> Ran {
+/// stderr (interleaved as they arrive); kills the group when the timeout passes or `stop` is
+/// cancelled (and does not start it if `stop` already is).
+async fn run_bounded(invocation: &Invocation, keep: usize, stop: &CancellationToken) -> Ran {
     let started = Instant::now();
     let mut ran = Ran {
         program: invocation.program.clone(),
         status: None,
         start_error: None,
         timed_out: None,
+        stopped: false,
         elapsed: Duration::ZERO,
         tail: Tail {
             keep,
@@ -839,6 +1094,11 @@ async fn run_bounded(invocation: &Invocation, keep: usize) -> Ran {
         cmd.env_clear().env("PATH", HOOK_PATH).env("LANG", "C");
     }
     cmd.envs(invocation.env.iter().map(|(k, v)| (k, v)));
+    if stop.is_cancelled() {
+        ran.stopped = true;
+        ran.start_error = Some("the command was cancelled before it started".to_owned());
+        return ran;
+    }
     let mut child = match cmd.spawn() {
         Ok(child) => child,
         Err(error) => {
@@ -850,7 +1110,7 @@ async fn run_bounded(invocation: &Invocation, keep: usize) -> Ran {
     let (mut stdout, mut stderr) = (child.stdout.take(), child.stderr.take());
     let tail = &mut ran.tail;
     let mut status = None;
-    let finished = tokio::time::timeout(invocation.timeout, async {
+    let io = tokio::time::timeout(invocation.timeout, async {
         let (mut out_buf, mut err_buf) = (vec![0u8; 8192], vec![0u8; 8192]);
         let mut drain_until = None;
         loop {
@@ -874,10 +1134,17 @@ async fn run_bounded(invocation: &Invocation, keep: usize) -> Ran {
                 () = tokio::time::sleep_until(drain_deadline), if drain_until.is_some() => return,
             }
         }
-    })
-    .await;
-    if finished.is_err() {
-        ran.timed_out = Some(invocation.timeout);
+    });
+    let end = tokio::select! {
+        finished = io => if finished.is_ok() { End::Exited } else { End::TimedOut },
+        () = stop.cancelled() => End::Stopped,
+    };
+    match end {
+        End::Exited => {}
+        End::TimedOut => ran.timed_out = Some(invocation.timeout),
+        End::Stopped => ran.stopped = true,
+    }
+    if !matches!(end, End::Exited) {
         if let Some(pid) = pid {
             // The whole group: a hook's children (sleep, rsync, ...) must not outlive it.
             let _ = tokio::process::Command::new("kill")
@@ -1022,6 +1289,77 @@ mod tests {
     }
 
     #[test]
+    fn cancelled_command_is_refused_naming_its_cancel_and_stays_refused_after_restart() {
+        let mut f = fixture();
+        let executor = Executor::new(
+            CommandsConfig {
+                enabled: true,
+                ..CommandsConfig::default()
+            },
+            PathBuf::from("/"),
+        );
+        let mut cancel = envelope("x1", "val-1", NOW, NOW + 60_000);
+        cancel.action = CANCEL_COMMAND.to_owned();
+        cancel.parameters = [("command_id".to_owned(), "t1".to_owned())].into();
+        let cancel = f
+            .verifier
+            .verify(&sign(&f.key, &cancel), NOW)
+            .expect("valid");
+        let outcome = executor.cancel(&cancel, &mut f.verifier, NOW);
+        assert!(outcome.succeeded, "{}", outcome.detail);
+        assert_eq!(outcome.detail, "command t1 will never run");
+        let target = sign(&f.key, &envelope("t1", "val-1", NOW, NOW + 60_000));
+        let refused = f.verifier.verify(&target, NOW).expect_err("cancelled");
+        assert_eq!(refused.kind(), "cancelled");
+        assert!(
+            refused.to_string().contains("cancelled by command x1"),
+            "{refused}"
+        );
+        // Cancelling it again (a resent cancel) finds it received and not running.
+        let mut again = cancel.clone();
+        again.command_id = "x2".to_owned();
+        assert_eq!(
+            executor.cancel(&again, &mut f.verifier, NOW).detail,
+            "command t1 already finished; nothing to stop"
+        );
+        // Durable: after a restart it is still refused (no longer naming the cancel).
+        let seen = SeenIds::open(&f.seen_path, NOW + 1000).expect("reopen");
+        f.verifier = CommandVerifier::new(f.verifier.public_key, "val-1", seen);
+        assert_eq!(refusal(&mut f, &target), "replayed");
+    }
+
+    #[tokio::test]
+    async fn command_cancelled_before_it_starts_never_starts() {
+        let executor = Executor::new(
+            CommandsConfig {
+                enabled: true,
+                hooks: [("h".to_owned(), PathBuf::from("/bin/true"))].into(),
+                ..CommandsConfig::default()
+            },
+            PathBuf::from("/"),
+        );
+        let mut hook = envelope("h1", "val-1", NOW, NOW + 60_000);
+        hook.action = "run-hook".to_owned();
+        hook.parameters = [("hook".to_owned(), "h".to_owned())].into();
+        // Registered as running by execute() itself, before the future is polled.
+        let run = executor.execute(&hook);
+        assert!(executor.stop("h1", "x9"));
+        let outcome = run.await;
+        assert!(!outcome.succeeded);
+        assert!(
+            outcome
+                .detail
+                .starts_with("cancelled by command x9; could not start /bin/true: the command was cancelled before it started"),
+            "{}",
+            outcome.detail
+        );
+        assert!(
+            !executor.stop("h1", "x9"),
+            "finished commands leave the running set"
+        );
+    }
+
+    #[test]
     fn command_plans_follow_the_allow_lists() {
         let config = CommandsConfig {
             enabled: true,
@@ -1081,6 +1419,25 @@ mod tests {
         );
         assert_eq!(kind(with("reboot", &[])), "action_not_allowed");
         assert_eq!(kind(with("restart-unit", &[])), "malformed");
+        // cancel-command needs no allow-list entry, only a usable command_id.
+        assert_eq!(
+            with(CANCEL_COMMAND, &[("command_id", "t1")]),
+            Ok(Plan::Cancel {
+                target: "t1".to_owned()
+            })
+        );
+        for params in [&[][..], &[("command_id", "")], &[("command_id", "a b")]] {
+            assert_eq!(
+                kind(with(CANCEL_COMMAND, params)),
+                "malformed",
+                "{params:?}"
+            );
+        }
+        assert_eq!(
+            kind(with(CANCEL_COMMAND, &[("command_id", "c1")])),
+            "malformed",
+            "a cancel cannot cancel itself"
+        );
         assert_eq!(
             kind(with("run-hook", &[("hook", "restore"), ("a=b", "1")])),
             "malformed"
@@ -1110,7 +1467,7 @@ mod tests {
             env: Vec::new(),
             timeout: Duration::from_secs(10),
         };
-        let ran = run_bounded(&invocation, OUTPUT_TAIL_BYTES).await;
+        let ran = run_bounded(&invocation, OUTPUT_TAIL_BYTES, &CancellationToken::new()).await;
         assert!(!ran.succeeded());
         assert_eq!(ran.tail.bytes.len(), OUTPUT_TAIL_BYTES);
         let detail = ran.describe();

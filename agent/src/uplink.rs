@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tracing::Instrument;
 
-use crate::command::{CommandVerifier, Executor, Refusal, refusal_outcome};
+use crate::command::{CANCEL_COMMAND, CommandVerifier, Executor, Refusal, refusal_outcome};
 use crate::config::AgentConfig;
 use crate::spool::{self, Spool};
 
@@ -132,7 +132,8 @@ impl Shared {
 }
 
 /// Verifies a command and, if it may run, runs it in the background; the outcome (or the
-/// refusal) is queued for the server.
+/// refusal) is queued for the server. A `cancel-command` is answered at once, under the
+/// verifier's lock (its target is recorded as seen before the next command is verified).
 fn handle_command(shared: &Arc<Shared>, command: Command) {
     let Some(remote) = &shared.commands else {
         let refusal = Refusal::ActionNotAllowed(
@@ -142,22 +143,36 @@ fn handle_command(shared: &Arc<Shared>, command: Command) {
         shared.push_outcome(refusal_outcome(&command, &refusal));
         return;
     };
-    let verdict = remote
+    let now = crate::unix_ms();
+    let mut verifier = remote
         .verifier
         .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .verify(&command, crate::unix_ms());
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let verdict = verifier.verify(&command, now);
     match verdict {
-        Err(refusal) => shared.push_outcome(refusal_outcome(&command, &refusal)),
+        Err(refusal) => {
+            drop(verifier);
+            shared.push_outcome(refusal_outcome(&command, &refusal));
+        }
+        Ok(envelope) if envelope.action == CANCEL_COMMAND => {
+            let outcome = remote.executor.cancel(&envelope, &mut verifier, now);
+            drop(verifier);
+            shared.push_outcome(outcome);
+        }
         Ok(envelope) => {
-            let executor = Arc::clone(&remote.executor);
+            drop(verifier);
+            // Counted as running from here, so a cancel in the next frame finds it.
+            let run = remote.executor.execute(&envelope);
             let shared = Arc::clone(shared);
             tokio::spawn(
                 async move {
-                    let outcome = executor.execute(&envelope).await;
+                    let outcome = run.await;
                     shared.push_outcome(outcome);
                 }
-                .instrument(tracing::info_span!("command")),
+                .instrument(tracing::info_span!(
+                    "command",
+                    command_id = envelope.command_id
+                )),
             );
         }
     }

@@ -1,7 +1,8 @@
 //! Signed remote commands across the two crates: what the server's `CommandSigner` issues
 //! with the keys `pki init` writes, the agent's `CommandVerifier` accepts exactly once, and
 //! its `Executor` runs only what the agent's config allows; forged, replayed, expired,
-//! not-yet-valid, other-node and not-allowed commands are refused with their kind.
+//! not-yet-valid, other-node and not-allowed commands are refused with their kind; a signed
+//! `cancel-command` stops its target or makes sure it never runs.
 
 use std::collections::{BTreeMap, HashMap};
 use std::os::unix::fs::PermissionsExt;
@@ -342,5 +343,180 @@ async fn diagnostics_are_collected_and_bounded() -> TestResult {
     );
     assert!(outcome.detail.contains("== df -h "), "{}", outcome.detail);
     assert!(outcome.detail.len() <= guardian_agent::command::DIAGNOSTICS_MAX_BYTES);
+    Ok(())
+}
+
+#[tokio::test]
+async fn cancel_stops_a_running_hook_and_the_cancelled_id_never_runs() -> TestResult {
+    let mut f = Fixture::new()?;
+    let pid_file = f.dir.path().join("sleep.pid");
+    f.hook(
+        "slow",
+        &format!(
+            "echo started; sleep 30 & echo $! > '{}'; wait",
+            pid_file.display()
+        ),
+    )?;
+    f.hook("count", "echo ran >> \"$GUARDIAN_PARAM_LOG\"")?;
+    // Long enough that only the cancel can end it.
+    f.config.hook_timeout_ms = 60_000;
+    let mut verifier = f.verifier(NODE)?;
+    let executor = Executor::new(f.config.clone(), f.dir.path().to_owned());
+
+    // A hook is running when its cancel arrives: its process group is killed.
+    let slow = verifier.verify(
+        &f.issue(NODE, Action::RunHook, &[("hook", "slow")], now())?,
+        now(),
+    )?;
+    let running = tokio::spawn(executor.execute(&slow));
+    for _ in 0..100 {
+        if std::fs::read_to_string(&pid_file).is_ok_and(|pid| pid.ends_with('\n')) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let sleep_pid = std::fs::read_to_string(&pid_file)?.trim().to_owned();
+    let cancel = verifier.verify(
+        &f.issue(
+            NODE,
+            Action::CancelCommand,
+            &[("command_id", &slow.command_id)],
+            now(),
+        )?,
+        now(),
+    )?;
+    let started = std::time::Instant::now();
+    let outcome = executor.cancel(&cancel, &mut verifier, now());
+    assert!(outcome.succeeded, "{}", outcome.detail);
+    assert_eq!(
+        outcome.detail,
+        format!("stopped running command {}", slow.command_id)
+    );
+    let stopped = tokio::time::timeout(Duration::from_secs(10), running).await??;
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(stopped.command_id, slow.command_id);
+    assert!(!stopped.succeeded);
+    assert!(stopped.refused.is_empty(), "it ran, then was cancelled");
+    assert!(
+        stopped
+            .detail
+            .starts_with(&format!("cancelled by command {}; ", cancel.command_id)),
+        "{}",
+        stopped.detail
+    );
+    assert!(
+        stopped.detail.contains("the command was cancelled"),
+        "{}",
+        stopped.detail
+    );
+    let gone = || {
+        std::fs::read_to_string(format!("/proc/{sleep_pid}/stat"))
+            .map_or(true, |stat| stat.contains(") Z "))
+    };
+    for _ in 0..50 {
+        if gone() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(gone(), "sleep {sleep_pid} outlived its cancelled hook");
+    // Cancelling a finished command changes nothing.
+    let late = verifier.verify(
+        &f.issue(
+            NODE,
+            Action::CancelCommand,
+            &[("command_id", &slow.command_id)],
+            now(),
+        )?,
+        now(),
+    )?;
+    assert_eq!(
+        executor.cancel(&late, &mut verifier, now()).detail,
+        format!(
+            "command {} already finished; nothing to stop",
+            slow.command_id
+        )
+    );
+
+    // A command cancelled before it arrives is refused when it does, also after a restart.
+    let log = f.dir.path().join("runs.log");
+    let log_text = log.display().to_string();
+    let (queued, queued_command) = f.signer.issue(
+        &NodeId::parse(NODE)?,
+        Action::RunHook,
+        HashMap::from([
+            ("hook".to_owned(), "count".to_owned()),
+            ("log".to_owned(), log_text),
+        ]),
+        TTL,
+        now(),
+    )?;
+    let cancel = verifier.verify(
+        &f.issue(
+            NODE,
+            Action::CancelCommand,
+            &[("command_id", &queued.command_id)],
+            now(),
+        )?,
+        now(),
+    )?;
+    let outcome = executor.cancel(&cancel, &mut verifier, now());
+    assert!(outcome.succeeded, "{}", outcome.detail);
+    assert_eq!(
+        outcome.detail,
+        format!("command {} will never run", queued.command_id)
+    );
+    let refusal = verifier
+        .verify(&queued_command, now())
+        .expect_err("cancelled");
+    let answer = refusal_outcome(&queued_command, &refusal);
+    assert_eq!(
+        (answer.succeeded, answer.refused.as_str()),
+        (false, "cancelled")
+    );
+    assert!(
+        answer
+            .detail
+            .contains(&format!("cancelled by command {}", cancel.command_id)),
+        "{}",
+        answer.detail
+    );
+    drop(verifier);
+    let mut restarted = f.verifier(NODE)?;
+    assert_eq!(refused(&mut restarted, &queued_command), "replayed");
+    assert!(!log.exists(), "the cancelled hook ran");
+    Ok(())
+}
+
+#[test]
+fn cancel_without_a_command_id_is_refused_as_malformed() -> TestResult {
+    let f = Fixture::new()?;
+    let mut verifier = f.verifier(NODE)?;
+    // The server's signer will not issue one; should one arrive, the agent refuses it
+    // rather than take it as "cancel nothing" (or everything).
+    let (mut envelope, _) = f.signer.issue(
+        &NodeId::parse(NODE)?,
+        Action::CancelCommand,
+        HashMap::from([("command_id".to_owned(), "x".to_owned())]),
+        TTL,
+        now(),
+    )?;
+    envelope
+        .parameters
+        .insert("command_id".to_owned(), String::new());
+    let executor = Executor::new(f.config.clone(), f.dir.path().to_owned());
+    let outcome = executor.cancel(&envelope, &mut verifier, now());
+    assert!(!outcome.succeeded);
+    assert_eq!(outcome.refused, "malformed");
+    assert!(
+        outcome.detail.contains("\"command_id\""),
+        "{}",
+        outcome.detail
+    );
+    assert!(verifier.seen().is_empty(), "nothing was cancelled");
     Ok(())
 }
