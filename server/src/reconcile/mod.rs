@@ -178,6 +178,8 @@ pub struct Observation {
     pub blocked_by: Option<crate::detect::FindingKind>,
     /// Fleet correlation holds per-node remediation for this node's network.
     pub fleet_hold: bool,
+    /// No new sample arrived since the last evaluation (a tick): streaks stay as they are.
+    pub stale: bool,
     /// Remediations in flight across the fleet (nodes in `recovering`), this node excluded.
     pub fleet_in_flight: usize,
     /// Fleet-wide cap on concurrent remediations.

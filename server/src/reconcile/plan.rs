@@ -105,10 +105,13 @@ pub fn plan(state: &NodeState, observation: &Observation, policy: &SyncPolicy) -
     let eval = Evaluation::of(state, observation, policy);
 
     let mut next = state.clone();
-    if eval.bad {
+    // Hysteresis counts samples: an evaluation on a tick without a new sample (cooldowns,
+    // budgets) does not move the streaks, except silence, which is measured in time.
+    let new_evidence = !observation.stale || observation.silent;
+    if new_evidence && eval.bad {
         next.bad_streak = next.bad_streak.saturating_add(1);
         next.good_streak = 0;
-    } else {
+    } else if new_evidence {
         next.good_streak = next.good_streak.saturating_add(1);
         next.bad_streak = 0;
     }
@@ -925,6 +928,26 @@ mod tests {
         );
         sim.step(&good());
         assert_eq!(sim.state.bad_streak, 0);
+    }
+
+    #[test]
+    fn ticks_without_a_new_sample_do_not_confirm_a_fault() {
+        let mut sim = Sim::synced(SyncPolicy::default());
+        sim.step(&lagging());
+        let stale = Observation {
+            stale: true,
+            ..lagging()
+        };
+        for _ in 0..5 {
+            let plan = sim.step(&stale);
+            assert!(plan.actions.is_empty(), "{}", plan.reason);
+            assert_eq!(plan.next.phase, Phase::Synced);
+        }
+        assert_eq!(sim.state.bad_streak, 1, "only samples count");
+        assert_eq!(
+            commands(&sim.step(&lagging()).actions),
+            vec![restart_unit()]
+        );
     }
 
     #[test]

@@ -197,6 +197,7 @@ pub async fn spawn(
         contexts: HashMap::new(),
         evaluated: HashMap::new(),
         policies: HashMap::new(),
+        lags: HashMap::new(),
         trigger: Arc::clone(&trigger),
         parts,
     };
@@ -238,6 +239,8 @@ struct Runner {
     policies: HashMap<NodeId, Arc<(SyncPolicy, DetectPolicy)>>,
     /// Nodes in `recovering`.
     in_flight: HashSet<NodeId>,
+    /// Each node's recent lag per fresh sample (is it catching up?).
+    lags: HashMap<NodeId, std::collections::VecDeque<(i64, u64)>>,
 }
 
 impl Runner {
@@ -331,11 +334,15 @@ impl Runner {
             .await;
 
         let before = self.states.get(id).cloned().unwrap_or_default();
+        let probe_ms = i64::from(sync_policy.probe_interval_seconds) * 1000;
+        let progressing = self.progressing(id, now, lag, probe_ms, arrived.is_some());
         // Catching up is expected only before the node was ever synced and after a
-        // remediation; a synced node that falls behind is degraded even if it says syncing.
+        // remediation, and only while the lag shrinks; a synced node that falls behind is
+        // degraded even if it says syncing.
         let frozen = findings.iter().any(|f| f.kind == FindingKind::FrozenHead);
         let syncing = chain_syncing
             && !frozen
+            && progressing
             && matches!(
                 before.phase,
                 Phase::Pending | Phase::Syncing | Phase::Recovering
@@ -364,6 +371,7 @@ impl Runner {
             remediable,
             silent,
             blocked_by,
+            stale: arrived.is_none(),
             fleet_hold: self.network_held(&network),
             fleet_in_flight: self.in_flight.iter().filter(|n| *n != id).count(),
             fleet_max_in_flight: self.parts.settings.max_concurrent_remediations,
@@ -577,6 +585,27 @@ impl Runner {
         }
     }
 
+    /// Records `lag` (on a fresh sample) and says whether the node is catching up: its lag
+    /// is lower than one probe interval ago, or there is not a probe interval of history yet.
+    fn progressing(&mut self, id: &NodeId, now: i64, lag: u64, probe_ms: i64, fresh: bool) -> bool {
+        let history = self.lags.entry(id.clone()).or_default();
+        if fresh {
+            history.push_back((now, lag));
+            while history
+                .front()
+                .is_some_and(|(at, _)| *at < now - 2 * probe_ms)
+            {
+                history.pop_front();
+            }
+        }
+        let probe_ago = history
+            .iter()
+            .rev()
+            .find(|(at, _)| *at <= now - probe_ms)
+            .map(|(_, lag)| *lag);
+        probe_ago.is_none_or(|then| lag < then)
+    }
+
     /// Whether the share of `network`'s nodes degraded now calls for holding per-node action.
     fn network_held(&self, network: &str) -> bool {
         let (mut nodes, mut degraded) = (0usize, 0usize);
@@ -591,17 +620,25 @@ impl Runner {
             && degraded as f64 >= policy.fleet_degraded_share * nodes as f64
     }
 
-    /// Raises or clears one fleet finding per network.
+    /// Raises or clears one fleet finding per network. Per-node action is held on a
+    /// momentary share ([`Runner::network_held`]: no restart may slip through while the
+    /// others' next samples are in flight); the fleet finding counts only nodes whose bad
+    /// streak is confirmed, so one odd sample per node does not page anyone.
     async fn correlate(&mut self) {
-        let nodes: Vec<NodeHealth> = self
-            .health
-            .iter()
-            .map(|(id, (network, degraded))| NodeHealth {
+        let confirmed = |id: &NodeId, states: &HashMap<NodeId, NodeState>, policy: &SyncPolicy| {
+            states
+                .get(id)
+                .is_some_and(|s| s.bad_streak >= policy.confirm_samples)
+        };
+        let mut nodes = Vec::with_capacity(self.health.len());
+        for (id, (network, degraded)) in self.health.clone() {
+            let policy = self.policy(&id);
+            nodes.push(NodeHealth {
                 node_id: id.to_string(),
-                network: network.clone(),
-                degraded: *degraded,
-            })
-            .collect();
+                network,
+                degraded: degraded && confirmed(&id, &self.states, &policy.0),
+            });
+        }
         let fleet_findings = fleet::correlate(&nodes, &self.parts.detect);
         let networks: HashSet<String> = nodes.iter().map(|n| n.network.clone()).collect();
         let now = unix_ms();
@@ -654,10 +691,15 @@ impl Runner {
         let before = self.states.get(node).cloned().unwrap_or_default();
         let mut next = before.clone();
         next.paused = pause;
-        next.phase = if pause { Phase::Paused } else { Phase::Pending };
+        // A resumed node is handed back as it is now (its streaks were kept while paused),
+        // not as a newcomer that may take its time to sync.
+        next.phase = match (pause, self.health.get(node)) {
+            (true, _) => Phase::Paused,
+            (false, Some((_, true))) => Phase::Degraded,
+            (false, Some((_, false))) => Phase::Synced,
+            (false, None) => Phase::Pending,
+        };
         next.phase_since_unix_ms = now;
-        next.bad_streak = 0;
-        next.good_streak = 0;
         let plan = Plan {
             next,
             actions: Vec::new(),
