@@ -1,11 +1,15 @@
-//! The ClickHouse sink: drains the durable outbox into ClickHouse in commit order, behind a
-//! circuit breaker, and applies retention on a schedule.
+//! The ClickHouse sink: drains the durable outbox into ClickHouse in commit order, mirrors
+//! the ledger's audit chain into ClickHouse's `audit` table, behind a circuit breaker, and
+//! applies retention on a schedule.
 //!
 //! # Guarantees
 //! - An outbox batch is deleted only after every raw table holds its rows.
 //! - Exactly once per table: after any failure (and at start) the sink asks ClickHouse what
 //!   it already holds ([`ClickHouseStore::high_water`]) and skips those rows, so an insert
 //!   that landed although its answer was lost is not repeated.
+//! - The audit mirror is the same: entries above ClickHouse's `max(seq)` are inserted in seq
+//!   order, each once (the ledger stays the source of truth; `guardianctl audit verify` reads
+//!   the ledger).
 //! - While ClickHouse is down, batches stay in the outbox (acked, durable); the breaker
 //!   spaces out probes; when ClickHouse returns, the backlog is replayed in order with
 //!   progress in the log (`OutboxReplay`) and in `guardian_outbox_*` metrics.
@@ -31,6 +35,8 @@ const MAX_OPEN: Duration = Duration::from_secs(15);
 const RETENTION_EVERY: Duration = Duration::from_secs(3600);
 /// Most batches read from the outbox per chunk.
 const MAX_CHUNK_BATCHES: usize = 20_000;
+/// Most audit entries mirrored to ClickHouse per INSERT.
+const AUDIT_CHUNK: usize = 5_000;
 
 /// Circuit breaker state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,6 +133,8 @@ pub async fn run(
     let mut high: Option<HighWater> = None;
     // Highest outbox id delivered to every table (valid while `high` is).
     let mut cursor = 0u64;
+    // Highest audit seq mirrored (None = ask ClickHouse).
+    let mut audit_cursor: Option<u64> = None;
     let mut last_retention: Option<Instant> = None;
     let mut last_progress = Instant::now();
     let mut replaying = false;
@@ -180,6 +188,23 @@ pub async fn run(
                         .inc_by(dropped.len() as u64);
                     tracing::info!(?dropped, "RetentionDroppedPartitions");
                 }
+            }
+            // The audit chain is mirrored in seq order, each entry once: after any failure
+            // the mark is read again (a failed INSERT may have landed).
+            let mirrored = match audit_cursor {
+                Some(seq) => seq,
+                None => *audit_cursor.insert(current.audit_high_water().await?),
+            };
+            let entries = ledger
+                .audit_entries(mirrored, AUDIT_CHUNK)
+                .await
+                .map_err(SinkError::Ledger)?;
+            if let Some(last) = entries.last() {
+                let last_seq = last.seq;
+                audit_cursor = None;
+                current.insert_audit(&entries).await?;
+                audit_cursor = Some(last_seq);
+                metrics.clickhouse_rows.inc_by(entries.len() as u64);
             }
             let chunk = ledger
                 .outbox_read(cursor, MAX_CHUNK_BATCHES, max_rows)

@@ -490,3 +490,56 @@ async fn reqwest_metrics(rig: &Rig) -> anyhow::Result<String> {
         .output()?;
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
+
+#[tokio::test]
+async fn the_audit_chain_is_mirrored_to_clickhouse_entry_for_entry() -> TestResult {
+    let clickhouse = guardian_tests::clickhouse::ClickHouse::start()?;
+    let more = format!(
+        "[clickhouse]\nurl = \"{}\"\ndatabase = \"guardian\"\ninsert_max_delay_ms = 100\n",
+        clickhouse.url()
+    );
+    let rig = Rig::start(&["val-1"], Restart::Heals, "", &more, "").await?;
+    rig.nodes[0].lag(40);
+    rig.wait_restarts("val-1", 1).await?;
+    rig.wait_phase("val-1", "synced").await?;
+    let (ok, audit) = rig.audit()?;
+    assert!(ok, "{audit}");
+    // "audit chain OK: N entries"
+    let entries: u64 = audit
+        .split_whitespace()
+        .skip_while(|w| *w != "OK:")
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no entry count in {audit}"))?;
+    assert!(entries >= 6, "{audit}");
+    let mirrored = eventually(WAIT, "the audit mirror to catch up", || async {
+        let text = clickhouse
+            .query("SELECT count(), uniqExact(seq), min(seq), max(seq) FROM guardian.audit")
+            .ok()?;
+        let counts: Vec<u64> = text
+            .split_whitespace()
+            .filter_map(|v| v.parse().ok())
+            .collect();
+        (counts.first().copied()? >= entries).then_some(counts)
+    })
+    .await?;
+    let newest = mirrored[3];
+    assert_eq!(
+        mirrored[0], mirrored[1],
+        "an audit entry was mirrored twice: {mirrored:?}"
+    );
+    assert_eq!(mirrored[2], 1, "{mirrored:?}");
+    assert_eq!(mirrored[0], newest, "the mirror has a gap: {mirrored:?}");
+    // The mirror carries the chain: each row's prev_hash is the hash of the row before it.
+    let broken = clickhouse.query(
+        "SELECT count() FROM guardian.audit AS a ANY INNER JOIN \
+         (SELECT seq + 1 AS seq, hash AS before FROM guardian.audit) AS b USING seq \
+         WHERE a.prev_hash != b.before",
+    )?;
+    assert_eq!(broken.trim(), "0", "mirrored rows do not chain");
+    let kinds = clickhouse.query("SELECT groupUniqArray(kind) FROM guardian.audit")?;
+    for kind in ["finding", "decision", "command", "outcome"] {
+        assert!(kinds.contains(kind), "{kinds}");
+    }
+    rig.stop().await
+}

@@ -55,6 +55,7 @@ use ::clickhouse::{Client, Row, RowOwned, RowRead, RowWrite};
 use guardian_proto::v1::{KeystoreSample, SamplerUnavailable, sample};
 use serde::{Deserialize, Serialize};
 
+use super::audit::AuditEntry;
 use super::redact;
 use super::telemetry::{
     ChainValues, GpuValues, HistoryPoint, HostValues, METRICS, MetricDef, OutboxBatch, Table,
@@ -577,6 +578,18 @@ impl<'a> UnavailableValues<'a> {
             reason: &u.reason,
         }
     }
+}
+
+/// One mirrored audit entry (columns of the `audit` table).
+#[derive(Debug, Row, Serialize)]
+struct AuditRow<'a> {
+    seq: u64,
+    at: u32,
+    kind: &'a str,
+    node_id: &'a str,
+    body: String,
+    prev_hash: &'a str,
+    hash: &'a str,
 }
 
 #[derive(Debug, Row, Serialize)]
@@ -1254,6 +1267,42 @@ impl ClickHouseStore {
         self.run_for("insert rows", self.timeout() * 3, call)
             .await?;
         Ok(rows.len())
+    }
+
+    /// The highest audit `seq` mirrored so far (0 = none). Read it at start and after any
+    /// failed mirror insert.
+    ///
+    /// # Errors
+    /// When the query fails.
+    pub async fn audit_high_water(&self) -> Result<u64, ClickHouseError> {
+        self.run(
+            "read the audit mirror's high-water mark",
+            self.client
+                .query("SELECT max(seq) FROM audit")
+                .fetch_one::<u64>(),
+        )
+        .await
+    }
+
+    /// Mirrors ledger audit entries (oldest first, all above [`Self::audit_high_water`])
+    /// into the `audit` table in one INSERT. Returns the rows written.
+    ///
+    /// # Errors
+    /// When the INSERT fails (it may still have landed: read the high-water mark again).
+    pub async fn insert_audit(&self, entries: &[AuditEntry]) -> Result<usize, ClickHouseError> {
+        let rows: Vec<AuditRow<'_>> = entries
+            .iter()
+            .map(|e| AuditRow {
+                seq: e.seq,
+                at: datetime(e.at_unix_ms),
+                kind: e.kind.as_str(),
+                node_id: &e.node_id,
+                body: e.body.to_string(),
+                prev_hash: &e.prev_hash,
+                hash: &e.hash,
+            })
+            .collect();
+        self.write::<AuditRow<'static>>("audit", &rows).await
     }
 
     /// Drops every partition whose newest row is older than its table's retention at
