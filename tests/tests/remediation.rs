@@ -29,6 +29,21 @@ enum Restart {
     DoesNotHelp,
 }
 
+/// What a rig's server and agents are configured with, beyond the defaults of [`Rig::start`].
+#[derive(Default)]
+struct Setup<'a> {
+    /// Lines of `[reconcile.policy]`.
+    policy: &'a str,
+    /// Lines of `[reconcile]`.
+    reconcile: &'a str,
+    /// Lines of `[detect]`.
+    detect: &'a str,
+    /// Further server tables.
+    more: &'a str,
+    /// Top-level agent keys.
+    agent: &'a str,
+}
+
 struct Rig {
     scratch: Scratch,
     server: Server,
@@ -40,19 +55,20 @@ struct Rig {
 impl Rig {
     /// One fake node and agent per name (network "local"), a server with the policy
     /// `reconcile` (TOML lines of `[reconcile.policy]`) and `more` (further server TOML).
-    async fn start(
-        names: &[&str],
-        restart: Restart,
-        reconcile: &str,
-        more: &str,
-        agent_more: &str,
-    ) -> anyhow::Result<Rig> {
+    async fn start(names: &[&str], restart: Restart, setup: Setup<'_>) -> anyhow::Result<Rig> {
+        let Setup {
+            policy,
+            reconcile,
+            detect,
+            more,
+            agent: agent_more,
+        } = setup;
         let scratch = Scratch::new(names)?;
         let server_extra = format!(
-            "command_signing_key_file = \"{}\"\n[detect]\nfrozen_head_ms = 2500\n\
-             [reconcile]\nevaluate_interval_ms = 200\n[reconcile.policy]\nmax_block_lag = 5\n\
+            "command_signing_key_file = \"{}\"\n[detect]\nfrozen_head_ms = 2500\n{detect}\n\
+             [reconcile]\nevaluate_interval_ms = 200\n{reconcile}\n[reconcile.policy]\nmax_block_lag = 5\n\
              recovery_strategy = \"restart\"\nrestart_container = \"subtensor\"\n\
-             probe_interval_seconds = 2\nconfirm_samples = 2\nrecover_samples = 2\n{reconcile}\n{more}\n",
+             probe_interval_seconds = 2\nconfirm_samples = 2\nrecover_samples = 2\n{policy}\n{more}\n",
             scratch.pki.command_signing_key().display()
         );
         let server = Server::start(
@@ -224,7 +240,7 @@ impl Rig {
 
 #[tokio::test]
 async fn a_lagging_node_is_restarted_once_and_comes_back_synced() -> TestResult {
-    let rig = Rig::start(&["val-1"], Restart::Heals, "", "", "").await?;
+    let rig = Rig::start(&["val-1"], Restart::Heals, Setup::default()).await?;
     let fault = Instant::now();
     rig.nodes[0].lag(40);
     let to_restart = rig.wait_restarts("val-1", 1).await?;
@@ -284,7 +300,7 @@ async fn a_lagging_node_is_restarted_once_and_comes_back_synced() -> TestResult 
 
 #[tokio::test]
 async fn a_frozen_head_is_remediated_and_an_unresponsive_rpc_is_detected() -> TestResult {
-    let rig = Rig::start(&["val-1"], Restart::Heals, "", "", "").await?;
+    let rig = Rig::start(&["val-1"], Restart::Heals, Setup::default()).await?;
     rig.nodes[0].freeze_head();
     rig.wait_restarts("val-1", 1).await?;
     rig.wait_phase("val-1", "synced").await?;
@@ -317,9 +333,10 @@ async fn repeated_failure_ends_failed_and_the_budget_resets_after_stability() ->
     let rig = Rig::start(
         &["val-1"],
         Restart::DoesNotHelp,
-        "max_restart_attempts = 2\nstable_reset_seconds = 3\n",
-        "",
-        "",
+        Setup {
+            policy: "max_restart_attempts = 2\nstable_reset_seconds = 3\n",
+            ..Setup::default()
+        },
     )
     .await?;
     rig.nodes[0].lag(40);
@@ -352,9 +369,10 @@ async fn cordon_and_alert_cordons_without_a_command_until_resumed() -> TestResul
     let rig = Rig::start(
         &["val-1"],
         Restart::Heals,
-        "",
-        "[reconcile.nodes.val-1]\nrecovery_strategy = \"cordon-and-alert\"\n",
-        "",
+        Setup {
+            more: "[reconcile.nodes.val-1]\nrecovery_strategy = \"cordon-and-alert\"\n",
+            ..Setup::default()
+        },
     )
     .await?;
     rig.nodes[0].lag(40);
@@ -384,7 +402,7 @@ async fn cordon_and_alert_cordons_without_a_command_until_resumed() -> TestResul
 
 #[tokio::test]
 async fn a_paused_node_is_left_alone_until_resumed() -> TestResult {
-    let rig = Rig::start(&["val-1"], Restart::Heals, "", "", "").await?;
+    let rig = Rig::start(&["val-1"], Restart::Heals, Setup::default()).await?;
     let (ok, text) = rig.guardianctl(&["pause", "val-1", "--reason", "maintenance"])?;
     assert!(ok && text.contains("paused"), "{text}");
     rig.nodes[0].lag(40);
@@ -410,7 +428,7 @@ async fn a_paused_node_is_left_alone_until_resumed() -> TestResult {
 #[tokio::test]
 async fn fleet_wide_lag_raises_one_fleet_finding_and_restarts_nothing() -> TestResult {
     let names = ["val-1", "val-2", "val-3"];
-    let rig = Rig::start(&names, Restart::Heals, "", "", "").await?;
+    let rig = Rig::start(&names, Restart::Heals, Setup::default()).await?;
     for node in &rig.nodes {
         node.lag(40);
     }
@@ -456,7 +474,15 @@ async fn a_keystore_on_disk_is_critical_and_blocks_any_restart() -> TestResult {
         std::fs::Permissions::from_mode(0o600),
     )?;
     let agent_more = format!("keystore_path = \"{}\"\n", keystore.path().display());
-    let rig = Rig::start(&["val-1"], Restart::Heals, "", "", &agent_more).await?;
+    let rig = Rig::start(
+        &["val-1"],
+        Restart::Heals,
+        Setup {
+            agent: &agent_more,
+            ..Setup::default()
+        },
+    )
+    .await?;
     let finding = eventually(WAIT, "a keystore finding", || async {
         rig.findings("val-1")
             .await
@@ -498,7 +524,15 @@ async fn the_audit_chain_is_mirrored_to_clickhouse_entry_for_entry() -> TestResu
         "[clickhouse]\nurl = \"{}\"\ndatabase = \"guardian\"\ninsert_max_delay_ms = 100\n",
         clickhouse.url()
     );
-    let rig = Rig::start(&["val-1"], Restart::Heals, "", &more, "").await?;
+    let rig = Rig::start(
+        &["val-1"],
+        Restart::Heals,
+        Setup {
+            more: &more,
+            ..Setup::default()
+        },
+    )
+    .await?;
     rig.nodes[0].lag(40);
     rig.wait_restarts("val-1", 1).await?;
     rig.wait_phase("val-1", "synced").await?;
@@ -541,5 +575,64 @@ async fn the_audit_chain_is_mirrored_to_clickhouse_entry_for_entry() -> TestResu
     for kind in ["finding", "decision", "command", "outcome"] {
         assert!(kinds.contains(kind), "{kinds}");
     }
+    rig.stop().await
+}
+
+#[tokio::test]
+async fn dry_run_decides_and_audits_but_sends_nothing() -> TestResult {
+    let rig = Rig::start(
+        &["val-1"],
+        Restart::Heals,
+        Setup {
+            reconcile: "dry_run = true",
+            ..Setup::default()
+        },
+    )
+    .await?;
+    rig.nodes[0].lag(40);
+    rig.wait_phase("val-1", "recovering").await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(rig.restarts("val-1"), 0, "dry run sent a command");
+    assert!(
+        rig.server.proc.log_text().contains("RemediationDryRun"),
+        "no dry-run event"
+    );
+    let (ok, audit) = rig.audit()?;
+    assert!(ok, "{audit}");
+    assert!(audit.contains("\"dry_run\":true"), "{audit}");
+    assert!(
+        !audit.contains("\"kind\":\"command\"") && !audit.lines().any(|l| l.contains(" command ")),
+        "a command was recorded in dry-run: {audit}"
+    );
+    rig.stop().await
+}
+
+#[tokio::test]
+async fn a_silent_agent_degrades_its_node_with_an_alert_and_no_command() -> TestResult {
+    let mut rig = Rig::start(
+        &["val-1"],
+        Restart::Heals,
+        Setup {
+            detect: "silent_after_ms = 2000",
+            ..Setup::default()
+        },
+    )
+    .await?;
+    rig.agents[0].terminate()?;
+    let node = rig.wait_phase("val-1", "degraded").await?;
+    assert!(!node.connected, "{node:?}");
+    let silent = rig
+        .findings("val-1")
+        .await?
+        .into_iter()
+        .find(|f| f.kind == "agent_silent")
+        .ok_or_else(|| anyhow::anyhow!("no agent_silent finding"))?;
+    assert!(
+        silent.evidence.values().any(|v| !v.is_empty()),
+        "{silent:?}"
+    );
+    assert!(rig.server.proc.log_text().contains("RemediationAlert"));
+    assert_eq!(rig.restarts("val-1"), 0);
+    rig.agents.clear();
     rig.stop().await
 }
