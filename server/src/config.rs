@@ -44,6 +44,8 @@ pub struct ServerConfig {
     pub detect: crate::detect::DetectPolicy,
     /// The reconciler and the fleet's default sync policy (`[reconcile]`).
     pub reconcile: crate::reconcile::ReconcileSettings,
+    /// Webhook for alerts (`[alerts]`).
+    pub alerts: crate::alert::AlertSettings,
     /// TLS material.
     pub tls: ServerTls,
 }
@@ -75,6 +77,7 @@ impl Default for ServerConfig {
             clickhouse: ClickHouseSettings::default(),
             detect: crate::detect::DetectPolicy::default(),
             reconcile: crate::reconcile::ReconcileSettings::default(),
+            alerts: crate::alert::AlertSettings::default(),
             tls: ServerTls::default(),
         }
     }
@@ -237,6 +240,13 @@ impl ServerConfig {
                 "reconcile",
                 problem,
                 "fix the [reconcile] section (defaults are documented in README.md)",
+            ));
+        }
+        if let Some(problem) = self.alerts.problem() {
+            return Err(ConfigError::new(
+                "alerts",
+                problem,
+                "e.g. webhook_url = \"https://hooks.example.com/guardian\", or leave it empty",
             ));
         }
         if !(0.0..=1.0).contains(&self.detect.fleet_degraded_share)

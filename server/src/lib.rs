@@ -6,6 +6,7 @@
 //! telemetry), [`registry`] (the fleet in memory), [`api`] (Fleet gRPC + admin HTTP),
 //! [`metrics`]; plus [`config`] and [`pki`] (throwaway certificates for trials and tests).
 
+pub mod alert;
 pub mod api;
 pub mod command;
 pub mod config;
@@ -193,6 +194,12 @@ pub async fn run(
                 ledger: ledger.clone(),
                 commands: commands.clone(),
                 metrics: Arc::clone(&metrics),
+                alerts: alert::Alerts::spawn(
+                    &config.alerts,
+                    Arc::clone(&metrics),
+                    shutdown.clone(),
+                    &tasks,
+                ),
             },
             shutdown.clone(),
             &tasks,

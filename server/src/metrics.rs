@@ -63,6 +63,8 @@ pub struct Metrics {
     pub remediation_alerts: Counter,
     /// From the arrival of the batch that tipped a decision to its command leaving the server.
     pub decision_latency_seconds: Histogram,
+    /// Webhook alerts by fate: delivered, failed, dropped_queue_full.
+    pub alerts: Family<Reason, Counter>,
 }
 
 impl Default for Metrics {
@@ -91,6 +93,7 @@ impl Default for Metrics {
             remediations_issued: Family::default(),
             remediation_alerts: Counter::default(),
             decision_latency_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
+            alerts: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -202,6 +205,11 @@ impl Default for Metrics {
             "decision_latency_seconds",
             "From the arrival of the batch that tipped a decision to its command leaving the server",
             metrics.decision_latency_seconds.clone(),
+        );
+        registry.register(
+            "alerts",
+            "Webhook alerts by fate (delivered, failed, dropped_queue_full)",
+            metrics.alerts.clone(),
         );
         Self {
             registry,

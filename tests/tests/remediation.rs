@@ -366,11 +366,17 @@ async fn repeated_failure_ends_failed_and_the_budget_resets_after_stability() ->
 
 #[tokio::test]
 async fn cordon_and_alert_cordons_without_a_command_until_resumed() -> TestResult {
+    let webhook = Webhook::start().await?;
+    let more = format!(
+        "[reconcile.nodes.val-1]\nrecovery_strategy = \"cordon-and-alert\"\n\
+         [alerts]\nwebhook_url = \"{}\"\n",
+        webhook.url
+    );
     let rig = Rig::start(
         &["val-1"],
         Restart::Heals,
         Setup {
-            more: "[reconcile.nodes.val-1]\nrecovery_strategy = \"cordon-and-alert\"\n",
+            more: &more,
             ..Setup::default()
         },
     )
@@ -382,6 +388,31 @@ async fn cordon_and_alert_cordons_without_a_command_until_resumed() -> TestResul
     assert!(
         rig.server.proc.log_text().contains("RemediationAlert"),
         "no alert logged"
+    );
+    // The alert reached the operator's webhook as JSON, once.
+    let alert = eventually(WAIT, "the cordon alert at the webhook", || async {
+        webhook.bodies().into_iter().find_map(|body| {
+            let alert: serde_json::Value = serde_json::from_str(&body).ok()?;
+            (alert["event"] == "remediation_alert").then_some(alert)
+        })
+    })
+    .await?;
+    assert_eq!(alert["node_id"], "val-1", "{alert}");
+    assert_eq!(alert["kind"], "cordoned", "{alert}");
+    assert!(
+        alert["summary"]
+            .as_str()
+            .is_some_and(|s| s.contains("block_lag")),
+        "{alert}"
+    );
+    assert_eq!(
+        webhook
+            .bodies()
+            .iter()
+            .filter(|b| b.contains("remediation_alert"))
+            .count(),
+        1,
+        "one alert per cordon"
     );
     // The operator fixes the node, sees the lag gone, and hands it back.
     rig.nodes[0].heal();
@@ -635,4 +666,71 @@ async fn a_silent_agent_degrades_its_node_with_an_alert_and_no_command() -> Test
     assert_eq!(rig.restarts("val-1"), 0);
     rig.agents.clear();
     rig.stop().await
+}
+
+/// A webhook receiver on 127.0.0.1: answers 200 to every POST and keeps the bodies.
+struct Webhook {
+    url: String,
+    bodies: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Webhook {
+    async fn start() -> anyhow::Result<Self> {
+        use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}/hooks/guardian", listener.local_addr()?);
+        let bodies = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = std::sync::Arc::clone(&bodies);
+        let task = tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                let kept = std::sync::Arc::clone(&kept);
+                tokio::spawn(async move {
+                    let mut reader = BufReader::new(socket);
+                    // Requests on one keep-alive connection, one after another.
+                    for _ in 0..1000 {
+                        let mut length = 0usize;
+                        let mut line = String::new();
+                        loop {
+                            line.clear();
+                            if reader.read_line(&mut line).await.unwrap_or(0) == 0 {
+                                return;
+                            }
+                            let header = line.trim_end();
+                            if header.is_empty() {
+                                break;
+                            }
+                            if let Some((name, value)) = header.split_once(':')
+                                && name.eq_ignore_ascii_case("content-length")
+                            {
+                                length = value.trim().parse().unwrap_or(0);
+                            }
+                        }
+                        let mut body = vec![0; length.min(1 << 20)];
+                        if reader.read_exact(&mut body).await.is_err() {
+                            return;
+                        }
+                        if let Ok(mut bodies) = kept.lock() {
+                            bodies.push(String::from_utf8_lossy(&body).into_owned());
+                        }
+                        let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+                        if reader.get_mut().write_all(reply).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Ok(Self { url, bodies, task })
+    }
+
+    fn bodies(&self) -> Vec<String> {
+        self.bodies.lock().map(|b| b.clone()).unwrap_or_default()
+    }
+}
+
+impl Drop for Webhook {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }

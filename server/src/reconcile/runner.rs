@@ -16,6 +16,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use super::{NodeState, Observation, Phase, Plan, PlannedAction, ReconcileSettings, SyncPolicy};
+use crate::alert::{Alert, Alerts};
 use crate::api::Commands;
 use crate::command::Action;
 use crate::detect::fleet::{self, NodeHealth};
@@ -158,6 +159,8 @@ pub struct Parts {
     pub commands: Commands,
     /// Counters.
     pub metrics: Arc<Metrics>,
+    /// The webhook.
+    pub alerts: Alerts,
 }
 
 /// Loads the stored states and open findings, then spawns the loop on `tasks` (it ends when
@@ -452,6 +455,19 @@ impl Runner {
                 PlannedAction::Alert { message } => {
                     self.parts.metrics.remediation_alerts.inc();
                     tracing::warn!(node = %id, message, "RemediationAlert");
+                    self.parts.alerts.send(Alert {
+                        event: "remediation_alert",
+                        node_id: id.to_string(),
+                        network: self
+                            .health
+                            .get(id)
+                            .map(|(network, _)| network.clone())
+                            .unwrap_or_default(),
+                        kind: plan.next.phase.as_str().to_owned(),
+                        severity: Severity::Critical.as_str(),
+                        summary: message,
+                        at_unix_ms: now,
+                    });
                 }
             }
         }
@@ -579,6 +595,17 @@ impl Runner {
                     );
                     self.open
                         .insert((key.to_owned(), kind.to_owned()), finding_id);
+                    if self.parts.alerts.wants(finding.severity) {
+                        self.parts.alerts.send(Alert {
+                            event: "finding_raised",
+                            node_id: node_id.to_owned(),
+                            network: network.to_owned(),
+                            kind: kind.to_owned(),
+                            severity: finding.severity.as_str(),
+                            summary: finding.summary.clone(),
+                            at_unix_ms: now,
+                        });
+                    }
                 }
                 Err(error) => tracing::warn!(node = key, kind, %error, "FindingNotRecorded"),
             }
