@@ -1,9 +1,14 @@
 //! `guardian-loadgen`: a fleet load generator. `pki` writes certificates for N simulated
 //! agents; `run` streams realistic sample batches from each of them, over its own mTLS
 //! connection, to a running `guardian-server` and reports throughput and ack latency.
+//! With `--lag-agents N` the first N agents fall [`LAG_BLOCKS`] behind the chain tip
+//! `--lag-after-s` into the run, and the report measures the server's remediation: the time
+//! from each one's first lagging batch to the signed command on its stream, and any command
+//! that reached an agent that was not lagging (a false positive).
 //!
-//! Data flow of `run`: [`SampleGen`] builds an agent's batches -> [`agent`] tasks send them
-//! and match acks -> [`Stats`] (counters and two [`LatencyHistogram`]s) -> [`Report`] on stdout.
+//! Data flow of `run`: [`SampleGen`] builds an agent's batches -> [`agent`] tasks send them,
+//! match acks and time commands -> [`Stats`] (counters and [`LatencyHistogram`]s) -> [`Report`]
+//! on stdout.
 //!
 //! # Guarantees
 //! - Bounded time: a connect phase of at most 60 s, `--duration-s` of sending, at most 10 s
@@ -26,9 +31,9 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use guardian_proto::v1::uplink_client::UplinkClient;
 use guardian_proto::v1::{
-    AgentFrame, ChainSample, DiskIo, Filesystem, GpuDevice, GpuProcess, GpuSample, Hello,
-    HostSample, NetIo, NodeDescriptor, Pressure, ReferenceTip, Sample, SampleBatch, ServerFrame,
-    ValidatorStanding, Welcome, agent_frame, sample, server_frame,
+    AgentFrame, ChainSample, Command, CommandEnvelope, DiskIo, Filesystem, GpuDevice, GpuProcess,
+    GpuSample, Hello, HostSample, NetIo, NodeDescriptor, Pressure, ReferenceTip, Sample,
+    SampleBatch, ServerFrame, ValidatorStanding, Welcome, agent_frame, sample, server_frame,
 };
 use guardian_server::pki::{self, PkiRequest};
 use prost::Message;
@@ -60,6 +65,8 @@ const BACKOFF_INITIAL_MS: u64 = 100;
 const BACKOFF_MAX_MS: u64 = 2_000;
 /// sysexits EX_USAGE, for invalid arguments.
 const EXIT_USAGE: u8 = 64;
+/// Blocks a lagging agent's node stays behind the tip (`--lag-agents`).
+const LAG_BLOCKS: u64 = 50;
 
 // ---------------------------------------------------------------- command line
 
@@ -131,6 +138,12 @@ struct RunArgs {
     /// Add each node's sent seq range and acked_through to the report.
     #[arg(long)]
     per_node: bool,
+    /// Agents whose node falls 50 blocks behind the chain tip: the first N of the fleet.
+    #[arg(long, default_value_t = 0)]
+    lag_agents: u32,
+    /// Seconds into the sending phase at which the `--lag-agents` fall behind (and stay).
+    #[arg(long, default_value_t = 10)]
+    lag_after_s: u64,
 }
 
 impl RunArgs {
@@ -150,6 +163,18 @@ impl RunArgs {
         }
         if self.duration_s == 0 || self.duration_s > 86_400 {
             return Err("--duration-s must be 1..=86400".into());
+        }
+        if self.lag_agents > self.agents {
+            return Err(format!(
+                "--lag-agents {} is more than --agents {}",
+                self.lag_agents, self.agents
+            ));
+        }
+        if self.lag_agents > 0 && self.lag_after_s >= self.duration_s {
+            return Err(format!(
+                "--lag-after-s {} must be under --duration-s {}: the fault would start after sending stops",
+                self.lag_after_s, self.duration_s
+            ));
         }
         if self.connect_concurrency == 0 {
             return Err("--connect-concurrency must be at least 1".into());
@@ -371,14 +396,18 @@ struct LatencySummary {
 
 // ---------------------------------------------------------------- sample generator
 
-/// Builds one simulated agent's batches. Deterministic in (agent, seq, batch time), so a
-/// resend rebuilds exactly the batch first sent. Values vary smoothly over simulated time
-/// (`seq` x period) plus per-batch noise; the chain advances one block per 12 s of it.
+/// Builds one simulated agent's batches. Deterministic in (agent, seq, batch time, fault
+/// onset), so a resend rebuilds exactly the batch first sent. Values vary smoothly over
+/// simulated time (`seq` x period) plus per-batch noise; the chain advances one block per
+/// 12 s of it.
 #[derive(Debug, Clone)]
 struct SampleGen {
     agent: u32,
     samples_per_batch: usize,
     period_ms: u64,
+    /// From this seq on the node's best block is [`LAG_BLOCKS`] behind the tip it reports
+    /// (sync target and reference); set once, so earlier seqs are rebuilt healthy.
+    lag_from_seq: Option<u64>,
 }
 
 /// SS58 of the well-known dev account Alice, as the simulated validator hotkey.
@@ -391,7 +420,13 @@ impl SampleGen {
             agent,
             samples_per_batch: samples_per_batch.max(1),
             period_ms: (period.as_millis() as u64).max(1),
+            lag_from_seq: None,
         }
+    }
+
+    /// Whether batch `seq` reports the node behind the tip.
+    fn lagging(&self, seq: u64) -> bool {
+        self.lag_from_seq.is_some_and(|from| seq >= from)
     }
 
     /// Batch `seq` taken at `at_unix_ms`: host samples spread over the batch period, then
@@ -416,7 +451,11 @@ impl SampleGen {
         if extras >= 1 {
             samples.push(Sample {
                 observed_at_unix_ms: at_unix_ms,
-                kind: Some(sample::Kind::Chain(self.chain(&mut rng, sim_ms))),
+                kind: Some(sample::Kind::Chain(self.chain(
+                    &mut rng,
+                    sim_ms,
+                    self.lagging(seq),
+                ))),
             });
         }
         if extras >= 2 {
@@ -519,9 +558,12 @@ impl SampleGen {
         }
     }
 
-    fn chain(&self, rng: &mut SmallRng, sim_ms: u64) -> ChainSample {
+    /// A `lagging` node still follows the chain, [`LAG_BLOCKS`] behind the tip that its
+    /// sync status and the reference report; it does not say it is syncing.
+    fn chain(&self, rng: &mut SmallRng, sim_ms: u64, lagging: bool) -> ChainSample {
         let blocks = sim_ms / 12_000;
-        let best = 4_000_000 + u64::from(self.agent % 7) + blocks;
+        let tip = 4_000_000 + u64::from(self.agent % 7) + blocks;
+        let best = if lagging { tip - LAG_BLOCKS } else { tip };
         let since_update = blocks % 360;
         let trust = 60_000 + rng.random_range(0..5_000u32);
         ChainSample {
@@ -531,7 +573,7 @@ impl SampleGen {
             best_block: best,
             finalized_block: best - 2 - blocks % 2,
             sync_current_block: best,
-            sync_highest_block: best,
+            sync_highest_block: tip,
             sync_starting_block: 3_990_000,
             peers: rng.random_range(12..40),
             is_syncing: false,
@@ -544,7 +586,7 @@ impl SampleGen {
             references: vec![ReferenceTip {
                 endpoint: "wss://entrypoint-finney.opentensor.ai:443".into(),
                 responsive: true,
-                best_block: best + rng.random_range(0..2),
+                best_block: tip + rng.random_range(0..2),
                 error: String::new(),
             }],
             standing: Some(ValidatorStanding {
@@ -635,6 +677,20 @@ struct Stats {
     connect_latency: Mutex<LatencyHistogram>,
     errors: Mutex<BTreeMap<&'static str, u64>>,
     first_error: Mutex<Option<String>>,
+    /// `--lag-agents` that wrote their first lagging batch.
+    lag_faults_sent: AtomicU64,
+    /// Commands on any stream, whatever they say.
+    commands_received: AtomicU64,
+    /// Commands to an agent not lagging at the time: false positives.
+    commands_to_healthy: AtomicU64,
+    /// Commands to a lagging agent after its first one.
+    commands_repeated: AtomicU64,
+    /// Commands whose envelope did not decode or named another node.
+    commands_malformed: AtomicU64,
+    /// Decoded commands per action (the server's action names: a handful).
+    commands_by_action: Mutex<BTreeMap<String, u64>>,
+    /// First lagging batch written -> first command received, per lagging agent.
+    fault_to_command: Mutex<LatencyHistogram>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -664,6 +720,13 @@ impl Stats {
             connect_latency: Mutex::default(),
             errors: Mutex::default(),
             first_error: Mutex::default(),
+            lag_faults_sent: AtomicU64::new(0),
+            commands_received: AtomicU64::new(0),
+            commands_to_healthy: AtomicU64::new(0),
+            commands_repeated: AtomicU64::new(0),
+            commands_malformed: AtomicU64::new(0),
+            commands_by_action: Mutex::default(),
+            fault_to_command: Mutex::default(),
         }
     }
 
@@ -792,6 +855,10 @@ struct Fleet {
     period: Duration,
     samples_per_batch: usize,
     connect_permits: Semaphore,
+    /// Agents 1..=`lag_agents` fall behind from `lag_after` into the sending phase on.
+    lag_agents: u32,
+    /// Offset of the fault from the start of sending.
+    lag_after: Duration,
     stats: Stats,
     /// Ends the sending phase; agents then wait for their acks.
     stop_sending: CancellationToken,
@@ -920,6 +987,10 @@ struct AgentState {
     next_seq: Option<u64>,
     unacked: VecDeque<Pending>,
     seqs: NodeSeqs,
+    /// When the first lagging batch was written (`--lag-agents` only).
+    fault_sent_at: Option<Instant>,
+    /// Whether a command arrived since the fault began.
+    commanded: bool,
 }
 
 impl AgentState {
@@ -1013,8 +1084,58 @@ impl AgentState {
                 .fetch_min(stats.since_base_us(now), Ordering::Relaxed);
             self.seqs.first_seq.get_or_insert(pending.seq);
             self.seqs.last_seq = Some(pending.seq);
+            if self.fault_sent_at.is_none() && self.generator.lagging(pending.seq) {
+                self.fault_sent_at = Some(now);
+                bump(&stats.lag_faults_sent, 1);
+            }
         }
         Ok(())
+    }
+
+    /// Counts a signed command that arrived at `now`; the first after the fault began is
+    /// timed from the first lagging batch. The signature is the real agent's business.
+    fn command(&mut self, fleet: &Fleet, node: &str, command: &Command, now: Instant) {
+        let stats = &fleet.stats;
+        bump(&stats.commands_received, 1);
+        let envelope = match CommandEnvelope::decode(command.envelope.as_slice()) {
+            Ok(envelope) if envelope.node_id == node => envelope,
+            Ok(envelope) => {
+                tracing::warn!(node, for_node = envelope.node_id, "CommandForAnotherNode");
+                bump(&stats.commands_malformed, 1);
+                return;
+            }
+            Err(error) => {
+                tracing::warn!(node, %error, "CommandEnvelopeMalformed");
+                bump(&stats.commands_malformed, 1);
+                return;
+            }
+        };
+        *lock(&stats.commands_by_action)
+            .entry(envelope.action.clone())
+            .or_default() += 1;
+        match self.fault_sent_at {
+            None => {
+                tracing::warn!(
+                    node,
+                    action = envelope.action,
+                    command_id = envelope.command_id,
+                    "CommandToHealthyAgent"
+                );
+                bump(&stats.commands_to_healthy, 1);
+            }
+            Some(at) if !self.commanded => {
+                self.commanded = true;
+                let took = now.saturating_duration_since(at);
+                tracing::debug!(
+                    node,
+                    action = envelope.action,
+                    took_ms = took.as_millis() as u64,
+                    "CommandAfterFault"
+                );
+                lock(&stats.fault_to_command).record(took.as_micros() as u64);
+            }
+            Some(_) => bump(&stats.commands_repeated, 1),
+        }
     }
 }
 
@@ -1043,7 +1164,10 @@ async fn agent(
             last_seq: None,
             acked_through: 0,
         },
+        fault_sent_at: None,
+        commanded: false,
     };
+    let lags = spec.index <= fleet.lag_agents;
     let descriptor = NodeDescriptor {
         node_id: spec.node.clone(),
         hostname: format!("{}.bench.internal", spec.node),
@@ -1099,6 +1223,7 @@ async fn agent(
             / u64::from(fleet.agents),
     );
     let mut tick_at = start + offset;
+    let lag_at = start + fleet.lag_after;
     let mut stopped = false;
 
     loop {
@@ -1128,6 +1253,9 @@ async fn agent(
                     continue;
                 }
                 state.next_seq = Some(seq + 1);
+                if lags && state.generator.lag_from_seq.is_none() && Instant::now() >= lag_at {
+                    state.generator.lag_from_seq = Some(seq);
+                }
                 state.unacked.push_back(Pending {
                     seq,
                     at_unix_ms: guardian_server::unix_ms(),
@@ -1149,10 +1277,13 @@ async fn agent(
                     state.ack(&fleet, ack.through_seq, Some(Instant::now()));
                     None
                 }
-                // Signed commands are not for a load generator.
+                // Counted and timed, never run.
                 Ok(Some(ServerFrame {
-                    frame: Some(server_frame::Frame::Command(_)),
-                })) => None,
+                    frame: Some(server_frame::Frame::Command(command)),
+                })) => {
+                    state.command(&fleet, &spec.node, &command, Instant::now());
+                    None
+                }
                 Ok(Some(_)) => Some(AgentError::Protocol("unexpected server frame")),
                 Ok(None) => Some(AgentError::Closed),
                 Err(status) => Some(AgentError::Status(status)),
@@ -1248,8 +1379,47 @@ struct Report {
     first_error: Option<String>,
     ticks_missed: u64,
     window_full: u64,
+    /// `--lag-agents`, `--lag-after-s` and the blocks they fall behind.
+    lag_agents: u32,
+    lag_after_s: u64,
+    lag_blocks: u64,
+    /// Lagging agents that wrote a lagging batch (the fault began).
+    lag_agents_faulted: u64,
+    commands_received: u64,
+    /// Commands to agents that were not lagging when they arrived: false positives.
+    commands_to_healthy_agents: u64,
+    /// Commands to a lagging agent after its first.
+    commands_repeated: u64,
+    /// Undecodable envelopes or envelopes for another node.
+    commands_malformed: u64,
+    commands_by_action: BTreeMap<String, u64>,
+    /// Per lagging agent: first lagging batch written -> first command received. Its
+    /// `count` is the number of lagging agents remediated.
+    fault_to_command_ms: LatencySummary,
+    /// The same in sampling intervals (one chain sample per batch: 1 / `rate_per_agent`).
+    fault_to_command_intervals: IntervalSummary,
     #[serde(skip_serializing_if = "Option::is_none")]
     nodes: Option<BTreeMap<String, NodeSeqs>>,
+}
+
+/// Percentiles as multiples of the sampling interval.
+#[derive(Debug, Clone, Serialize)]
+struct IntervalSummary {
+    p50: Option<f64>,
+    p99: Option<f64>,
+    max: Option<f64>,
+}
+
+impl IntervalSummary {
+    fn of(ms: &LatencySummary, period: Duration) -> Self {
+        let period_ms = period.as_secs_f64() * 1_000.0;
+        let intervals = |v: Option<f64>| v.map(|ms| (ms / period_ms * 1_000.0).round() / 1_000.0);
+        Self {
+            p50: intervals(ms.p50),
+            p99: intervals(ms.p99),
+            max: intervals(ms.max),
+        }
+    }
 }
 
 /// Reads the CA and every agent's certificate and key, before anything connects.
@@ -1337,6 +1507,8 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         period: args.period(),
         samples_per_batch: args.samples_per_batch,
         connect_permits: Semaphore::new(args.connect_concurrency),
+        lag_agents: args.lag_agents,
+        lag_after: Duration::from_secs(args.lag_after_s),
         stats: Stats::new(),
         stop_sending: CancellationToken::new(),
         abort: CancellationToken::new(),
@@ -1519,6 +1691,7 @@ fn report(
     let sent = Stats::get(&stats.batches_sent);
     let acked = Stats::get(&stats.batches_acked);
     let samples = Stats::get(&stats.samples_acked);
+    let fault_to_command = lock(&stats.fault_to_command).summary();
     Report {
         server: args.server.clone(),
         agents: args.agents,
@@ -1543,6 +1716,17 @@ fn report(
         first_error: lock(&stats.first_error).clone(),
         ticks_missed: Stats::get(&stats.ticks_missed),
         window_full: Stats::get(&stats.window_full),
+        lag_agents: args.lag_agents,
+        lag_after_s: args.lag_after_s,
+        lag_blocks: LAG_BLOCKS,
+        lag_agents_faulted: Stats::get(&stats.lag_faults_sent),
+        commands_received: Stats::get(&stats.commands_received),
+        commands_to_healthy_agents: Stats::get(&stats.commands_to_healthy),
+        commands_repeated: Stats::get(&stats.commands_repeated),
+        commands_malformed: Stats::get(&stats.commands_malformed),
+        commands_by_action: lock(&stats.commands_by_action).clone(),
+        fault_to_command_intervals: IntervalSummary::of(&fault_to_command, args.period()),
+        fault_to_command_ms: fault_to_command,
         nodes,
     }
 }
@@ -1616,6 +1800,46 @@ fn render(r: &Report) -> String {
         "ticks missed / full",
         format!("{} / {}", r.ticks_missed, r.window_full),
     );
+    let actions = if r.commands_by_action.is_empty() {
+        "none".to_owned()
+    } else {
+        r.commands_by_action
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    row(
+        "commands received",
+        format!(
+            "{} ({actions}; repeated {}, malformed {})",
+            r.commands_received, r.commands_repeated, r.commands_malformed
+        ),
+    );
+    row(
+        "commands to healthy",
+        r.commands_to_healthy_agents.to_string(),
+    );
+    if r.lag_agents > 0 {
+        row(
+            "lagging agents",
+            format!(
+                "{} told to fall {} blocks behind after {} s; {} did, {} got a command",
+                r.lag_agents,
+                r.lag_blocks,
+                r.lag_after_s,
+                r.lag_agents_faulted,
+                r.fault_to_command_ms.count
+            ),
+        );
+        row("fault to command ms", latency(&r.fault_to_command_ms));
+        let n = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.2}"));
+        let i = &r.fault_to_command_intervals;
+        row(
+            "  in intervals",
+            format!("p50 {}  p99 {}  max {}", n(i.p50), n(i.p99), n(i.max)),
+        );
+    }
     if let Some(nodes) = &r.nodes {
         for (node, seqs) in nodes {
             row(
@@ -1810,6 +2034,89 @@ mod tests {
                 .unwrap_or(0)
         };
         assert_eq!(best(1_200) - best(0), 100);
+    }
+
+    fn chain_of(batch: &SampleBatch) -> ChainSample {
+        batch
+            .samples
+            .iter()
+            .find_map(|s| match &s.kind {
+                Some(sample::Kind::Chain(c)) => Some(c.clone()),
+                _ => None,
+            })
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn a_lagging_node_stays_fifty_blocks_behind_the_tip_it_reports() {
+        let mut generator = SampleGen::new(5, 3, Duration::from_secs(1));
+        let healthy_before = generator.batch(99, 0);
+        generator.lag_from_seq = Some(100);
+        // Seqs before the onset are rebuilt exactly as first sent (a resend).
+        assert_eq!(generator.batch(99, 0), healthy_before);
+        let healthy = chain_of(&healthy_before);
+        assert_eq!(healthy.sync_highest_block, healthy.best_block);
+        for seq in [100, 101, 1_000] {
+            let c = chain_of(&generator.batch(seq, 0));
+            assert_eq!(c.sync_highest_block - c.best_block, LAG_BLOCKS, "seq {seq}");
+            assert!(
+                c.references
+                    .iter()
+                    .all(|r| r.best_block >= c.sync_highest_block)
+            );
+            assert!(!c.is_syncing && c.responsive);
+            assert!(c.best_block > c.finalized_block);
+        }
+        // It still follows the chain: no frozen head.
+        let later = chain_of(&generator.batch(1_000, 0)).best_block;
+        assert!(later > chain_of(&generator.batch(100, 0)).best_block);
+    }
+
+    fn run_args(extra: &[&str]) -> RunArgs {
+        #[derive(Parser)]
+        struct Wrap {
+            #[command(flatten)]
+            run: RunArgs,
+        }
+        let mut argv = vec![
+            "loadgen",
+            "--server",
+            "https://127.0.0.1:7443",
+            "--pki-dir",
+            "/nonexistent",
+            "--agents",
+            "10",
+            "--duration-s",
+            "30",
+        ];
+        argv.extend_from_slice(extra);
+        Wrap::parse_from(argv).run
+    }
+
+    #[test]
+    fn the_fault_must_fit_the_fleet_and_the_run() {
+        let plain = run_args(&[]);
+        assert_eq!((plain.lag_agents, plain.lag_after_s), (0, 10));
+        assert!(plain.validate().is_ok());
+        assert!(run_args(&["--lag-agents", "4"]).validate().is_ok());
+        assert!(run_args(&["--lag-agents", "11"]).validate().is_err());
+        assert!(
+            run_args(&["--lag-agents", "1", "--lag-after-s", "30"])
+                .validate()
+                .is_err()
+        );
+        // No fault, no constraint on its start.
+        assert!(run_args(&["--lag-after-s", "60"]).validate().is_ok());
+    }
+
+    #[test]
+    fn fault_to_command_is_also_given_in_sampling_intervals() {
+        let mut h = LatencyHistogram::default();
+        h.record(1_000_000);
+        h.record(1_500_000);
+        let i = IntervalSummary::of(&h.summary(), Duration::from_millis(500));
+        assert!(i.p50.is_some_and(|p| (p - 2.0).abs() < 0.05), "{i:?}");
+        assert!(i.p99.is_some_and(|p| (p - 3.0).abs() < 0.05), "{i:?}");
     }
 
     #[test]
