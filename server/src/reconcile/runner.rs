@@ -25,6 +25,7 @@ use crate::identity::NodeId;
 use crate::metrics::{Metrics, Reason};
 use crate::registry::{ReconcileFigures, Registry};
 use crate::store::Ledger;
+use crate::store::reconcile::{ClearedFinding, DecisionWrite, PassWrites, RaisedFinding};
 use crate::unix_ms;
 
 /// How long a reconciler command stays valid: it must not run long after the decision.
@@ -246,6 +247,34 @@ struct Runner {
     lags: HashMap<NodeId, std::collections::VecDeque<(i64, u64)>>,
 }
 
+/// What one pass decided: written to the ledger in one transaction, then carried out.
+#[derive(Default)]
+struct Pass {
+    writes: PassWrites,
+    /// `(key, kind)` of each raised finding, in `writes.raised` order.
+    raised_keys: Vec<(String, String)>,
+    /// `(key, kind)` of each cleared finding.
+    cleared_keys: Vec<(String, String)>,
+    /// States to adopt once written.
+    states: Vec<(NodeId, NodeState)>,
+    /// Signed commands to send once written: node, action, command, id, batch arrival.
+    sends: Vec<(
+        NodeId,
+        Action,
+        guardian_proto::v1::Command,
+        String,
+        Option<Instant>,
+    )>,
+    /// Commands a dry run would have sent.
+    dry_runs: Vec<(NodeId, Action, BTreeMap<String, String>)>,
+    /// Alerts to raise once written.
+    alerts: Vec<Alert>,
+    /// Log lines of decisions, once written.
+    decided: Vec<(NodeId, &'static str, &'static str, u32, String)>,
+    /// Figures to show on nodes.
+    figures: Vec<(NodeId, ReconcileFigures)>,
+}
+
 impl Runner {
     async fn run(&mut self, mut inbox: mpsc::Receiver<Request>, shutdown: CancellationToken) {
         let every = Duration::from_millis(self.parts.settings.evaluate_interval_ms);
@@ -260,9 +289,13 @@ impl Runner {
             tokio::select! {
                 () = shutdown.cancelled() => break,
                 () = self.trigger.wake.notified() => {
+                    // Everything that arrived meanwhile is decided in one pass and one
+                    // ledger transaction: a burst of faults costs one write, not one each.
+                    let mut pass = Pass::default();
                     for (node, arrived) in self.trigger.take() {
-                        self.evaluate(&node, Some(arrived)).await;
+                        self.evaluate(&node, Some(arrived), &mut pass);
                     }
+                    self.finish(pass).await;
                 }
                 _ = tick.tick() => self.tick(every).await,
                 Some(request) = inbox.recv() => self.answer(request).await,
@@ -274,16 +307,18 @@ impl Runner {
     /// within `every` (silent agents, cooldowns and budgets move on without samples).
     async fn tick(&mut self, every: Duration) {
         self.contexts = self.parts.registry.network_contexts();
-        self.correlate().await;
+        let mut pass = Pass::default();
+        self.correlate(&mut pass);
         for (id, _) in self.parts.registry.ids() {
             let fresh = self
                 .evaluated
                 .get(&id)
                 .is_some_and(|at| at.elapsed() < every);
             if !fresh {
-                self.evaluate(&id, None).await;
+                self.evaluate(&id, None, &mut pass);
             }
         }
+        self.finish(pass).await;
     }
 
     fn policy(&mut self, id: &NodeId) -> Arc<(SyncPolicy, DetectPolicy)> {
@@ -299,7 +334,8 @@ impl Runner {
         }))
     }
 
-    async fn evaluate(&mut self, id: &NodeId, arrived: Option<Instant>) {
+    /// Detects and plans for one node, staging what it decides into `pass`.
+    fn evaluate(&mut self, id: &NodeId, arrived: Option<Instant>, pass: &mut Pass) {
         let now = unix_ms();
         let policies = self.policy(id);
         let (sync_policy, detect_policy) = &*policies;
@@ -333,8 +369,7 @@ impl Runner {
         };
         self.evaluated.insert(id.clone(), Instant::now());
         self.parts.metrics.reconcile_evaluations.inc();
-        self.record_findings(id.as_str(), &network, &findings, now)
-            .await;
+        self.stage_findings(id.as_str(), &network, &findings, pass);
 
         let before = self.states.get(id).cloned().unwrap_or_default();
         let probe_ms = i64::from(sync_policy.probe_interval_seconds) * 1000;
@@ -380,189 +415,121 @@ impl Runner {
             fleet_max_in_flight: self.parts.settings.max_concurrent_remediations,
         };
         let plan = super::plan(&before, &observation, sync_policy);
-        let risk = detect::risk::score(&findings);
-        let open_findings = u32::try_from(findings.len()).unwrap_or(u32::MAX);
+        let figures = ReconcileFigures {
+            phase: plan.next.phase.as_str().to_owned(),
+            phase_since_unix_ms: plan.next.phase_since_unix_ms,
+            risk: detect::risk::score(&findings),
+            open_findings: u32::try_from(findings.len()).unwrap_or(u32::MAX),
+            attempts: plan.next.attempts,
+            paused: plan.next.paused,
+        };
         self.current.insert(id.clone(), findings);
-        self.commit(id, before, plan, arrived).await;
-        let state = self.states.get(id).cloned().unwrap_or_default();
-        self.parts.registry.set_reconcile(
-            id,
-            &ReconcileFigures {
-                phase: state.phase.as_str().to_owned(),
-                phase_since_unix_ms: state.phase_since_unix_ms,
-                risk,
-                open_findings,
-                attempts: state.attempts,
-                paused: state.paused,
-            },
-        );
+        self.stage_plan(id, &network, before, plan, arrived, pass);
+        pass.figures.push((id.clone(), figures));
     }
 
-    /// Records the plan (a decision before it is carried out), then carries it out.
-    async fn commit(
+    /// Stages a plan: the decision (or a plain state save), then its actions.
+    fn stage_plan(
         &mut self,
         id: &NodeId,
+        network: &str,
         before: NodeState,
         plan: Plan,
         arrived: Option<Instant>,
+        pass: &mut Pass,
     ) {
         let now = unix_ms();
+        let dry_run = self.parts.settings.dry_run;
         if plan.is_decision(&before) {
-            if let Err(error) = self
-                .parts
-                .ledger
-                .record_decision(
-                    id.as_str(),
-                    &before,
-                    &plan,
-                    self.parts.settings.dry_run,
-                    now,
-                )
-                .await
-            {
-                // Not recorded, so not done: the next evaluation decides again.
-                tracing::error!(node = %id, %error, "DecisionNotRecorded");
-                return;
-            }
-            tracing::info!(
-                node = %id,
-                from = before.phase.as_str(),
-                to = plan.next.phase.as_str(),
-                attempts = plan.next.attempts,
-                reason = plan.reason,
-                "PhaseDecided"
-            );
-        } else if persisted_fields_differ(&before, &plan.next)
-            && let Err(error) = self
-                .parts
-                .ledger
-                .save_node_state(id.as_str(), &plan.next, now)
-                .await
-        {
-            tracing::warn!(node = %id, %error, "NodeStateNotSaved");
+            pass.decided.push((
+                id.clone(),
+                before.phase.as_str(),
+                plan.next.phase.as_str(),
+                plan.next.attempts,
+                plan.reason.clone(),
+            ));
+            pass.writes.decisions.push(DecisionWrite {
+                node_id: id.to_string(),
+                before: before.clone(),
+                plan: plan.clone(),
+                dry_run,
+            });
+        } else if persisted_fields_differ(&before, &plan.next) {
+            pass.writes.states.push((id.to_string(), plan.next.clone()));
         }
+        // Counted now, so the fleet cap holds within one pass.
         if plan.next.phase == Phase::Recovering {
             self.in_flight.insert(id.clone());
         } else {
             self.in_flight.remove(id);
         }
-        self.states.insert(id.clone(), plan.next.clone());
-        for action in plan.actions {
+        for action in &plan.actions {
             match action {
                 PlannedAction::Command { action, parameters } => {
-                    self.send(id, action, parameters, arrived).await;
+                    self.stage_command(id, *action, parameters.clone(), arrived, pass);
                 }
-                PlannedAction::Alert { message } => {
-                    self.parts.metrics.remediation_alerts.inc();
-                    tracing::warn!(node = %id, message, "RemediationAlert");
-                    self.parts.alerts.send(Alert {
-                        event: "remediation_alert",
-                        node_id: id.to_string(),
-                        network: self
-                            .health
-                            .get(id)
-                            .map(|(network, _)| network.clone())
-                            .unwrap_or_default(),
-                        kind: plan.next.phase.as_str().to_owned(),
-                        severity: Severity::Critical.as_str(),
-                        summary: message,
-                        at_unix_ms: now,
-                    });
-                }
+                PlannedAction::Alert { message } => pass.alerts.push(Alert {
+                    event: "remediation_alert",
+                    node_id: id.to_string(),
+                    network: network.to_owned(),
+                    kind: plan.next.phase.as_str().to_owned(),
+                    severity: Severity::Critical.as_str(),
+                    summary: message.clone(),
+                    at_unix_ms: now,
+                }),
             }
         }
+        pass.states.push((id.clone(), plan.next));
     }
 
-    async fn send(
+    /// Signs a command now; it is recorded with the pass and sent after the commit.
+    fn stage_command(
         &self,
         id: &NodeId,
         action: Action,
         parameters: BTreeMap<String, String>,
         arrived: Option<Instant>,
+        pass: &mut Pass,
     ) {
         if self.parts.settings.dry_run {
-            tracing::info!(node = %id, action = action.as_str(), ?parameters, "RemediationDryRun");
+            pass.dry_runs.push((id.clone(), action, parameters));
             return;
         }
         let Some(signer) = &self.parts.commands.signer else {
             tracing::warn!(node = %id, action = action.as_str(), "RemediationImpossible: remote commands are off (command_signing_key_file)");
             return;
         };
-        let (envelope, command) = match signer.issue(
+        match signer.issue(
             id,
             action,
             parameters.into_iter().collect(),
             COMMAND_TTL,
             unix_ms(),
         ) {
-            Ok(signed) => signed,
-            Err(error) => {
-                tracing::error!(node = %id, %error, "RemediationNotSigned");
-                return;
+            Ok((envelope, command)) => {
+                let command_id = envelope.command_id.clone();
+                pass.writes
+                    .commands
+                    .push((envelope, "reconciler".to_owned()));
+                pass.sends
+                    .push((id.clone(), action, command, command_id, arrived));
             }
-        };
-        if let Err(error) = self
-            .parts
-            .ledger
-            .record_command_issued(&envelope, "reconciler")
-            .await
-        {
-            tracing::error!(node = %id, %error, "RemediationNotRecorded: not sent");
-            return;
-        }
-        match self.parts.commands.live.send_command(id, command).await {
-            Ok(()) => {
-                if let Some(arrived) = arrived {
-                    self.parts
-                        .metrics
-                        .decision_latency_seconds
-                        .observe(arrived.elapsed().as_secs_f64());
-                }
-                self.parts
-                    .metrics
-                    .remediations_issued
-                    .get_or_create(&Reason {
-                        reason: action.as_str(),
-                    })
-                    .inc();
-                tracing::info!(node = %id, command_id = envelope.command_id, action = action.as_str(), "RemediationIssued");
-            }
-            Err(why) => {
-                tracing::warn!(node = %id, command_id = envelope.command_id, why, "RemediationNotDelivered");
-            }
+            Err(error) => tracing::error!(node = %id, %error, "RemediationNotSigned"),
         }
     }
 
-    /// Raises findings that are new and clears those that went away (ledger + audit).
-    async fn record_findings(&mut self, key: &str, network: &str, findings: &[Finding], now: i64) {
+    /// Stages findings that are new and clears those that went away.
+    fn stage_findings(&self, key: &str, network: &str, findings: &[Finding], pass: &mut Pass) {
+        let node_id = if key.starts_with("network:") { "" } else { key };
         let kinds: HashSet<&str> = findings.iter().map(|f| f.kind.as_str()).collect();
-        let stale: Vec<((String, String), u64)> = self
-            .open
-            .iter()
-            .filter(|((node, kind), _)| node == key && !kinds.contains(kind.as_str()))
-            .map(|(k, id)| (k.clone(), *id))
-            .collect();
-        for ((node, kind), finding_id) in stale {
-            match self
-                .parts
-                .ledger
-                .clear_finding(
-                    finding_id,
-                    if node.starts_with("network:") {
-                        ""
-                    } else {
-                        &node
-                    },
-                    &kind,
-                    now,
-                )
-                .await
-            {
-                Ok(()) => {
-                    tracing::info!(node, kind, finding_id, "FindingCleared");
-                    self.open.remove(&(node, kind));
-                }
-                Err(error) => tracing::warn!(node, kind, %error, "FindingNotRecorded"),
+        for ((node, kind), finding_id) in &self.open {
+            if node == key && !kinds.contains(kind.as_str()) {
+                pass.writes.cleared.push(ClearedFinding {
+                    finding_id: *finding_id,
+                    node_id: node_id.to_owned(),
+                    kind: kind.clone(),
+                });
+                pass.cleared_keys.push((node.clone(), kind.clone()));
             }
         }
         // A node's findings may hold several of one kind; the first (worst-sorted) is stored.
@@ -572,43 +539,115 @@ impl Runner {
             if !seen.insert(kind) || self.open.contains_key(&(key.to_owned(), kind.to_owned())) {
                 continue;
             }
-            let node_id = if key.starts_with("network:") { "" } else { key };
-            match self
-                .parts
-                .ledger
-                .raise_finding(node_id, network, finding, now)
-                .await
-            {
-                Ok(finding_id) => {
-                    self.parts
-                        .metrics
-                        .findings_raised
-                        .get_or_create(&Reason { reason: kind })
-                        .inc();
-                    tracing::info!(
-                        node = key,
-                        kind,
-                        severity = finding.severity.as_str(),
-                        score = finding.score,
-                        summary = finding.summary,
-                        "FindingRaised"
-                    );
-                    self.open
-                        .insert((key.to_owned(), kind.to_owned()), finding_id);
-                    if self.parts.alerts.wants(finding.severity) {
-                        self.parts.alerts.send(Alert {
-                            event: "finding_raised",
-                            node_id: node_id.to_owned(),
-                            network: network.to_owned(),
-                            kind: kind.to_owned(),
-                            severity: finding.severity.as_str(),
-                            summary: finding.summary.clone(),
-                            at_unix_ms: now,
-                        });
+            pass.writes.raised.push(RaisedFinding {
+                node_id: node_id.to_owned(),
+                network: network.to_owned(),
+                finding: finding.clone(),
+            });
+            pass.raised_keys.push((key.to_owned(), kind.to_owned()));
+        }
+    }
+
+    /// Writes the pass (one transaction) and only then carries it out. A pass that cannot
+    /// be written is dropped whole: nothing is sent, and the next evaluation decides again.
+    async fn finish(&mut self, pass: Pass) {
+        let now = unix_ms();
+        if !pass.writes.is_empty() {
+            match self.parts.ledger.write_pass(&pass.writes, now).await {
+                Ok(ids) => {
+                    for ((key, kind), finding_id) in pass.raised_keys.iter().zip(ids) {
+                        self.open.insert((key.clone(), kind.clone()), finding_id);
                     }
                 }
-                Err(error) => tracing::warn!(node = key, kind, %error, "FindingNotRecorded"),
+                Err(error) => {
+                    tracing::error!(%error, decisions = pass.writes.decisions.len(), "DecisionNotRecorded: nothing of this pass is carried out");
+                    self.in_flight = self
+                        .states
+                        .iter()
+                        .filter(|(_, s)| s.phase == Phase::Recovering)
+                        .map(|(id, _)| id.clone())
+                        .collect();
+                    return;
+                }
             }
+        }
+        for key in &pass.cleared_keys {
+            if let Some(finding_id) = self.open.remove(key) {
+                tracing::info!(node = key.0, kind = key.1, finding_id, "FindingCleared");
+            }
+        }
+        for (raised, (key, kind)) in pass.writes.raised.iter().zip(&pass.raised_keys) {
+            let finding = &raised.finding;
+            self.parts
+                .metrics
+                .findings_raised
+                .get_or_create(&Reason {
+                    reason: finding.kind.as_str(),
+                })
+                .inc();
+            tracing::info!(
+                node = key,
+                kind,
+                severity = finding.severity.as_str(),
+                score = finding.score,
+                summary = finding.summary,
+                "FindingRaised"
+            );
+            if self.parts.alerts.wants(finding.severity) {
+                self.parts.alerts.send(Alert {
+                    event: "finding_raised",
+                    node_id: raised.node_id.clone(),
+                    network: raised.network.clone(),
+                    kind: kind.clone(),
+                    severity: finding.severity.as_str(),
+                    summary: finding.summary.clone(),
+                    at_unix_ms: now,
+                });
+            }
+        }
+        for (id, state) in pass.states {
+            self.states.insert(id, state);
+        }
+        for (node, from, to, attempts, reason) in &pass.decided {
+            tracing::info!(node = %node, from, to, attempts, reason, "PhaseDecided");
+        }
+        for (id, action, parameters) in &pass.dry_runs {
+            tracing::info!(node = %id, action = action.as_str(), ?parameters, "RemediationDryRun");
+        }
+        for (id, action, command, command_id, arrived) in pass.sends {
+            match self.parts.commands.live.send_command(&id, command).await {
+                Ok(()) => {
+                    if let Some(arrived) = arrived {
+                        self.parts
+                            .metrics
+                            .decision_latency_seconds
+                            .observe(arrived.elapsed().as_secs_f64());
+                    }
+                    self.parts
+                        .metrics
+                        .remediations_issued
+                        .get_or_create(&Reason {
+                            reason: action.as_str(),
+                        })
+                        .inc();
+                    tracing::info!(node = %id, command_id, action = action.as_str(), "RemediationIssued");
+                }
+                Err(why) => {
+                    tracing::warn!(node = %id, command_id, why, "RemediationNotDelivered");
+                }
+            }
+        }
+        for alert in pass.alerts {
+            self.parts.metrics.remediation_alerts.inc();
+            tracing::warn!(
+                node = alert.node_id,
+                message = alert.summary,
+                "RemediationAlert"
+            );
+            self.parts.alerts.send(alert);
+        }
+        for (id, figures) in pass.figures {
+            self.parts.registry.set_reconcile(&id, &figures);
         }
     }
 
@@ -647,36 +686,33 @@ impl Runner {
             && degraded as f64 >= policy.fleet_degraded_share * nodes as f64
     }
 
-    /// Raises or clears one fleet finding per network. Per-node action is held on a
-    /// momentary share ([`Runner::network_held`]: no restart may slip through while the
+    /// Stages one fleet finding per network (raised or cleared). Per-node action is held on
+    /// a momentary share ([`Runner::network_held`]: no restart may slip through while the
     /// others' next samples are in flight); the fleet finding counts only nodes whose bad
     /// streak is confirmed, so one odd sample per node does not page anyone.
-    async fn correlate(&mut self) {
-        let confirmed = |id: &NodeId, states: &HashMap<NodeId, NodeState>, policy: &SyncPolicy| {
-            states
-                .get(id)
-                .is_some_and(|s| s.bad_streak >= policy.confirm_samples)
-        };
+    fn correlate(&mut self, pass: &mut Pass) {
         let mut nodes = Vec::with_capacity(self.health.len());
         for (id, (network, degraded)) in self.health.clone() {
             let policy = self.policy(&id);
+            let confirmed = self
+                .states
+                .get(&id)
+                .is_some_and(|s| s.bad_streak >= policy.0.confirm_samples);
             nodes.push(NodeHealth {
                 node_id: id.to_string(),
                 network,
-                degraded: degraded && confirmed(&id, &self.states, &policy.0),
+                degraded: degraded && confirmed,
             });
         }
         let fleet_findings = fleet::correlate(&nodes, &self.parts.detect);
         let networks: HashSet<String> = nodes.iter().map(|n| n.network.clone()).collect();
-        let now = unix_ms();
         for network in networks {
             let findings: Vec<Finding> = fleet_findings
                 .iter()
                 .filter(|f| f.network == network)
                 .map(|f| f.finding.clone())
                 .collect();
-            self.record_findings(&format!("network:{network}"), &network, &findings, now)
-                .await;
+            self.stage_findings(&format!("network:{network}"), &network, &findings, pass);
         }
     }
 
@@ -743,13 +779,9 @@ impl Runner {
         });
         self.parts
             .ledger
-            .audit_operator(node.as_str(), &body, now)
-            .await
-            .map_err(|e| format!("cannot record it: {e}"))?;
-        self.parts
-            .ledger
-            .record_decision(
+            .record_operator_decision(
                 node.as_str(),
+                &body,
                 &before,
                 &plan,
                 self.parts.settings.dry_run,
@@ -760,20 +792,14 @@ impl Runner {
         tracing::info!(node = %node, operator, pause, "OperatorDecision");
         self.in_flight.remove(node);
         self.states.insert(node.clone(), plan.next.clone());
-        let risk = self
-            .current
-            .get(node)
-            .map_or(0.0, |f| detect::risk::score(f));
+        let findings = self.current.get(node);
         self.parts.registry.set_reconcile(
             node,
             &ReconcileFigures {
                 phase: plan.next.phase.as_str().to_owned(),
                 phase_since_unix_ms: now,
-                risk,
-                open_findings: self
-                    .current
-                    .get(node)
-                    .map_or(0, |f| u32::try_from(f.len()).unwrap_or(u32::MAX)),
+                risk: findings.map_or(0.0, |f| detect::risk::score(f)),
+                open_findings: findings.map_or(0, |f| u32::try_from(f.len()).unwrap_or(u32::MAX)),
                 attempts: plan.next.attempts,
                 paused: pause,
             },

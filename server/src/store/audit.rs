@@ -333,7 +333,132 @@ impl StoredRow {
     }
 }
 
+/// A write transaction that holds the audit chain's head: entries appended through it chain
+/// one after another, together with any other statement run on [`AuditTx::conn`], and land
+/// all at once on [`AuditTx::commit`] (or not at all).
+pub struct AuditTx {
+    tx: sqlx::Transaction<'static, sqlx::Any>,
+    seq: u64,
+    hash: String,
+}
+
+impl std::fmt::Debug for AuditTx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditTx")
+            .field("seq", &self.seq)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AuditTx {
+    /// The transaction's connection, for the statements that go with the entries.
+    pub fn conn(&mut self) -> &mut sqlx::AnyConnection {
+        &mut self.tx
+    }
+
+    /// Appends one entry after the last one (in this transaction).
+    ///
+    /// # Errors
+    /// [`StoreError::Query`]: roll the whole transaction back (drop it).
+    pub async fn append(
+        &mut self,
+        kind: AuditKind,
+        node_id: &str,
+        body: &serde_json::Value,
+        at_unix_ms: i64,
+    ) -> Result<AuditEntry, StoreError> {
+        let seq = self
+            .seq
+            .checked_add(1)
+            .filter(|&s| s <= i64::MAX as u64)
+            .ok_or_else(|| {
+                sqlx::Error::Protocol(format!(
+                    "audit_log's last seq {} has no successor",
+                    self.seq
+                ))
+            })?;
+        let body_text = body.to_string();
+        let hash = entry_hash(
+            seq,
+            at_unix_ms,
+            kind.as_str(),
+            node_id,
+            &body_text,
+            &self.hash,
+        );
+        let inserted = sqlx::query(
+            "INSERT INTO audit_log (seq, at_unix_ms, kind, node_id, body, prev_hash, hash)
+             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (seq) DO NOTHING",
+        )
+        .bind(to_i64(seq))
+        .bind(at_unix_ms)
+        .bind(kind.as_str())
+        .bind(node_id)
+        .bind(&body_text)
+        .bind(&self.hash)
+        .bind(&hash)
+        .execute(&mut *self.tx)
+        .await?
+        .rows_affected();
+        if inserted != 1 {
+            return Err(StoreError::Query(sqlx::Error::Protocol(format!(
+                "audit seq {seq} was taken by a writer that did not hold the lock"
+            ))));
+        }
+        let prev_hash = std::mem::replace(&mut self.hash, hash.clone());
+        self.seq = seq;
+        Ok(AuditEntry {
+            seq,
+            at_unix_ms,
+            kind,
+            node_id: node_id.to_owned(),
+            body: body.clone(),
+            prev_hash,
+            hash,
+        })
+    }
+
+    /// Commits everything appended and run.
+    ///
+    /// # Errors
+    /// [`StoreError::Query`]: nothing landed.
+    pub async fn commit(self) -> Result<(), StoreError> {
+        self.tx.commit().await?;
+        Ok(())
+    }
+}
+
 impl Ledger {
+    /// Begins a write transaction holding the audit chain's head (SQLite: `BEGIN IMMEDIATE`,
+    /// which takes the write lock now, waiting up to busy_timeout; PostgreSQL: a lock on
+    /// `audit_log` that conflicts with other appenders, not with readers).
+    ///
+    /// # Errors
+    /// [`StoreError::Query`].
+    pub async fn begin_audited(&self) -> Result<AuditTx, StoreError> {
+        let mut tx = match self.backend {
+            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
+            Backend::Postgres => {
+                let mut tx = self.pool.begin().await?;
+                sqlx::query("LOCK TABLE audit_log IN SHARE ROW EXCLUSIVE MODE")
+                    .execute(&mut *tx)
+                    .await?;
+                tx
+            }
+        };
+        let last = sqlx::query("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1")
+            .fetch_optional(&mut *tx)
+            .await?;
+        let (seq, hash) = match last {
+            None => (0, GENESIS_PREV_HASH.to_owned()),
+            Some(row) => {
+                let seq: i64 = row.try_get(0)?;
+                (u64::try_from(seq).unwrap_or(0), row.try_get(1)?)
+            }
+        };
+        Ok(AuditTx { tx, seq, hash })
+    }
+
     /// Appends one entry to the audit chain and returns it as stored.
     ///
     /// # Guarantees
@@ -349,86 +474,28 @@ impl Ledger {
         body: &serde_json::Value,
         at_unix_ms: i64,
     ) -> Result<AuditEntry, StoreError> {
-        let body_text = body.to_string();
+        let mut last_error = None;
         for attempt in 1..=APPEND_ATTEMPTS {
-            let mut tx = match self.backend {
-                // IMMEDIATE takes the write lock now (waiting up to busy_timeout), so no other
-                // appender can read the same last row.
-                Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
-                Backend::Postgres => {
-                    let mut tx = self.pool.begin().await?;
-                    // Conflicts with itself and with INSERT, not with readers.
-                    sqlx::query("LOCK TABLE audit_log IN SHARE ROW EXCLUSIVE MODE")
-                        .execute(&mut *tx)
-                        .await?;
-                    tx
+            let mut tx = self.begin_audited().await?;
+            match tx.append(kind, node_id, body, at_unix_ms).await {
+                Ok(entry) => {
+                    tx.commit().await?;
+                    return Ok(entry);
                 }
-            };
-            let last = sqlx::query("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1")
-                .fetch_optional(&mut *tx)
-                .await?;
-            let (seq, prev_hash) = match last {
-                None => (1, GENESIS_PREV_HASH.to_owned()),
-                Some(row) => {
-                    let last_seq: i64 = row.try_get(0)?;
-                    let seq = u64::try_from(last_seq)
-                        .ok()
-                        .and_then(|s| s.checked_add(1))
-                        .filter(|&s| s <= i64::MAX as u64)
-                        .ok_or_else(|| {
-                            sqlx::Error::Protocol(format!(
-                                "audit_log's last seq {last_seq} has no successor"
-                            ))
-                        })?;
-                    (seq, row.try_get(1)?)
+                Err(error) => {
+                    // Someone took this seq without the lock: read the new head and retry.
+                    drop(tx);
+                    tracing::warn!(attempt, %error, "audit append lost a race for its seq; retrying");
+                    last_error = Some(error);
+                    tokio::time::sleep(Duration::from_millis(u64::from(attempt) * 5)).await;
                 }
-            };
-            let hash = entry_hash(
-                seq,
-                at_unix_ms,
-                kind.as_str(),
-                node_id,
-                &body_text,
-                &prev_hash,
-            );
-            let inserted = sqlx::query(
-                "INSERT INTO audit_log (seq, at_unix_ms, kind, node_id, body, prev_hash, hash)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (seq) DO NOTHING",
-            )
-            .bind(to_i64(seq))
-            .bind(at_unix_ms)
-            .bind(kind.as_str())
-            .bind(node_id)
-            .bind(&body_text)
-            .bind(&prev_hash)
-            .bind(&hash)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-            if inserted == 1 {
-                tx.commit().await?;
-                return Ok(AuditEntry {
-                    seq,
-                    at_unix_ms,
-                    kind,
-                    node_id: node_id.to_owned(),
-                    body: body.clone(),
-                    prev_hash,
-                    hash,
-                });
             }
-            // Someone took this seq without the lock: read the new last row and try again.
-            tx.rollback().await?;
-            tracing::warn!(
-                seq,
-                attempt,
-                "audit append lost a race for its seq; retrying"
-            );
-            tokio::time::sleep(Duration::from_millis(u64::from(attempt) * 5)).await;
         }
-        Err(StoreError::Query(sqlx::Error::Protocol(format!(
-            "audit append: the next seq was taken {APPEND_ATTEMPTS} times in a row"
-        ))))
+        Err(last_error.unwrap_or_else(|| {
+            StoreError::Query(sqlx::Error::Protocol(format!(
+                "audit append: the next seq was taken {APPEND_ATTEMPTS} times in a row"
+            )))
+        }))
     }
 
     /// Checks the whole audit chain, oldest row first, reading it in pages.

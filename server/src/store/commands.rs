@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use guardian_proto::v1::{CommandEnvelope, CommandOutcome, CommandRecord};
 use sqlx::Row;
 
-use super::audit::AuditKind;
+use super::audit::{AuditKind, AuditTx};
 use super::{Ledger, StoreError};
 use crate::identity::NodeId;
 
@@ -22,7 +22,7 @@ pub enum OutcomeRecorded {
 }
 
 impl Ledger {
-    /// Records a command before it is sent (and audits it).
+    /// Records a command before it is sent (and audits it), in one transaction.
     ///
     /// # Errors
     /// [`StoreError::Query`].
@@ -31,42 +31,9 @@ impl Ledger {
         envelope: &CommandEnvelope,
         issued_by: &str,
     ) -> Result<(), StoreError> {
-        let parameters: serde_json::Map<String, serde_json::Value> = envelope
-            .parameters
-            .iter()
-            .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
-            .collect();
-        let parameters = serde_json::Value::Object(parameters);
-        sqlx::query(
-            "INSERT INTO commands (command_id, node_id, action, parameters, issued_at_unix_ms,
-                 expires_at_unix_ms, issued_by, state)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, 'issued')",
-        )
-        .bind(&envelope.command_id)
-        .bind(&envelope.node_id)
-        .bind(&envelope.action)
-        .bind(parameters.to_string())
-        .bind(envelope.issued_at_unix_ms)
-        .bind(envelope.expires_at_unix_ms)
-        .bind(issued_by)
-        .execute(&self.pool)
-        .await?;
-        let body = serde_json::json!({
-            "command_id": envelope.command_id,
-            "action": envelope.action,
-            "parameters": parameters,
-            "issued_at_unix_ms": envelope.issued_at_unix_ms,
-            "expires_at_unix_ms": envelope.expires_at_unix_ms,
-            "issued_by": issued_by,
-        });
-        self.audit_append(
-            AuditKind::Command,
-            &envelope.node_id,
-            &body,
-            envelope.issued_at_unix_ms,
-        )
-        .await?;
-        Ok(())
+        let mut tx = self.begin_audited().await?;
+        record_issued_in(&mut tx, envelope, issued_by).await?;
+        tx.commit().await
     }
 
     /// Records the first outcome a node reports for one of *its* commands (and audits it).
@@ -159,4 +126,51 @@ impl Ledger {
             outcome_at_unix_ms: row.try_get(9)?,
         }))
     }
+}
+
+/// Inserts an issued command and its audit entry inside `tx`.
+///
+/// # Errors
+/// [`StoreError::Query`]: drop the transaction.
+pub(crate) async fn record_issued_in(
+    tx: &mut AuditTx,
+    envelope: &CommandEnvelope,
+    issued_by: &str,
+) -> Result<(), StoreError> {
+    let parameters: serde_json::Map<String, serde_json::Value> = envelope
+        .parameters
+        .iter()
+        .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+        .collect();
+    let parameters = serde_json::Value::Object(parameters);
+    sqlx::query(
+        "INSERT INTO commands (command_id, node_id, action, parameters, issued_at_unix_ms,
+             expires_at_unix_ms, issued_by, state)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, 'issued')",
+    )
+    .bind(&envelope.command_id)
+    .bind(&envelope.node_id)
+    .bind(&envelope.action)
+    .bind(parameters.to_string())
+    .bind(envelope.issued_at_unix_ms)
+    .bind(envelope.expires_at_unix_ms)
+    .bind(issued_by)
+    .execute(tx.conn())
+    .await?;
+    let body = serde_json::json!({
+        "command_id": envelope.command_id,
+        "action": envelope.action,
+        "parameters": parameters,
+        "issued_at_unix_ms": envelope.issued_at_unix_ms,
+        "expires_at_unix_ms": envelope.expires_at_unix_ms,
+        "issued_by": issued_by,
+    });
+    tx.append(
+        AuditKind::Command,
+        &envelope.node_id,
+        &body,
+        envelope.issued_at_unix_ms,
+    )
+    .await?;
+    Ok(())
 }

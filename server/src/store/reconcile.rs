@@ -6,10 +6,10 @@ use std::collections::HashMap;
 use guardian_proto::v1::{CommandRecord, FindingRecord};
 use sqlx::Row;
 
-use super::audit::AuditKind;
+use super::audit::{AuditKind, AuditTx};
 use super::{Ledger, StoreError};
 use crate::detect::Finding;
-use crate::reconcile::{NodeState, Plan};
+use crate::reconcile::{NodeState, Plan, PlannedAction};
 
 /// Open finding rows at start: `(node_id or "", kind) -> finding_id`.
 pub type OpenFindings = HashMap<(String, String), u64>;
@@ -36,138 +36,116 @@ impl Ledger {
         Ok(states)
     }
 
-    /// Stores one node's state (insert or replace).
+    /// Writes everything one reconciler pass decided, in one transaction: cleared and
+    /// raised findings, decisions (state first, then the audit entry), plain state saves,
+    /// and the commands about to be sent. Returns the ids of `raised`, in order.
+    ///
+    /// # Guarantees
+    /// All of it lands, or none of it (then nothing may be carried out).
     ///
     /// # Errors
     /// [`StoreError::Query`].
-    pub async fn save_node_state(
+    pub async fn write_pass(
         &self,
-        node_id: &str,
-        state: &NodeState,
+        pass: &PassWrites,
         now_unix_ms: i64,
-    ) -> Result<(), StoreError> {
-        let text = serde_json::to_string(state).unwrap_or_default();
-        sqlx::query(
-            "INSERT INTO node_state (node_id, phase, state, updated_at_unix_ms)
-             VALUES ($1, $2, $3, $4)
-             ON CONFLICT (node_id) DO UPDATE SET phase = excluded.phase,
-                 state = excluded.state, updated_at_unix_ms = excluded.updated_at_unix_ms",
-        )
-        .bind(node_id)
-        .bind(state.phase.as_str())
-        .bind(text)
-        .bind(now_unix_ms)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+    ) -> Result<Vec<u64>, StoreError> {
+        let mut tx = self.begin_audited().await?;
+        for cleared in &pass.cleared {
+            sqlx::query(
+                "UPDATE findings SET cleared_at_unix_ms = $2
+                 WHERE finding_id = $1 AND cleared_at_unix_ms = 0",
+            )
+            .bind(super::to_i64(cleared.finding_id))
+            .bind(now_unix_ms)
+            .execute(tx.conn())
+            .await?;
+            let body = serde_json::json!({
+                "event": "cleared", "finding_id": cleared.finding_id, "kind": cleared.kind,
+            });
+            tx.append(AuditKind::Finding, &cleared.node_id, &body, now_unix_ms)
+                .await?;
+        }
+        let mut ids = Vec::with_capacity(pass.raised.len());
+        for raised in &pass.raised {
+            let finding = &raised.finding;
+            let evidence = serde_json::to_string(&finding.evidence).unwrap_or_default();
+            let row = sqlx::query(
+                "INSERT INTO findings (node_id, network, kind, severity, score, summary, evidence,
+                     raised_at_unix_ms)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING finding_id",
+            )
+            .bind(&raised.node_id)
+            .bind(&raised.network)
+            .bind(finding.kind.as_str())
+            .bind(finding.severity.as_str())
+            .bind(finding.score)
+            .bind(&finding.summary)
+            .bind(evidence)
+            .bind(now_unix_ms)
+            .fetch_one(tx.conn())
+            .await?;
+            let id: i64 = row.try_get(0)?;
+            let body = serde_json::json!({
+                "event": "raised",
+                "finding_id": id,
+                "network": raised.network,
+                "kind": finding.kind.as_str(),
+                "severity": finding.severity.as_str(),
+                "score": finding.score,
+                "summary": finding.summary,
+                "evidence": finding.evidence,
+            });
+            tx.append(AuditKind::Finding, &raised.node_id, &body, now_unix_ms)
+                .await?;
+            ids.push(u64::try_from(id).unwrap_or_default());
+        }
+        for decision in &pass.decisions {
+            save_state_in(&mut tx, &decision.node_id, &decision.plan.next, now_unix_ms).await?;
+            tx.append(
+                AuditKind::Decision,
+                &decision.node_id,
+                &decision_body(&decision.before, &decision.plan, decision.dry_run),
+                now_unix_ms,
+            )
+            .await?;
+        }
+        for (node_id, state) in &pass.states {
+            save_state_in(&mut tx, node_id, state, now_unix_ms).await?;
+        }
+        for (envelope, issued_by) in &pass.commands {
+            super::commands::record_issued_in(&mut tx, envelope, issued_by).await?;
+        }
+        tx.commit().await?;
+        Ok(ids)
     }
 
-    /// Records a decision before it is carried out: the new state first (so a crash after
-    /// this point cannot spend the same attempt twice), then the audit entry.
+    /// Records one decision on its own (an operator's pause or resume), with `operator`'s
+    /// audit entry first.
     ///
     /// # Errors
     /// [`StoreError::Query`]: then nothing must be carried out.
-    pub async fn record_decision(
+    pub async fn record_operator_decision(
         &self,
         node_id: &str,
+        operator: &serde_json::Value,
         before: &NodeState,
         plan: &Plan,
         dry_run: bool,
         now_unix_ms: i64,
     ) -> Result<(), StoreError> {
-        self.save_node_state(node_id, &plan.next, now_unix_ms)
+        let mut tx = self.begin_audited().await?;
+        tx.append(AuditKind::Operator, node_id, operator, now_unix_ms)
             .await?;
-        let actions: Vec<serde_json::Value> = plan
-            .actions
-            .iter()
-            .map(|a| match a {
-                crate::reconcile::PlannedAction::Command { action, parameters } => {
-                    serde_json::json!({"command": action.as_str(), "parameters": parameters})
-                }
-                crate::reconcile::PlannedAction::Alert { message } => {
-                    serde_json::json!({"alert": message})
-                }
-            })
-            .collect();
-        let body = serde_json::json!({
-            "from": before.phase.as_str(),
-            "to": plan.next.phase.as_str(),
-            "reason": plan.reason,
-            "attempts": plan.next.attempts,
-            "actions": actions,
-            "dry_run": dry_run,
-        });
-        self.audit_append(AuditKind::Decision, node_id, &body, now_unix_ms)
-            .await?;
-        Ok(())
-    }
-
-    /// Stores a newly raised finding (node `""` for a fleet finding) and audits it.
-    ///
-    /// # Errors
-    /// [`StoreError::Query`].
-    pub async fn raise_finding(
-        &self,
-        node_id: &str,
-        network: &str,
-        finding: &Finding,
-        now_unix_ms: i64,
-    ) -> Result<u64, StoreError> {
-        let evidence = serde_json::to_string(&finding.evidence).unwrap_or_default();
-        let row = sqlx::query(
-            "INSERT INTO findings (node_id, network, kind, severity, score, summary, evidence,
-                 raised_at_unix_ms)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING finding_id",
+        save_state_in(&mut tx, node_id, &plan.next, now_unix_ms).await?;
+        tx.append(
+            AuditKind::Decision,
+            node_id,
+            &decision_body(before, plan, dry_run),
+            now_unix_ms,
         )
-        .bind(node_id)
-        .bind(network)
-        .bind(finding.kind.as_str())
-        .bind(finding.severity.as_str())
-        .bind(finding.score)
-        .bind(&finding.summary)
-        .bind(evidence)
-        .bind(now_unix_ms)
-        .fetch_one(&self.pool)
         .await?;
-        let id: i64 = row.try_get(0)?;
-        let body = serde_json::json!({
-            "event": "raised",
-            "finding_id": id,
-            "network": network,
-            "kind": finding.kind.as_str(),
-            "severity": finding.severity.as_str(),
-            "score": finding.score,
-            "summary": finding.summary,
-            "evidence": finding.evidence,
-        });
-        self.audit_append(AuditKind::Finding, node_id, &body, now_unix_ms)
-            .await?;
-        Ok(u64::try_from(id).unwrap_or_default())
-    }
-
-    /// Marks a finding cleared and audits it.
-    ///
-    /// # Errors
-    /// [`StoreError::Query`].
-    pub async fn clear_finding(
-        &self,
-        finding_id: u64,
-        node_id: &str,
-        kind: &str,
-        now_unix_ms: i64,
-    ) -> Result<(), StoreError> {
-        sqlx::query(
-            "UPDATE findings SET cleared_at_unix_ms = $2
-             WHERE finding_id = $1 AND cleared_at_unix_ms = 0",
-        )
-        .bind(super::to_i64(finding_id))
-        .bind(now_unix_ms)
-        .execute(&self.pool)
-        .await?;
-        let body = serde_json::json!({"event": "cleared", "finding_id": finding_id, "kind": kind});
-        self.audit_append(AuditKind::Finding, node_id, &body, now_unix_ms)
-            .await?;
-        Ok(())
+        tx.commit().await
     }
 
     /// Findings still open (to carry across a restart without raising them again).
@@ -280,19 +258,108 @@ impl Ledger {
         }
         Ok(record)
     }
+}
 
-    /// Audits an operator's pause or resume of a node.
-    ///
-    /// # Errors
-    /// [`StoreError::Query`].
-    pub async fn audit_operator(
-        &self,
-        node_id: &str,
-        body: &serde_json::Value,
-        now_unix_ms: i64,
-    ) -> Result<(), StoreError> {
-        self.audit_append(AuditKind::Operator, node_id, body, now_unix_ms)
-            .await?;
-        Ok(())
+/// A finding to raise in a pass (node `""` for a fleet finding).
+#[derive(Debug, Clone)]
+pub struct RaisedFinding {
+    /// The node, or `""`.
+    pub node_id: String,
+    /// Its network.
+    pub network: String,
+    /// What was found.
+    pub finding: Finding,
+}
+
+/// A finding that went away.
+#[derive(Debug, Clone)]
+pub struct ClearedFinding {
+    /// Its row.
+    pub finding_id: u64,
+    /// The node, or `""`.
+    pub node_id: String,
+    /// Its kind.
+    pub kind: String,
+}
+
+/// A decision to record.
+#[derive(Debug, Clone)]
+pub struct DecisionWrite {
+    /// The node.
+    pub node_id: String,
+    /// Its state before.
+    pub before: NodeState,
+    /// What was decided.
+    pub plan: Plan,
+    /// Whether the reconciler runs dry.
+    pub dry_run: bool,
+}
+
+/// What one reconciler pass writes ([`Ledger::write_pass`]).
+#[derive(Debug, Clone, Default)]
+pub struct PassWrites {
+    /// Findings that went away.
+    pub cleared: Vec<ClearedFinding>,
+    /// New findings.
+    pub raised: Vec<RaisedFinding>,
+    /// Decisions.
+    pub decisions: Vec<DecisionWrite>,
+    /// States that changed without a decision (budget reset).
+    pub states: Vec<(String, NodeState)>,
+    /// Commands about to be sent, with who issued them.
+    pub commands: Vec<(guardian_proto::v1::CommandEnvelope, String)>,
+}
+
+impl PassWrites {
+    /// Whether there is nothing to write.
+    pub fn is_empty(&self) -> bool {
+        self.cleared.is_empty()
+            && self.raised.is_empty()
+            && self.decisions.is_empty()
+            && self.states.is_empty()
+            && self.commands.is_empty()
     }
+}
+
+async fn save_state_in(
+    tx: &mut AuditTx,
+    node_id: &str,
+    state: &NodeState,
+    now_unix_ms: i64,
+) -> Result<(), StoreError> {
+    let text = serde_json::to_string(state).unwrap_or_default();
+    sqlx::query(
+        "INSERT INTO node_state (node_id, phase, state, updated_at_unix_ms)
+         VALUES ($1, $2, $3, $4)
+         ON CONFLICT (node_id) DO UPDATE SET phase = excluded.phase,
+             state = excluded.state, updated_at_unix_ms = excluded.updated_at_unix_ms",
+    )
+    .bind(node_id)
+    .bind(state.phase.as_str())
+    .bind(text)
+    .bind(now_unix_ms)
+    .execute(tx.conn())
+    .await?;
+    Ok(())
+}
+
+fn decision_body(before: &NodeState, plan: &Plan, dry_run: bool) -> serde_json::Value {
+    let actions: Vec<serde_json::Value> = plan
+        .actions
+        .iter()
+        .map(|a| match a {
+            PlannedAction::Command { action, parameters } => {
+                serde_json::json!({"command": action.as_str(), "parameters": parameters})
+            }
+            PlannedAction::Alert { message } => serde_json::json!({"alert": message}),
+        })
+        .collect();
+    serde_json::json!({
+        "from": before.phase.as_str(),
+        "to": plan.next.phase.as_str(),
+        "reason": plan.reason,
+        "attempts": plan.next.attempts,
+        "actions": actions,
+        "dry_run": dry_run,
+    })
 }
