@@ -340,6 +340,8 @@ pub struct AuditTx {
     tx: sqlx::Transaction<'static, sqlx::Any>,
     seq: u64,
     hash: String,
+    /// Held until the transaction ends (see `Ledger::write_turn`).
+    _turn: Option<tokio::sync::OwnedMutexGuard<()>>,
 }
 
 impl std::fmt::Debug for AuditTx {
@@ -436,6 +438,7 @@ impl Ledger {
     /// # Errors
     /// [`StoreError::Query`].
     pub async fn begin_audited(&self) -> Result<AuditTx, StoreError> {
+        let turn = self.write_turn().await;
         let mut tx = match self.backend {
             Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
             Backend::Postgres => {
@@ -456,7 +459,12 @@ impl Ledger {
                 (u64::try_from(seq).unwrap_or(0), row.try_get(1)?)
             }
         };
-        Ok(AuditTx { tx, seq, hash })
+        Ok(AuditTx {
+            tx,
+            seq,
+            hash,
+            _turn: turn,
+        })
     }
 
     /// Appends one entry to the audit chain and returns it as stored.

@@ -522,6 +522,7 @@ impl Ledger {
         telemetry: Telemetry,
         now_unix_ms: i64,
     ) -> Result<Vec<(Commit, u64)>, StoreError> {
+        let _turn = self.write_turn().await;
         let mut tx = self.pool.begin().await?;
         let stored = insert_batch_records(&mut tx, self.backend, jobs, now_unix_ms).await?;
         let mut outcome = Vec::with_capacity(jobs.len());

@@ -17,6 +17,7 @@ pub mod telemetry;
 
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use guardian_proto::v1::{HostSample, Node, NodeDescriptor, SampleBatch};
@@ -136,6 +137,10 @@ pub struct SecurityEvent {
 pub struct Ledger {
     pool: AnyPool,
     backend: Backend,
+    /// SQLite has one writer: ingest's group commit and the audited writers (reconciler,
+    /// commands) queue here, first come first served, instead of racing for the file lock
+    /// through SQLite's busy handler (whose back-off sleeps starve the rarer writer).
+    write_gate: Option<Arc<tokio::sync::Mutex<()>>>,
 }
 
 impl Ledger {
@@ -186,7 +191,21 @@ impl Ledger {
             Backend::Sqlite => SQLITE_MIGRATIONS.run(&pool).await?,
             Backend::Postgres => POSTGRES_MIGRATIONS.run(&pool).await?,
         }
-        Ok(Self { pool, backend })
+        let write_gate =
+            (backend == Backend::Sqlite).then(|| Arc::new(tokio::sync::Mutex::new(())));
+        Ok(Self {
+            pool,
+            backend,
+            write_gate,
+        })
+    }
+
+    /// Waits for this process's turn to write (SQLite); `None` on PostgreSQL.
+    pub(crate) async fn write_turn(&self) -> Option<tokio::sync::OwnedMutexGuard<()>> {
+        match &self.write_gate {
+            Some(gate) => Some(Arc::clone(gate).lock_owned().await),
+            None => None,
+        }
     }
 
     /// The engine in use.
