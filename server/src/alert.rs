@@ -142,16 +142,24 @@ impl Alerts {
         let Some(queue) = &self.queue else {
             return;
         };
-        if let Err(error) = queue.try_send(alert) {
-            self.count("dropped_queue_full");
-            let alert = match error {
-                mpsc::error::TrySendError::Full(a) | mpsc::error::TrySendError::Closed(a) => a,
-            };
-            tracing::error!(
-                node = alert.node_id,
-                kind = alert.kind,
-                "AlertDropped: the webhook queue is full"
-            );
+        match queue.try_send(alert) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(alert)) => {
+                self.count("dropped_queue_full");
+                tracing::error!(
+                    node = alert.node_id,
+                    kind = alert.kind,
+                    "AlertDropped: the webhook queue is full"
+                );
+            }
+            Err(mpsc::error::TrySendError::Closed(alert)) => {
+                self.count("dropped_sender_stopped");
+                tracing::error!(
+                    node = alert.node_id,
+                    kind = alert.kind,
+                    "AlertDropped: the webhook sender has stopped"
+                );
+            }
         }
     }
 

@@ -313,7 +313,7 @@ impl Fleet for FleetApi {
         } else {
             request.reason.trim()
         };
-        let record = self
+        let (record, cancelled_now) = self
             .ledger
             .cancel_command(&request.command_id, &operator, reason, unix_ms())
             .await
@@ -321,9 +321,9 @@ impl Fleet for FleetApi {
             .ok_or_else(|| {
                 Status::not_found(format!("no command {:?} was issued", request.command_id))
             })?;
-        if record.state != "cancelled" {
+        if !cancelled_now {
             return Err(Status::failed_precondition(format!(
-                "command {} already finished ({}): nothing to cancel",
+                "command {} already ended ({}): nothing to cancel",
                 record.command_id, record.state
             )));
         }

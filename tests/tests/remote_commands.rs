@@ -37,8 +37,10 @@ fn guardianctl(
 #[tokio::test]
 async fn an_allowed_hook_runs_once_and_everything_else_is_refused_and_audited() -> TestResult {
     let scratch = Scratch::new(&["val-1", "val-2"])?;
+    // Operator commands only: the reconciler's own entries (findings about this machine,
+    // e.g. CPU pressure on a busy CI host) would change the audit count checked below.
     let extra = format!(
-        "command_signing_key_file = \"{}\"\n",
+        "command_signing_key_file = \"{}\"\n[reconcile]\nenabled = false\n",
         scratch.pki.command_signing_key().display()
     );
     let server = Server::start(
@@ -168,5 +170,117 @@ async fn an_allowed_hook_runs_once_and_everything_else_is_refused_and_audited() 
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(text.contains("audit chain OK: 4 entries"), "{text}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_operator_cancels_a_running_hook_once_and_it_is_audited() -> TestResult {
+    let scratch = Scratch::new(&["val-1"])?;
+    let extra = format!(
+        "command_signing_key_file = \"{}\"\n[reconcile]\nenabled = false\n",
+        scratch.pki.command_signing_key().display()
+    );
+    let server = Server::start(
+        &scratch.server_config(&scratch.sqlite_url(), &extra)?,
+        scratch.path("server.log"),
+    )?;
+    let started = scratch.path("hook-started");
+    let hook = scratch.path("slow.sh");
+    std::fs::write(
+        &hook,
+        format!(
+            "#!/bin/sh\ntouch '{}'\nsleep 60\necho finished\n",
+            started.display()
+        ),
+    )?;
+    std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755))?;
+    let agent_extra = format!(
+        "[commands]\nenabled = true\nverify_key_file = \"{}\"\nhook_timeout_ms = 120000\n[commands.hooks]\nslow = \"{}\"\n",
+        scratch.pki.command_verify_key().display(),
+        hook.display()
+    );
+    let _agent = start_agent(
+        &scratch.agent_config_with("val-1", server.grpc, 200, &agent_extra)?,
+        scratch.path("agent.log"),
+    )?;
+    let operator = scratch.operator(server.grpc).await?;
+    eventually(WAIT, "val-1 to connect", || {
+        let mut operator = operator.clone();
+        async move {
+            let node = operator
+                .get_node(GetNodeRequest {
+                    node_id: "val-1".into(),
+                })
+                .await
+                .ok()?
+                .into_inner();
+            node.connected.then_some(())
+        }
+    })
+    .await?;
+    let (ok, text) = guardianctl(
+        &scratch,
+        &server,
+        &[
+            "command",
+            "issue",
+            "--node",
+            "val-1",
+            "--action",
+            "run-hook",
+            "--param",
+            "hook=slow",
+            "--wait",
+            "0",
+        ],
+    )?;
+    assert!(ok, "{text}");
+    // "issued ID to NODE"
+    let id = text
+        .split_whitespace()
+        .nth(1)
+        .ok_or_else(|| anyhow::anyhow!("no command id in {text}"))?
+        .to_owned();
+    eventually(WAIT, "the hook to start", || async {
+        started.exists().then_some(())
+    })
+    .await?;
+
+    let (ok, text) = guardianctl(
+        &scratch,
+        &server,
+        &["command", "cancel", &id, "--reason", "wrong node"],
+    )?;
+    assert!(ok && text.contains("state=cancelled"), "{text}");
+    // A second cancel changes nothing and says so.
+    let (ok, text) = guardianctl(&scratch, &server, &["command", "cancel", &id])?;
+    assert!(!ok && text.contains("already ended"), "{text}");
+    // The agent stopped the hook: its cancel-command reports it.
+    let stopped = eventually(WAIT, "the cancel's outcome", || async {
+        let out = std::process::Command::new(binary("guardianctl").ok()?)
+            .args(["audit", "list", "--ledger-url", &scratch.sqlite_url()])
+            .output()
+            .ok()?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.contains("stopped running command").then_some(text)
+    })
+    .await?;
+    assert!(
+        stopped.contains("command_cancelled") && stopped.contains("wrong node"),
+        "{stopped}"
+    );
+    assert_eq!(
+        stopped.matches("command_cancelled").count(),
+        1,
+        "one cancel audited: {stopped}"
+    );
+    let out = std::process::Command::new(binary("guardianctl")?)
+        .args(["audit", "verify", "--ledger-url", &scratch.sqlite_url()])
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     Ok(())
 }

@@ -202,6 +202,8 @@ pub async fn spawn(
         evaluated: HashMap::new(),
         policies: HashMap::new(),
         lags: HashMap::new(),
+        heard: HashSet::new(),
+        started_unix_ms: unix_ms(),
         trigger: Arc::clone(&trigger),
         parts,
     };
@@ -245,6 +247,11 @@ struct Runner {
     in_flight: HashSet<NodeId>,
     /// Each node's recent lag per fresh sample (is it catching up?).
     lags: HashMap<NodeId, std::collections::VecDeque<(i64, u64)>>,
+    /// Nodes that delivered a sample since this server started: only their findings may be
+    /// cleared (before that, a detector without input says nothing about the node).
+    heard: HashSet<NodeId>,
+    /// When this reconciler started (silence is not judged before `silent_after_ms` of it).
+    started_unix_ms: i64,
 }
 
 /// What one pass decided: written to the ledger in one transaction, then carried out.
@@ -340,7 +347,7 @@ impl Runner {
         let policies = self.policy(id);
         let (sync_policy, detect_policy) = &*policies;
         let contexts = &self.contexts;
-        let Some((network, findings, lag, has_chain, chain_syncing)) =
+        let Some((network, mut findings, lag, has_chain, chain_syncing, chain_at)) =
             self.parts.registry.evaluate(id, now, |input, network| {
                 let context = contexts.get(network).copied().unwrap_or_default();
                 let findings = detect::detect(input, &context, detect_policy);
@@ -362,14 +369,31 @@ impl Runner {
                     Some(_) => (0, true, false),
                     None => (0, false, false),
                 };
-                (network.to_owned(), findings, lag, has_chain, syncing)
+                let chain_at = input.chain.map(|(at, _)| at);
+                (
+                    network.to_owned(),
+                    findings,
+                    lag,
+                    has_chain,
+                    syncing,
+                    chain_at,
+                )
             })
         else {
             return;
         };
         self.evaluated.insert(id.clone(), Instant::now());
         self.parts.metrics.reconcile_evaluations.inc();
-        self.stage_findings(id.as_str(), &network, &findings, pass);
+        // The server's own downtime is not the agents' silence: give them silent_after_ms
+        // from our start to reconnect.
+        if now - self.started_unix_ms < self.parts.detect.silent_after_ms {
+            findings.retain(|f| f.kind != FindingKind::AgentSilent);
+        }
+        if arrived.is_some() {
+            self.heard.insert(id.clone());
+        }
+        let may_clear = self.heard.contains(id);
+        self.stage_findings(id.as_str(), &network, &findings, may_clear, pass);
 
         let before = self.states.get(id).cloned().unwrap_or_default();
         let probe_ms = i64::from(sync_policy.probe_interval_seconds) * 1000;
@@ -398,9 +422,10 @@ impl Runner {
             .iter()
             .find(|f| f.kind == FindingKind::Keystore && f.severity == Severity::Critical)
             .map(|f| f.kind);
-        let degraded_now = !remediable.is_empty() || silent;
+        // The fleet share counts nodes whose chain degrades; a silent agent (a host down,
+        // a decommissioned node) says nothing about the chain or the network.
         self.health
-            .insert(id.clone(), (network.clone(), degraded_now));
+            .insert(id.clone(), (network.clone(), !remediable.is_empty()));
         let observation = Observation {
             now_unix_ms: now,
             has_chain,
@@ -409,12 +434,21 @@ impl Runner {
             remediable,
             silent,
             blocked_by,
-            stale: arrived.is_none(),
+            // A replayed spool brings old samples: they inform the record, not an action.
+            stale: arrived.is_none()
+                || chain_at.is_some_and(|at| now - at > self.parts.detect.silent_after_ms),
             fleet_hold: self.network_held(&network),
             fleet_in_flight: self.in_flight.iter().filter(|n| *n != id).count(),
             fleet_max_in_flight: self.parts.settings.max_concurrent_remediations,
         };
-        let plan = super::plan(&before, &observation, sync_policy);
+        let mut plan = super::plan(&before, &observation, sync_policy);
+        let wants_command = plan
+            .actions
+            .iter()
+            .any(|a| matches!(a, PlannedAction::Command { .. }));
+        if wants_command && self.parts.commands.signer.is_none() && !self.parts.settings.dry_run {
+            plan = cannot_command(&before, plan, now);
+        }
         let figures = ReconcileFigures {
             phase: plan.next.phase.as_str().to_owned(),
             phase_since_unix_ms: plan.next.phase_since_unix_ms,
@@ -519,11 +553,18 @@ impl Runner {
     }
 
     /// Stages findings that are new and clears those that went away.
-    fn stage_findings(&self, key: &str, network: &str, findings: &[Finding], pass: &mut Pass) {
+    fn stage_findings(
+        &self,
+        key: &str,
+        network: &str,
+        findings: &[Finding],
+        may_clear: bool,
+        pass: &mut Pass,
+    ) {
         let node_id = if key.starts_with("network:") { "" } else { key };
         let kinds: HashSet<&str> = findings.iter().map(|f| f.kind.as_str()).collect();
         for ((node, kind), finding_id) in &self.open {
-            if node == key && !kinds.contains(kind.as_str()) {
+            if may_clear && node == key && !kinds.contains(kind.as_str()) {
                 pass.writes.cleared.push(ClearedFinding {
                     finding_id: *finding_id,
                     node_id: node_id.to_owned(),
@@ -682,7 +723,8 @@ impl Runner {
             }
         }
         let policy = &self.parts.detect;
-        nodes >= policy.fleet_min_nodes
+        degraded > 0
+            && nodes >= policy.fleet_min_nodes.max(1)
             && degraded as f64 >= policy.fleet_degraded_share * nodes as f64
     }
 
@@ -712,7 +754,13 @@ impl Runner {
                 .filter(|f| f.network == network)
                 .map(|f| f.finding.clone())
                 .collect();
-            self.stage_findings(&format!("network:{network}"), &network, &findings, pass);
+            self.stage_findings(
+                &format!("network:{network}"),
+                &network,
+                &findings,
+                true,
+                pass,
+            );
         }
     }
 
@@ -808,10 +856,77 @@ impl Runner {
     }
 }
 
+/// A plan that wants a command on a server that cannot sign one: no attempt is spent and no
+/// phase of recovery is claimed; the node is degraded and a human is told once.
+fn cannot_command(before: &NodeState, plan: Plan, now: i64) -> Plan {
+    let mut next = plan.next;
+    next.attempts = before.attempts;
+    next.last_action_unix_ms = before.last_action_unix_ms;
+    next.phase = Phase::Degraded;
+    if before.phase != Phase::Degraded {
+        next.phase_since_unix_ms = now;
+    }
+    let actions = if before.phase == Phase::Degraded {
+        Vec::new()
+    } else {
+        vec![PlannedAction::Alert {
+            message: format!(
+                "{}; but remote commands are off on this server (command_signing_key_file), so nothing was sent",
+                plan.reason
+            ),
+        }]
+    };
+    Plan {
+        next,
+        actions,
+        reason: format!("{} (not sent: remote commands are off)", plan.reason),
+    }
+}
+
 /// Whether the fields worth keeping across a restart changed (streaks are not).
 fn persisted_fields_differ(a: &NodeState, b: &NodeState) -> bool {
     a.phase != b.phase
         || a.attempts != b.attempts
         || a.last_action_unix_ms != b.last_action_unix_ms
         || a.paused != b.paused
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_a_signing_key_no_attempt_is_spent_and_one_alert_is_raised() {
+        let before = NodeState {
+            phase: Phase::Synced,
+            attempts: 1,
+            last_action_unix_ms: 5,
+            ..NodeState::default()
+        };
+        let wanted = Plan {
+            next: NodeState {
+                phase: Phase::Recovering,
+                attempts: 2,
+                last_action_unix_ms: 100,
+                ..before.clone()
+            },
+            actions: vec![PlannedAction::Command {
+                action: Action::RestartUnit,
+                parameters: BTreeMap::from([("unit".to_owned(), "subtensor.service".to_owned())]),
+            }],
+            reason: "degraded for 2 evaluations".to_owned(),
+        };
+        let plan = cannot_command(&before, wanted.clone(), 100);
+        assert_eq!(plan.next.phase, Phase::Degraded);
+        assert_eq!(plan.next.attempts, 1, "no attempt spent");
+        assert_eq!(plan.next.last_action_unix_ms, 5, "no cooldown started");
+        assert!(matches!(
+            plan.actions.as_slice(),
+            [PlannedAction::Alert { .. }]
+        ));
+        // Already degraded: no second alert.
+        let again = cannot_command(&plan.next, wanted, 200);
+        assert!(again.actions.is_empty());
+        assert!(!again.is_decision(&plan.next));
+    }
 }

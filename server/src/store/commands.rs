@@ -58,6 +58,7 @@ impl Ledger {
         } else {
             format!("{}: {}", outcome.refused, outcome.detail)
         };
+        let mut tx = self.begin_audited().await?;
         let updated = sqlx::query(
             "UPDATE commands SET state = $3, detail = $4, outcome_at_unix_ms = $5
              WHERE command_id = $1 AND node_id = $2 AND state = 'issued'",
@@ -67,7 +68,7 @@ impl Ledger {
         .bind(state)
         .bind(&detail)
         .bind(now_unix_ms)
-        .execute(&self.pool)
+        .execute(tx.conn())
         .await?
         .rows_affected();
         if updated == 0 {
@@ -75,7 +76,7 @@ impl Ledger {
                 sqlx::query("SELECT 1 FROM commands WHERE command_id = $1 AND node_id = $2")
                     .bind(&outcome.command_id)
                     .bind(node.as_str())
-                    .fetch_optional(&self.pool)
+                    .fetch_optional(tx.conn())
                     .await?
                     .is_some();
             return Ok(if known {
@@ -89,8 +90,10 @@ impl Ledger {
             "state": state,
             "detail": detail,
         });
-        self.audit_append(AuditKind::Outcome, node.as_str(), &body, now_unix_ms)
+        // The outcome and its audit entry land together or not at all.
+        tx.append(AuditKind::Outcome, node.as_str(), &body, now_unix_ms)
             .await?;
+        tx.commit().await?;
         Ok(OutcomeRecorded::Stored)
     }
 

@@ -234,6 +234,7 @@ impl Ledger {
         agent_version: &str,
         now_unix_ms: i64,
     ) -> Result<u64, StoreError> {
+        let _turn = self.write_turn().await;
         sqlx::query(
             "INSERT INTO nodes (node_id, hostname, agent_version, network, first_seen_unix_ms, last_seen_unix_ms)
              VALUES ($1, $2, $3, $4, $5, $5)
@@ -283,6 +284,7 @@ impl Ledger {
     /// # Errors
     /// [`StoreError::Query`].
     pub async fn record_security_event(&self, event: &SecurityEvent) -> Result<(), StoreError> {
+        let _turn = self.write_turn().await;
         sqlx::query(
             "INSERT INTO security_events (at_unix_ms, kind, peer, detail) VALUES ($1, $2, $3, $4)",
         )

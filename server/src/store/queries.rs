@@ -59,6 +59,7 @@ impl Ledger {
     /// # Errors
     /// [`StoreError::Query`].
     pub async fn outbox_delete_through(&self, through_id: u64) -> Result<(u64, u64), StoreError> {
+        let _turn = self.write_turn().await;
         let mut tx = self.pool.begin().await?;
         let row = sqlx::query(
             "SELECT COUNT(*), COALESCE(SUM(LENGTH(batch)), 0) FROM outbox WHERE id <= $1",

@@ -219,44 +219,50 @@ impl Ledger {
             .map_err(StoreError::from)
     }
 
-    /// Cancels a command that has no outcome yet (and audits it). `None` when no such
-    /// command exists; the record as it now stands otherwise (a finished command keeps its
-    /// state: check `state == "cancelled"`).
+    /// Cancels a command that has no outcome yet, with its audit entry, in one transaction.
+    /// `None` when no such command exists; otherwise the record as it now stands and whether
+    /// this call cancelled it (false: it had already finished or been cancelled).
     ///
     /// # Errors
-    /// [`StoreError::Query`].
+    /// [`StoreError::Query`]: nothing changed.
     pub async fn cancel_command(
         &self,
         command_id: &str,
         operator: &str,
         reason: &str,
         now_unix_ms: i64,
-    ) -> Result<Option<CommandRecord>, StoreError> {
+    ) -> Result<Option<(CommandRecord, bool)>, StoreError> {
         let detail = format!("cancelled by {operator}: {reason}");
-        let updated = sqlx::query(
+        let mut tx = self.begin_audited().await?;
+        let node: Option<String> = sqlx::query(
             "UPDATE commands SET state = 'cancelled', detail = $2, outcome_at_unix_ms = $3
-             WHERE command_id = $1 AND state = 'issued'",
+             WHERE command_id = $1 AND state = 'issued' RETURNING node_id",
         )
         .bind(command_id)
         .bind(&detail)
         .bind(now_unix_ms)
-        .execute(&self.pool)
+        .fetch_optional(tx.conn())
         .await?
-        .rows_affected();
-        let record = self.command(command_id).await?;
-        if updated == 1
-            && let Some(record) = &record
-        {
+        .map(|row| row.try_get(0))
+        .transpose()?;
+        let cancelled_now = node.is_some();
+        if let Some(node) = node {
             let body = serde_json::json!({
                 "event": "command_cancelled",
                 "command_id": command_id,
                 "operator": operator,
                 "reason": reason,
             });
-            self.audit_append(AuditKind::Operator, &record.node_id, &body, now_unix_ms)
+            tx.append(AuditKind::Operator, &node, &body, now_unix_ms)
                 .await?;
+            tx.commit().await?;
+        } else {
+            drop(tx);
         }
-        Ok(record)
+        Ok(self
+            .command(command_id)
+            .await?
+            .map(|record| (record, cancelled_now)))
     }
 }
 
