@@ -1461,7 +1461,10 @@ mod tests {
             program: PathBuf::from("sh"),
             args: vec![
                 "-c".into(),
-                "i=0; while [ $i -lt 2000 ]; do echo line-$i; i=$((i+1)); done; echo oops >&2; exit 3".into(),
+                // The pause lets the reader drain stdout first: the two pipes are read
+                // concurrently, so without it the stderr line can be read before the last
+                // 4 KiB of stdout and fall out of the tail.
+                "i=0; while [ $i -lt 2000 ]; do echo line-$i; i=$((i+1)); done; sleep 0.3; echo oops >&2; exit 3".into(),
             ],
             clean_env: false,
             env: Vec::new(),
