@@ -747,7 +747,14 @@ impl Runner {
             });
         }
         let fleet_findings = fleet::correlate(&nodes, &self.parts.detect);
-        let networks: HashSet<String> = nodes.iter().map(|n| n.network.clone()).collect();
+        // Networks with nodes now, and those with an open fleet finding (whose nodes may have
+        // gone: their finding must still clear).
+        let mut networks: HashSet<String> = nodes.iter().map(|n| n.network.clone()).collect();
+        networks.extend(
+            self.open
+                .keys()
+                .filter_map(|(key, _)| key.strip_prefix("network:").map(str::to_owned)),
+        );
         for network in networks {
             let findings: Vec<Finding> = fleet_findings
                 .iter()
