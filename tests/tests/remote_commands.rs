@@ -34,40 +34,42 @@ fn guardianctl(
     Ok((out.status.success(), text))
 }
 
-#[tokio::test]
-async fn an_allowed_hook_runs_once_and_everything_else_is_refused_and_audited() -> TestResult {
-    let scratch = Scratch::new(&["val-1", "val-2"])?;
-    // Operator commands only: the reconciler's own entries (findings about this machine,
-    // e.g. CPU pressure on a busy CI host) would change the audit count checked below.
+/// A server that signs commands, with the reconciler off: these tests are about operator
+/// commands only, and the reconciler's own audit entries (findings about this machine, e.g.
+/// CPU pressure on a busy CI host) would change the audit counts they check.
+fn command_server(scratch: &Scratch) -> anyhow::Result<Server> {
     let extra = format!(
         "command_signing_key_file = \"{}\"\n[reconcile]\nenabled = false\n",
         scratch.pki.command_signing_key().display()
     );
-    let server = Server::start(
+    Server::start(
         &scratch.server_config(&scratch.sqlite_url(), &extra)?,
         scratch.path("server.log"),
-    )?;
+    )
+}
 
-    let marker = scratch.path("restored-from");
-    let hook = scratch.path("snapshot-restore.sh");
-    std::fs::write(
-        &hook,
-        format!(
-            "#!/bin/sh\nprintf '%s' \"$GUARDIAN_PARAM_SNAPSHOT\" > '{}'\necho restored from \"$GUARDIAN_PARAM_SNAPSHOT\"\n",
-            marker.display()
-        ),
-    )?;
+/// Writes an executable hook script `NAME.sh` with `body` and starts val-1's agent allowing it
+/// as hook `name`, then waits until val-1 is connected.
+async fn agent_with_hook(
+    scratch: &Scratch,
+    server: &Server,
+    name: &str,
+    body: &str,
+    timeout_ms: u64,
+) -> anyhow::Result<guardian_tests::Proc> {
+    let hook = scratch.path(&format!("{name}.sh"));
+    std::fs::write(&hook, format!("#!/bin/sh\n{body}"))?;
     std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755))?;
     let agent_extra = format!(
-        "[commands]\nenabled = true\nverify_key_file = \"{}\"\nhook_timeout_ms = 10000\n[commands.hooks]\nsnapshot-restore = \"{}\"\n",
+        "[commands]\nenabled = true\nverify_key_file = \"{}\"\nhook_timeout_ms = {timeout_ms}\n[commands.hooks]\n{name} = \"{}\"\n",
         scratch.pki.command_verify_key().display(),
         hook.display()
     );
-    let _agent = start_agent(
+    let agent = start_agent(
         &scratch.agent_config_with("val-1", server.grpc, 200, &agent_extra)?,
         scratch.path("agent.log"),
     )?;
-    let mut operator = scratch.operator(server.grpc).await?;
+    let operator = scratch.operator(server.grpc).await?;
     eventually(WAIT, "val-1 to connect", || {
         let mut operator = operator.clone();
         async move {
@@ -82,6 +84,26 @@ async fn an_allowed_hook_runs_once_and_everything_else_is_refused_and_audited() 
         }
     })
     .await?;
+    Ok(agent)
+}
+
+#[tokio::test]
+async fn an_allowed_hook_runs_once_and_everything_else_is_refused_and_audited() -> TestResult {
+    let scratch = Scratch::new(&["val-1", "val-2"])?;
+    let server = command_server(&scratch)?;
+    let marker = scratch.path("restored-from");
+    let _agent = agent_with_hook(
+        &scratch,
+        &server,
+        "snapshot-restore",
+        &format!(
+            "printf '%s' \"$GUARDIAN_PARAM_SNAPSHOT\" > '{}'\necho restored from \"$GUARDIAN_PARAM_SNAPSHOT\"\n",
+            marker.display()
+        ),
+        10_000,
+    )
+    .await?;
+    let mut operator = scratch.operator(server.grpc).await?;
 
     // Allowed: the hook runs with its parameter, the outcome comes back.
     let (ok, text) = guardianctl(
@@ -176,47 +198,15 @@ async fn an_allowed_hook_runs_once_and_everything_else_is_refused_and_audited() 
 #[tokio::test]
 async fn an_operator_cancels_a_running_hook_once_and_it_is_audited() -> TestResult {
     let scratch = Scratch::new(&["val-1"])?;
-    let extra = format!(
-        "command_signing_key_file = \"{}\"\n[reconcile]\nenabled = false\n",
-        scratch.pki.command_signing_key().display()
-    );
-    let server = Server::start(
-        &scratch.server_config(&scratch.sqlite_url(), &extra)?,
-        scratch.path("server.log"),
-    )?;
+    let server = command_server(&scratch)?;
     let started = scratch.path("hook-started");
-    let hook = scratch.path("slow.sh");
-    std::fs::write(
-        &hook,
-        format!(
-            "#!/bin/sh\ntouch '{}'\nsleep 60\necho finished\n",
-            started.display()
-        ),
-    )?;
-    std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755))?;
-    let agent_extra = format!(
-        "[commands]\nenabled = true\nverify_key_file = \"{}\"\nhook_timeout_ms = 120000\n[commands.hooks]\nslow = \"{}\"\n",
-        scratch.pki.command_verify_key().display(),
-        hook.display()
-    );
-    let _agent = start_agent(
-        &scratch.agent_config_with("val-1", server.grpc, 200, &agent_extra)?,
-        scratch.path("agent.log"),
-    )?;
-    let operator = scratch.operator(server.grpc).await?;
-    eventually(WAIT, "val-1 to connect", || {
-        let mut operator = operator.clone();
-        async move {
-            let node = operator
-                .get_node(GetNodeRequest {
-                    node_id: "val-1".into(),
-                })
-                .await
-                .ok()?
-                .into_inner();
-            node.connected.then_some(())
-        }
-    })
+    let _agent = agent_with_hook(
+        &scratch,
+        &server,
+        "slow",
+        &format!("touch '{}'\nsleep 60\necho finished\n", started.display()),
+        120_000,
+    )
     .await?;
     let (ok, text) = guardianctl(
         &scratch,
