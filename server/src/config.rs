@@ -395,6 +395,12 @@ impl ServerConfig {
         );
         line(
             &mut out,
+            "Committed batches kept in memory for the sink, bytes; 0 = read them back from the outbox (default 64 MiB).",
+            "handoff_max_bytes",
+            to_value(ch.handoff_max_bytes),
+        );
+        line(
+            &mut out,
             "Time allowed for one ClickHouse request, ms (default 10000).",
             "request_timeout_ms",
             to_value(ch.request_timeout_ms),

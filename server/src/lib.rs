@@ -124,6 +124,7 @@ pub async fn run(
         store::commit::Telemetry::Embedded
     };
     let outbox = Arc::new(store::commit::OutboxGauge::default());
+    outbox.set_handoff_max_bytes(config.clickhouse.handoff_max_bytes);
     let (pending_batches, pending_bytes) = ledger.outbox_pending().await?;
     outbox
         .batches

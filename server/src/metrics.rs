@@ -43,6 +43,10 @@ pub struct Metrics {
     pub outbox_bytes: Gauge,
     /// Rows inserted into ClickHouse.
     pub clickhouse_rows: Counter,
+    /// Batches the sink took from memory (the committer's hand-off).
+    pub sink_batches_from_memory: Counter,
+    /// Batches the sink read back from the outbox table.
+    pub sink_batches_from_outbox: Counter,
     /// Rows skipped on replay because ClickHouse already held them.
     pub clickhouse_rows_skipped: Counter,
     /// ClickHouse insert failures, by kind.
@@ -83,6 +87,8 @@ impl Default for Metrics {
             outbox_batches: Gauge::default(),
             outbox_bytes: Gauge::default(),
             clickhouse_rows: Counter::default(),
+            sink_batches_from_memory: Counter::default(),
+            sink_batches_from_outbox: Counter::default(),
             clickhouse_rows_skipped: Counter::default(),
             clickhouse_errors: Family::default(),
             clickhouse_insert_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
@@ -155,6 +161,16 @@ impl Default for Metrics {
             "clickhouse_rows_inserted",
             "Rows inserted into ClickHouse",
             metrics.clickhouse_rows.clone(),
+        );
+        registry.register(
+            "sink_batches_from_memory",
+            "Batches the ClickHouse sink took from memory right after their commit",
+            metrics.sink_batches_from_memory.clone(),
+        );
+        registry.register(
+            "sink_batches_from_outbox",
+            "Batches the ClickHouse sink read back from the outbox table (after a restart, a failure, or when memory was full)",
+            metrics.sink_batches_from_outbox.clone(),
         );
         registry.register(
             "clickhouse_rows_skipped",

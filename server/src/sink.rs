@@ -10,6 +10,10 @@
 //! - The audit mirror is the same: entries above ClickHouse's `max(seq)` are inserted in seq
 //!   order, each once (the ledger stays the source of truth; `guardianctl audit verify` reads
 //!   the ledger).
+//! - Batches normally reach the sink from memory (the committer hands each committed batch
+//!   on, linked to the outbox id before it); the outbox table is read only when memory does
+//!   not hold the batch right after the sink's cursor. Either way the outbox row is the
+//!   durable copy until ClickHouse holds it.
 //! - While ClickHouse is down, batches stay in the outbox (acked, durable); the breaker
 //!   spaces out probes; when ClickHouse returns, the backlog is replayed in order with
 //!   progress in the log (`OutboxReplay`) and in `guardian_outbox_*` metrics.
@@ -206,10 +210,19 @@ pub async fn run(
                 audit_cursor = Some(last_seq);
                 metrics.clickhouse_rows.inc_by(entries.len() as u64);
             }
-            let chunk = ledger
-                .outbox_read(cursor, MAX_CHUNK_BATCHES, max_rows)
-                .await
-                .map_err(SinkError::Ledger)?;
+            // Freshly committed batches come from memory; the outbox table is read only when
+            // memory lacks the very next one (restart, failure, overflow).
+            let (chunk, from_memory) = match outbox.take_after(cursor, MAX_CHUNK_BATCHES, max_rows)
+            {
+                Some(chunk) => (chunk, true),
+                None => (
+                    ledger
+                        .outbox_read(cursor, MAX_CHUNK_BATCHES, max_rows)
+                        .await
+                        .map_err(SinkError::Ledger)?,
+                    false,
+                ),
+            };
             let Some(last) = chunk.last() else {
                 return Ok::<_, SinkError>(Step::Idle);
             };
@@ -231,6 +244,11 @@ pub async fn run(
                 .clickhouse_rows_skipped
                 .inc_by(stats.skipped_rows as u64);
             cursor = last_id;
+            if from_memory {
+                metrics.sink_batches_from_memory.inc_by(chunk.len() as u64);
+            } else {
+                metrics.sink_batches_from_outbox.inc_by(chunk.len() as u64);
+            }
             let (batches, bytes) = ledger
                 .outbox_delete_through(last_id)
                 .await

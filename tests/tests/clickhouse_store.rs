@@ -117,7 +117,8 @@ fn batch(outbox_id: u64, node: &str, seq: u64, samples: Vec<(i64, sample::Kind)>
                     kind: Some(kind),
                 })
                 .collect(),
-        },
+        }
+        .into(),
     }
 }
 

@@ -22,7 +22,7 @@ use prost::Message;
 use sqlx::{AssertSqlSafe, Row};
 use tokio::sync::{Notify, mpsc, oneshot};
 
-use super::telemetry::{ChainValues, GpuValues, HostValues};
+use super::telemetry::{ChainValues, GpuValues, HostValues, OutboxBatch};
 use super::{Backend, Commit, Ledger, StoreError, to_i64};
 use crate::identity::NodeId;
 
@@ -54,7 +54,8 @@ pub struct Job {
     pub batch: Arc<SampleBatch>,
 }
 
-/// The outbox's size, shared by the writer (adds) and the sink (removes).
+/// The outbox's size, shared by the writer (adds) and the sink (removes), and the
+/// in-memory hand-off of freshly committed batches to the sink.
 #[derive(Debug, Default)]
 pub struct OutboxGauge {
     /// Batches waiting for ClickHouse.
@@ -65,6 +66,31 @@ pub struct OutboxGauge {
     pub added: Notify,
     /// Signalled when batches are removed.
     pub drained: Notify,
+    /// Committed batches waiting for the sink in memory (a copy: the outbox row stays the
+    /// durable one until ClickHouse holds it).
+    handoff: std::sync::Mutex<Handoff>,
+}
+
+/// Committed outbox batches in commit order, each linked to the outbox id committed before
+/// it, so the sink can tell whether memory holds *every* batch after its cursor.
+#[derive(Debug, Default)]
+struct Handoff {
+    queue: std::collections::VecDeque<Handed>,
+    /// Encoded bytes of the queued batches.
+    bytes: u64,
+    /// Bound on `bytes`; 0 turns the hand-off off.
+    max_bytes: u64,
+    /// The newest outbox id the writer committed, when it knows it (not across a restart
+    /// or a failed group, when the chain starts again).
+    last_id: Option<u64>,
+}
+
+#[derive(Debug)]
+struct Handed {
+    /// The outbox id committed just before this batch (None: not known).
+    prev_id: Option<u64>,
+    bytes: u64,
+    batch: OutboxBatch,
 }
 
 impl OutboxGauge {
@@ -78,6 +104,104 @@ impl OutboxGauge {
         sub(&self.batches, batches);
         sub(&self.bytes, bytes);
         self.drained.notify_waiters();
+    }
+
+    /// Keeps at most `max_bytes` (encoded) of committed batches in memory for the sink; 0
+    /// turns the hand-off off.
+    pub fn set_handoff_max_bytes(&self, max_bytes: u64) {
+        self.lock_handoff().max_bytes = max_bytes;
+    }
+
+    fn lock_handoff(&self) -> std::sync::MutexGuard<'_, Handoff> {
+        self.handoff
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The writer committed `batches` (ascending outbox ids, with their encoded sizes) as
+    /// the only outbox rows of one transaction: counts them and hands them to the sink.
+    fn added_group(&self, batches: Vec<(OutboxBatch, u64)>) {
+        if batches.is_empty() {
+            return;
+        }
+        let bytes: u64 = batches.iter().map(|(_, bytes)| bytes).sum();
+        self.batches
+            .fetch_add(batches.len() as u64, Ordering::Relaxed);
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.hand_off(batches);
+        self.added.notify_one();
+    }
+
+    fn hand_off(&self, batches: Vec<(OutboxBatch, u64)>) {
+        let mut handoff = self.lock_handoff();
+        for (batch, bytes) in batches {
+            let id = batch.outbox_id;
+            let prev_id = handoff.last_id.replace(id);
+            // A full queue drops the copy; the link of the next one then points at a
+            // batch memory lacks and the sink reads the outbox table instead.
+            if handoff.max_bytes > 0 && handoff.bytes + bytes <= handoff.max_bytes {
+                handoff.bytes += bytes;
+                handoff.queue.push_back(Handed {
+                    prev_id,
+                    bytes,
+                    batch,
+                });
+            }
+        }
+    }
+
+    /// The writer cannot tell which outbox ids a transaction got (it failed): the chain
+    /// starts again.
+    fn break_chain(&self) {
+        self.lock_handoff().last_id = None;
+    }
+
+    /// The batches right after `cursor` (the highest outbox id ClickHouse holds), from
+    /// memory: `None` when memory does not hold the very next one (after a restart, a
+    /// failure or an overflow the sink reads the outbox table). Stops once `max_samples`
+    /// samples are reached and at `max_batches` (as [`Ledger::outbox_read`] does).
+    /// Batches at or below `cursor` are forgotten.
+    pub fn take_after(
+        &self,
+        cursor: u64,
+        max_batches: usize,
+        max_samples: usize,
+    ) -> Option<Vec<OutboxBatch>> {
+        let mut handoff = self.lock_handoff();
+        while handoff
+            .queue
+            .front()
+            .is_some_and(|h| h.batch.outbox_id <= cursor)
+        {
+            if let Some(gone) = handoff.queue.pop_front() {
+                handoff.bytes -= gone.bytes;
+            }
+        }
+        let first = handoff.queue.front()?;
+        if first.prev_id != Some(cursor) {
+            return None;
+        }
+        let mut out: Vec<OutboxBatch> = Vec::new();
+        let mut samples = 0usize;
+        let mut prev = cursor;
+        for handed in &handoff.queue {
+            if handed.prev_id != Some(prev) || out.len() >= max_batches {
+                break;
+            }
+            samples += handed.batch.batch.samples.len();
+            prev = handed.batch.outbox_id;
+            out.push(handed.batch.clone());
+            if samples >= max_samples {
+                break;
+            }
+        }
+        Some(out)
+    }
+
+    /// Batches and encoded bytes held in memory for the sink.
+    pub fn handoff_len(&self) -> (usize, u64) {
+        let handoff = self.lock_handoff();
+        (handoff.queue.len(), handoff.bytes)
     }
 }
 
@@ -200,41 +324,35 @@ async fn writer(
         let started = Instant::now();
         let now = crate::unix_ms();
         match ledger.commit_group(&jobs, telemetry, now).await {
-            Ok(outcome) => {
+            Ok(done) => {
                 observe(jobs.len(), started.elapsed().as_secs_f64());
-                if telemetry == Telemetry::Outbox {
-                    outbox.added.notify_one();
-                }
-                for (pending, (commit, bytes)) in group.drain(..).zip(outcome) {
-                    if bytes > 0 {
-                        outbox.batches.fetch_add(1, Ordering::Relaxed);
-                        outbox.bytes.fetch_add(bytes, Ordering::Relaxed);
-                    }
+                outbox.added_group(done.outbox);
+                for (pending, commit) in group.drain(..).zip(done.commits) {
                     let _ = pending.reply.send(Ok(commit));
                 }
             }
             Err(error) if group.len() > 1 => {
                 tracing::warn!(%error, batches = group.len(), "GroupCommitFailed: retrying each batch alone");
+                outbox.break_chain();
                 for pending in group.drain(..) {
                     let result = ledger
                         .commit_group(std::slice::from_ref(&pending.job), telemetry, now)
                         .await;
                     let reply = match result {
-                        Ok(mut outcome) => {
-                            let (commit, bytes) = outcome.remove(0);
-                            if bytes > 0 {
-                                outbox.batches.fetch_add(1, Ordering::Relaxed);
-                                outbox.bytes.fetch_add(bytes, Ordering::Relaxed);
-                                outbox.added.notify_one();
-                            }
-                            Ok(commit)
+                        Ok(mut done) => {
+                            outbox.added_group(std::mem::take(&mut done.outbox));
+                            Ok(done.commits.remove(0))
                         }
-                        Err(error) => Err(CommitError::from(&error)),
+                        Err(error) => {
+                            outbox.break_chain();
+                            Err(CommitError::from(&error))
+                        }
                     };
                     let _ = pending.reply.send(reply);
                 }
             }
             Err(error) => {
+                outbox.break_chain();
                 let error = CommitError::from(&error);
                 for pending in group.drain(..) {
                     let _ = pending.reply.send(Err(error.clone()));
@@ -511,8 +629,8 @@ fn kind_row(
 }
 
 impl Ledger {
-    /// Commits `jobs` in one transaction. Returns, per job, what happened and the bytes it
-    /// added to the outbox (0 unless stored with [`Telemetry::Outbox`]).
+    /// Commits `jobs` in one transaction. Returns, per job, what happened, and the batches
+    /// it added to the outbox (with [`Telemetry::Outbox`]) with their ids and sizes.
     ///
     /// # Errors
     /// [`StoreError::Query`]; nothing of the group is stored then.
@@ -521,26 +639,26 @@ impl Ledger {
         jobs: &[Job],
         telemetry: Telemetry,
         now_unix_ms: i64,
-    ) -> Result<Vec<(Commit, u64)>, StoreError> {
+    ) -> Result<Group, StoreError> {
         let _turn = self.write_turn().await;
         let mut tx = self.pool.begin().await?;
         let stored = insert_batch_records(&mut tx, self.backend, jobs, now_unix_ms).await?;
-        let mut outcome = Vec::with_capacity(jobs.len());
+        let mut commits = Vec::with_capacity(jobs.len());
         let mut rows = Rows::default();
         let mut outbox: Vec<Vec<Value>> = Vec::new();
+        let mut outbox_jobs: Vec<(&Job, u64)> = Vec::new();
         let mut nodes: HashMap<&str, NodeUpdate> = HashMap::new();
         for job in jobs {
             let batch = &job.batch;
             if !stored.contains(&(job.node.as_str().to_owned(), to_i64(batch.seq))) {
-                outcome.push((Commit::Duplicate, 0));
+                commits.push(Commit::Duplicate);
                 continue;
             }
-            let mut bytes = 0;
             match telemetry {
                 Telemetry::Embedded => rows.add(job.node.as_str(), batch),
                 Telemetry::Outbox => {
                     let encoded = batch.encode_to_vec();
-                    bytes = encoded.len() as u64;
+                    outbox_jobs.push((job, encoded.len() as u64));
                     outbox.push(vec![
                         Value::T(job.node.to_string()),
                         Value::T(job.network.clone()),
@@ -550,12 +668,9 @@ impl Ledger {
                 }
             }
             nodes.entry(job.node.as_str()).or_default().add(batch);
-            outcome.push((
-                Commit::Stored {
-                    samples: batch.samples.len(),
-                },
-                bytes,
-            ));
+            commits.push(Commit::Stored {
+                samples: batch.samples.len(),
+            });
         }
         insert_rows(
             &mut tx,
@@ -604,20 +719,86 @@ impl Ledger {
             rows.kind,
         )
         .await?;
-        // A multi-row VALUES list assigns ids in list order (SQLite rowids, PostgreSQL
-        // sequence calls); one writer task means no other transaction interleaves ids.
-        insert_rows(
-            &mut tx,
-            self.backend,
-            "outbox",
-            &["node_id", "network", "received_at_unix_ms", "batch"],
-            outbox,
-        )
-        .await?;
+        let ids = insert_outbox(&mut tx, self.backend, outbox).await?;
         update_nodes(&mut tx, self.backend, nodes, now_unix_ms).await?;
         tx.commit().await?;
-        Ok(outcome)
+        let outbox = ids
+            .into_iter()
+            .zip(outbox_jobs)
+            .map(|(outbox_id, (job, bytes))| {
+                let batch = OutboxBatch {
+                    outbox_id,
+                    node_id: job.node.to_string(),
+                    network: job.network.clone(),
+                    received_at_unix_ms: now_unix_ms,
+                    batch: Arc::clone(&job.batch),
+                };
+                (batch, bytes)
+            })
+            .collect();
+        Ok(Group { commits, outbox })
     }
+}
+
+/// Inserts outbox rows (`node_id, network, received_at_unix_ms, batch`); returns their ids
+/// in list order.
+async fn insert_outbox(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    backend: Backend,
+    rows: Vec<Vec<Value>>,
+) -> Result<Vec<u64>, StoreError> {
+    const COLUMNS: [&str; 4] = ["node_id", "network", "received_at_unix_ms", "batch"];
+    let mut ids = Vec::with_capacity(rows.len());
+    let mut rows = rows.into_iter().peekable();
+    while rows.peek().is_some() {
+        let chunk: Vec<Vec<Value>> = rows
+            .by_ref()
+            .take(VALUES_PER_STATEMENT / COLUMNS.len())
+            .collect();
+        let mut sql = format!("INSERT INTO outbox ({}) VALUES ", COLUMNS.join(", "));
+        let mut next = 0usize;
+        for i in 0..chunk.len() {
+            if i > 0 {
+                sql.push_str(", ");
+            }
+            sql.push_str(&placeholders(&mut next, COLUMNS.len(), backend));
+        }
+        sql.push_str(" RETURNING id");
+        // Only placeholders are spliced in; every value is bound.
+        let mut query = sqlx::query(AssertSqlSafe(sql));
+        for value in chunk.into_iter().flatten() {
+            query = match value {
+                Value::I(v) => query.bind(v),
+                Value::F(v) => query.bind(v),
+                Value::T(v) => query.bind(v),
+                Value::B(v) => query.bind(v),
+            };
+        }
+        // A multi-row VALUES list assigns ids in list order (SQLite AUTOINCREMENT rowids,
+        // PostgreSQL sequence calls) and one writer task means no other transaction
+        // interleaves ids, but RETURNING's row order is unspecified: sort.
+        let mut statement_ids = query
+            .fetch_all(&mut **tx)
+            .await?
+            .iter()
+            .map(|row| {
+                row.try_get::<i64, _>(0)
+                    .map(|id| u64::try_from(id).unwrap_or(0))
+            })
+            .collect::<Result<Vec<u64>, _>>()?;
+        statement_ids.sort_unstable();
+        ids.extend(statement_ids);
+    }
+    Ok(ids)
+}
+
+/// What one group commit did.
+#[derive(Debug)]
+pub struct Group {
+    /// Per job, in order.
+    pub commits: Vec<Commit>,
+    /// The batches it added to the outbox, ascending ids, with their encoded sizes.
+    pub outbox: Vec<(OutboxBatch, u64)>,
 }
 
 /// Inserts the `(node, seq)` idempotency records of a group; returns the ones that were new.
@@ -754,6 +935,96 @@ async fn update_nodes(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn handed(id: u64, samples: usize) -> (OutboxBatch, u64) {
+        let batch = SampleBatch {
+            seq: id,
+            samples: vec![guardian_proto::v1::Sample::default(); samples],
+            spool_dropped_batches_total: 0,
+        };
+        let outbox = OutboxBatch {
+            outbox_id: id,
+            node_id: "n1".into(),
+            network: "finney".into(),
+            received_at_unix_ms: 0,
+            batch: Arc::new(batch),
+        };
+        (outbox, 100)
+    }
+
+    fn ids(batches: &[OutboxBatch]) -> Vec<u64> {
+        batches.iter().map(|b| b.outbox_id).collect()
+    }
+
+    #[test]
+    fn memory_serves_the_sink_only_from_the_batch_right_after_its_cursor() {
+        let gauge = OutboxGauge::default();
+        gauge.set_handoff_max_bytes(1_000);
+        // The writer does not know what came before its first group (a restart): the
+        // sink must read the table first.
+        gauge.added_group(vec![handed(5, 1), handed(6, 1)]);
+        assert_eq!(gauge.take_after(0, 100, 100), None);
+        assert_eq!(
+            gauge.take_after(4, 100, 100),
+            None,
+            "5's predecessor is unknown"
+        );
+        // The table gave the sink up to 5: 6 links to 5, so memory serves from there.
+        gauge.added_group(vec![handed(7, 1)]);
+        assert_eq!(ids(&gauge.take_after(5, 100, 100).unwrap()), [6, 7]);
+        // Taking is not consuming: a failed insert can take them again...
+        assert_eq!(ids(&gauge.take_after(5, 100, 100).unwrap()), [6, 7]);
+        // ...and delivered ones are forgotten once the cursor passes them.
+        assert_eq!(ids(&gauge.take_after(6, 100, 100).unwrap()), [7]);
+        assert_eq!(gauge.handoff_len(), (1, 100));
+        assert_eq!(gauge.batches.load(Ordering::Relaxed), 3);
+        assert_eq!(gauge.bytes.load(Ordering::Relaxed), 300);
+    }
+
+    #[test]
+    fn a_dropped_or_failed_batch_breaks_the_chain_until_the_table_was_read_past_it() {
+        let gauge = OutboxGauge::default();
+        gauge.set_handoff_max_bytes(250);
+        gauge.added_group(vec![handed(1, 1)]);
+        gauge.added_group(vec![handed(2, 1), handed(3, 1)]);
+        // Memory holds 1 and 2 (250 bytes); 3 did not fit; 4 links to 3.
+        assert_eq!(gauge.handoff_len(), (2, 200));
+        assert_eq!(gauge.take_after(0, 100, 100), None);
+        assert_eq!(ids(&gauge.take_after(1, 100, 100).unwrap()), [2]);
+        gauge.added_group(vec![handed(4, 1)]);
+        assert_eq!(
+            gauge.take_after(2, 100, 100),
+            None,
+            "3 is only in the table"
+        );
+        assert_eq!(ids(&gauge.take_after(3, 100, 100).unwrap()), [4]);
+        // A failed group: the ids it got (or not) are unknown, the next one starts a chain.
+        gauge.break_chain();
+        gauge.added_group(vec![handed(9, 1)]);
+        assert_eq!(gauge.take_after(4, 100, 100), None);
+        // Off: nothing is kept.
+        let off = OutboxGauge::default();
+        off.added_group(vec![handed(1, 1)]);
+        assert_eq!(off.handoff_len(), (0, 0));
+        assert_eq!(off.batches.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn a_memory_chunk_stops_at_the_sample_and_batch_limits() {
+        let gauge = OutboxGauge::default();
+        gauge.set_handoff_max_bytes(10_000);
+        gauge.added_group(vec![handed(1, 10)]);
+        gauge.added_group((2..=6).map(|id| handed(id, 10)).collect());
+        assert_eq!(ids(&gauge.take_after(1, 100, 25).unwrap()), [2, 3, 4]);
+        assert_eq!(ids(&gauge.take_after(1, 2, 1_000).unwrap()), [2, 3]);
+        assert_eq!(ids(&gauge.take_after(1, 100, 1).unwrap()), [2]);
+        assert_eq!(
+            gauge.take_after(6, 100, 100),
+            None,
+            "nothing after the newest"
+        );
+        assert_eq!(gauge.handoff_len(), (0, 0));
+    }
 
     #[test]
     fn placeholders_number_across_rows() {

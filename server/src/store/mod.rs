@@ -273,10 +273,10 @@ impl Ledger {
             network: String::new(),
             batch: std::sync::Arc::new(batch.clone()),
         };
-        let mut outcome = self
+        let mut done = self
             .commit_group(&[job], commit::Telemetry::Embedded, now_unix_ms)
             .await?;
-        Ok(outcome.remove(0).0)
+        Ok(done.commits.remove(0))
     }
 
     /// Records a refused stream or call.

@@ -44,7 +44,7 @@ impl Ledger {
                 node_id,
                 network: row.try_get(2)?,
                 received_at_unix_ms: row.try_get(3)?,
-                batch,
+                batch: std::sync::Arc::new(batch),
             });
             if samples >= max_samples {
                 break;

@@ -463,6 +463,6 @@ pub struct OutboxBatch {
     pub network: String,
     /// When the server committed it, Unix milliseconds.
     pub received_at_unix_ms: i64,
-    /// The batch as the agent sent it.
-    pub batch: guardian_proto::v1::SampleBatch,
+    /// The batch as the agent sent it (shared: ingest hands the decoded batch on).
+    pub batch: std::sync::Arc<guardian_proto::v1::SampleBatch>,
 }
