@@ -28,6 +28,10 @@ use crate::identity::NodeId;
 
 /// Most batches committed in one transaction.
 const MAX_GROUP_BATCHES: usize = 512;
+/// How long the writer waits for more batches after the first of a group.
+const COMMIT_LINGER: Duration = Duration::from_millis(3);
+/// The writer lingers only after groups smaller than this.
+const LINGER_BELOW_BATCHES: usize = 16;
 /// Bound values per multi-row INSERT statement (SQLite allows 32 766, PostgreSQL 65 535).
 /// With numbered placeholders sqlx-sqlite resolves each parameter's name by a linear scan, so
 /// binding was quadratic in the values per statement (a 400-row statement spent 80 % of the
@@ -295,6 +299,7 @@ async fn writer(
 ) {
     let mut group: Vec<Pending> = Vec::with_capacity(MAX_GROUP_BATCHES);
     let mut warned_full = false;
+    let mut last_group = 0usize;
     loop {
         if telemetry == Telemetry::Outbox {
             // Backpressure: hold new batches while the outbox is over its bound.
@@ -314,12 +319,26 @@ async fn writer(
         }
         let Some(first) = rx.recv().await else { return };
         group.push(first);
+        // After a small group, linger briefly for more: each transaction costs thread
+        // hand-offs and an fsync whatever its size, so at a fleet's steady trickle a few
+        // milliseconds of ack latency buy several batches per transaction. Under load the
+        // groups are large anyway and the writer does not wait.
+        let linger = last_group < LINGER_BELOW_BATCHES;
+        let deadline = tokio::time::Instant::now() + COMMIT_LINGER;
         while group.len() < MAX_GROUP_BATCHES {
             match rx.try_recv() {
                 Ok(more) => group.push(more),
-                Err(_) => break,
+                Err(mpsc::error::TryRecvError::Empty) if !linger => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => break,
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    match tokio::time::timeout_at(deadline, rx.recv()).await {
+                        Ok(Some(more)) => group.push(more),
+                        Ok(None) | Err(_) => break,
+                    }
+                }
             }
         }
+        last_group = group.len();
         let jobs: Vec<Job> = group.iter().map(|p| p.job.clone()).collect();
         let started = Instant::now();
         let now = crate::unix_ms();
