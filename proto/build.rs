@@ -13,6 +13,27 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // channels are built by the callers (they need mTLS settings anyway).
         .build_transport(false)
         .compile_with_config(config, &["proto/guardian/v1/guardian.proto"], &["proto"])?;
+    // The server's side of `Uplink.Connect`, over `wire::AgentFrameIn`: the same route and
+    // wire format, but a batch arrives as its encoded bytes (kept for the outbox).
+    let connect = tonic_build::manual::Method::builder()
+        .name("connect")
+        .route_name("Connect")
+        .input_type("crate::wire::AgentFrameIn")
+        .output_type("crate::v1::ServerFrame")
+        .codec_path("tonic_prost::ProstCodec")
+        .client_streaming()
+        .server_streaming()
+        .build();
+    let uplink = tonic_build::manual::Service::builder()
+        .name("Uplink")
+        .package("guardian.v1")
+        .comment("The server's view of guardian.v1.Uplink (see `wire`).")
+        .method(connect)
+        .build();
+    tonic_build::manual::Builder::new()
+        .build_client(false)
+        .build_transport(false)
+        .compile(&[uplink]);
     println!("cargo:rerun-if-changed=proto");
     Ok(())
 }

@@ -1,11 +1,46 @@
 //! The guardian.v1 wire contract: generated protobuf types and gRPC stubs. No I/O.
 //!
-//! Modules, in data-flow order: [`v1`] (agent frames and samples, server frames, the Fleet API).
+//! Modules, in data-flow order: [`v1`] (agent frames and samples, server frames, the Fleet API),
+//! [`wire`] (the server's view of the agent stream, batches left encoded).
 
 /// Generated code for package `guardian.v1`.
 #[allow(missing_docs, clippy::all)]
 pub mod v1 {
     tonic::include_proto!("guardian.v1");
+}
+
+/// The server's view of the agent stream: wire-compatible with [`v1::AgentFrame`] (same
+/// route, same field numbers), but a batch stays the bytes the agent encoded. The server
+/// decodes them itself and keeps them as the durable outbox copy, so a batch is never
+/// re-encoded (and fields a newer agent added travel on untouched).
+#[allow(missing_docs, clippy::all)]
+pub mod wire {
+    /// [`crate::v1::AgentFrame`] with the batch left encoded.
+    #[derive(Clone, PartialEq, ::prost::Message)]
+    pub struct AgentFrameIn {
+        /// The frame.
+        #[prost(oneof = "agent_frame_in::Frame", tags = "1, 2, 3")]
+        pub frame: ::core::option::Option<agent_frame_in::Frame>,
+    }
+
+    /// The frame kinds of [`AgentFrameIn`].
+    pub mod agent_frame_in {
+        /// [`crate::v1::agent_frame::Frame`], with `Batch` undecoded.
+        #[derive(Clone, PartialEq, ::prost::Oneof)]
+        pub enum Frame {
+            /// The first frame of a stream.
+            #[prost(message, tag = "1")]
+            Hello(crate::v1::Hello),
+            /// An encoded `guardian.v1.SampleBatch`.
+            #[prost(bytes = "bytes", tag = "2")]
+            Batch(::prost::bytes::Bytes),
+            /// What a command did.
+            #[prost(message, tag = "3")]
+            Outcome(crate::v1::CommandOutcome),
+        }
+    }
+
+    include!(concat!(env!("OUT_DIR"), "/guardian.v1.Uplink.rs"));
 }
 
 /// Default maximum size of one decoded frame, in bytes (4 MiB).

@@ -14,11 +14,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use guardian_proto::v1::uplink_server::Uplink;
 use guardian_proto::v1::{
-    Ack, AgentFrame, Hello, NodeDescriptor, SampleBatch, ServerFrame, Welcome, agent_frame, sample,
-    server_frame,
+    Ack, Hello, NodeDescriptor, SampleBatch, ServerFrame, Welcome, sample, server_frame,
 };
+use guardian_proto::wire::uplink_server::Uplink;
+use guardian_proto::wire::{AgentFrameIn, agent_frame_in};
+use prost::Message;
+use prost::bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -253,7 +255,7 @@ impl Ingest {
     async fn await_hello(
         &self,
         node: &NodeId,
-        inbound: &mut Streaming<AgentFrame>,
+        inbound: &mut Streaming<AgentFrameIn>,
     ) -> Result<Hello, Status> {
         let peer = format!("node/{node}");
         let first = match tokio::time::timeout(self.hello_timeout, inbound.message()).await {
@@ -268,7 +270,7 @@ impl Ingest {
             Ok(Ok(None)) => return Err(Status::cancelled("stream closed before Hello")),
             Ok(Ok(Some(frame))) => frame,
         };
-        let Some(agent_frame::Frame::Hello(hello)) = first.frame else {
+        let Some(agent_frame_in::Frame::Hello(hello)) = first.frame else {
             let status = Status::failed_precondition("the first frame of a stream must be Hello");
             return Err(self.refuse("missing_hello", &peer, status).await);
         };
@@ -315,7 +317,7 @@ impl Ingest {
         self,
         node: NodeId,
         network: String,
-        mut inbound: Streaming<AgentFrame>,
+        mut inbound: Streaming<AgentFrameIn>,
         outbound: mpsc::Sender<Result<ServerFrame, Status>>,
         (generation, cancel, running): (u64, CancellationToken, tokio::sync::OwnedMutexGuard<()>),
     ) {
@@ -337,12 +339,22 @@ impl Ingest {
                 Err(status) => break Some(self.frame_error(&peer, status).await),
             };
             match frame.frame {
-                Some(agent_frame::Frame::Batch(batch)) => {
+                Some(agent_frame_in::Frame::Batch(encoded)) => {
+                    let batch = match SampleBatch::decode(encoded.clone()) {
+                        Ok(batch) => batch,
+                        Err(error) => {
+                            let status = Status::invalid_argument(format!(
+                                "malformed AgentFrame: its SampleBatch does not decode ({error}); \
+                                 agent and server must both speak guardian.v1"
+                            ));
+                            break Some(self.refuse("malformed_frame", &peer, status).await);
+                        }
+                    };
                     if let Err(status) = self.validate(&batch) {
                         break Some(self.refuse("malformed_frame", &peer, status).await);
                     }
                     let seq = batch.seq;
-                    match self.commit(&node, &network, batch).await {
+                    match self.commit(&node, &network, batch, encoded).await {
                         Ok(()) => {
                             let ack = ServerFrame {
                                 frame: Some(server_frame::Frame::Ack(Ack { through_seq: seq })),
@@ -354,7 +366,7 @@ impl Ingest {
                         Err(status) => break Some(status),
                     }
                 }
-                Some(agent_frame::Frame::Outcome(outcome)) => {
+                Some(agent_frame_in::Frame::Outcome(outcome)) => {
                     match self
                         .ledger
                         .record_command_outcome(&node, &outcome, unix_ms())
@@ -377,7 +389,7 @@ impl Ingest {
                         }
                     }
                 }
-                Some(agent_frame::Frame::Hello(_)) => {
+                Some(agent_frame_in::Frame::Hello(_)) => {
                     let status = Status::failed_precondition(
                         "Hello may only be the first frame of a stream",
                     );
@@ -458,7 +470,13 @@ impl Ingest {
         Ok(())
     }
 
-    async fn commit(&self, node: &NodeId, network: &str, batch: SampleBatch) -> Result<(), Status> {
+    async fn commit(
+        &self,
+        node: &NodeId,
+        network: &str,
+        batch: SampleBatch,
+        encoded: Bytes,
+    ) -> Result<(), Status> {
         let arrived = std::time::Instant::now();
         let now = unix_ms();
         let seq = batch.seq;
@@ -467,6 +485,7 @@ impl Ingest {
             node: node.clone(),
             network: network.to_owned(),
             batch: Arc::clone(&batch),
+            encoded,
         };
         match self.committer.commit(job).await {
             Ok(Commit::Stored { samples }) => {
@@ -504,7 +523,7 @@ impl Uplink for Ingest {
 
     async fn connect(
         &self,
-        request: Request<Streaming<AgentFrame>>,
+        request: Request<Streaming<AgentFrameIn>>,
     ) -> Result<Response<Self::ConnectStream>, Status> {
         let node = match Peer::from_request(&request) {
             Ok(Peer::Node(node)) => node,

@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use guardian_proto::v1::fleet_server::FleetServer;
-use guardian_proto::v1::uplink_server::UplinkServer;
+use guardian_proto::wire::uplink_server::UplinkServer;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;

@@ -354,6 +354,16 @@ async fn malformed_or_oversized_frames_end_only_that_stream() -> TestResult {
         status.message()
     );
 
+    // A frame that parses but whose batch (field 2) holds garbage: refused the same way.
+    let bad_batch = vec![0x12, 0x05, 0x0f, 0xff, 0xff, 0xff, 0xff];
+    let status = welcome_then_error(vec![encode(&hello("val-1")), bad_batch]).await?;
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(
+        status.message().contains("malformed AgentFrame"),
+        "{}",
+        status.message()
+    );
+
     // A batch whose sample has no kind is refused too, and stores nothing.
     let empty = AgentFrame {
         frame: Some(agent_frame::Frame::Batch(SampleBatch {

@@ -56,6 +56,9 @@ pub struct Job {
     pub network: String,
     /// The batch (shared with the session, which needs it after the commit).
     pub batch: Arc<SampleBatch>,
+    /// The batch as the agent encoded it (the outbox stores these bytes); empty when not
+    /// at hand, and the batch is encoded again then.
+    pub encoded: prost::bytes::Bytes,
 }
 
 /// The outbox's size, shared by the writer (adds) and the sink (removes), and the
@@ -676,7 +679,11 @@ impl Ledger {
             match telemetry {
                 Telemetry::Embedded => rows.add(job.node.as_str(), batch),
                 Telemetry::Outbox => {
-                    let encoded = batch.encode_to_vec();
+                    let encoded = if job.encoded.is_empty() {
+                        batch.encode_to_vec()
+                    } else {
+                        job.encoded.to_vec()
+                    };
                     outbox_jobs.push((job, encoded.len() as u64));
                     outbox.push(vec![
                         Value::T(job.node.to_string()),

@@ -272,6 +272,7 @@ impl Ledger {
             node: node.clone(),
             network: String::new(),
             batch: std::sync::Arc::new(batch.clone()),
+            encoded: prost::bytes::Bytes::new(),
         };
         let mut done = self
             .commit_group(&[job], commit::Telemetry::Embedded, now_unix_ms)
