@@ -417,6 +417,47 @@ enum Value {
     B(Vec<u8>),
 }
 
+/// `INSERT INTO table (columns) VALUES (...), ...` for `rows` rows, then `suffix`, with every
+/// value bound (table and column names are constants of this module).
+fn insert_query(
+    backend: Backend,
+    table: &str,
+    columns: &[&str],
+    rows: Vec<Vec<Value>>,
+    suffix: &str,
+) -> sqlx::query::Query<'static, sqlx::Any, sqlx::any::AnyArguments> {
+    let mut sql = format!("INSERT INTO {table} ({}) VALUES ", columns.join(", "));
+    let mut next = 0usize;
+    for i in 0..rows.len() {
+        if i > 0 {
+            sql.push_str(", ");
+        }
+        sql.push_str(&placeholders(&mut next, columns.len(), backend));
+    }
+    sql.push_str(suffix);
+    let mut query = sqlx::query(AssertSqlSafe(sql));
+    for value in rows.into_iter().flatten() {
+        query = match value {
+            Value::I(v) => query.bind(v),
+            Value::F(v) => query.bind(v),
+            Value::T(v) => query.bind(v),
+            Value::B(v) => query.bind(v),
+        };
+    }
+    query
+}
+
+/// `rows` in statements of at most [`VALUES_PER_STATEMENT`] bound values.
+fn statements(rows: Vec<Vec<Value>>, columns: usize) -> Vec<Vec<Vec<Value>>> {
+    let rows_per_statement = (VALUES_PER_STATEMENT / columns.max(1)).max(1);
+    let mut rows = rows.into_iter().peekable();
+    let mut out = Vec::new();
+    while rows.peek().is_some() {
+        out.push(rows.by_ref().take(rows_per_statement).collect());
+    }
+    out
+}
+
 /// Multi-row INSERT of `rows` into `table(columns)`, in statements of at most
 /// [`VALUES_PER_STATEMENT`] bound values.
 async fn insert_rows(
@@ -426,32 +467,11 @@ async fn insert_rows(
     columns: &[&str],
     rows: Vec<Vec<Value>>,
 ) -> Result<(), StoreError> {
-    let rows_per_statement = (VALUES_PER_STATEMENT / columns.len().max(1)).max(1);
-    let mut rows = rows.into_iter().peekable();
-    while rows.peek().is_some() {
-        let chunk: Vec<Vec<Value>> = rows.by_ref().take(rows_per_statement).collect();
-        let mut sql = format!("INSERT INTO {table} ({}) VALUES ", columns.join(", "));
-        let mut next = 0usize;
-        for i in 0..chunk.len() {
-            if i > 0 {
-                sql.push_str(", ");
-            }
-            sql.push_str(&placeholders(&mut next, columns.len(), backend));
-        }
-        // Table and column names are constants of this module; every value is bound.
-        let mut query = sqlx::query(AssertSqlSafe(sql));
-        for row in chunk {
-            debug_assert_eq!(row.len(), columns.len());
-            for value in row {
-                query = match value {
-                    Value::I(v) => query.bind(v),
-                    Value::F(v) => query.bind(v),
-                    Value::T(v) => query.bind(v),
-                    Value::B(v) => query.bind(v),
-                };
-            }
-        }
-        query.execute(&mut **tx).await?;
+    for chunk in statements(rows, columns.len()) {
+        debug_assert!(chunk.iter().all(|row| row.len() == columns.len()));
+        insert_query(backend, table, columns, chunk, "")
+            .execute(&mut **tx)
+            .await?;
     }
     Ok(())
 }
@@ -775,35 +795,11 @@ async fn insert_outbox(
 ) -> Result<Vec<u64>, StoreError> {
     const COLUMNS: [&str; 4] = ["node_id", "network", "received_at_unix_ms", "batch"];
     let mut ids = Vec::with_capacity(rows.len());
-    let mut rows = rows.into_iter().peekable();
-    while rows.peek().is_some() {
-        let chunk: Vec<Vec<Value>> = rows
-            .by_ref()
-            .take(VALUES_PER_STATEMENT / COLUMNS.len())
-            .collect();
-        let mut sql = format!("INSERT INTO outbox ({}) VALUES ", COLUMNS.join(", "));
-        let mut next = 0usize;
-        for i in 0..chunk.len() {
-            if i > 0 {
-                sql.push_str(", ");
-            }
-            sql.push_str(&placeholders(&mut next, COLUMNS.len(), backend));
-        }
-        sql.push_str(" RETURNING id");
-        // Only placeholders are spliced in; every value is bound.
-        let mut query = sqlx::query(AssertSqlSafe(sql));
-        for value in chunk.into_iter().flatten() {
-            query = match value {
-                Value::I(v) => query.bind(v),
-                Value::F(v) => query.bind(v),
-                Value::T(v) => query.bind(v),
-                Value::B(v) => query.bind(v),
-            };
-        }
+    for chunk in statements(rows, COLUMNS.len()) {
         // A multi-row VALUES list assigns ids in list order (SQLite AUTOINCREMENT rowids,
         // PostgreSQL sequence calls) and one writer task means no other transaction
         // interleaves ids, but RETURNING's row order is unspecified: sort.
-        let mut statement_ids = query
+        let mut statement_ids = insert_query(backend, "outbox", &COLUMNS, chunk, " RETURNING id")
             .fetch_all(&mut **tx)
             .await?
             .iter()
