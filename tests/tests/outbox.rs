@@ -1,0 +1,118 @@
+//! The ClickHouse outbox in the ledger, on SQLite and on a real PostgreSQL: a group commit
+//! reports the outbox ids its batches got, in commit order, and they are the ids (and the
+//! bytes) the sink reads back from the table, across multi-statement groups.
+
+use std::sync::Arc;
+
+use guardian_proto::v1::{Sample, SampleBatch, SamplerUnavailable, sample};
+use guardian_server::identity::NodeId;
+use guardian_server::store::commit::{Job, Telemetry};
+use guardian_server::store::{Commit, Ledger};
+use guardian_tests::Postgres;
+use prost::Message;
+
+type TestResult = anyhow::Result<()>;
+
+fn job(node: &str, seq: u64, keep_bytes: bool) -> anyhow::Result<Job> {
+    let batch = SampleBatch {
+        seq,
+        spool_dropped_batches_total: 0,
+        samples: vec![Sample {
+            observed_at_unix_ms: 1_000 + i64::try_from(seq)?,
+            kind: Some(sample::Kind::Unavailable(SamplerUnavailable {
+                sampler: "gpu".into(),
+                reason: format!("{node} batch {seq}"),
+            })),
+        }],
+    };
+    let encoded = if keep_bytes {
+        batch.encode_to_vec().into()
+    } else {
+        prost::bytes::Bytes::new()
+    };
+    Ok(Job {
+        node: NodeId::parse(node)?,
+        network: "finney".into(),
+        batch: Arc::new(batch),
+        encoded,
+    })
+}
+
+async fn ids_follow_commit_order(ledger: &Ledger) -> TestResult {
+    // Two nodes interleaved; some jobs carry the agent's bytes, some not.
+    let jobs: Vec<Job> = (1..=6u64)
+        .map(|seq| job(if seq % 2 == 0 { "n2" } else { "n1" }, seq, seq % 3 != 0))
+        .collect::<anyhow::Result<_>>()?;
+    let group = ledger.commit_group(&jobs, Telemetry::Outbox, 5_000).await?;
+    assert!(
+        group
+            .commits
+            .iter()
+            .all(|c| matches!(c, Commit::Stored { samples: 1 }))
+    );
+    let handed: Vec<(String, u64, u64)> = group
+        .outbox
+        .iter()
+        .map(|(b, _)| (b.node_id.clone(), b.batch.seq, b.outbox_id))
+        .collect();
+    assert_eq!(handed.len(), 6);
+    assert!(
+        handed.windows(2).all(|w| w[0].2 < w[1].2),
+        "ids ascend: {handed:?}"
+    );
+    let wanted: Vec<(String, u64)> = jobs
+        .iter()
+        .map(|j| (j.node.to_string(), j.batch.seq))
+        .collect();
+    let got: Vec<(String, u64)> = handed.iter().map(|(n, s, _)| (n.clone(), *s)).collect();
+    assert_eq!(got, wanted, "the outbox holds the group in job order");
+
+    // The table agrees: same ids, same batches, same sizes.
+    let read = ledger.outbox_read(0, 100, 1_000).await?;
+    assert_eq!(read.len(), 6);
+    for ((handed, bytes), stored) in group.outbox.iter().zip(&read) {
+        assert_eq!(handed.outbox_id, stored.outbox_id);
+        assert_eq!(handed.batch, stored.batch);
+        assert_eq!(*bytes as usize, stored.batch.encoded_len());
+    }
+
+    // A replayed (node, seq) is a duplicate and adds nothing to the outbox.
+    let again = ledger
+        .commit_group(&[job("n1", 1, true)?], Telemetry::Outbox, 6_000)
+        .await?;
+    assert!(matches!(again.commits[..], [Commit::Duplicate]));
+    assert!(again.outbox.is_empty());
+
+    // A group larger than one statement (1 024 outbox rows each) keeps its order too.
+    let big: Vec<Job> = (1..=1_500u64)
+        .map(|seq| job("n3", seq, true))
+        .collect::<anyhow::Result<_>>()?;
+    let group = ledger.commit_group(&big, Telemetry::Outbox, 7_000).await?;
+    assert_eq!(group.outbox.len(), 1_500);
+    let last_small = read.last().map_or(0, |b| b.outbox_id);
+    let mut previous = last_small;
+    for (seq, (batch, _)) in (1..=1_500u64).zip(&group.outbox) {
+        assert_eq!(batch.batch.seq, seq);
+        assert!(batch.outbox_id > previous, "ids ascend across statements");
+        previous = batch.outbox_id;
+    }
+    let read = ledger.outbox_read(last_small, 2_000, 10_000).await?;
+    let read_ids: Vec<u64> = read.iter().map(|b| b.outbox_id).collect();
+    let handed_ids: Vec<u64> = group.outbox.iter().map(|(b, _)| b.outbox_id).collect();
+    assert_eq!(read_ids, handed_ids);
+    Ok(())
+}
+
+#[tokio::test]
+async fn outbox_ids_follow_commit_order_on_sqlite() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let ledger = Ledger::open(&format!("sqlite://{}/g.db", dir.path().display())).await?;
+    ids_follow_commit_order(&ledger).await
+}
+
+#[tokio::test]
+async fn outbox_ids_follow_commit_order_on_postgresql() -> TestResult {
+    let postgres = Postgres::start()?;
+    let ledger = Ledger::open(&postgres.url()).await?;
+    ids_follow_commit_order(&ledger).await
+}
