@@ -14,14 +14,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use guardian_proto::v1::{
-    Ack, Hello, NodeDescriptor, SampleBatch, ServerFrame, Welcome, sample, server_frame,
-};
+use guardian_proto::v1::{Ack, Hello, NodeDescriptor, ServerFrame, Welcome, server_frame};
 use guardian_proto::wire::uplink_server::Uplink;
 use guardian_proto::wire::{AgentFrameIn, agent_frame_in};
-use prost::Message;
 use prost::bytes::Bytes;
 use tokio::sync::mpsc;
+
+use crate::batch::{Batch, Kind};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -340,7 +339,7 @@ impl Ingest {
             };
             match frame.frame {
                 Some(agent_frame_in::Frame::Batch(encoded)) => {
-                    let batch = match SampleBatch::decode(encoded.clone()) {
+                    let batch = match Batch::decode(&encoded) {
                         Ok(batch) => batch,
                         Err(error) => {
                             let status = Status::invalid_argument(format!(
@@ -434,7 +433,7 @@ impl Ingest {
         Ok(())
     }
 
-    fn validate(&self, batch: &SampleBatch) -> Result<(), Status> {
+    fn validate(&self, batch: &Batch) -> Result<(), Status> {
         if batch.seq == 0 || batch.seq > i64::MAX as u64 {
             return Err(Status::invalid_argument(format!(
                 "SampleBatch.seq {} is outside 1..={}",
@@ -443,14 +442,12 @@ impl Ingest {
             )));
         }
         for sample in &batch.samples {
-            if let Some(sample::Kind::Host(host)) = &sample.kind
-                && (host.disks.len() > 256 || host.networks.len() > 256)
+            if let Some(Kind::Host(host)) = &sample.kind
+                && (host.disks > 256 || host.networks > 256)
             {
                 return Err(Status::invalid_argument(format!(
                     "SampleBatch {} reports {} disks and {} networks; at most 256 of each are accepted",
-                    batch.seq,
-                    host.disks.len(),
-                    host.networks.len()
+                    batch.seq, host.disks, host.networks
                 )));
             }
         }
@@ -474,7 +471,7 @@ impl Ingest {
         &self,
         node: &NodeId,
         network: &str,
-        batch: SampleBatch,
+        batch: Batch,
         encoded: Bytes,
     ) -> Result<(), Status> {
         let arrived = std::time::Instant::now();

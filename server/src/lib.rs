@@ -8,6 +8,7 @@
 
 pub mod alert;
 pub mod api;
+pub mod batch;
 pub mod command;
 pub mod config;
 pub mod detect;

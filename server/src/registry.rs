@@ -4,11 +4,10 @@
 use std::collections::HashMap;
 use std::sync::RwLock;
 
-use guardian_proto::v1::{
-    ChainSample, GpuSample, KeystoreSample, Node, NodeDescriptor, SampleBatch, sample,
-};
+use guardian_proto::v1::{ChainSample, GpuSample, KeystoreSample, Node, NodeDescriptor};
 use tokio::sync::broadcast;
 
+use crate::batch::{Batch, Kind};
 use crate::detect::{FleetContext, NodeInput};
 use crate::identity::NodeId;
 use crate::store::telemetry::{ChainValues, HostValues};
@@ -168,36 +167,34 @@ impl Registry {
     }
 
     /// A batch for `id` was committed.
-    pub fn committed(&self, id: &NodeId, batch: &SampleBatch, now_unix_ms: i64) {
+    pub fn committed(&self, id: &NodeId, batch: &Batch, now_unix_ms: i64) {
         self.update(id, now_unix_ms, |entry| {
             let node = &mut entry.node;
             node.last_stored_seq = node.last_stored_seq.max(batch.seq);
             // Windows take every sample; the newest of each kind is cloned once.
-            let mut newest_host: Option<(i64, &guardian_proto::v1::HostSample)> = None;
+            let mut newest_host: Option<(i64, &crate::batch::Host)> = None;
             let mut newest_chain: Option<(i64, &guardian_proto::v1::ChainSample)> = None;
             let mut newest_gpu: Option<(i64, &GpuSample)> = None;
             let mut newest_keystore: Option<(i64, &KeystoreSample)> = None;
             for sample in &batch.samples {
                 let at = sample.observed_at_unix_ms;
                 match &sample.kind {
-                    Some(sample::Kind::Host(host)) => {
-                        entry.window.record_host(at, HostValues::of(host));
+                    Some(Kind::Host(host)) => {
+                        entry.window.record_host(at, host.values);
                         if newest_host.is_none_or(|(seen, _)| at >= seen) {
                             newest_host = Some((at, host));
                         }
                     }
-                    Some(sample::Kind::Chain(chain)) => {
+                    Some(Kind::Chain(chain)) => {
                         entry.window.record_chain(at, ChainValues::of(chain));
                         if newest_chain.is_none_or(|(seen, _)| at >= seen) {
                             newest_chain = Some((at, chain));
                         }
                     }
-                    Some(sample::Kind::Gpu(gpu))
-                        if newest_gpu.is_none_or(|(seen, _)| at >= seen) =>
-                    {
+                    Some(Kind::Gpu(gpu)) if newest_gpu.is_none_or(|(seen, _)| at >= seen) => {
                         newest_gpu = Some((at, gpu));
                     }
-                    Some(sample::Kind::Keystore(keystore))
+                    Some(Kind::Keystore(keystore))
                         if newest_keystore.is_none_or(|(seen, _)| at >= seen) =>
                     {
                         newest_keystore = Some((at, keystore));
@@ -208,7 +205,8 @@ impl Registry {
             if let Some((at, host)) = newest_host
                 && at >= node.last_host_observed_unix_ms
             {
-                node.last_host = Some(host.clone());
+                // The only full decode of a host sample: the newest of the batch.
+                node.last_host = Some(host.sample());
                 node.last_host_observed_unix_ms = at;
             }
             if let Some((at, chain)) = newest_chain

@@ -8,6 +8,7 @@ use guardian_proto::v1::{
     ChainSample, GpuDevice, GpuSample, HostSample, KeyFile, KeystoreSample, Sample, SampleBatch,
     SamplerUnavailable, XidEvent, sample,
 };
+use guardian_server::batch::Batch;
 use guardian_server::store::clickhouse::{ClickHouseSettings, ClickHouseStore, migrations};
 use guardian_server::store::telemetry::{ChainValues, HostValues, OutboxBatch, metric};
 use guardian_tests::clickhouse::ClickHouse;
@@ -107,7 +108,7 @@ fn batch(outbox_id: u64, node: &str, seq: u64, samples: Vec<(i64, sample::Kind)>
         node_id: node.into(),
         network: "finney".into(),
         received_at_unix_ms: samples.last().map_or(0, |(at, _)| *at),
-        batch: SampleBatch {
+        batch: std::sync::Arc::new(Batch::from(&SampleBatch {
             seq,
             spool_dropped_batches_total: 0,
             samples: samples
@@ -117,8 +118,7 @@ fn batch(outbox_id: u64, node: &str, seq: u64, samples: Vec<(i64, sample::Kind)>
                     kind: Some(kind),
                 })
                 .collect(),
-        }
-        .into(),
+        })),
     }
 }
 

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use guardian_proto::v1::{Sample, SampleBatch, SamplerUnavailable, sample};
+use guardian_server::batch::Batch;
 use guardian_server::identity::NodeId;
 use guardian_server::store::commit::{Job, Telemetry};
 use guardian_server::store::{Commit, Ledger};
@@ -33,7 +34,7 @@ fn job(node: &str, seq: u64, keep_bytes: bool) -> anyhow::Result<Job> {
     Ok(Job {
         node: NodeId::parse(node)?,
         network: "finney".into(),
-        batch: Arc::new(batch),
+        batch: Arc::new(Batch::from(&batch)),
         encoded,
     })
 }
@@ -73,7 +74,7 @@ async fn ids_follow_commit_order(ledger: &Ledger) -> TestResult {
     for ((handed, bytes), stored) in group.outbox.iter().zip(&read) {
         assert_eq!(handed.outbox_id, stored.outbox_id);
         assert_eq!(handed.batch, stored.batch);
-        assert_eq!(*bytes as usize, stored.batch.encoded_len());
+        assert_eq!(*bytes as usize, stored.batch.to_proto().encoded_len());
     }
 
     // A replayed (node, seq) is a duplicate and adds nothing to the outbox.

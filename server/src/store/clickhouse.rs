@@ -52,7 +52,7 @@ use std::time::Duration;
 
 use ::clickhouse::error::Error as ChError;
 use ::clickhouse::{Client, Row, RowOwned, RowRead, RowWrite};
-use guardian_proto::v1::{KeystoreSample, SamplerUnavailable, sample};
+use guardian_proto::v1::{KeystoreSample, SamplerUnavailable};
 use serde::{Deserialize, Serialize};
 
 use super::audit::AuditEntry;
@@ -61,6 +61,7 @@ use super::telemetry::{
     ChainValues, GpuValues, HistoryPoint, HostValues, METRICS, MetricDef, OutboxBatch, Table,
     metrics_of,
 };
+use crate::batch::Kind;
 
 /// How the server reaches ClickHouse, and how long each table keeps its rows.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -1173,33 +1174,33 @@ impl ClickHouseStore {
                     received_at: datetime(b.received_at_unix_ms),
                 };
                 let (table, count) = match &s.kind {
-                    Some(sample::Kind::Host(h)) => {
+                    Some(Kind::Host(h)) => {
                         if fresh(0, b.outbox_id) {
-                            rows.host.push(HostRow::new(c, HostValues::of(h)));
+                            rows.host.push(HostRow::new(c, h.values));
                         }
                         (0, 1)
                     }
-                    Some(sample::Kind::Chain(ch)) => {
+                    Some(Kind::Chain(ch)) => {
                         if fresh(1, b.outbox_id) {
                             rows.chain.push(ChainRow::new(c, ChainValues::of(ch)));
                         }
                         (1, 1)
                     }
-                    Some(sample::Kind::Gpu(g)) => {
+                    Some(Kind::Gpu(g)) => {
                         if fresh(2, b.outbox_id) {
                             rows.gpu
                                 .extend(g.devices.iter().map(|d| GpuRow::new(c, GpuValues::of(d))));
                         }
                         (2, g.devices.len())
                     }
-                    Some(sample::Kind::Keystore(k)) => {
+                    Some(Kind::Keystore(k)) => {
                         if fresh(3, b.outbox_id) {
                             rows.keystore
                                 .push(KeystoreRow::new(c, KeystoreValues::of(k)));
                         }
                         (3, 1)
                     }
-                    Some(sample::Kind::Unavailable(u)) => {
+                    Some(Kind::Unavailable(u)) => {
                         if fresh(4, b.outbox_id) {
                             rows.unavailable
                                 .push(UnavailableRow::new(c, UnavailableValues::of(u)));

@@ -17,12 +17,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use guardian_proto::v1::{SampleBatch, sample};
+use crate::batch::{Batch, Kind};
 use prost::Message;
 use sqlx::{AssertSqlSafe, Row};
 use tokio::sync::{Notify, mpsc, oneshot};
 
-use super::telemetry::{ChainValues, GpuValues, HostValues, OutboxBatch};
+use super::telemetry::{ChainValues, GpuValues, OutboxBatch};
 use super::{Backend, Commit, Ledger, StoreError, to_i64};
 use crate::identity::NodeId;
 
@@ -55,7 +55,7 @@ pub struct Job {
     /// Its network (from its Hello).
     pub network: String,
     /// The batch (shared with the session, which needs it after the commit).
-    pub batch: Arc<SampleBatch>,
+    pub batch: Arc<Batch>,
     /// The batch as the agent encoded it (the outbox stores these bytes); empty when not
     /// at hand, and the batch is encoded again then.
     pub encoded: prost::bytes::Bytes,
@@ -551,7 +551,7 @@ struct Rows {
 }
 
 impl Rows {
-    fn add(&mut self, node: &str, batch: &SampleBatch) {
+    fn add(&mut self, node: &str, batch: &Batch) {
         let seq = to_i64(batch.seq);
         let key = |idx: usize, at: i64| {
             vec![
@@ -564,8 +564,8 @@ impl Rows {
         for (idx, sample) in batch.samples.iter().enumerate() {
             let at = sample.observed_at_unix_ms;
             match &sample.kind {
-                Some(sample::Kind::Host(host)) => {
-                    let v = HostValues::of(host);
+                Some(Kind::Host(host)) => {
+                    let v = host.values;
                     let mut row = key(idx, at);
                     row.extend([
                         Value::F(v.cpu_busy_percent),
@@ -585,11 +585,11 @@ impl Rows {
                         Value::F(v.net_tx_bytes_per_second),
                         Value::I(to_i64(v.net_errors_total)),
                         Value::I(to_i64(v.oom_kills_total)),
-                        Value::B(host.encode_to_vec()),
+                        Value::B(host.encoded.to_vec()),
                     ]);
                     self.host.push(row);
                 }
-                Some(sample::Kind::Chain(chain)) => {
+                Some(Kind::Chain(chain)) => {
                     let v = ChainValues::of(chain);
                     let mut row = key(idx, at);
                     row.extend([
@@ -613,7 +613,7 @@ impl Rows {
                     self.kind
                         .push(kind_row(node, seq, idx, "chain", at, sample));
                 }
-                Some(sample::Kind::Gpu(gpu)) => {
+                Some(Kind::Gpu(gpu)) => {
                     for device in &gpu.devices {
                         let v = GpuValues::of(device);
                         self.gpu.push(vec![
@@ -636,11 +636,11 @@ impl Rows {
                     }
                     self.kind.push(kind_row(node, seq, idx, "gpu", at, sample));
                 }
-                Some(sample::Kind::Keystore(_)) => {
+                Some(Kind::Keystore(_)) => {
                     self.kind
                         .push(kind_row(node, seq, idx, "keystore", at, sample));
                 }
-                Some(sample::Kind::Unavailable(why)) => {
+                Some(Kind::Unavailable(why)) => {
                     let mut row = key(idx, at);
                     row.extend([Value::T(why.sampler.clone()), Value::T(why.reason.clone())]);
                     self.unavailable.push(row);
@@ -658,7 +658,7 @@ fn kind_row(
     idx: usize,
     kind: &str,
     at: i64,
-    sample: &guardian_proto::v1::Sample,
+    sample: &crate::batch::Sample,
 ) -> Vec<Value> {
     vec![
         Value::T(node.to_owned()),
@@ -666,7 +666,8 @@ fn kind_row(
         Value::I(to_i64(idx as u64)),
         Value::T(kind.to_owned()),
         Value::I(at),
-        Value::B(sample.encode_to_vec()),
+        // Whole, as the generated type (chain, GPU and keystore samples: a few per batch).
+        Value::B(sample.to_proto().encode_to_vec()),
     ]
 }
 
@@ -700,7 +701,7 @@ impl Ledger {
                 Telemetry::Embedded => rows.add(job.node.as_str(), batch),
                 Telemetry::Outbox => {
                     let encoded = if job.encoded.is_empty() {
-                        batch.encode_to_vec()
+                        batch.to_proto().encode_to_vec()
                     } else {
                         job.encoded.to_vec()
                     };
@@ -863,11 +864,11 @@ async fn insert_batch_records(
 struct NodeUpdate {
     last_stored_seq: u64,
     spool_dropped_batches_total: u64,
-    newest_host: Option<(i64, Vec<u8>)>,
+    newest_host: Option<(i64, prost::bytes::Bytes)>,
 }
 
 impl NodeUpdate {
-    fn add(&mut self, batch: &SampleBatch) {
+    fn add(&mut self, batch: &Batch) {
         self.last_stored_seq = self.last_stored_seq.max(batch.seq);
         self.spool_dropped_batches_total = self
             .spool_dropped_batches_total
@@ -876,7 +877,7 @@ impl NodeUpdate {
             .samples
             .iter()
             .filter_map(|s| match &s.kind {
-                Some(sample::Kind::Host(host)) => Some((s.observed_at_unix_ms, host)),
+                Some(Kind::Host(host)) => Some((s.observed_at_unix_ms, host)),
                 _ => None,
             })
             .max_by_key(|(at, _)| *at);
@@ -886,7 +887,7 @@ impl NodeUpdate {
                 .as_ref()
                 .is_none_or(|(seen, _)| at >= *seen)
         {
-            self.newest_host = Some((at, host.encode_to_vec()));
+            self.newest_host = Some((at, host.encoded.clone()));
         }
     }
 }
@@ -937,7 +938,7 @@ async fn update_nodes(
         let mut query = sqlx::query(AssertSqlSafe(sql));
         for (node, update) in chunk {
             let (host_at, host) = match &update.newest_host {
-                Some((at, bytes)) => (*at, Some(bytes.clone())),
+                Some((at, bytes)) => (*at, Some(bytes.to_vec())),
                 None => (0, None),
             };
             query = query
@@ -959,9 +960,15 @@ mod tests {
     use super::*;
 
     fn handed(id: u64, samples: usize) -> (OutboxBatch, u64) {
-        let batch = SampleBatch {
+        let batch = Batch {
             seq: id,
-            samples: vec![guardian_proto::v1::Sample::default(); samples],
+            samples: vec![
+                crate::batch::Sample {
+                    observed_at_unix_ms: 0,
+                    kind: None
+                };
+                samples
+            ],
             spool_dropped_batches_total: 0,
         };
         let outbox = OutboxBatch {

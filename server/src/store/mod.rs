@@ -89,7 +89,7 @@ pub enum StoreError {
         /// The node.
         node: String,
         /// The decode error.
-        source: prost::DecodeError,
+        source: crate::batch::DecodeError,
     },
 }
 
@@ -271,7 +271,7 @@ impl Ledger {
         let job = commit::Job {
             node: node.clone(),
             network: String::new(),
-            batch: std::sync::Arc::new(batch.clone()),
+            batch: std::sync::Arc::new(crate::batch::Batch::from(batch)),
             encoded: prost::bytes::Bytes::new(),
         };
         let mut done = self
@@ -341,7 +341,7 @@ impl Ledger {
                     .transpose()
                     .map_err(|source| StoreError::Corrupt {
                         node: node_id.clone(),
-                        source,
+                        source: source.into(),
                     })?;
                 Ok(Node {
                     node_id,

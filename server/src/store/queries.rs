@@ -1,8 +1,6 @@
 //! Reads of the ledger database beyond the fleet: the ClickHouse outbox, the embedded
 //! store's history, and the recent rows that rebuild in-memory windows at start.
 
-use guardian_proto::v1::SampleBatch;
-use prost::Message;
 use sqlx::{AssertSqlSafe, Row};
 
 use super::telemetry::{ChainValues, HistoryPoint, HostValues, MetricDef, OutboxBatch, Table};
@@ -33,11 +31,12 @@ impl Ledger {
         for row in rows {
             let node_id: String = row.try_get(1)?;
             let blob: Vec<u8> = row.try_get(4)?;
-            let batch =
-                SampleBatch::decode(blob.as_slice()).map_err(|source| StoreError::Corrupt {
+            let batch = crate::batch::Batch::decode(&blob.into()).map_err(|source| {
+                StoreError::Corrupt {
                     node: node_id.clone(),
                     source,
-                })?;
+                }
+            })?;
             samples += batch.samples.len();
             out.push(OutboxBatch {
                 outbox_id: u64::try_from(row.try_get::<i64, _>(0)?).unwrap_or(0),

@@ -464,5 +464,5 @@ pub struct OutboxBatch {
     /// When the server committed it, Unix milliseconds.
     pub received_at_unix_ms: i64,
     /// The batch as the agent sent it (shared: ingest hands the decoded batch on).
-    pub batch: std::sync::Arc<guardian_proto::v1::SampleBatch>,
+    pub batch: std::sync::Arc<crate::batch::Batch>,
 }
