@@ -40,6 +40,8 @@ fn job(node: &str, seq: u64, keep_bytes: bool) -> anyhow::Result<Job> {
 }
 
 async fn ids_follow_commit_order(ledger: &Ledger) -> TestResult {
+    // Nothing committed yet: the writer's chain starts at 0.
+    assert_eq!(ledger.outbox_id_ceiling().await?, Some(0));
     // Two nodes interleaved; some jobs carry the agent's bytes, some not.
     let jobs: Vec<Job> = (1..=6u64)
         .map(|seq| job(if seq % 2 == 0 { "n2" } else { "n1" }, seq, seq % 3 != 0))
@@ -101,6 +103,13 @@ async fn ids_follow_commit_order(ledger: &Ledger) -> TestResult {
     let read_ids: Vec<u64> = read.iter().map(|b| b.outbox_id).collect();
     let handed_ids: Vec<u64> = group.outbox.iter().map(|(b, _)| b.outbox_id).collect();
     assert_eq!(read_ids, handed_ids);
+
+    // The ceiling covers every committed id, also once the sink has drained them all (the
+    // writer's first hand-off after a restart links to it).
+    assert_eq!(ledger.outbox_id_ceiling().await?, Some(previous));
+    ledger.outbox_delete_through(previous).await?;
+    assert!(ledger.outbox_read(0, 10, 10).await?.is_empty());
+    assert_eq!(ledger.outbox_id_ceiling().await?, Some(previous));
     Ok(())
 }
 

@@ -160,6 +160,16 @@ impl OutboxGauge {
         }
     }
 
+    /// Before its first group: `ceiling` is at least every outbox id committed so far
+    /// ([`Ledger::outbox_id_ceiling`]), so the first batch the writer hands off directly
+    /// follows it. When the sink's cursor is there too (everything delivered, e.g. a fresh
+    /// store) the sink takes batches from memory from the start; otherwise it reads the table
+    /// until it gets there, as after any break. A ceiling above the last committed id (a
+    /// rolled-back id) only means the sink reads the table once more.
+    fn start_chain(&self, ceiling: u64) {
+        self.lock_handoff().last_id.get_or_insert(ceiling);
+    }
+
     /// The writer cannot tell which outbox ids a transaction got (it failed): the chain
     /// starts again.
     fn break_chain(&self) {
@@ -305,6 +315,14 @@ async fn writer(
 ) {
     let mut group: Vec<Pending> = Vec::with_capacity(MAX_GROUP_BATCHES);
     let mut warned_full = false;
+    if telemetry == Telemetry::Outbox {
+        match ledger.outbox_id_ceiling().await {
+            Ok(Some(ceiling)) => outbox.start_chain(ceiling),
+            Ok(None) => {}
+            // The sink then reads the first batches from the table: slower, not wrong.
+            Err(error) => tracing::warn!(%error, "OutboxCeilingUnknown"),
+        }
+    }
     let mut last_group = 0usize;
     loop {
         if telemetry == Telemetry::Outbox {
@@ -986,6 +1004,21 @@ mod tests {
 
     fn ids(batches: Option<Vec<OutboxBatch>>) -> Option<Vec<u64>> {
         batches.map(|batches| batches.iter().map(|b| b.outbox_id).collect())
+    }
+
+    #[test]
+    fn a_chain_started_at_the_ceiling_serves_the_first_group_from_memory() {
+        let gauge = OutboxGauge::default();
+        gauge.set_handoff_max_bytes(1_000);
+        gauge.start_chain(4);
+        gauge.added_group(vec![handed(5, 1), handed(6, 1)]);
+        // The sink's cursor is elsewhere (ClickHouse behind): the table first.
+        assert_eq!(gauge.take_after(3, 100, 100), None);
+        assert_eq!(ids(gauge.take_after(4, 100, 100)), Some(vec![5, 6]));
+        // Only before the first group: later the writer's own chain wins.
+        gauge.start_chain(100);
+        gauge.added_group(vec![handed(7, 1)]);
+        assert_eq!(ids(gauge.take_after(6, 100, 100)), Some(vec![7]));
     }
 
     #[test]

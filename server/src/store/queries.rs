@@ -52,6 +52,30 @@ impl Ledger {
         Ok(out)
     }
 
+    /// An outbox id at least as large as every id committed so far (0: none yet), or None
+    /// when the ledger cannot tell. Call it only while no outbox insert is in flight (the
+    /// group-commit writer does, before its first group).
+    ///
+    /// SQLite's `sqlite_sequence` holds the largest id ever committed (AUTOINCREMENT never
+    /// reuses one, and a rolled-back insert rolls it back too); PostgreSQL: the largest id
+    /// still in the table, or else the sequence's last value.
+    ///
+    /// # Errors
+    /// [`StoreError::Query`].
+    pub async fn outbox_id_ceiling(&self) -> Result<Option<u64>, StoreError> {
+        let sql = match self.backend {
+            super::Backend::Sqlite => {
+                "SELECT COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'outbox'), 0)"
+            }
+            super::Backend::Postgres => {
+                "SELECT COALESCE((SELECT max(id) FROM outbox),
+                    (SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM outbox_id_seq))"
+            }
+        };
+        let ceiling: Option<i64> = sqlx::query(sql).fetch_one(&self.pool).await?.try_get(0)?;
+        Ok(ceiling.and_then(|id| u64::try_from(id).ok()))
+    }
+
     /// Deletes outbox batches with `id <= through_id` (delivered). Returns
     /// `(batches, bytes)` removed.
     ///
