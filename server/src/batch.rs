@@ -17,7 +17,8 @@
 //! - [`Host::values`] equals [`HostValues::of`] of the fully decoded sample.
 
 use guardian_proto::v1::{
-    ChainSample, GpuSample, HostSample, KeystoreSample, SampleBatch, SamplerUnavailable, sample,
+    self, ChainSample, GpuSample, HostSample, KeystoreSample, SampleBatch, SamplerUnavailable,
+    sample,
 };
 use prost::Message;
 use prost::bytes::{Buf, Bytes};
@@ -37,6 +38,10 @@ pub enum DecodeError {
     /// A string field holds bytes that are not UTF-8.
     #[error("invalid string value: {0} is not UTF-8 encoded")]
     NotUtf8(&'static str),
+    /// Unknown groups nested deeper than the generated decoder allows, or a group that does
+    /// not end with its own tag.
+    #[error("invalid group in an unknown field (nested too deep, or unbalanced)")]
+    Group,
 }
 
 /// A decoded `SampleBatch`.
@@ -127,8 +132,20 @@ impl Batch {
             match tag {
                 1 => uint64::merge(wire_type, &mut batch.seq, &mut buf, ctx())?,
                 2 => {
+                    let at = buf;
                     let body = delimited(wire_type, &mut buf)?;
-                    batch.samples.push(Sample::decode(frame, body)?);
+                    let sample = if host_only(body) {
+                        Sample::decode_host(frame, body)?
+                    } else {
+                        // Anything else (chain, GPU, keystore, unavailable, unknown fields):
+                        // the generated decoder, entered exactly as `SampleBatch::decode`
+                        // enters it, so its nesting limits apply unchanged.
+                        let mut proto = v1::Sample::default();
+                        let mut at = at;
+                        message::merge(wire_type, &mut proto, &mut at, ctx())?;
+                        Sample::from_proto(proto)
+                    };
+                    batch.samples.push(sample);
                 }
                 3 => uint64::merge(
                     wire_type,
@@ -172,8 +189,8 @@ impl From<&SampleBatch> for Batch {
 }
 
 impl Sample {
-    fn decode(frame: &Bytes, body: &[u8]) -> Result<Self, DecodeError> {
-        let ctx = DecodeContext::default;
+    /// A sample with only `observed_at_unix_ms` and `host` fields ([`host_only`]).
+    fn decode_host(frame: &Bytes, body: &[u8]) -> Result<Self, DecodeError> {
         let mut buf = body;
         let mut out = Self {
             observed_at_unix_ms: 0,
@@ -181,13 +198,18 @@ impl Sample {
         };
         while buf.has_remaining() {
             let (tag, wire_type) = decode_key(&mut buf)?;
-            // A oneof field seen again merges into the same variant, or replaces another.
             match (tag, &mut out.kind) {
-                (1, _) => int64::merge(wire_type, &mut out.observed_at_unix_ms, &mut buf, ctx())?,
+                (1, _) => int64::merge(
+                    wire_type,
+                    &mut out.observed_at_unix_ms,
+                    &mut buf,
+                    DecodeContext::default(),
+                )?,
                 (2, kind) => {
                     let body = delimited(wire_type, &mut buf)?;
                     let encoded = match kind {
-                        // Merging two encodings of a message is parsing their concatenation.
+                        // A oneof field seen again merges into the same variant; merging two
+                        // encodings of a message is parsing their concatenation.
                         Some(Kind::Host(host)) => {
                             let mut both = Vec::with_capacity(host.encoded.len() + body.len());
                             both.extend_from_slice(&host.encoded);
@@ -198,42 +220,31 @@ impl Sample {
                     };
                     *kind = Some(Kind::Host(Host::decode(encoded)?));
                 }
-                (3, Some(Kind::Chain(chain))) => {
-                    message::merge(wire_type, chain.as_mut(), &mut buf, ctx())?;
-                }
-                (3, kind) => {
-                    let mut chain = Box::<ChainSample>::default();
-                    message::merge(wire_type, chain.as_mut(), &mut buf, ctx())?;
-                    *kind = Some(Kind::Chain(chain));
-                }
-                (4, Some(Kind::Gpu(gpu))) => {
-                    message::merge(wire_type, gpu.as_mut(), &mut buf, ctx())?;
-                }
-                (4, kind) => {
-                    let mut gpu = Box::<GpuSample>::default();
-                    message::merge(wire_type, gpu.as_mut(), &mut buf, ctx())?;
-                    *kind = Some(Kind::Gpu(gpu));
-                }
-                (5, Some(Kind::Keystore(keystore))) => {
-                    message::merge(wire_type, keystore.as_mut(), &mut buf, ctx())?;
-                }
-                (5, kind) => {
-                    let mut keystore = Box::<KeystoreSample>::default();
-                    message::merge(wire_type, keystore.as_mut(), &mut buf, ctx())?;
-                    *kind = Some(Kind::Keystore(keystore));
-                }
-                (15, Some(Kind::Unavailable(why))) => {
-                    message::merge(wire_type, why.as_mut(), &mut buf, ctx())?;
-                }
-                (15, kind) => {
-                    let mut why = Box::<SamplerUnavailable>::default();
-                    message::merge(wire_type, why.as_mut(), &mut buf, ctx())?;
-                    *kind = Some(Kind::Unavailable(why));
-                }
-                _ => skip_field(wire_type, tag, &mut buf, ctx())?,
+                // host_only() let no other field through.
+                _ => skip(wire_type, tag, &mut buf, SAMPLE_DEPTH)?,
             }
         }
         Ok(out)
+    }
+
+    /// From the generated type.
+    fn from_proto(sample: v1::Sample) -> Self {
+        let kind = sample.kind.map(|kind| match kind {
+            sample::Kind::Host(host) => Kind::Host(Host {
+                values: HostValues::of(&host),
+                disks: host.disks.len(),
+                networks: host.networks.len(),
+                encoded: Bytes::from(host.encode_to_vec()),
+            }),
+            sample::Kind::Chain(chain) => Kind::Chain(Box::new(chain)),
+            sample::Kind::Gpu(gpu) => Kind::Gpu(Box::new(gpu)),
+            sample::Kind::Keystore(keystore) => Kind::Keystore(Box::new(keystore)),
+            sample::Kind::Unavailable(why) => Kind::Unavailable(Box::new(why)),
+        });
+        Self {
+            observed_at_unix_ms: sample.observed_at_unix_ms,
+            kind,
+        }
     }
 
     /// The generated form of this sample (for the few consumers that store or show it whole).
@@ -249,6 +260,53 @@ impl Sample {
             observed_at_unix_ms: self.observed_at_unix_ms,
             kind,
         }
+    }
+}
+
+/// The recursion budget prost's `SampleBatch::decode` has left when it skips an unknown field
+/// in a `Sample` (100 at the batch, one less per message level).
+const SAMPLE_DEPTH: u32 = 99;
+/// ... in a `HostSample`.
+const HOST_DEPTH: u32 = 98;
+/// ... in a `Pressure`, `Filesystem`, `DiskIo` or `NetIo`.
+const HOST_PART_DEPTH: u32 = 97;
+
+/// True when a `Sample` holds only fields 1 (`observed_at_unix_ms`) and 2 (`host`): the lean
+/// path. Anything else, or bytes that do not walk, go to the generated decoder.
+fn host_only(mut buf: &[u8]) -> bool {
+    while buf.has_remaining() {
+        match decode_key(&mut buf) {
+            Ok((tag @ (1 | 2), wire_type)) => {
+                if skip_field(wire_type, tag, &mut buf, DecodeContext::default()).is_err() {
+                    return false;
+                }
+            }
+            _ => return false,
+        }
+    }
+    true
+}
+
+/// prost's `skip_field` with the recursion budget `depth` it would have at that point (its
+/// own context type cannot be built with less than the full budget).
+fn skip(wire_type: WireType, tag: u32, buf: &mut &[u8], depth: u32) -> Result<(), DecodeError> {
+    if depth == 0 {
+        return Err(DecodeError::Group);
+    }
+    if wire_type != WireType::StartGroup {
+        skip_field(wire_type, tag, buf, DecodeContext::default())?;
+        return Ok(());
+    }
+    loop {
+        let (inner_tag, inner_wire_type) = decode_key(buf)?;
+        if inner_wire_type == WireType::EndGroup {
+            return if inner_tag == tag {
+                Ok(())
+            } else {
+                Err(DecodeError::Group)
+            };
+        }
+        skip(inner_wire_type, inner_tag, buf, depth - 1)?;
     }
 }
 
@@ -305,13 +363,14 @@ fn ignore_f64(wire_type: WireType, buf: &mut &[u8]) -> Result<(), DecodeError> {
 /// each one.
 fn fields(
     body: &[u8],
+    depth: u32,
     mut each: impl FnMut(u32, WireType, &mut &[u8]) -> Result<bool, DecodeError>,
 ) -> Result<(), DecodeError> {
     let mut buf = body;
     while buf.has_remaining() {
         let (tag, wire_type) = decode_key(&mut buf)?;
         if !each(tag, wire_type, &mut buf)? {
-            skip_field(wire_type, tag, &mut buf, DecodeContext::default())?;
+            skip(wire_type, tag, &mut buf, depth)?;
         }
     }
     Ok(())
@@ -329,7 +388,7 @@ fn host_values(encoded: &[u8]) -> Result<(HostValues, usize, usize), DecodeError
     let (mut read_max, mut write_max, mut util_max) = (0.0f64, 0.0f64, 0.0f64);
     // -0.0: the neutral element `Iter::sum` of f64 starts from, so an empty list sums alike.
     let (mut rx, mut tx, mut errors) = (-0.0f64, -0.0f64, 0u64);
-    fields(encoded, |tag, wt, buf| {
+    fields(encoded, HOST_DEPTH, |tag, wt, buf| {
         match tag {
             1 => double::merge(wt, &mut v.cpu_busy_percent, buf, ctx())?,
             2 => double::merge(wt, &mut v.cpu_iowait_percent, buf, ctx())?,
@@ -342,7 +401,7 @@ fn host_values(encoded: &[u8]) -> Result<(HostValues, usize, usize), DecodeError
             11 => pressure(delimited(wt, buf)?, &mut cpu_some10, 1)?,
             12 => pressure(delimited(wt, buf)?, &mut mem_full10, 3)?,
             13 => pressure(delimited(wt, buf)?, &mut io_full10, 3)?,
-            14 => fields(delimited(wt, buf)?, |tag, wt, buf| {
+            14 => fields(delimited(wt, buf)?, HOST_PART_DEPTH, |tag, wt, buf| {
                 match tag {
                     1 => string(wt, buf, "Filesystem.path")?,
                     2 | 5 | 6 => ignore_u64(wt, buf)?,
@@ -355,7 +414,7 @@ fn host_values(encoded: &[u8]) -> Result<(HostValues, usize, usize), DecodeError
             15 => {
                 disks += 1;
                 let (mut read, mut write, mut util) = (0.0, 0.0, 0.0);
-                fields(delimited(wt, buf)?, |tag, wt, buf| {
+                fields(delimited(wt, buf)?, HOST_PART_DEPTH, |tag, wt, buf| {
                     match tag {
                         1 => string(wt, buf, "DiskIo.device")?,
                         2..=5 => ignore_f64(wt, buf)?,
@@ -373,7 +432,7 @@ fn host_values(encoded: &[u8]) -> Result<(HostValues, usize, usize), DecodeError
             16 => {
                 networks += 1;
                 let (mut rx_errors, mut tx_errors, mut rx_rate, mut tx_rate) = (0, 0, 0.0, 0.0);
-                fields(delimited(wt, buf)?, |tag, wt, buf| {
+                fields(delimited(wt, buf)?, HOST_PART_DEPTH, |tag, wt, buf| {
                     match tag {
                         1 => string(wt, buf, "NetIo.interface")?,
                         2 | 3 | 6 | 7 => ignore_u64(wt, buf)?,
@@ -410,7 +469,7 @@ fn host_values(encoded: &[u8]) -> Result<(HostValues, usize, usize), DecodeError
 
 /// Reads field `keep` (a double) of an encoded `Pressure` into `value`; checks the rest.
 fn pressure(body: &[u8], value: &mut f64, keep: u32) -> Result<(), DecodeError> {
-    fields(body, |tag, wt, buf| {
+    fields(body, HOST_PART_DEPTH, |tag, wt, buf| {
         match tag {
             t if t == keep => double::merge(wt, value, buf, DecodeContext::default())?,
             1..=4 => ignore_f64(wt, buf)?,
@@ -715,6 +774,57 @@ mod tests {
         assert_eq!(host.values.cpu_psi_some_avg10_percent, 9.5);
         assert_eq!(host.values.disk_read_latency_ms_max, 1e9);
         assert_eq!(host.disks, first.disks.len() + 1);
+    }
+
+    /// An unknown field 6 holding groups nested `depth` deep.
+    fn nested_groups(depth: usize) -> Vec<u8> {
+        let mut bytes = vec![0x33];
+        bytes.extend(std::iter::repeat_n(0x0B, depth));
+        bytes.extend(std::iter::repeat_n(0x0C, depth));
+        bytes.push(0x34);
+        bytes
+    }
+
+    /// `inner` as the body of field `tag` of `outer` (appended).
+    fn wrap(tag: u32, inner: &[u8], mut outer: Vec<u8>) -> Vec<u8> {
+        prost::encoding::encode_key(tag, WireType::LengthDelimited, &mut outer);
+        prost::encoding::encode_varint(inner.len() as u64, &mut outer);
+        outer.extend_from_slice(inner);
+        outer
+    }
+
+    #[test]
+    fn unknown_groups_nest_exactly_as_deep_as_the_generated_decoder_allows() {
+        let mut refused = 0;
+        for depth in 90..=101 {
+            let groups = nested_groups(depth);
+            let host = |inner: Vec<u8>| wrap(2, &wrap(2, &inner, Vec::new()), Vec::new());
+            let cases = [
+                // In the batch, in a sample, in a host sample, in its pressure and its disk,
+                // and in a chain sample (the generated path).
+                groups.clone(),
+                wrap(2, &groups, Vec::new()),
+                host(groups.clone()),
+                host(wrap(11, &groups, Vec::new())),
+                host(wrap(15, &groups, Vec::new())),
+                wrap(2, &wrap(3, &groups, Vec::new()), Vec::new()),
+            ];
+            for bytes in cases {
+                assert!(agree(&bytes), "depth {depth}");
+                let full = SampleBatch::decode(bytes.as_slice());
+                refused += usize::from(full.is_err());
+                // What the lean path accepts, the stored host sample decodes alone too (the
+                // ledger reads it back at start).
+                if let Ok(batch) = Batch::decode(&Bytes::from(bytes)) {
+                    for sample in &batch.samples {
+                        if let Some(Kind::Host(host)) = &sample.kind {
+                            assert!(HostSample::decode(host.encoded.clone()).is_ok());
+                        }
+                    }
+                }
+            }
+        }
+        assert!(refused > 0 && refused < 6 * 12, "refused {refused}");
     }
 
     #[test]
