@@ -126,3 +126,58 @@ async fn outbox_ids_follow_commit_order_on_postgresql() -> TestResult {
     let ledger = Ledger::open(&postgres.url()).await?;
     ids_follow_commit_order(&ledger).await
 }
+
+fn segment_files(dir: &std::path::Path) -> anyhow::Result<Vec<String>> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)?
+        .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect::<Result<_, _>>()?;
+    names.sort();
+    Ok(names)
+}
+
+#[tokio::test]
+async fn sqlite_outbox_blobs_live_in_segment_files_until_delivered() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let url = format!("sqlite://{}/g.db", dir.path().display());
+    let folder = dir.path().join("g.db-outbox");
+    let jobs = |seqs: std::ops::RangeInclusive<u64>| -> anyhow::Result<Vec<Job>> {
+        seqs.map(|seq| job("n1", seq, seq % 2 == 0)).collect()
+    };
+    let ledger = Ledger::open(&url).await?;
+    // An embedded-store ledger never creates the folder; the first outbox group does.
+    assert!(!folder.exists());
+    let first = ledger.commit_group(&jobs(1..=3)?, Telemetry::Outbox, 1).await?;
+    assert_eq!(segment_files(&folder)?, ["000000000001.seg"]);
+    let first_bytes: u64 = first.outbox.iter().map(|(_, bytes)| bytes).sum();
+    assert_eq!(ledger.outbox_pending().await?, (3, first_bytes));
+    drop(ledger);
+
+    // A restart appends to a new segment; both read back, in id order, intact.
+    let ledger = Ledger::open(&url).await?;
+    let second = ledger.commit_group(&jobs(4..=5)?, Telemetry::Outbox, 2).await?;
+    assert_eq!(
+        segment_files(&folder)?,
+        ["000000000001.seg", "000000000002.seg"]
+    );
+    let read = ledger.outbox_read(0, 100, 1_000).await?;
+    let handed: Vec<_> = first.outbox.iter().chain(&second.outbox).collect();
+    assert_eq!(read.len(), 5);
+    for (stored, (handed, _)) in read.iter().zip(&handed) {
+        assert_eq!(stored.outbox_id, handed.outbox_id);
+        assert_eq!(stored.batch, handed.batch);
+    }
+
+    // Delivering the first segment's batches removes its file, not the current one.
+    let last_of_first = first.outbox.last().map_or(0, |(b, _)| b.outbox_id);
+    assert_eq!(
+        ledger.outbox_delete_through(last_of_first).await?,
+        (3, first_bytes)
+    );
+    assert_eq!(segment_files(&folder)?, ["000000000002.seg"]);
+    assert_eq!(ledger.outbox_read(0, 100, 1_000).await?.len(), 2);
+    let last = second.outbox.last().map_or(0, |(b, _)| b.outbox_id);
+    ledger.outbox_delete_through(last).await?;
+    assert_eq!(ledger.outbox_pending().await?, (0, 0));
+    assert_eq!(segment_files(&folder)?, ["000000000002.seg"]);
+    Ok(())
+}

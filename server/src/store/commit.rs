@@ -709,7 +709,7 @@ impl Ledger {
         let stored = insert_batch_records(&mut tx, self.backend, jobs, now_unix_ms).await?;
         let mut commits = Vec::with_capacity(jobs.len());
         let mut rows = Rows::default();
-        let mut outbox: Vec<Vec<Value>> = Vec::new();
+        let mut blobs: Vec<prost::bytes::Bytes> = Vec::new();
         let mut outbox_jobs: Vec<(&Job, u64)> = Vec::new();
         let mut nodes: HashMap<&str, NodeUpdate> = HashMap::new();
         for job in jobs {
@@ -722,17 +722,12 @@ impl Ledger {
                 Telemetry::Embedded => rows.add(job.node.as_str(), batch),
                 Telemetry::Outbox => {
                     let encoded = if job.encoded.is_empty() {
-                        batch.to_proto().encode_to_vec()
+                        batch.to_proto().encode_to_vec().into()
                     } else {
-                        job.encoded.to_vec()
+                        job.encoded.clone()
                     };
                     outbox_jobs.push((job, encoded.len() as u64));
-                    outbox.push(vec![
-                        Value::T(job.node.to_string()),
-                        Value::T(job.network.clone()),
-                        Value::I(now_unix_ms),
-                        Value::B(encoded),
-                    ]);
+                    blobs.push(encoded);
                 }
             }
             nodes.entry(job.node.as_str()).or_default().add(batch);
@@ -787,6 +782,42 @@ impl Ledger {
             rows.kind,
         )
         .await?;
+        // A SQLite file ledger keeps the blobs in segment files, synced before this
+        // transaction commits; the rows say where (segments.rs).
+        let outbox: Vec<Vec<Value>> = match &self.segments {
+            Some(folder) if !blobs.is_empty() => folder
+                .append(blobs)
+                .await?
+                .into_iter()
+                .zip(&outbox_jobs)
+                .map(|(at, (job, _))| {
+                    vec![
+                        Value::T(job.node.to_string()),
+                        Value::T(job.network.clone()),
+                        Value::I(now_unix_ms),
+                        Value::B(Vec::new()),
+                        Value::I(to_i64(at.segment)),
+                        Value::I(to_i64(at.offset)),
+                        Value::I(to_i64(at.len)),
+                    ]
+                })
+                .collect(),
+            _ => blobs
+                .into_iter()
+                .zip(&outbox_jobs)
+                .map(|(blob, (job, _))| {
+                    vec![
+                        Value::T(job.node.to_string()),
+                        Value::T(job.network.clone()),
+                        Value::I(now_unix_ms),
+                        Value::B(blob.to_vec()),
+                        Value::I(0),
+                        Value::I(0),
+                        Value::I(0),
+                    ]
+                })
+                .collect(),
+        };
         let ids = insert_outbox(&mut tx, self.backend, outbox).await?;
         update_nodes(&mut tx, self.backend, nodes, now_unix_ms).await?;
         tx.commit().await?;
@@ -808,14 +839,23 @@ impl Ledger {
     }
 }
 
-/// Inserts outbox rows (`node_id, network, received_at_unix_ms, batch`); returns their ids
+/// Inserts outbox rows (`node_id, network, received_at_unix_ms, batch, segment,
+/// segment_offset, segment_len`); returns their ids
 /// in list order.
 async fn insert_outbox(
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
     backend: Backend,
     rows: Vec<Vec<Value>>,
 ) -> Result<Vec<u64>, StoreError> {
-    const COLUMNS: [&str; 4] = ["node_id", "network", "received_at_unix_ms", "batch"];
+    const COLUMNS: [&str; 7] = [
+        "node_id",
+        "network",
+        "received_at_unix_ms",
+        "batch",
+        "segment",
+        "segment_offset",
+        "segment_len",
+    ];
     let mut ids = Vec::with_capacity(rows.len());
     for chunk in statements(rows, COLUMNS.len()) {
         // A multi-row VALUES list assigns ids in list order (SQLite AUTOINCREMENT rowids,

@@ -13,6 +13,7 @@ pub mod commands;
 pub mod commit;
 pub mod queries;
 pub mod reconcile;
+pub mod segments;
 pub mod telemetry;
 
 use std::path::Path;
@@ -83,6 +84,16 @@ pub enum StoreError {
     /// A query failed.
     #[error("ledger query failed: {0}")]
     Query(#[from] sqlx::Error),
+    /// An outbox segment file could not be written, read or removed.
+    #[error(
+        "outbox segment folder {path}: {source} (check that the folder is writable and the disk not full)"
+    )]
+    Segment {
+        /// The folder.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
     /// A stored protobuf blob did not decode.
     #[error("stored sample for node {node} does not decode: {source}")]
     Corrupt {
@@ -103,6 +114,7 @@ impl StoreError {
             Self::Migrate(_) => "migrate",
             Self::Query(_) => "query",
             Self::Corrupt { .. } => "corrupt",
+            Self::Segment { .. } => "segment",
         }
     }
 }
@@ -141,6 +153,9 @@ pub struct Ledger {
     /// commands) queue here, first come first served, instead of racing for the file lock
     /// through SQLite's busy handler (whose back-off sleeps starve the rarer writer).
     write_gate: Option<Arc<tokio::sync::Mutex<()>>>,
+    /// SQLite file ledgers: the folder of outbox segment files, and its append side once
+    /// the first outbox batch is written.
+    segments: Option<Arc<segments::Folder>>,
 }
 
 impl Ledger {
@@ -193,10 +208,19 @@ impl Ledger {
         }
         let write_gate =
             (backend == Backend::Sqlite).then(|| Arc::new(tokio::sync::Mutex::new(())));
+        let segments = match backend {
+            Backend::Sqlite => sqlite_file(url).map(|file| {
+                let mut dir = file.into_os_string();
+                dir.push("-outbox");
+                Arc::new(segments::Folder::new(dir.into()))
+            }),
+            Backend::Postgres => None,
+        };
         Ok(Self {
             pool,
             backend,
             write_gate,
+            segments,
         })
     }
 
@@ -419,6 +443,17 @@ fn to_i64(value: u64) -> i64 {
 }
 
 /// Turns `sqlite://PATH` into a URL that creates the file, creating its folder too.
+/// The database file of a SQLite URL (None for an in-memory database).
+fn sqlite_file(url: &str) -> Option<std::path::PathBuf> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+        .unwrap_or(url);
+    let path = rest.split_once('?').map_or(rest, |(path, _)| path);
+    (!path.is_empty() && path != ":memory:" && !rest.contains("mode=memory"))
+        .then(|| std::path::PathBuf::from(path))
+}
+
 fn sqlite_url(url: &str) -> Result<String, StoreError> {
     let rest = url
         .strip_prefix("sqlite://")

@@ -19,18 +19,48 @@ impl Ledger {
         max_samples: usize,
     ) -> Result<Vec<OutboxBatch>, StoreError> {
         let rows = sqlx::query(
-            "SELECT id, node_id, network, received_at_unix_ms, batch FROM outbox
-             WHERE id > $1 ORDER BY id LIMIT $2",
+            "SELECT id, node_id, network, received_at_unix_ms, batch, segment, segment_offset,
+                    segment_len
+             FROM outbox WHERE id > $1 ORDER BY id LIMIT $2",
         )
         .bind(to_i64(after_id))
         .bind(to_i64(max_batches as u64))
         .fetch_all(&self.pool)
         .await?;
+        // Blobs in segment files (segment > 0) are read in one go.
+        let mut located = Vec::new();
+        for row in &rows {
+            let segment = count(row, 5)?;
+            if segment > 0 {
+                located.push(super::segments::Location {
+                    segment,
+                    offset: count(row, 6)?,
+                    len: count(row, 7)?,
+                });
+            }
+        }
+        let mut from_segments = match (&self.segments, located.is_empty()) {
+            (_, true) => Vec::new(),
+            (Some(folder), false) => folder.read(located).await?,
+            (None, false) => {
+                return Err(StoreError::Segment {
+                    path: "(none: not a SQLite file ledger)".to_owned(),
+                    source: std::io::Error::other(
+                        "outbox rows refer to segment files, but this ledger has no segment folder",
+                    ),
+                });
+            }
+        }
+        .into_iter();
         let mut out = Vec::with_capacity(rows.len());
         let mut samples = 0usize;
         for row in rows {
             let node_id: String = row.try_get(1)?;
-            let blob: Vec<u8> = row.try_get(4)?;
+            let blob: Vec<u8> = if count(&row, 5)? > 0 {
+                from_segments.next().unwrap_or_default()
+            } else {
+                row.try_get(4)?
+            };
             let batch = crate::batch::Batch::decode(&blob.into()).map_err(|source| {
                 StoreError::Corrupt {
                     node: node_id.clone(),
@@ -82,10 +112,16 @@ impl Ledger {
     /// # Errors
     /// [`StoreError::Query`].
     pub async fn outbox_delete_through(&self, through_id: u64) -> Result<(u64, u64), StoreError> {
+        // Before the rows are read: see segments::Folder::current.
+        let current = match &self.segments {
+            Some(folder) => Some(folder.current().await?),
+            None => None,
+        };
         let _turn = self.write_turn().await;
         let mut tx = self.pool.begin().await?;
         let row = sqlx::query(
-            "SELECT COUNT(*), COALESCE(SUM(LENGTH(batch)), 0) FROM outbox WHERE id <= $1",
+            "SELECT COUNT(*), CAST(COALESCE(SUM(LENGTH(batch) + segment_len), 0) AS BIGINT) FROM outbox
+             WHERE id <= $1",
         )
         .bind(to_i64(through_id))
         .fetch_one(&mut *tx)
@@ -96,6 +132,23 @@ impl Ledger {
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
+        drop(_turn);
+        if let (Some(folder), Some(current)) = (&self.segments, current) {
+            // Segments only grow with ids, so the oldest row holds the oldest live segment.
+            let oldest_live: Option<i64> =
+                sqlx::query("SELECT segment FROM outbox WHERE segment > 0 ORDER BY id LIMIT 1")
+                    .fetch_optional(&self.pool)
+                    .await?
+                    .map(|row| row.try_get(0))
+                    .transpose()?;
+            let below = oldest_live
+                .and_then(|s| u64::try_from(s).ok())
+                .map_or(current, |oldest| oldest.min(current));
+            // The rows are gone either way; a file left behind goes with the next clean-up.
+            if let Err(error) = folder.remove_below(below).await {
+                tracing::warn!(%error, "OutboxSegmentsNotRemoved");
+            }
+        }
         Ok(counted)
     }
 
@@ -104,9 +157,11 @@ impl Ledger {
     /// # Errors
     /// [`StoreError::Query`].
     pub async fn outbox_pending(&self) -> Result<(u64, u64), StoreError> {
-        let row = sqlx::query("SELECT COUNT(*), COALESCE(SUM(LENGTH(batch)), 0) FROM outbox")
-            .fetch_one(&self.pool)
-            .await?;
+        let row = sqlx::query(
+            "SELECT COUNT(*), CAST(COALESCE(SUM(LENGTH(batch) + segment_len), 0) AS BIGINT) FROM outbox",
+        )
+        .fetch_one(&self.pool)
+        .await?;
         Ok((count(&row, 0)?, count(&row, 1)?))
     }
 
