@@ -146,7 +146,9 @@ async fn sqlite_outbox_blobs_live_in_segment_files_until_delivered() -> TestResu
     let ledger = Ledger::open(&url).await?;
     // An embedded-store ledger never creates the folder; the first outbox group does.
     assert!(!folder.exists());
-    let first = ledger.commit_group(&jobs(1..=3)?, Telemetry::Outbox, 1).await?;
+    let first = ledger
+        .commit_group(&jobs(1..=3)?, Telemetry::Outbox, 1)
+        .await?;
     assert_eq!(segment_files(&folder)?, ["000000000001.seg"]);
     let first_bytes: u64 = first.outbox.iter().map(|(_, bytes)| bytes).sum();
     assert_eq!(ledger.outbox_pending().await?, (3, first_bytes));
@@ -154,7 +156,9 @@ async fn sqlite_outbox_blobs_live_in_segment_files_until_delivered() -> TestResu
 
     // A restart appends to a new segment; both read back, in id order, intact.
     let ledger = Ledger::open(&url).await?;
-    let second = ledger.commit_group(&jobs(4..=5)?, Telemetry::Outbox, 2).await?;
+    let second = ledger
+        .commit_group(&jobs(4..=5)?, Telemetry::Outbox, 2)
+        .await?;
     assert_eq!(
         segment_files(&folder)?,
         ["000000000001.seg", "000000000002.seg"]
