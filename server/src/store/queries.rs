@@ -112,9 +112,16 @@ impl Ledger {
     /// # Errors
     /// [`StoreError::Query`].
     pub async fn outbox_delete_through(&self, through_id: u64) -> Result<(u64, u64), StoreError> {
-        // Before the rows are read: see segments::Folder::current.
+        // Before the rows are read: see segments::Folder::current. Without it (no segment
+        // could be opened) the rows are still deleted; their files go with a later clean-up.
         let current = match &self.segments {
-            Some(folder) => Some(folder.current().await?),
+            Some(folder) => match folder.current().await {
+                Ok(current) => Some(current),
+                Err(error) => {
+                    tracing::warn!(%error, "OutboxSegmentsNotRemoved");
+                    None
+                }
+            },
             None => None,
         };
         let _turn = self.write_turn().await;
@@ -134,22 +141,32 @@ impl Ledger {
         tx.commit().await?;
         drop(_turn);
         if let (Some(folder), Some(current)) = (&self.segments, current) {
-            // Segments only grow with ids, so the oldest row holds the oldest live segment.
-            let oldest_live: Option<i64> =
-                sqlx::query("SELECT segment FROM outbox WHERE segment > 0 ORDER BY id LIMIT 1")
-                    .fetch_optional(&self.pool)
-                    .await?
-                    .map(|row| row.try_get(0))
-                    .transpose()?;
-            let below = oldest_live
-                .and_then(|s| u64::try_from(s).ok())
-                .map_or(current, |oldest| oldest.min(current));
-            // The rows are gone either way; a file left behind goes with the next clean-up.
-            if let Err(error) = folder.remove_below(below).await {
+            // The rows are gone whatever happens here (the caller must count them as removed);
+            // a file left behind goes with the next clean-up.
+            if let Err(error) = self.remove_segments(folder, current).await {
                 tracing::warn!(%error, "OutboxSegmentsNotRemoved");
             }
         }
         Ok(counted)
+    }
+
+    /// Removes the segment files below the oldest one a row refers to (and below `current`).
+    async fn remove_segments(
+        &self,
+        folder: &std::sync::Arc<super::segments::Folder>,
+        current: u64,
+    ) -> Result<usize, StoreError> {
+        // Segments only grow with ids, so the oldest row holds the oldest live segment.
+        let oldest_live: Option<i64> =
+            sqlx::query("SELECT segment FROM outbox WHERE segment > 0 ORDER BY id LIMIT 1")
+                .fetch_optional(&self.pool)
+                .await?
+                .map(|row| row.try_get(0))
+                .transpose()?;
+        let below = oldest_live
+            .and_then(|s| u64::try_from(s).ok())
+            .map_or(current, |oldest| oldest.min(current));
+        folder.remove_below(below).await
     }
 
     /// `(batches, bytes)` waiting in the outbox.

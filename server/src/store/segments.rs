@@ -57,7 +57,13 @@ impl Segments {
     /// # Errors
     /// The folder or the file cannot be created.
     pub fn open(dir: &Path) -> std::io::Result<Self> {
-        std::fs::create_dir_all(dir)?;
+        if !dir.exists() {
+            std::fs::create_dir_all(dir)?;
+            // The folder's own name must survive a power loss too.
+            if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+                File::open(parent)?.sync_all()?;
+            }
+        }
         let highest = numbers(dir)?.into_iter().max().unwrap_or(0);
         let current = Current::create(dir, highest + 1)?;
         Ok(Self {
@@ -152,12 +158,21 @@ pub fn remove_below(dir: &Path, below: u64) -> std::io::Result<usize> {
 }
 
 impl Current {
+    /// A new, empty segment numbered `number` or, where a file of that number exists (left
+    /// by a creation that failed half-way), the next free number.
     fn create(dir: &Path, number: u64) -> std::io::Result<Self> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(path(dir, number))?;
+        let mut number = number;
+        let file = loop {
+            match OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(path(dir, number))
+            {
+                Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => number += 1,
+                opened => break opened?,
+            }
+        };
         // The new name must survive a power loss as well as the bytes in it.
         File::open(dir)?.sync_all()?;
         Ok(Self {
@@ -291,6 +306,15 @@ impl Folder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_segment_left_by_a_half_failed_creation_is_skipped() -> std::io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        File::create(path(dir.path(), 5))?;
+        let current = Current::create(dir.path(), 5)?;
+        assert_eq!(current.number, 6);
+        Ok(())
+    }
 
     #[test]
     fn blobs_read_back_across_segments_and_reopening() -> std::io::Result<()> {
