@@ -236,11 +236,21 @@ impl Folder {
         }
     }
 
-    fn error(&self, source: std::io::Error) -> StoreError {
-        StoreError::Segment {
-            path: self.dir.display().to_string(),
-            source,
-        }
+    /// Runs `work` on a blocking thread (file I/O and fdatasync must not stall the async
+    /// workers); its I/O error becomes [`StoreError::Segment`] naming the folder.
+    async fn blocking<T: Send + 'static>(
+        self: &Arc<Self>,
+        work: impl FnOnce(&Self) -> std::io::Result<T> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let folder = Arc::clone(self);
+        tokio::task::spawn_blocking(move || work(&folder))
+            .await
+            .map_err(|join| std::io::Error::other(join.to_string()))
+            .and_then(|done| done)
+            .map_err(|source| StoreError::Segment {
+                path: self.dir.display().to_string(),
+                source,
+            })
     }
 
     /// [`Segments::append`].
@@ -248,12 +258,8 @@ impl Folder {
     /// # Errors
     /// [`StoreError::Segment`].
     pub async fn append(self: &Arc<Self>, blobs: Vec<Bytes>) -> Result<Vec<Location>, StoreError> {
-        let folder = Arc::clone(self);
-        tokio::task::spawn_blocking(move || folder.segments()?.append(&blobs))
+        self.blocking(move |folder| folder.segments()?.append(&blobs))
             .await
-            .map_err(|join| std::io::Error::other(join.to_string()))
-            .and_then(|done| done)
-            .map_err(|source| self.error(source))
     }
 
     /// [`read`].
@@ -264,12 +270,8 @@ impl Folder {
         self: &Arc<Self>,
         locations: Vec<Location>,
     ) -> Result<Vec<Vec<u8>>, StoreError> {
-        let folder = Arc::clone(self);
-        tokio::task::spawn_blocking(move || read(&folder.dir, &locations))
+        self.blocking(move |folder| read(&folder.dir, &locations))
             .await
-            .map_err(|join| std::io::Error::other(join.to_string()))
-            .and_then(|done| done)
-            .map_err(|source| self.error(source))
     }
 
     /// The segment being appended to (opening one if none is yet). Read it *before* asking
@@ -281,12 +283,8 @@ impl Folder {
     /// # Errors
     /// [`StoreError::Segment`].
     pub async fn current(self: &Arc<Self>) -> Result<u64, StoreError> {
-        let folder = Arc::clone(self);
-        tokio::task::spawn_blocking(move || Ok(folder.segments()?.current()))
+        self.blocking(|folder| Ok(folder.segments()?.current()))
             .await
-            .map_err(|join| std::io::Error::other(join.to_string()))
-            .and_then(|done| done)
-            .map_err(|source| self.error(source))
     }
 
     /// Removes the segments numbered below `below`.
@@ -294,12 +292,8 @@ impl Folder {
     /// # Errors
     /// [`StoreError::Segment`].
     pub async fn remove_below(self: &Arc<Self>, below: u64) -> Result<usize, StoreError> {
-        let folder = Arc::clone(self);
-        tokio::task::spawn_blocking(move || remove_below(&folder.dir, below))
+        self.blocking(move |folder| remove_below(&folder.dir, below))
             .await
-            .map_err(|join| std::io::Error::other(join.to_string()))
-            .and_then(|done| done)
-            .map_err(|source| self.error(source))
     }
 }
 
