@@ -405,6 +405,12 @@ impl ServerConfig {
             "request_timeout_ms",
             to_value(ch.request_timeout_ms),
         );
+        line(
+            &mut out,
+            "auto = LZ4 unless the server is on a loopback address; lz4; none (default auto).",
+            "compression",
+            ch.compression.clone().into(),
+        );
         out.push_str("\n[tls]\n");
         line(
             &mut out,

@@ -30,6 +30,15 @@ fn settings(ch: &ClickHouse) -> ClickHouseSettings {
     }
 }
 
+/// As a remote server is reached: LZ4-compressed requests and answers (the default to a
+/// loopback address is none).
+fn lz4_settings(ch: &ClickHouse) -> ClickHouseSettings {
+    ClickHouseSettings {
+        compression: "lz4".into(),
+        ..settings(ch)
+    }
+}
+
 fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -208,7 +217,7 @@ async fn opening_twice_applies_each_migration_once() -> TestResult {
 #[tokio::test]
 async fn a_replayed_chunk_is_stored_once_per_table_even_across_a_restart() -> TestResult {
     let mut ch = ClickHouse::start()?;
-    let store = ClickHouseStore::open(&settings(&ch)).await?;
+    let store = ClickHouseStore::open(&lz4_settings(&ch)).await?;
     let at = now_ms() - 60_000;
     let first = mixed_chunk(1..=5, at);
 
@@ -257,7 +266,7 @@ async fn a_replayed_chunk_is_stored_once_per_table_even_across_a_restart() -> Te
 #[tokio::test]
 async fn history_from_raw_rows_and_from_rollups_agree() -> TestResult {
     let ch = ClickHouse::start()?;
-    let store = ClickHouseStore::open(&settings(&ch)).await?;
+    let store = ClickHouseStore::open(&lz4_settings(&ch)).await?;
     // Three whole minutes inside one hour, an hour ago: 6 samples a minute, 10 s apart.
     let hour = (now_ms() / 3_600_000 - 1) * 3_600_000;
     let mut chunk = Vec::new();

@@ -195,9 +195,9 @@ pub async fn spawn(
             .map(|(id, _)| id.clone())
             .collect(),
         states,
-        open,
+        open: OpenFindings::from(open),
         current: HashMap::new(),
-        health: HashMap::new(),
+        health: FleetHealth::default(),
         contexts: HashMap::new(),
         evaluated: HashMap::new(),
         policies: HashMap::new(),
@@ -231,12 +231,12 @@ struct Runner {
     parts: Parts,
     trigger: Arc<Trigger>,
     states: HashMap<NodeId, NodeState>,
-    /// Open findings: `(node id or "network:NAME", kind) -> finding_id`.
-    open: HashMap<(String, String), u64>,
+    /// Open findings, by node id or "network:NAME".
+    open: OpenFindings,
     /// Each node's findings at its last evaluation (risk, API).
     current: HashMap<NodeId, Vec<Finding>>,
     /// Each node's network and whether it has a remediable finding now.
-    health: HashMap<NodeId, (String, bool)>,
+    health: FleetHealth,
     /// Per network: best block and median peers, refreshed each tick.
     contexts: HashMap<String, FleetContext>,
     /// When each node was last evaluated (the tick skips fresh ones).
@@ -252,6 +252,91 @@ struct Runner {
     heard: HashSet<NodeId>,
     /// When this reconciler started (silence is not judged before `silent_after_ms` of it).
     started_unix_ms: i64,
+}
+
+/// Each node's network and whether it has a remediable finding now, with per-network
+/// counts kept in step so that the fleet share costs one lookup per evaluation, not a walk
+/// over the fleet.
+#[derive(Debug, Default)]
+struct FleetHealth {
+    nodes: HashMap<NodeId, (String, bool)>,
+    /// Per network: (nodes, degraded nodes).
+    counts: HashMap<String, (usize, usize)>,
+}
+
+impl FleetHealth {
+    fn set(&mut self, id: &NodeId, network: &str, degraded: bool) {
+        if let Some((was_network, was_degraded)) = self.nodes.get(id) {
+            if was_network == network && *was_degraded == degraded {
+                return;
+            }
+            if let Some(count) = self.counts.get_mut(was_network) {
+                count.0 -= 1;
+                count.1 -= usize::from(*was_degraded);
+                if count.0 == 0 {
+                    self.counts.remove(was_network);
+                }
+            }
+        }
+        let count = self.counts.entry(network.to_owned()).or_default();
+        count.0 += 1;
+        count.1 += usize::from(degraded);
+        self.nodes
+            .insert(id.clone(), (network.to_owned(), degraded));
+    }
+
+    /// `(nodes, degraded nodes)` of `network`.
+    fn counts(&self, network: &str) -> (usize, usize) {
+        self.counts.get(network).copied().unwrap_or_default()
+    }
+}
+
+/// Open findings by key (a node id or "network:NAME"), then kind: a node's evaluation looks
+/// at its own findings only.
+#[derive(Debug, Default)]
+struct OpenFindings {
+    by_key: HashMap<String, HashMap<String, u64>>,
+}
+
+impl From<crate::store::reconcile::OpenFindings> for OpenFindings {
+    fn from(flat: crate::store::reconcile::OpenFindings) -> Self {
+        let mut open = Self::default();
+        for ((key, kind), finding_id) in flat {
+            open.insert(&key, &kind, finding_id);
+        }
+        open
+    }
+}
+
+impl OpenFindings {
+    /// `(kind, finding_id)` of each finding open on `key`.
+    fn of(&self, key: &str) -> impl Iterator<Item = (&String, &u64)> {
+        self.by_key.get(key).into_iter().flatten()
+    }
+
+    fn contains(&self, key: &str, kind: &str) -> bool {
+        self.by_key.get(key).is_some_and(|k| k.contains_key(kind))
+    }
+
+    fn insert(&mut self, key: &str, kind: &str, finding_id: u64) {
+        self.by_key
+            .entry(key.to_owned())
+            .or_default()
+            .insert(kind.to_owned(), finding_id);
+    }
+
+    fn remove(&mut self, key: &str, kind: &str) -> Option<u64> {
+        let kinds = self.by_key.get_mut(key)?;
+        let finding_id = kinds.remove(kind);
+        if kinds.is_empty() {
+            self.by_key.remove(key);
+        }
+        finding_id
+    }
+
+    fn keys(&self) -> impl Iterator<Item = &String> {
+        self.by_key.keys()
+    }
 }
 
 /// What one pass decided: written to the ledger in one transaction, then carried out.
@@ -424,8 +509,7 @@ impl Runner {
             .map(|f| f.kind);
         // The fleet share counts nodes whose chain degrades; a silent agent (a host down,
         // a decommissioned node) says nothing about the chain or the network.
-        self.health
-            .insert(id.clone(), (network.clone(), !remediable.is_empty()));
+        self.health.set(id, &network, !remediable.is_empty());
         let observation = Observation {
             now_unix_ms: now,
             has_chain,
@@ -438,7 +522,7 @@ impl Runner {
             stale: arrived.is_none()
                 || chain_at.is_some_and(|at| now - at > self.parts.detect.silent_after_ms),
             fleet_hold: self.network_held(&network),
-            fleet_in_flight: self.in_flight.iter().filter(|n| *n != id).count(),
+            fleet_in_flight: self.in_flight.len() - usize::from(self.in_flight.contains(id)),
             fleet_max_in_flight: self.parts.settings.max_concurrent_remediations,
         };
         let mut plan = super::plan(&before, &observation, sync_policy);
@@ -563,21 +647,23 @@ impl Runner {
     ) {
         let node_id = if key.starts_with("network:") { "" } else { key };
         let kinds: HashSet<&str> = findings.iter().map(|f| f.kind.as_str()).collect();
-        for ((node, kind), finding_id) in &self.open {
-            if may_clear && node == key && !kinds.contains(kind.as_str()) {
-                pass.writes.cleared.push(ClearedFinding {
-                    finding_id: *finding_id,
-                    node_id: node_id.to_owned(),
-                    kind: kind.clone(),
-                });
-                pass.cleared_keys.push((node.clone(), kind.clone()));
+        if may_clear {
+            for (kind, finding_id) in self.open.of(key) {
+                if !kinds.contains(kind.as_str()) {
+                    pass.writes.cleared.push(ClearedFinding {
+                        finding_id: *finding_id,
+                        node_id: node_id.to_owned(),
+                        kind: kind.clone(),
+                    });
+                    pass.cleared_keys.push((key.to_owned(), kind.clone()));
+                }
             }
         }
         // A node's findings may hold several of one kind; the first (worst-sorted) is stored.
         let mut seen = HashSet::new();
         for finding in findings {
             let kind = finding.kind.as_str();
-            if !seen.insert(kind) || self.open.contains_key(&(key.to_owned(), kind.to_owned())) {
+            if !seen.insert(kind) || self.open.contains(key, kind) {
                 continue;
             }
             pass.writes.raised.push(RaisedFinding {
@@ -597,7 +683,7 @@ impl Runner {
             match self.parts.ledger.write_pass(&pass.writes, now).await {
                 Ok(ids) => {
                     for ((key, kind), finding_id) in pass.raised_keys.iter().zip(ids) {
-                        self.open.insert((key.clone(), kind.clone()), finding_id);
+                        self.open.insert(key, kind, finding_id);
                     }
                 }
                 Err(error) => {
@@ -613,7 +699,7 @@ impl Runner {
             }
         }
         for key in &pass.cleared_keys {
-            if let Some(finding_id) = self.open.remove(key) {
+            if let Some(finding_id) = self.open.remove(&key.0, &key.1) {
                 tracing::info!(node = key.0, kind = key.1, finding_id, "FindingCleared");
             }
         }
@@ -715,13 +801,7 @@ impl Runner {
 
     /// Whether the share of `network`'s nodes degraded now calls for holding per-node action.
     fn network_held(&self, network: &str) -> bool {
-        let (mut nodes, mut degraded) = (0usize, 0usize);
-        for (net, bad) in self.health.values() {
-            if net == network {
-                nodes += 1;
-                degraded += usize::from(*bad);
-            }
-        }
+        let (nodes, degraded) = self.health.counts(network);
         let policy = &self.parts.detect;
         degraded > 0
             && nodes >= policy.fleet_min_nodes.max(1)
@@ -733,8 +813,8 @@ impl Runner {
     /// others' next samples are in flight); the fleet finding counts only nodes whose bad
     /// streak is confirmed, so one odd sample per node does not page anyone.
     fn correlate(&mut self, pass: &mut Pass) {
-        let mut nodes = Vec::with_capacity(self.health.len());
-        for (id, (network, degraded)) in self.health.clone() {
+        let mut nodes = Vec::with_capacity(self.health.nodes.len());
+        for (id, (network, degraded)) in self.health.nodes.clone() {
             let policy = self.policy(&id);
             let confirmed = self
                 .states
@@ -753,7 +833,7 @@ impl Runner {
         networks.extend(
             self.open
                 .keys()
-                .filter_map(|(key, _)| key.strip_prefix("network:").map(str::to_owned)),
+                .filter_map(|key| key.strip_prefix("network:").map(str::to_owned)),
         );
         for network in networks {
             let findings: Vec<Finding> = fleet_findings
@@ -811,7 +891,7 @@ impl Runner {
         next.paused = pause;
         // A resumed node is handed back as it is now (its streaks were kept while paused),
         // not as a newcomer that may take its time to sync.
-        next.phase = match (pause, self.health.get(node)) {
+        next.phase = match (pause, self.health.nodes.get(node)) {
             (true, _) => Phase::Paused,
             (false, Some((_, true))) => Phase::Degraded,
             (false, Some((_, false))) => Phase::Synced,
@@ -901,6 +981,50 @@ fn persisted_fields_differ(a: &NodeState, b: &NodeState) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fleet_health_counts_follow_each_node_across_networks_and_states() {
+        let a = NodeId::parse("a").expect("valid id");
+        let b = NodeId::parse("b").expect("valid id");
+        let mut health = FleetHealth::default();
+        health.set(&a, "finney", true);
+        health.set(&b, "finney", false);
+        assert_eq!(health.counts("finney"), (2, 1));
+        health.set(&a, "finney", true);
+        assert_eq!(health.counts("finney"), (2, 1));
+        health.set(&a, "finney", false);
+        assert_eq!(health.counts("finney"), (2, 0));
+        health.set(&b, "test", true);
+        assert_eq!(health.counts("finney"), (1, 0));
+        assert_eq!(health.counts("test"), (1, 1));
+        health.set(&a, "test", false);
+        assert_eq!(health.counts("finney"), (0, 0));
+        assert!(!health.counts.contains_key("finney"));
+        assert_eq!(health.counts("test"), (2, 1));
+        assert_eq!(health.nodes.get(&a), Some(&("test".to_owned(), false)));
+    }
+
+    #[test]
+    fn open_findings_are_found_by_key_and_removed_one_kind_at_a_time() {
+        let mut flat = crate::store::reconcile::OpenFindings::new();
+        flat.insert(("a".into(), "block_lag".into()), 1);
+        flat.insert(("a".into(), "gpu_hot".into()), 2);
+        flat.insert(("network:finney".into(), "fleet_degraded".into()), 3);
+        let mut open = OpenFindings::from(flat);
+        let mut of_a: Vec<(String, u64)> = open.of("a").map(|(k, i)| (k.clone(), *i)).collect();
+        of_a.sort();
+        assert_eq!(of_a, [("block_lag".into(), 1), ("gpu_hot".into(), 2)]);
+        assert_eq!(open.of("b").count(), 0);
+        assert!(open.contains("a", "gpu_hot") && !open.contains("b", "gpu_hot"));
+        assert_eq!(open.remove("a", "block_lag"), Some(1));
+        assert_eq!(open.remove("a", "block_lag"), None);
+        assert_eq!(open.remove("a", "gpu_hot"), Some(2));
+        assert!(!open.by_key.contains_key("a"));
+        open.insert("b", "keystore", 4);
+        let mut keys: Vec<&String> = open.keys().collect();
+        keys.sort();
+        assert_eq!(keys, ["b", "network:finney"]);
+    }
 
     #[test]
     fn without_a_signing_key_no_attempt_is_spent_and_one_alert_is_raised() {

@@ -51,7 +51,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use ::clickhouse::error::Error as ChError;
-use ::clickhouse::{Client, Row, RowOwned, RowRead, RowWrite};
+use ::clickhouse::{Client, Compression, Row, RowOwned, RowRead, RowWrite};
 use guardian_proto::v1::{KeystoreSample, SamplerUnavailable};
 use serde::{Deserialize, Serialize};
 
@@ -93,6 +93,9 @@ pub struct ClickHouseSettings {
     pub handoff_max_bytes: u64,
     /// Limit on one request, milliseconds. Default 10 000.
     pub request_timeout_ms: u64,
+    /// `auto` (default): LZ4 over the network, none to a loopback address (where it only
+    /// costs CPU); `lz4`; or `none`.
+    pub compression: String,
 }
 
 impl Default for ClickHouseSettings {
@@ -110,6 +113,7 @@ impl Default for ClickHouseSettings {
             insert_max_delay_ms: 1_000,
             handoff_max_bytes: 64 << 20,
             request_timeout_ms: 10_000,
+            compression: "auto".into(),
         }
     }
 }
@@ -184,8 +188,40 @@ impl ClickHouseSettings {
                 self.request_timeout_ms
             ));
         }
+        if !matches!(self.compression.as_str(), "auto" | "lz4" | "none") {
+            return Err(format!(
+                "clickhouse.compression {:?} must be auto (LZ4 unless the server is on a \
+                 loopback address), lz4 or none",
+                self.compression
+            ));
+        }
         Ok(())
     }
+
+    /// Whether requests are LZ4-compressed (see `compression`).
+    pub fn lz4(&self) -> bool {
+        match self.compression.as_str() {
+            "none" => false,
+            "auto" => !is_loopback_url(&self.url),
+            _ => true,
+        }
+    }
+}
+
+/// Whether an `http://` URL names a loopback host (`localhost`, 127.0.0.0/8, `::1`).
+fn is_loopback_url(url: &str) -> bool {
+    let rest = url.strip_prefix("http://").unwrap_or(url);
+    let authority = rest.split('/').next().unwrap_or_default();
+    let host_port = authority.rsplit('@').next().unwrap_or_default();
+    let host = if let Some(bracketed) = host_port.strip_prefix('[') {
+        bracketed.split(']').next().unwrap_or_default()
+    } else {
+        host_port.split(':').next().unwrap_or_default()
+    };
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// `[A-Za-z_][A-Za-z0-9_]*`: safe to write into SQL unquoted.
@@ -979,6 +1015,11 @@ impl ClickHouseStore {
             .with_url(settings.url.as_str())
             .with_user(settings.user.as_str())
             .with_password(settings.password.as_str())
+            .with_compression(if settings.lz4() {
+                Compression::Lz4
+            } else {
+                Compression::None
+            })
             .with_validation(false);
         let mut store = Self {
             client: base.clone(),
@@ -1750,6 +1791,42 @@ mod tests {
             },
             "clickhouse.insert_max_rows",
         );
+        bad(
+            ClickHouseSettings {
+                compression: "zstd".into(),
+                ..single()
+            },
+            "clickhouse.compression",
+        );
+    }
+
+    #[test]
+    fn compression_is_lz4_except_to_a_loopback_server_unless_chosen() {
+        let with = |url: &str, compression: &str| ClickHouseSettings {
+            url: url.into(),
+            compression: compression.into(),
+            ..ClickHouseSettings::default()
+        };
+        for url in [
+            "http://127.0.0.1:8123",
+            "http://127.3.2.1",
+            "http://localhost:8123/",
+            "http://user:pw@LOCALHOST:8123",
+            "http://[::1]:8123",
+        ] {
+            assert!(!with(url, "auto").lz4(), "{url}");
+            assert!(with(url, "lz4").lz4(), "{url}");
+        }
+        for url in [
+            "http://10.0.0.5:8123",
+            "http://ch.internal:8123",
+            "http://localhost.example.com",
+            "http://[2001:db8::1]:8123",
+            "http://127.0.0.1@ch:8123",
+        ] {
+            assert!(with(url, "auto").lz4(), "{url}");
+            assert!(!with(url, "none").lz4(), "{url}");
+        }
     }
 
     #[test]
