@@ -154,6 +154,11 @@ pub async fn run(
             metrics.commit_group_batches.observe(batches as f64);
         })
     };
+    tasks.spawn(store::records::run_pruner(
+        ledger.clone(),
+        store::records::PRUNE_EVERY,
+        shutdown.clone(),
+    ));
     let committer = store::commit::Committer::spawn(
         ledger.clone(),
         telemetry,

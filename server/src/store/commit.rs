@@ -704,9 +704,15 @@ impl Ledger {
         telemetry: Telemetry,
         now_unix_ms: i64,
     ) -> Result<Group, StoreError> {
+        let _records = self.records_gate.lock().await;
         let _turn = self.write_turn().await;
+        // At or below its node's floor a batch is a replay whose record was pruned.
+        let fresh: Vec<&Job> = jobs
+            .iter()
+            .filter(|job| job.batch.seq > self.batch_floor(job.node.as_str()))
+            .collect();
         let mut tx = self.pool.begin().await?;
-        let stored = insert_batch_records(&mut tx, self.backend, jobs, now_unix_ms).await?;
+        let mut stored = insert_batch_records(&mut tx, self.backend, &fresh, now_unix_ms).await?;
         let mut commits = Vec::with_capacity(jobs.len());
         let mut rows = Rows::default();
         let mut blobs: Vec<prost::bytes::Bytes> = Vec::new();
@@ -714,7 +720,8 @@ impl Ledger {
         let mut nodes: HashMap<&str, NodeUpdate> = HashMap::new();
         for job in jobs {
             let batch = &job.batch;
-            if !stored.contains(&(job.node.as_str().to_owned(), to_i64(batch.seq))) {
+            // Taken once: a second job with the same (node, seq) in one group is a replay.
+            if !stored.remove(&(job.node.as_str().to_owned(), to_i64(batch.seq))) {
                 commits.push(Commit::Duplicate);
                 continue;
             }
@@ -889,7 +896,7 @@ pub struct Group {
 async fn insert_batch_records(
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
     backend: Backend,
-    jobs: &[Job],
+    jobs: &[&Job],
     now_unix_ms: i64,
 ) -> Result<HashSet<(String, i64)>, StoreError> {
     let mut stored = HashSet::with_capacity(jobs.len());

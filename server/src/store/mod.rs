@@ -13,6 +13,7 @@ pub mod commands;
 pub mod commit;
 pub mod queries;
 pub mod reconcile;
+pub mod records;
 pub mod segments;
 pub mod telemetry;
 
@@ -156,6 +157,11 @@ pub struct Ledger {
     /// SQLite file ledgers: the folder of outbox segment files, and its append side once
     /// the first outbox batch is written.
     segments: Option<Arc<segments::Folder>>,
+    /// Per node: every seq at or below is a replay (see [`records`]).
+    floors: Arc<std::sync::Mutex<std::collections::HashMap<String, u64>>>,
+    /// Held by a group commit and by a pruning transaction: a commit never sees a record
+    /// deleted without the floor that covers it (PostgreSQL has no write gate).
+    records_gate: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Ledger {
@@ -216,12 +222,16 @@ impl Ledger {
             }),
             Backend::Postgres => None,
         };
-        Ok(Self {
+        let ledger = Self {
             pool,
             backend,
             write_gate,
             segments,
-        })
+            floors: Arc::default(),
+            records_gate: Arc::default(),
+        };
+        ledger.load_floors().await?;
+        Ok(ledger)
     }
 
     /// Waits for this process's turn to write (SQLite); `None` on PostgreSQL.

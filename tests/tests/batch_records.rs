@@ -1,0 +1,146 @@
+//! Pruning of the `(node, seq)` idempotency records, on SQLite and on a real PostgreSQL:
+//! records at or below a node's floor are deleted, the floor survives a restart, and a
+//! replay at or below it is still acked without being stored again.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use guardian_proto::v1::{NodeDescriptor, Sample, SampleBatch, SamplerUnavailable, sample};
+use guardian_server::batch::Batch;
+use guardian_server::identity::NodeId;
+use guardian_server::store::commit::{Job, Telemetry};
+use guardian_server::store::{Commit, Ledger, records};
+use guardian_tests::Postgres;
+use tokio_util::sync::CancellationToken;
+
+type TestResult = anyhow::Result<()>;
+
+fn job(node: &str, seq: u64) -> anyhow::Result<Job> {
+    let batch = SampleBatch {
+        seq,
+        spool_dropped_batches_total: 0,
+        samples: vec![Sample {
+            observed_at_unix_ms: 1_000 + i64::try_from(seq)?,
+            kind: Some(sample::Kind::Unavailable(SamplerUnavailable {
+                sampler: "gpu".into(),
+                reason: format!("{node} batch {seq}"),
+            })),
+        }],
+    };
+    Ok(Job {
+        node: NodeId::parse(node)?,
+        network: "finney".into(),
+        batch: Arc::new(Batch::from(&batch)),
+        encoded: prost::bytes::Bytes::new(),
+    })
+}
+
+/// Commits `(node, seq)` jobs as one group; returns per job whether it was stored, and how
+/// many batches went to the outbox.
+async fn commit(ledger: &Ledger, jobs: &[(&str, u64)]) -> anyhow::Result<(Vec<bool>, usize)> {
+    let jobs: Vec<Job> = jobs
+        .iter()
+        .map(|(node, seq)| job(node, *seq))
+        .collect::<anyhow::Result<_>>()?;
+    let group = ledger.commit_group(&jobs, Telemetry::Outbox, 5_000).await?;
+    let stored = group
+        .commits
+        .iter()
+        .map(|c| matches!(c, Commit::Stored { .. }))
+        .collect();
+    Ok((stored, group.outbox.len()))
+}
+
+async fn records_of(ledger: &Ledger, node: &str) -> anyhow::Result<i64> {
+    Ok(ledger.counts(&NodeId::parse(node)?).await?.0)
+}
+
+async fn pruned_records_stay_replays(url: &str) -> TestResult {
+    let ledger = Ledger::open(url).await?;
+    for node in ["n1", "n2"] {
+        ledger
+            .record_hello(&NodeId::parse(node)?, &NodeDescriptor::default(), "t", 1)
+            .await?;
+    }
+    let first: Vec<(&str, u64)> = (1..=5)
+        .map(|seq| ("n1", seq))
+        .chain((1..=3).map(|seq| ("n2", seq)))
+        .collect();
+    assert_eq!(commit(&ledger, &first).await?, (vec![true; 8], 8));
+    let seqs = ledger.stored_seqs().await?;
+    assert_eq!((seqs["n1"], seqs["n2"]), (5, 3));
+
+    assert_eq!(ledger.prune_batch_records(&[("n1".into(), 4)]).await?, 4);
+    assert_eq!(records_of(&ledger, "n1").await?, 1);
+    assert_eq!(records_of(&ledger, "n2").await?, 3);
+    assert_eq!((ledger.batch_floor("n1"), ledger.batch_floor("n2")), (4, 0));
+
+    // Replays at or below the floor, above it (record kept), of the other node, a new
+    // batch, and the same new batch twice in one group.
+    let (stored, outboxed) = commit(
+        &ledger,
+        &[
+            ("n1", 2),
+            ("n1", 4),
+            ("n1", 5),
+            ("n2", 3),
+            ("n1", 6),
+            ("n2", 4),
+            ("n2", 4),
+        ],
+    )
+    .await?;
+    assert_eq!(stored, [false, false, false, false, true, true, false]);
+    assert_eq!(outboxed, 2);
+
+    // A lower seq never lowers the floor.
+    assert_eq!(ledger.prune_batch_records(&[("n1".into(), 2)]).await?, 0);
+    assert_eq!(ledger.batch_floor("n1"), 4);
+    drop(ledger);
+
+    // After a restart the floor is read back and still turns old replays away.
+    let ledger = Ledger::open(url).await?;
+    assert_eq!((ledger.batch_floor("n1"), ledger.batch_floor("n2")), (4, 0));
+    assert_eq!(
+        commit(&ledger, &[("n1", 3), ("n1", 7)]).await?,
+        (vec![false, true], 1)
+    );
+
+    // The pruner raises each floor to the last_stored_seq it read one round earlier.
+    let shutdown = CancellationToken::new();
+    let pruner = tokio::spawn(records::run_pruner(
+        ledger.clone(),
+        Duration::from_millis(100),
+        shutdown.clone(),
+    ));
+    let mut waited = 0;
+    while (ledger.batch_floor("n1"), ledger.batch_floor("n2")) != (7, 4) {
+        assert!(
+            waited < 100,
+            "the pruner did not raise the floors within 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        waited += 1;
+    }
+    shutdown.cancel();
+    pruner.await?;
+    assert_eq!(records_of(&ledger, "n1").await?, 0);
+    assert_eq!(records_of(&ledger, "n2").await?, 0);
+    assert_eq!(
+        commit(&ledger, &[("n1", 7), ("n2", 1), ("n1", 8)]).await?,
+        (vec![false, false, true], 1)
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn pruned_records_stay_replays_on_sqlite() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    pruned_records_stay_replays(&format!("sqlite://{}/g.db", dir.path().display())).await
+}
+
+#[tokio::test]
+async fn pruned_records_stay_replays_on_postgresql() -> TestResult {
+    let postgres = Postgres::start()?;
+    pruned_records_stay_replays(&postgres.url()).await
+}
