@@ -36,6 +36,11 @@ use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use crate::config::ServerConfig;
 use crate::store::Ledger;
 
+/// HTTP/2 flow-control window per stream and per connection: what an agent may send ahead
+/// of what its session has read. A session reads its next batch only after committing the
+/// last one, so a few batches of prefetch are all it can use; hyper's default (1 MiB) let
+/// 1 000 agents park up to 1 GiB in the server while the store was behind.
+const RECEIVE_WINDOW_BYTES: u32 = 256 * 1024;
 /// How long shutdown waits for sessions and watchers to finish.
 const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(10);
 
@@ -231,6 +236,8 @@ pub async fn run(
         .tls_config(tls)?
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .initial_stream_window_size(RECEIVE_WINDOW_BYTES)
+        .initial_connection_window_size(RECEIVE_WINDOW_BYTES)
         .add_service(
             UplinkServer::new(ingest)
                 .max_decoding_message_size(config.max_frame_bytes)

@@ -57,7 +57,7 @@ async fn records_of(ledger: &Ledger, node: &str) -> anyhow::Result<i64> {
 
 async fn pruned_records_stay_replays(url: &str) -> TestResult {
     let ledger = Ledger::open(url).await?;
-    for node in ["n1", "n2"] {
+    for node in ["n1", "n2", "n3"] {
         ledger
             .record_hello(&NodeId::parse(node)?, &NodeDescriptor::default(), "t", 1)
             .await?;
@@ -70,10 +70,17 @@ async fn pruned_records_stay_replays(url: &str) -> TestResult {
     let seqs = ledger.stored_seqs().await?;
     assert_eq!((seqs["n1"], seqs["n2"]), (5, 3));
 
-    assert_eq!(ledger.prune_batch_records(&[("n1".into(), 4)]).await?, 4);
+    let stop = CancellationToken::new();
+    // A seq above last_stored_seq is clamped to it: n2's floor rises to 3, not 9.
+    assert_eq!(
+        ledger
+            .prune_batch_records(&[("n1".into(), 4), ("n2".into(), 9)], &stop)
+            .await?,
+        4 + 3
+    );
     assert_eq!(records_of(&ledger, "n1").await?, 1);
-    assert_eq!(records_of(&ledger, "n2").await?, 3);
-    assert_eq!((ledger.batch_floor("n1"), ledger.batch_floor("n2")), (4, 0));
+    assert_eq!(records_of(&ledger, "n2").await?, 0);
+    assert_eq!((ledger.batch_floor("n1"), ledger.batch_floor("n2")), (4, 3));
 
     // Replays at or below the floor, above it (record kept), of the other node, a new
     // batch, and the same new batch twice in one group.
@@ -94,17 +101,35 @@ async fn pruned_records_stay_replays(url: &str) -> TestResult {
     assert_eq!(outboxed, 2);
 
     // A lower seq never lowers the floor.
-    assert_eq!(ledger.prune_batch_records(&[("n1".into(), 2)]).await?, 0);
+    assert_eq!(
+        ledger
+            .prune_batch_records(&[("n1".into(), 2)], &stop)
+            .await?,
+        0
+    );
     assert_eq!(ledger.batch_floor("n1"), 4);
     drop(ledger);
 
     // After a restart the floor is read back and still turns old replays away.
     let ledger = Ledger::open(url).await?;
-    assert_eq!((ledger.batch_floor("n1"), ledger.batch_floor("n2")), (4, 0));
+    assert_eq!((ledger.batch_floor("n1"), ledger.batch_floor("n2")), (4, 3));
     assert_eq!(
         commit(&ledger, &[("n1", 3), ("n1", 7)]).await?,
         (vec![false, true], 1)
     );
+
+    // A first round meeting a long history deletes it in bounded steps.
+    let long: Vec<(&str, u64)> = (1..=25_000).map(|seq| ("n3", seq)).collect();
+    for group in long.chunks(5_000) {
+        commit(&ledger, group).await?;
+    }
+    assert_eq!(
+        ledger
+            .prune_batch_records(&[("n3".into(), 24_999)], &stop)
+            .await?,
+        24_999
+    );
+    assert_eq!(records_of(&ledger, "n3").await?, 1);
 
     // The pruner raises each floor to the last_stored_seq it read one round earlier.
     let shutdown = CancellationToken::new();
@@ -114,7 +139,9 @@ async fn pruned_records_stay_replays(url: &str) -> TestResult {
         shutdown.clone(),
     ));
     let mut waited = 0;
-    while (ledger.batch_floor("n1"), ledger.batch_floor("n2")) != (7, 4) {
+    while (ledger.batch_floor("n1"), ledger.batch_floor("n2")) != (7, 4)
+        || ledger.batch_floor("n3") != 25_000
+    {
         assert!(
             waited < 100,
             "the pruner did not raise the floors within 10 s"
@@ -126,6 +153,7 @@ async fn pruned_records_stay_replays(url: &str) -> TestResult {
     pruner.await?;
     assert_eq!(records_of(&ledger, "n1").await?, 0);
     assert_eq!(records_of(&ledger, "n2").await?, 0);
+    assert_eq!(records_of(&ledger, "n3").await?, 0);
     assert_eq!(
         commit(&ledger, &[("n1", 7), ("n2", 1), ("n1", 8)]).await?,
         (vec![false, false, true], 1)

@@ -5,7 +5,9 @@
 //!
 //! # Guarantees
 //! - A session's [`Committer::commit`] returns `Stored` only after the transaction holding
-//!   its batch committed; `Duplicate` when `(node, seq)` was committed before.
+//!   its batch committed; `Duplicate` when `(node, seq)` was committed before, or its seq
+//!   is at or below the node's floor (stored, or dropped by the agent's spool, long ago:
+//!   [`super::records`]).
 //! - If a group's transaction fails, each of its batches is retried alone, so one bad batch
 //!   cannot fail the others.
 //! - With ClickHouse as the telemetry store, batches go to the durable outbox instead of
@@ -709,7 +711,16 @@ impl Ledger {
         // At or below its node's floor a batch is a replay whose record was pruned.
         let fresh: Vec<&Job> = jobs
             .iter()
-            .filter(|job| job.batch.seq > self.batch_floor(job.node.as_str()))
+            .filter(|job| {
+                let floor = self.batch_floor(job.node.as_str());
+                if job.batch.seq > floor {
+                    return true;
+                }
+                // Normal once after a long disconnect that lost an ack; many in a row mean
+                // the agent's spool went back in time (restored from a backup).
+                tracing::info!(node = %job.node, seq = job.batch.seq, floor, "BatchAtOrBelowFloor: acked as a replay of a batch stored long ago");
+                false
+            })
             .collect();
         let mut tx = self.pool.begin().await?;
         let mut stored = insert_batch_records(&mut tx, self.backend, &fresh, now_unix_ms).await?;

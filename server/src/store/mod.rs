@@ -403,8 +403,10 @@ impl Ledger {
             .collect()
     }
 
-    /// `(batches, distinct seqs, host samples)` stored for a node: the figures the
-    /// exactly-once checks compare with what was sent.
+    /// `(batch records, distinct seqs, host samples)` stored for a node: the figures the
+    /// exactly-once checks compare with what was sent. Batch records at or below the
+    /// node's floor are pruned after a round of [`records::PRUNE_EVERY`], so the first two
+    /// count only the batches of the last round or two once the pruner ran.
     ///
     /// # Errors
     /// [`StoreError::Query`].

@@ -12,11 +12,14 @@
 //!
 //! # Guarantees
 //! - The pruner raises a node's floor (`nodes.batch_floor_seq`) only to the
-//!   `last_stored_seq` it read one round earlier, so the records of at least the last
-//!   round stay, and deletes the records at or below the floor in the same transaction.
+//!   `last_stored_seq` it read one round earlier, so the records of the last round always
+//!   stay. It raises the in-memory floor first, then the one on disk, and only then
+//!   deletes the records at or below it, in bounded steps.
 //! - [`Ledger::commit_group`](super::Ledger::commit_group) treats a batch at or below its
-//!   node's floor as a replay. It reads the floor under the same gate the pruner holds, so
-//!   it never sees a record deleted without the floor that covers it.
+//!   node's floor as a replay. It reads the floor under the gate the pruner takes to raise
+//!   it, so it never misses a record deleted under a floor it has not seen.
+//! - One server process per ledger: the floors live in this process's memory (loaded at
+//!   open), as does the gate.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -26,10 +29,14 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Ledger, StoreError};
 
-/// How often the pruner runs; records of at least this long ago stay.
+/// How often the pruner runs; the records of batches committed within the last round
+/// always stay.
 pub const PRUNE_EVERY: Duration = Duration::from_secs(600);
-/// Nodes per pruning transaction: each holds the writer only briefly.
+/// Nodes whose floors one transaction raises.
 const NODES_PER_TRANSACTION: usize = 100;
+/// Seqs one DELETE covers: the first round after an upgrade meets a node's whole history,
+/// and each statement holds the writer only briefly.
+const RECORDS_PER_DELETE: i64 = 10_000;
 
 impl Ledger {
     /// Every node's `last_stored_seq`.
@@ -60,47 +67,95 @@ impl Ledger {
             .unwrap_or(0)
     }
 
-    /// Raises each node's floor to the given seq (never lowers it) and deletes its records
-    /// at or below it. `through` must hold seqs no higher than the node's `last_stored_seq`.
-    /// Returns the records deleted.
+    /// Raises each node's floor to the given seq, clamped to its `last_stored_seq` (a floor
+    /// never goes down), then deletes its records at or below the floor in bounded steps.
+    /// Returns the records deleted; stops early (keeping the rest for the next round) once
+    /// `stop` is cancelled.
     ///
     /// # Errors
-    /// [`StoreError::Query`]; the transactions before the failing one stay done.
-    pub async fn prune_batch_records(&self, through: &[(String, u64)]) -> Result<u64, StoreError> {
-        let mut deleted = 0u64;
-        let raise: Vec<&(String, u64)> = through
+    /// [`StoreError::Query`]; floors already raised stay raised.
+    pub async fn prune_batch_records(
+        &self,
+        through: &[(String, u64)],
+        stop: &CancellationToken,
+    ) -> Result<u64, StoreError> {
+        let stored = self.stored_seqs().await?;
+        let raise: Vec<(String, u64)> = through
             .iter()
-            .filter(|(node, seq)| *seq > self.batch_floor(node))
+            .filter_map(|(node, seq)| {
+                let seq = (*seq).min(stored.get(node).copied().unwrap_or(0));
+                (seq > self.batch_floor(node)).then(|| (node.clone(), seq))
+            })
             .collect();
+        let mut deleted = 0u64;
         for chunk in raise.chunks(NODES_PER_TRANSACTION) {
-            let _records = self.records_gate.lock().await;
-            let _turn = self.write_turn().await;
-            let mut tx = self.pool.begin().await?;
-            for (node, seq) in chunk {
-                let seq = i64::try_from(*seq).unwrap_or(i64::MAX);
-                deleted += sqlx::query("DELETE FROM batches WHERE node_id = $1 AND seq <= $2")
+            if stop.is_cancelled() {
+                break;
+            }
+            // In memory first, under the gate: a group commit that starts after this sees
+            // the new floor, one still running finishes first. Safe before the database
+            // agrees, since every seq at or below it is stored already; the records go
+            // only once the floor is on disk, so after a restart they still cover the gap.
+            {
+                let _records = self.records_gate.lock().await;
+                let mut floors = self
+                    .floors
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                for (node, seq) in chunk {
+                    let floor = floors.entry(node.clone()).or_default();
+                    *floor = (*floor).max(*seq);
+                }
+            }
+            {
+                let _turn = self.write_turn().await;
+                let mut tx = self.pool.begin().await?;
+                for (node, seq) in chunk {
+                    sqlx::query(
+                        "UPDATE nodes SET batch_floor_seq = $2 WHERE node_id = $1 AND batch_floor_seq < $2",
+                    )
                     .bind(node.as_str())
-                    .bind(seq)
+                    .bind(i64::try_from(*seq).unwrap_or(i64::MAX))
                     .execute(&mut *tx)
-                    .await?
-                    .rows_affected();
-                sqlx::query(
-                    "UPDATE nodes SET batch_floor_seq = $2 WHERE node_id = $1 AND batch_floor_seq < $2",
-                )
-                .bind(node.as_str())
-                .bind(seq)
-                .execute(&mut *tx)
-                .await?;
+                    .await?;
+                }
+                tx.commit().await?;
             }
-            tx.commit().await?;
-            let mut floors = self
-                .floors
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
             for (node, seq) in chunk {
-                let floor = floors.entry(node.clone()).or_default();
-                *floor = (*floor).max(*seq);
+                deleted += self.delete_records(node, *seq, stop).await?;
             }
+        }
+        Ok(deleted)
+    }
+
+    /// Deletes `node`'s records at or below `through`, [`RECORDS_PER_DELETE`] seqs per
+    /// statement, each statement its own short write.
+    async fn delete_records(
+        &self,
+        node: &str,
+        through: u64,
+        stop: &CancellationToken,
+    ) -> Result<u64, StoreError> {
+        let through = i64::try_from(through).unwrap_or(i64::MAX);
+        let mut deleted = 0u64;
+        while !stop.is_cancelled() {
+            let lowest: Option<i64> =
+                sqlx::query("SELECT MIN(seq) FROM batches WHERE node_id = $1")
+                    .bind(node)
+                    .fetch_one(&self.pool)
+                    .await?
+                    .try_get(0)?;
+            let Some(lowest) = lowest.filter(|lowest| *lowest <= through) else {
+                break;
+            };
+            let upto = through.min(lowest.saturating_add(RECORDS_PER_DELETE - 1));
+            let _turn = self.write_turn().await;
+            deleted += sqlx::query("DELETE FROM batches WHERE node_id = $1 AND seq <= $2")
+                .bind(node)
+                .bind(upto)
+                .execute(&self.pool)
+                .await?
+                .rows_affected();
         }
         Ok(deleted)
     }
@@ -136,7 +191,7 @@ pub async fn run_pruner(ledger: Ledger, every: Duration, shutdown: CancellationT
                 if let Some(then) = previous.replace(now) {
                     let through: Vec<(String, u64)> = then.into_iter().collect();
                     let started = std::time::Instant::now();
-                    match ledger.prune_batch_records(&through).await {
+                    match ledger.prune_batch_records(&through, &shutdown).await {
                         Ok(records) => tracing::info!(
                             records,
                             nodes = through.len(),
