@@ -32,11 +32,13 @@ use crate::identity::NodeId;
 const MAX_GROUP_BATCHES: usize = 512;
 /// How long the writer waits for more batches after the first of a group. At 1 000
 /// batches/s, 3 ms (with groups below 16) made ~11-batch groups, 92 fsyncs a second; 10 ms
-/// (below 64) makes ~21-batch groups and saves ~1.5 us of server CPU per sample, for ~10 ms
-/// more ack latency at p50 (BENCHMARKS.md). Telemetry at 12 s blocks does not notice.
-const COMMIT_LINGER: Duration = Duration::from_millis(10);
-/// The writer lingers only after groups smaller than this.
-const LINGER_BELOW_BATCHES: usize = 64;
+/// (below 64) ~17-batch groups; 30 ms (below 128) ~40-batch groups, ~1 us less server CPU
+/// per sample than 10 ms for ~15 ms more ack latency at p50 (BENCHMARKS.md). Telemetry at
+/// 12 s blocks does not notice, and decisions stay well inside their 200 ms.
+const COMMIT_LINGER: Duration = Duration::from_millis(30);
+/// The writer lingers only after groups smaller than this (a larger bound than the groups
+/// a linger makes, so that a busy fleet does not alternate between lingering and not).
+const LINGER_BELOW_BATCHES: usize = 128;
 /// Bound values per multi-row INSERT statement (SQLite allows 32 766, PostgreSQL 65 535).
 /// With numbered placeholders sqlx-sqlite resolves each parameter's name by a linear scan, so
 /// binding was quadratic in the values per statement (a 400-row statement spent 80 % of the
