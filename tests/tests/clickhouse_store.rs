@@ -445,7 +445,7 @@ async fn cluster_mode_ddl_parses_on_this_server() -> TestResult {
 }
 
 #[tokio::test]
-async fn a_full_chunk_inserts_fast_enough() -> TestResult {
+async fn a_full_chunk_of_50_000_rows_lands_in_one_call() -> TestResult {
     let ch = ClickHouse::start()?;
     let store = ClickHouseStore::open(&settings(&ch)).await?;
     let at = now_ms() - 3_600_000;
