@@ -395,7 +395,7 @@ impl ServerConfig {
         );
         line(
             &mut out,
-            "Committed batches kept in memory for the sink, bytes; 0 = read them back from the outbox (default 64 MiB).",
+            "Committed batches kept in memory for the sink, bytes; 0 = read them back from the outbox (default 256 MiB).",
             "handoff_max_bytes",
             to_value(ch.handoff_max_bytes),
         );
