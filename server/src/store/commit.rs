@@ -32,10 +32,12 @@ use crate::identity::NodeId;
 const MAX_GROUP_BATCHES: usize = 512;
 /// How long the writer waits for more batches after the first of a group. At 1 000
 /// batches/s, 3 ms (with groups below 16) made ~11-batch groups, 92 fsyncs a second; 10 ms
-/// (below 64) ~17-batch groups; 30 ms (below 128) ~40-batch groups, ~1 us less server CPU
-/// per sample than 10 ms for ~15 ms more ack latency at p50 (BENCHMARKS.md). Telemetry at
-/// 12 s blocks does not notice, and decisions stay well inside their 200 ms.
-const COMMIT_LINGER: Duration = Duration::from_millis(30);
+/// (below 64) ~17-batch groups; 20 ms (below 128) ~27-batch groups and 30 ms ~40, each
+/// ~1 us less server CPU per sample than 10 ms (within the runs' noise of each other) for
+/// ~10-15 ms more ack latency at p50 (BENCHMARKS.md). Telemetry at 12 s blocks does not
+/// notice, and decisions stay well inside their 200 ms. A session commits one batch at a
+/// time, so one agent's replay runs at about one batch per linger plus commit (~30/s).
+const COMMIT_LINGER: Duration = Duration::from_millis(20);
 /// The writer lingers only after groups smaller than this (a larger bound than the groups
 /// a linger makes, so that a busy fleet does not alternate between lingering and not).
 const LINGER_BELOW_BATCHES: usize = 128;
