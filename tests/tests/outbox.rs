@@ -103,6 +103,23 @@ async fn ids_follow_commit_order(ledger: &Ledger) -> TestResult {
     let read_ids: Vec<u64> = read.iter().map(|b| b.outbox_id).collect();
     let handed_ids: Vec<u64> = group.outbox.iter().map(|(b, _)| b.outbox_id).collect();
     assert_eq!(read_ids, handed_ids);
+    // The read goes page by page (256 rows) and stops at either limit, mid-page too.
+    let capped = ledger.outbox_read(last_small, 2_000, 700).await?;
+    assert_eq!(capped.len(), 700, "samples cap (one sample a batch)");
+    assert_eq!(
+        capped.iter().map(|b| b.outbox_id).collect::<Vec<_>>(),
+        handed_ids[..700]
+    );
+    let capped = ledger.outbox_read(last_small, 300, 10_000).await?;
+    assert_eq!(
+        capped.iter().map(|b| b.outbox_id).collect::<Vec<_>>(),
+        handed_ids[..300]
+    );
+    let tail = ledger.outbox_read(handed_ids[1_199], 2_000, 10_000).await?;
+    assert_eq!(
+        tail.iter().map(|b| b.outbox_id).collect::<Vec<_>>(),
+        handed_ids[1_200..]
+    );
 
     // The ceiling covers every committed id, also once the sink has drained them all (the
     // writer's first hand-off after a restart links to it).

@@ -6,6 +6,10 @@ use sqlx::{AssertSqlSafe, Row};
 use super::telemetry::{ChainValues, HistoryPoint, HostValues, MetricDef, OutboxBatch, Table};
 use super::{Ledger, StoreError, to_i64};
 
+/// Outbox rows one query reads: at ~25 KiB a batch, ~6 MiB of blobs past the chunk's end at
+/// most.
+const OUTBOX_READ_PAGE_ROWS: usize = 256;
+
 impl Ledger {
     /// Outbox batches with `id > after_id`, oldest first: at most `max_batches`, and no more
     /// once `max_samples` samples are gathered.
@@ -18,64 +22,76 @@ impl Ledger {
         max_batches: usize,
         max_samples: usize,
     ) -> Result<Vec<OutboxBatch>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT id, node_id, network, received_at_unix_ms, batch, segment, segment_offset,
-                    segment_len
-             FROM outbox WHERE id > $1 ORDER BY id LIMIT $2",
-        )
-        .bind(to_i64(after_id))
-        .bind(to_i64(max_batches as u64))
-        .fetch_all(&self.pool)
-        .await?;
-        // Blobs in segment files (segment > 0) are read in one go.
-        let mut located = Vec::new();
-        for row in &rows {
-            let segment = count(row, 5)?;
-            if segment > 0 {
-                located.push(super::segments::Location {
-                    segment,
-                    offset: count(row, 6)?,
-                    len: count(row, 7)?,
-                });
-            }
-        }
-        let mut from_segments = match (&self.segments, located.is_empty()) {
-            (_, true) => Vec::new(),
-            (Some(folder), false) => folder.read(located).await?,
-            (None, false) => {
-                return Err(StoreError::Segment {
-                    path: "(none: not a SQLite file ledger)".to_owned(),
-                    source: std::io::Error::other(
-                        "outbox rows refer to segment files, but this ledger has no segment folder",
-                    ),
-                });
-            }
-        }
-        .into_iter();
-        let mut out = Vec::with_capacity(rows.len());
+        let mut out = Vec::new();
         let mut samples = 0usize;
-        for row in rows {
-            let node_id: String = row.try_get(1)?;
-            let blob: Vec<u8> = if count(&row, 5)? > 0 {
-                from_segments.next().unwrap_or_default()
-            } else {
-                row.try_get(4)?
-            };
-            let batch = crate::batch::Batch::decode(&blob.into()).map_err(|source| {
-                StoreError::Corrupt {
-                    node: node_id.clone(),
-                    source,
+        let mut after = after_id;
+        // Page by page, so that reading stops near `max_samples`: one query for all of
+        // `max_batches` rows read (and, in segment files, preaded) up to 20x the blobs the
+        // chunk could use, which made falling behind ClickHouse dearer than keeping up.
+        while out.len() < max_batches && samples < max_samples {
+            let page = (max_batches - out.len()).min(OUTBOX_READ_PAGE_ROWS);
+            let rows = sqlx::query(
+                "SELECT id, node_id, network, received_at_unix_ms, batch, segment, segment_offset,
+                        segment_len
+                 FROM outbox WHERE id > $1 ORDER BY id LIMIT $2",
+            )
+            .bind(to_i64(after))
+            .bind(to_i64(page as u64))
+            .fetch_all(&self.pool)
+            .await?;
+            let last_page = rows.len() < page;
+            // Blobs in segment files (segment > 0) are read in one go per page.
+            let mut located = Vec::new();
+            for row in &rows {
+                let segment = count(row, 5)?;
+                if segment > 0 {
+                    located.push(super::segments::Location {
+                        segment,
+                        offset: count(row, 6)?,
+                        len: count(row, 7)?,
+                    });
                 }
-            })?;
-            samples += batch.samples.len();
-            out.push(OutboxBatch {
-                outbox_id: u64::try_from(row.try_get::<i64, _>(0)?).unwrap_or(0),
-                node_id,
-                network: row.try_get(2)?,
-                received_at_unix_ms: row.try_get(3)?,
-                batch: std::sync::Arc::new(batch),
-            });
-            if samples >= max_samples {
+            }
+            let mut from_segments = match (&self.segments, located.is_empty()) {
+                (_, true) => Vec::new(),
+                (Some(folder), false) => folder.read(located).await?,
+                (None, false) => {
+                    return Err(StoreError::Segment {
+                        path: "(none: not a SQLite file ledger)".to_owned(),
+                        source: std::io::Error::other(
+                            "outbox rows refer to segment files, but this ledger has no segment folder",
+                        ),
+                    });
+                }
+            }
+            .into_iter();
+            for row in rows {
+                let node_id: String = row.try_get(1)?;
+                let blob: Vec<u8> = if count(&row, 5)? > 0 {
+                    from_segments.next().unwrap_or_default()
+                } else {
+                    row.try_get(4)?
+                };
+                let batch = crate::batch::Batch::decode(&blob.into()).map_err(|source| {
+                    StoreError::Corrupt {
+                        node: node_id.clone(),
+                        source,
+                    }
+                })?;
+                samples += batch.samples.len();
+                after = u64::try_from(row.try_get::<i64, _>(0)?).unwrap_or(0);
+                out.push(OutboxBatch {
+                    outbox_id: after,
+                    node_id,
+                    network: row.try_get(2)?,
+                    received_at_unix_ms: row.try_get(3)?,
+                    batch: std::sync::Arc::new(batch),
+                });
+                if samples >= max_samples {
+                    return Ok(out);
+                }
+            }
+            if last_page {
                 break;
             }
         }
