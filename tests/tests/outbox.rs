@@ -115,6 +115,13 @@ async fn ids_follow_commit_order(ledger: &Ledger) -> TestResult {
         capped.iter().map(|b| b.outbox_id).collect::<Vec<_>>(),
         handed_ids[..300]
     );
+    let capped = ledger.outbox_read(last_small, 512, 10_000).await?;
+    assert_eq!(
+        capped.iter().map(|b| b.outbox_id).collect::<Vec<_>>(),
+        handed_ids[..512]
+    );
+    let capped = ledger.outbox_read(last_small, 2_000, 512).await?;
+    assert_eq!(capped.len(), 512, "samples cap on a page boundary");
     let tail = ledger.outbox_read(handed_ids[1_199], 2_000, 10_000).await?;
     assert_eq!(
         tail.iter().map(|b| b.outbox_id).collect::<Vec<_>>(),

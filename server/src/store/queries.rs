@@ -28,7 +28,7 @@ impl Ledger {
         // Page by page, so that reading stops near `max_samples`: one query for all of
         // `max_batches` rows read (and, in segment files, preaded) up to 20x the blobs the
         // chunk could use, which made falling behind ClickHouse dearer than keeping up.
-        while out.len() < max_batches && samples < max_samples {
+        while out.len() < max_batches {
             let page = (max_batches - out.len()).min(OUTBOX_READ_PAGE_ROWS);
             let rows = sqlx::query(
                 "SELECT id, node_id, network, received_at_unix_ms, batch, segment, segment_offset,
