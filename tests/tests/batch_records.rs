@@ -2,11 +2,9 @@
 //! records at or below a node's floor are deleted, the floor survives a restart, and a
 //! replay at or below it is still acked without being stored again.
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use guardian_proto::v1::{NodeDescriptor, Sample, SampleBatch, SamplerUnavailable, sample};
-use guardian_server::batch::Batch;
+use guardian_proto::v1::NodeDescriptor;
 use guardian_server::identity::NodeId;
 use guardian_server::store::commit::{Job, Telemetry};
 use guardian_server::store::{Commit, Ledger, records};
@@ -15,32 +13,12 @@ use tokio_util::sync::CancellationToken;
 
 type TestResult = anyhow::Result<()>;
 
-fn job(node: &str, seq: u64) -> anyhow::Result<Job> {
-    let batch = SampleBatch {
-        seq,
-        spool_dropped_batches_total: 0,
-        samples: vec![Sample {
-            observed_at_unix_ms: 1_000 + i64::try_from(seq)?,
-            kind: Some(sample::Kind::Unavailable(SamplerUnavailable {
-                sampler: "gpu".into(),
-                reason: format!("{node} batch {seq}"),
-            })),
-        }],
-    };
-    Ok(Job {
-        node: NodeId::parse(node)?,
-        network: "finney".into(),
-        batch: Arc::new(Batch::from(&batch)),
-        encoded: prost::bytes::Bytes::new(),
-    })
-}
-
 /// Commits `(node, seq)` jobs as one group; returns per job whether it was stored, and how
 /// many batches went to the outbox.
 async fn commit(ledger: &Ledger, jobs: &[(&str, u64)]) -> anyhow::Result<(Vec<bool>, usize)> {
     let jobs: Vec<Job> = jobs
         .iter()
-        .map(|(node, seq)| job(node, *seq))
+        .map(|(node, seq)| guardian_tests::unavailable_job(node, *seq, false))
         .collect::<anyhow::Result<_>>()?;
     let group = ledger.commit_group(&jobs, Telemetry::Outbox, 5_000).await?;
     let stored = group

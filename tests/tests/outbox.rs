@@ -2,11 +2,6 @@
 //! reports the outbox ids its batches got, in commit order, and they are the ids (and the
 //! bytes) the sink reads back from the table, across multi-statement groups.
 
-use std::sync::Arc;
-
-use guardian_proto::v1::{Sample, SampleBatch, SamplerUnavailable, sample};
-use guardian_server::batch::Batch;
-use guardian_server::identity::NodeId;
 use guardian_server::store::commit::{Job, Telemetry};
 use guardian_server::store::{Commit, Ledger};
 use guardian_tests::Postgres;
@@ -15,28 +10,7 @@ use prost::Message;
 type TestResult = anyhow::Result<()>;
 
 fn job(node: &str, seq: u64, keep_bytes: bool) -> anyhow::Result<Job> {
-    let batch = SampleBatch {
-        seq,
-        spool_dropped_batches_total: 0,
-        samples: vec![Sample {
-            observed_at_unix_ms: 1_000 + i64::try_from(seq)?,
-            kind: Some(sample::Kind::Unavailable(SamplerUnavailable {
-                sampler: "gpu".into(),
-                reason: format!("{node} batch {seq}"),
-            })),
-        }],
-    };
-    let encoded = if keep_bytes {
-        batch.encode_to_vec().into()
-    } else {
-        prost::bytes::Bytes::new()
-    };
-    Ok(Job {
-        node: NodeId::parse(node)?,
-        network: "finney".into(),
-        batch: Arc::new(Batch::from(&batch)),
-        encoded,
-    })
+    guardian_tests::unavailable_job(node, seq, keep_bytes)
 }
 
 async fn ids_follow_commit_order(ledger: &Ledger) -> TestResult {

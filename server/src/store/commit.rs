@@ -806,38 +806,30 @@ impl Ledger {
         .await?;
         // A SQLite file ledger keeps the blobs in segment files, synced before this
         // transaction commits; the rows say where (segments.rs).
+        // (blob in the row, segment, offset, length); segment 0: the blob is in the row.
+        let row = |job: &Job, blob: Vec<u8>, [segment, offset, len]: [u64; 3]| {
+            vec![
+                Value::T(job.node.to_string()),
+                Value::T(job.network.clone()),
+                Value::I(now_unix_ms),
+                Value::B(blob),
+                Value::I(to_i64(segment)),
+                Value::I(to_i64(offset)),
+                Value::I(to_i64(len)),
+            ]
+        };
         let outbox: Vec<Vec<Value>> = match &self.segments {
             Some(folder) if !blobs.is_empty() => folder
                 .append(blobs)
                 .await?
                 .into_iter()
                 .zip(&outbox_jobs)
-                .map(|(at, (job, _))| {
-                    vec![
-                        Value::T(job.node.to_string()),
-                        Value::T(job.network.clone()),
-                        Value::I(now_unix_ms),
-                        Value::B(Vec::new()),
-                        Value::I(to_i64(at.segment)),
-                        Value::I(to_i64(at.offset)),
-                        Value::I(to_i64(at.len)),
-                    ]
-                })
+                .map(|(at, (job, _))| row(job, Vec::new(), [at.segment, at.offset, at.len]))
                 .collect(),
             _ => blobs
                 .into_iter()
                 .zip(&outbox_jobs)
-                .map(|(blob, (job, _))| {
-                    vec![
-                        Value::T(job.node.to_string()),
-                        Value::T(job.network.clone()),
-                        Value::I(now_unix_ms),
-                        Value::B(blob.to_vec()),
-                        Value::I(0),
-                        Value::I(0),
-                        Value::I(0),
-                    ]
-                })
+                .map(|(blob, (job, _))| row(job, blob.to_vec(), [0, 0, 0]))
                 .collect(),
         };
         let ids = insert_outbox(&mut tx, self.backend, outbox).await?;
