@@ -85,6 +85,22 @@ enum Cmd {
     Pki(PkiArgs),
     /// Runs the simulated agents against a server and prints the report.
     Run(RunArgs),
+    /// Times the server's batch decoder (`guardian_server::batch::Batch::decode`) on the
+    /// generator's batches, in this process: no server, no network.
+    Decode(DecodeArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct DecodeArgs {
+    /// Samples per batch, as for `run`.
+    #[arg(long, default_value_t = 50)]
+    samples_per_batch: usize,
+    /// Distinct batches generated (from 100 agents) and decoded in turn.
+    #[arg(long, default_value_t = 1_000)]
+    batches: usize,
+    /// Passes over them; the best pass is reported.
+    #[arg(long, default_value_t = 20)]
+    passes: usize,
 }
 
 #[derive(Debug, clap::Args)]
@@ -1854,6 +1870,55 @@ fn render(r: &Report) -> String {
     out
 }
 
+/// `guardian-loadgen decode`: the best of `passes` timed passes of `Batch::decode` over
+/// `batches` encoded batches, in ns per batch and per sample.
+fn bench_decode(args: &DecodeArgs) -> anyhow::Result<()> {
+    let most = guardian_server::ingest::MAX_SAMPLES_PER_BATCH;
+    anyhow::ensure!(
+        (1..=most).contains(&args.samples_per_batch),
+        "--samples-per-batch must be 1..={most}"
+    );
+    anyhow::ensure!(
+        (1..=1_000_000).contains(&args.batches) && (1..=10_000).contains(&args.passes),
+        "--batches must be 1..=1000000 and --passes 1..=10000"
+    );
+    let frames: Vec<bytes::Bytes> = (0..args.batches)
+        .map(|i| {
+            let agent = u32::try_from(i % 100).unwrap_or(0) + 1;
+            let generator = SampleGen::new(agent, args.samples_per_batch, Duration::from_secs(1));
+            let seq = i as u64 + 1;
+            bytes::Bytes::from(
+                generator
+                    .batch(seq, 1_700_000_000_000 + seq as i64 * 1_000)
+                    .encode_to_vec(),
+            )
+        })
+        .collect();
+    let bytes: usize = frames.iter().map(bytes::Bytes::len).sum();
+    let mut samples = 0usize;
+    let mut best = Duration::MAX;
+    for _ in 0..args.passes {
+        let started = Instant::now();
+        samples = 0;
+        for frame in &frames {
+            let batch = guardian_server::batch::Batch::decode(std::hint::black_box(frame))?;
+            samples += std::hint::black_box(batch).samples.len();
+        }
+        best = best.min(started.elapsed());
+    }
+    let ns = best.as_nanos() as f64;
+    println!(
+        "decode: {} batches, {samples} samples, {bytes} bytes ({:.0} bytes/sample); best of {} passes: {:.0} ns/batch, {:.1} ns/sample, {:.0} MB/s",
+        frames.len(),
+        bytes as f64 / samples.max(1) as f64,
+        args.passes,
+        ns / frames.len() as f64,
+        ns / samples.max(1) as f64,
+        bytes as f64 / ns * 1e3,
+    );
+    Ok(())
+}
+
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> ExitCode {
     tracing_subscriber::fmt()
@@ -1867,6 +1932,7 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let outcome = match cli.command {
         Cmd::Pki(args) => write_pki(&args).map(|()| ExitCode::SUCCESS),
+        Cmd::Decode(args) => bench_decode(&args).map(|()| ExitCode::SUCCESS),
         Cmd::Run(args) => {
             if let Err(problem) = args.validate() {
                 eprintln!("guardian-loadgen: invalid arguments: {problem}");
