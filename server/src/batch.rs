@@ -1084,6 +1084,118 @@ mod tests {
     }
 
     /// An unknown field 6 holding groups nested `depth` deep.
+    /// `SampleBatch { seq: 3, samples: [Sample { <sample_bytes> }] }`, encoded by hand.
+    fn one_sample_batch(sample_bytes: &[u8]) -> Vec<u8> {
+        let mut batch_bytes = SampleBatch {
+            seq: 3,
+            ..SampleBatch::default()
+        }
+        .encode_to_vec();
+        prost::encoding::encode_key(2, WireType::LengthDelimited, &mut batch_bytes);
+        prost::encoding::encode_varint(sample_bytes.len() as u64, &mut batch_bytes);
+        batch_bytes.extend(sample_bytes);
+        batch_bytes
+    }
+
+    #[test]
+    fn the_fast_path_merges_repeated_fields_as_the_checked_decoder_does() {
+        let mut rng = Rng(7);
+        let first = host(&mut rng);
+        // The Pressure, Filesystem and scalar fields of a host sample appear twice (a
+        // HostSample's encoding concatenated with another one's), no unknown field.
+        let mut host_bytes = first.encode_to_vec();
+        host_bytes.extend(
+            HostSample {
+                cpu_busy_percent: 12.5,
+                memory_pressure: Some(Pressure {
+                    full_avg60_percent: 3.0,
+                    ..Pressure::default()
+                }),
+                io_pressure: Some(Pressure {
+                    full_avg10_percent: 4.0,
+                    ..Pressure::default()
+                }),
+                chain_data: Some(Filesystem {
+                    used_percent: 55.0,
+                    ..Filesystem::default()
+                }),
+                ..HostSample::default()
+            }
+            .encode_to_vec(),
+        );
+        let mut sample_bytes = Vec::new();
+        prost::encoding::int64::encode(1, &5, &mut sample_bytes);
+        prost::encoding::encode_key(2, WireType::LengthDelimited, &mut sample_bytes);
+        prost::encoding::encode_varint(host_bytes.len() as u64, &mut sample_bytes);
+        sample_bytes.extend(&host_bytes);
+        prost::encoding::int64::encode(1, &-9, &mut sample_bytes);
+        let batch_bytes = one_sample_batch(&sample_bytes);
+        let Some(fast) = fast::batch(&Bytes::from(batch_bytes.clone())) else {
+            panic!("the fast path gave up on known fields only");
+        };
+        assert!(agree(&batch_bytes));
+        let Some(Kind::Host(host)) = &fast.samples[0].kind else {
+            panic!("not a host sample: {fast:?}");
+        };
+        assert_eq!(fast.samples[0].observed_at_unix_ms, -9);
+        assert_eq!(host.values.cpu_busy_percent, 12.5);
+        assert_eq!(host.values.io_psi_full_avg10_percent, 4.0);
+        assert_eq!(host.values.chain_data_used_percent, 55.0);
+        // The second memory Pressure lacks full_avg10: the first one's value stays.
+        assert_eq!(
+            host.values.memory_psi_full_avg10_percent,
+            first.memory_pressure.unwrap_or_default().full_avg10_percent
+        );
+    }
+
+    #[test]
+    fn edge_encodings_decode_or_fail_alike_on_both_paths() {
+        let ten_bytes = |last: u8| {
+            let mut v = vec![0x08];
+            v.extend([0x80; 9]);
+            v.push(last);
+            v
+        };
+        let host_ts = |key: &[u8], value: &[u8]| {
+            let mut sample = key.to_vec();
+            sample.extend(value);
+            one_sample_batch(&sample)
+        };
+        let cases: Vec<(&str, Vec<u8>, bool)> = vec![
+            ("10-byte varint, 10th byte 1", ten_bytes(0x01), true),
+            ("10-byte varint, 10th byte 2", ten_bytes(0x02), false),
+            ("over-long key for seq", vec![0x88, 0x80, 0x00, 0x05], true),
+            ("over-long length of a sample", vec![0x12, 0x80, 0x00], true),
+            ("truncated varint", vec![0x08, 0x80], false),
+            (
+                "key above u32::MAX",
+                vec![0x88, 0x80, 0x80, 0x80, 0x80, 0x01, 0x00],
+                false,
+            ),
+            ("tag 0", vec![0x00, 0x01], false),
+            ("wire type 7", vec![0x0f], false),
+            ("empty sample", one_sample_batch(&[]), true),
+            (
+                "observed_at twice",
+                host_ts(&[0x08, 0x01, 0x08], &[0x7f]),
+                true,
+            ),
+            ("observed_at as fixed64", host_ts(&[0x09], &[0; 8]), false),
+            ("host as varint", host_ts(&[0x10], &[0x01]), false),
+        ];
+        for (what, bytes, decodes) in cases {
+            assert!(agree(&bytes), "{what}: the decoders disagree");
+            let decoded = Batch::decode(&Bytes::from(bytes.clone()));
+            assert_eq!(decoded.is_ok(), decodes, "{what}: {decoded:?}");
+            if decodes {
+                assert!(
+                    fast::batch(&Bytes::from(bytes)).is_some(),
+                    "{what}: known fields only, yet the fast path gave up"
+                );
+            }
+        }
+    }
+
     fn nested_groups(depth: usize) -> Vec<u8> {
         let mut bytes = vec![0x33];
         bytes.extend(std::iter::repeat_n(0x0B, depth));
