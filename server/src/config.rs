@@ -38,6 +38,9 @@ pub struct ServerConfig {
     pub window_seconds: u32,
     /// Ed25519 PKCS#8 key that signs remote commands; empty = remote commands off.
     pub command_signing_key_file: PathBuf,
+    /// Async worker threads; 0 = one per CPU core. Fewer than the cores helps where the
+    /// server shares a small machine with ClickHouse (each extra worker costs wake-ups).
+    pub worker_threads: usize,
     /// ClickHouse telemetry store; off (embedded store) while `url` is empty.
     pub clickhouse: ClickHouseSettings,
     /// Detector thresholds (`[detect]`).
@@ -74,6 +77,7 @@ impl Default for ServerConfig {
             outbox_max_bytes: 1 << 30,
             window_seconds: 1800,
             command_signing_key_file: PathBuf::new(),
+            worker_threads: 0,
             clickhouse: ClickHouseSettings::default(),
             detect: crate::detect::DetectPolicy::default(),
             reconcile: crate::reconcile::ReconcileSettings::default(),
@@ -182,6 +186,13 @@ impl ServerConfig {
                 "max_frame_bytes",
                 format!("{} is outside 1024..=67108864", self.max_frame_bytes),
                 "use a size between 1 KiB and 64 MiB (default 4194304)",
+            ));
+        }
+        if self.worker_threads > 1024 {
+            return Err(ConfigError::new(
+                "worker_threads",
+                format!("{} is more than 1024", self.worker_threads),
+                "use 0 (one per CPU core, the default) or 1 to 1024",
             ));
         }
         if self.sample_interval_ms != 0 && !(100..=3_600_000).contains(&self.sample_interval_ms) {
@@ -305,6 +316,12 @@ impl ServerConfig {
             "Largest accepted frame in bytes; a larger frame ends that stream (default 4194304).",
             "max_frame_bytes",
             to_value(self.max_frame_bytes),
+        );
+        line(
+            &mut out,
+            "Async worker threads; 0 = one per CPU core (default 0). 1 suits a small machine shared with ClickHouse.",
+            "worker_threads",
+            to_value(self.worker_threads),
         );
         line(
             &mut out,
@@ -482,11 +499,23 @@ mod tests {
     }
 
     #[test]
+    fn too_many_worker_threads_are_refused_with_the_fix() {
+        let config = ServerConfig {
+            worker_threads: 100_000,
+            ..ServerConfig::default()
+        };
+        let err = config.validate().expect_err("must fail");
+        assert_eq!(err.field, "worker_threads");
+        assert!(err.to_string().contains("one per CPU core"));
+    }
+
+    #[test]
     fn printed_config_loads_back_to_the_same_values() {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = dir.path().join("c.toml");
         let config = ServerConfig {
             max_frame_bytes: 2048,
+            worker_threads: 3,
             ..ServerConfig::default()
         };
         std::fs::write(&file, config.documented_toml()).expect("write");

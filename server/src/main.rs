@@ -117,7 +117,18 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    match serve(config) {
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if config.worker_threads > 0 {
+        runtime.worker_threads(config.worker_threads);
+    }
+    let runtime = match runtime.enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("guardian-server: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve(config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("guardian-server: {error:#}");
@@ -126,7 +137,6 @@ fn main() -> ExitCode {
     }
 }
 
-#[tokio::main]
 async fn serve(config: ServerConfig) -> anyhow::Result<()> {
     // Migrations first: "listening" means ready.
     let ledger = Ledger::open(&config.ledger_url).await?;
