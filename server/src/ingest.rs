@@ -500,6 +500,11 @@ impl Ingest {
                 tracing::debug!(node = %node, seq, "BatchReplayed");
                 Ok(())
             }
+            Ok(Commit::BelowFloor) => {
+                self.metrics.batches_duplicate.inc();
+                self.metrics.batches_below_floor.inc();
+                Ok(())
+            }
             Err(error) => {
                 self.metrics
                     .store_errors

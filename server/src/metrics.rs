@@ -23,6 +23,8 @@ pub struct Metrics {
     pub batches_committed: Counter,
     /// Batches received again after a reconnect and acked without storing (`BatchReplayed`).
     pub batches_duplicate: Counter,
+    /// Of those, replays at or below their node's pruning floor (stored long ago).
+    pub batches_below_floor: Counter,
     /// Samples committed.
     pub samples_committed: Counter,
     /// Streams and calls refused, by reason (`StreamRefused`).
@@ -77,6 +79,7 @@ impl Default for Metrics {
         let metrics = Self {
             batches_committed: Counter::default(),
             batches_duplicate: Counter::default(),
+            batches_below_floor: Counter::default(),
             samples_committed: Counter::default(),
             refused: Family::default(),
             store_errors: Family::default(),
@@ -111,6 +114,11 @@ impl Default for Metrics {
             "ingest_batches_duplicate",
             "Replayed batches acked without storing",
             metrics.batches_duplicate.clone(),
+        );
+        registry.register(
+            "ingest_batches_below_floor",
+            "Of the replayed batches, those at or below their node's pruning floor (stored more than one pruning round ago; many mean an agent's spool went back in time)",
+            metrics.batches_below_floor.clone(),
         );
         registry.register(
             "ingest_samples_committed",

@@ -77,6 +77,21 @@ async fn pruned_records_stay_replays(url: &str) -> TestResult {
     .await?;
     assert_eq!(stored, [false, false, false, false, true, true, false]);
     assert_eq!(outboxed, 2);
+    // Only the ones at or below the floor say so; the others are ordinary replays.
+    let jobs: Vec<Job> = [("n1", 4), ("n1", 5), ("n2", 3), ("n2", 4)]
+        .iter()
+        .map(|(node, seq)| guardian_tests::unavailable_job(node, *seq, false))
+        .collect::<anyhow::Result<_>>()?;
+    let again = ledger.commit_group(&jobs, Telemetry::Outbox, 6_000).await?;
+    assert_eq!(
+        again.commits,
+        [
+            Commit::BelowFloor,
+            Commit::Duplicate,
+            Commit::BelowFloor,
+            Commit::Duplicate
+        ]
+    );
 
     // A lower seq never lowers the floor.
     assert_eq!(

@@ -713,18 +713,23 @@ impl Ledger {
         let _records = self.records_gate.lock().await;
         let _turn = self.write_turn().await;
         // At or below its node's floor a batch is a replay whose record was pruned.
-        let fresh: Vec<&Job> = jobs
+        let below_floor: Vec<bool> = jobs
             .iter()
-            .filter(|job| {
+            .map(|job| {
                 let floor = self.batch_floor(job.node.as_str());
                 if job.batch.seq > floor {
-                    return true;
+                    return false;
                 }
                 // Normal once after a long disconnect that lost an ack; many in a row mean
                 // the agent's spool went back in time (restored from a backup).
                 tracing::info!(node = %job.node, seq = job.batch.seq, floor, "BatchAtOrBelowFloor: acked as a replay of a batch stored long ago");
-                false
+                true
             })
+            .collect();
+        let fresh: Vec<&Job> = jobs
+            .iter()
+            .zip(&below_floor)
+            .filter_map(|(job, below)| (!below).then_some(job))
             .collect();
         let mut tx = self.pool.begin().await?;
         let mut stored = insert_batch_records(&mut tx, self.backend, &fresh, now_unix_ms).await?;
@@ -733,8 +738,12 @@ impl Ledger {
         let mut blobs: Vec<prost::bytes::Bytes> = Vec::new();
         let mut outbox_jobs: Vec<(&Job, u64)> = Vec::new();
         let mut nodes: HashMap<&str, NodeUpdate> = HashMap::new();
-        for job in jobs {
+        for (job, below) in jobs.iter().zip(below_floor) {
             let batch = &job.batch;
+            if below {
+                commits.push(Commit::BelowFloor);
+                continue;
+            }
             // Taken once: a second job with the same (node, seq) in one group is a replay.
             if !stored.remove(&(job.node.as_str().to_owned(), to_i64(batch.seq))) {
                 commits.push(Commit::Duplicate);

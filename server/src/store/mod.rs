@@ -130,6 +130,9 @@ pub enum Commit {
     },
     /// This `(node, seq)` was already committed; nothing was written.
     Duplicate,
+    /// The seq is at or below its node's floor: stored long ago, its record since pruned
+    /// (`store::records`); nothing was written. Acked like [`Commit::Duplicate`].
+    BelowFloor,
 }
 
 /// A refused stream or call, as recorded.
