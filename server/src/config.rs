@@ -36,6 +36,8 @@ pub struct ServerConfig {
     /// How far back the in-memory per-node windows reach, in seconds (rebuilt from the
     /// store at start).
     pub window_seconds: u32,
+    /// Embedded store (no ClickHouse): days of samples kept, by observed time; 0 = forever.
+    pub embedded_retention_days: u32,
     /// Ed25519 PKCS#8 key that signs remote commands; empty = remote commands off.
     pub command_signing_key_file: PathBuf,
     /// Async worker threads; 0 = one per CPU core. Fewer than the cores helps where the
@@ -76,6 +78,7 @@ impl Default for ServerConfig {
             hello_timeout_ms: 10_000,
             outbox_max_bytes: 1 << 30,
             window_seconds: 1800,
+            embedded_retention_days: 30,
             command_signing_key_file: PathBuf::new(),
             worker_threads: 0,
             clickhouse: ClickHouseSettings::default(),
@@ -230,6 +233,13 @@ impl ServerConfig {
                 "allow at least 1048576 bytes (default 1073741824: minutes of a large fleet)",
             ));
         }
+        if self.embedded_retention_days > 36_500 {
+            return Err(ConfigError::new(
+                "embedded_retention_days",
+                format!("{} is more than 36500", self.embedded_retention_days),
+                "use 0 (keep samples forever) or 1 to 36500 days (default 30)",
+            ));
+        }
         if !(60..=86_400).contains(&self.window_seconds) {
             return Err(ConfigError::new(
                 "window_seconds",
@@ -346,6 +356,12 @@ impl ServerConfig {
             "Reach of the in-memory per-node windows, s, rebuilt from the store at start (default 1800).",
             "window_seconds",
             i64::from(self.window_seconds).into(),
+        );
+        line(
+            &mut out,
+            "Embedded store (no ClickHouse): days of samples kept, by observed time; 0 = forever (default 30).",
+            "embedded_retention_days",
+            i64::from(self.embedded_retention_days).into(),
         );
         line(
             &mut out,
@@ -516,6 +532,7 @@ mod tests {
         let config = ServerConfig {
             max_frame_bytes: 2048,
             worker_threads: 3,
+            embedded_retention_days: 7,
             ..ServerConfig::default()
         };
         std::fs::write(&file, config.documented_toml()).expect("write");

@@ -159,6 +159,15 @@ pub async fn run(
             metrics.commit_group_batches.observe(batches as f64);
         })
     };
+    if telemetry == store::commit::Telemetry::Embedded && config.embedded_retention_days > 0 {
+        tasks.spawn(store::retention::run_expiry(
+            ledger.clone(),
+            config.embedded_retention_days,
+            store::retention::EXPIRE_EVERY,
+            metrics.embedded_samples_expired.clone(),
+            shutdown.clone(),
+        ));
+    }
     tasks.spawn(store::records::run_pruner(
         ledger.clone(),
         store::records::PRUNE_EVERY,

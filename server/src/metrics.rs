@@ -25,6 +25,8 @@ pub struct Metrics {
     pub batches_duplicate: Counter,
     /// Of those, replays at or below their node's pruning floor (stored long ago).
     pub batches_below_floor: Counter,
+    /// Embedded-store sample rows deleted by retention.
+    pub embedded_samples_expired: Counter,
     /// Samples committed.
     pub samples_committed: Counter,
     /// Streams and calls refused, by reason (`StreamRefused`).
@@ -80,6 +82,7 @@ impl Default for Metrics {
             batches_committed: Counter::default(),
             batches_duplicate: Counter::default(),
             batches_below_floor: Counter::default(),
+            embedded_samples_expired: Counter::default(),
             samples_committed: Counter::default(),
             refused: Family::default(),
             store_errors: Family::default(),
@@ -114,6 +117,11 @@ impl Default for Metrics {
             "ingest_batches_duplicate",
             "Replayed batches acked without storing",
             metrics.batches_duplicate.clone(),
+        );
+        registry.register(
+            "embedded_samples_expired",
+            "Sample rows the embedded store deleted as older than embedded_retention_days",
+            metrics.embedded_samples_expired.clone(),
         );
         registry.register(
             "ingest_batches_below_floor",

@@ -14,6 +14,7 @@ pub mod commit;
 pub mod queries;
 pub mod reconcile;
 pub mod records;
+pub mod retention;
 pub mod segments;
 pub mod telemetry;
 
