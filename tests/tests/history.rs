@@ -177,22 +177,38 @@ async fn history_and_windows_from_clickhouse() -> TestResult {
     })
     .await?;
     assert_eq!(raw.source, "raw");
-    let rollup = history(&scratch, &server, "cpu_busy_percent", 60).await?;
+    // ClickHouse writes an INSERT's materialized views after its raw table's part, so
+    // the raw rows can be visible a moment before the rollup rows of the same INSERT.
+    let rollup = eventually(
+        WAIT,
+        "the 1-minute rollup to count the same samples",
+        || async {
+            let answer = history(&scratch, &server, "cpu_busy_percent", 60)
+                .await
+                .ok()?;
+            (answer.points.iter().map(|p| p.count).sum::<u64>() == sent).then_some(answer)
+        },
+    )
+    .await?;
     assert_eq!(rollup.source, "rollup_1m");
-    assert_eq!(
-        rollup.points.iter().map(|p| p.count).sum::<u64>(),
-        sent,
-        "the 1-minute rollup counts the same samples"
-    );
     let raw_max = raw.points.iter().map(|p| p.max).fold(f64::MIN, f64::max);
     let rollup_max = rollup.points.iter().map(|p| p.max).fold(f64::MIN, f64::max);
     assert!(
         (raw_max - rollup_max).abs() < 1e-9,
         "{raw_max} vs {rollup_max}"
     );
-    let hourly = history(&scratch, &server, "cpu_busy_percent", 3600).await?;
+    let hourly = eventually(
+        WAIT,
+        "the 1-hour rollup to count the same samples",
+        || async {
+            let answer = history(&scratch, &server, "cpu_busy_percent", 3600)
+                .await
+                .ok()?;
+            (answer.points.iter().map(|p| p.count).sum::<u64>() == sent).then_some(answer)
+        },
+    )
+    .await?;
     assert_eq!(hourly.source, "rollup_1h");
-    assert_eq!(hourly.points.iter().map(|p| p.count).sum::<u64>(), sent);
 
     windows_survive_a_restart(&scratch, server, &config).await?;
     Ok(())

@@ -5,9 +5,9 @@
 //!
 //! # Guarantees
 //! - A session's [`Committer::commit`] returns `Stored` only after the transaction holding
-//!   its batch committed; `Duplicate` when `(node, seq)` was committed before, or its seq
-//!   is at or below the node's floor (stored, or dropped by the agent's spool, long ago:
-//!   [`super::records`]).
+//!   its batch committed; `Duplicate` when `(node, seq)` was committed before; `BelowFloor`
+//!   when its seq is at or below the node's floor (stored, or dropped by the agent's spool,
+//!   long ago: [`super::records`]).
 //! - If a group's transaction fails, each of its batches is retried alone, so one bad batch
 //!   cannot fail the others.
 //! - With ClickHouse as the telemetry store, batches go to the durable outbox instead of

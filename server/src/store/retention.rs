@@ -5,6 +5,9 @@
 //! per node). Every [`EXPIRE_EVERY`] the server deletes the rows observed more than
 //! `retention_days` ago.
 //!
+//! Age is the agent's `observed_at_unix_ms` (the rows keep no receive time): an agent whose
+//! clock is far behind has its fresh samples deleted at the next round.
+//!
 //! # Guarantees
 //! - Only rows observed before the cutoff go; the in-memory windows (`window_seconds`, at
 //!   most a day) are rebuilt from rows well inside it.
@@ -59,7 +62,7 @@ impl Ledger {
         before_unix_ms: i64,
         stop: &CancellationToken,
     ) -> Result<u64, StoreError> {
-        let nodes: Vec<String> = sqlx::query("SELECT node_id FROM nodes")
+        let nodes: Vec<String> = sqlx::query("SELECT node_id FROM nodes ORDER BY node_id")
             .fetch_all(&self.pool)
             .await?
             .iter()
