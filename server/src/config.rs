@@ -36,7 +36,8 @@ pub struct ServerConfig {
     /// How far back the in-memory per-node windows reach, in seconds (rebuilt from the
     /// store at start).
     pub window_seconds: u32,
-    /// Embedded store (no ClickHouse): days of samples kept, by observed time; 0 = forever.
+    /// Embedded store: days of samples kept, by observed time; 0 = forever. Runs with
+    /// ClickHouse too, for rows stored before it was configured.
     pub embedded_retention_days: u32,
     /// Ed25519 PKCS#8 key that signs remote commands; empty = remote commands off.
     pub command_signing_key_file: PathBuf,
