@@ -37,6 +37,24 @@ async fn history(
         .map(tonic::Response::into_inner)
 }
 
+/// The `cpu_busy_percent` history at `resolution_seconds`, once its points count `sent`
+/// samples (ClickHouse lands them a moment after the ack).
+async fn counting(
+    scratch: &Scratch,
+    server: &Server,
+    resolution_seconds: u32,
+    sent: u64,
+) -> anyhow::Result<HistoryResponse> {
+    let what = format!("the history at {resolution_seconds} s to count all {sent} samples");
+    eventually(WAIT, &what, || async {
+        let answer = history(scratch, server, "cpu_busy_percent", resolution_seconds)
+            .await
+            .ok()?;
+        (answer.points.iter().map(|p| p.count).sum::<u64>() == sent).then_some(answer)
+    })
+    .await
+}
+
 async fn node(scratch: &Scratch, server: &Server) -> Option<guardian_proto::v1::Node> {
     let mut client = scratch.operator(server.grpc).await.ok()?;
     client
@@ -169,27 +187,11 @@ async fn history_and_windows_from_clickhouse() -> TestResult {
     let server = Server::start(&config, scratch.path("server-1.log"))?;
     let sent = stream_then_stop(&scratch, &server, 20).await?;
 
-    let raw = eventually(WAIT, "ClickHouse to hold every batch", || async {
-        let answer = history(&scratch, &server, "cpu_busy_percent", 1)
-            .await
-            .ok()?;
-        (answer.points.iter().map(|p| p.count).sum::<u64>() == sent).then_some(answer)
-    })
-    .await?;
+    let raw = counting(&scratch, &server, 1, sent).await?;
     assert_eq!(raw.source, "raw");
     // ClickHouse writes an INSERT's materialized views after its raw table's part, so
     // the raw rows can be visible a moment before the rollup rows of the same INSERT.
-    let rollup = eventually(
-        WAIT,
-        "the 1-minute rollup to count the same samples",
-        || async {
-            let answer = history(&scratch, &server, "cpu_busy_percent", 60)
-                .await
-                .ok()?;
-            (answer.points.iter().map(|p| p.count).sum::<u64>() == sent).then_some(answer)
-        },
-    )
-    .await?;
+    let rollup = counting(&scratch, &server, 60, sent).await?;
     assert_eq!(rollup.source, "rollup_1m");
     let raw_max = raw.points.iter().map(|p| p.max).fold(f64::MIN, f64::max);
     let rollup_max = rollup.points.iter().map(|p| p.max).fold(f64::MIN, f64::max);
@@ -197,17 +199,7 @@ async fn history_and_windows_from_clickhouse() -> TestResult {
         (raw_max - rollup_max).abs() < 1e-9,
         "{raw_max} vs {rollup_max}"
     );
-    let hourly = eventually(
-        WAIT,
-        "the 1-hour rollup to count the same samples",
-        || async {
-            let answer = history(&scratch, &server, "cpu_busy_percent", 3600)
-                .await
-                .ok()?;
-            (answer.points.iter().map(|p| p.count).sum::<u64>() == sent).then_some(answer)
-        },
-    )
-    .await?;
+    let hourly = counting(&scratch, &server, 3600, sent).await?;
     assert_eq!(hourly.source, "rollup_1h");
 
     windows_survive_a_restart(&scratch, server, &config).await?;
