@@ -42,6 +42,9 @@ pub enum DecodeError {
     /// not end with its own tag.
     #[error("invalid group in an unknown field (nested too deep, or unbalanced)")]
     Group,
+    /// An outbox blob in the server's own format is malformed ([`crate::store::blob`]).
+    #[error("outbox blob: {0}")]
+    Outbox(String),
 }
 
 /// A decoded `SampleBatch`.

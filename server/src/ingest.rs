@@ -17,7 +17,6 @@ use std::time::Duration;
 use guardian_proto::v1::{Ack, Hello, NodeDescriptor, ServerFrame, Welcome, server_frame};
 use guardian_proto::wire::uplink_server::Uplink;
 use guardian_proto::wire::{AgentFrameIn, agent_frame_in};
-use prost::bytes::Bytes;
 use tokio::sync::mpsc;
 
 use crate::batch::{Batch, Kind};
@@ -353,7 +352,7 @@ impl Ingest {
                         break Some(self.refuse("malformed_frame", &peer, status).await);
                     }
                     let seq = batch.seq;
-                    match self.commit(&node, &network, batch, encoded).await {
+                    match self.commit(&node, &network, batch).await {
                         Ok(()) => {
                             let ack = ServerFrame {
                                 frame: Some(server_frame::Frame::Ack(Ack { through_seq: seq })),
@@ -467,13 +466,7 @@ impl Ingest {
         Ok(())
     }
 
-    async fn commit(
-        &self,
-        node: &NodeId,
-        network: &str,
-        batch: Batch,
-        encoded: Bytes,
-    ) -> Result<(), Status> {
+    async fn commit(&self, node: &NodeId, network: &str, batch: Batch) -> Result<(), Status> {
         let arrived = std::time::Instant::now();
         let now = unix_ms();
         let seq = batch.seq;
@@ -482,7 +475,6 @@ impl Ingest {
             node: node.clone(),
             network: network.to_owned(),
             batch: Arc::clone(&batch),
-            encoded,
         };
         match self.committer.commit(job).await {
             Ok(Commit::Stored { samples }) => {

@@ -533,14 +533,13 @@ pub fn encode(frame: &AgentFrame) -> Vec<u8> {
 }
 
 /// A one-sample batch `(node, seq)` as a group-commit job (a `gpu` sampler-unavailable
-/// sample naming the node and seq), with the agent's bytes when `keep_bytes`.
+/// sample naming the node and seq).
 ///
 /// # Errors
 /// When `node` is not a valid node id.
 pub fn unavailable_job(
     node: &str,
     seq: u64,
-    keep_bytes: bool,
 ) -> anyhow::Result<guardian_server::store::commit::Job> {
     use guardian_proto::v1::{Sample, SampleBatch, SamplerUnavailable, sample};
     let batch = SampleBatch {
@@ -554,15 +553,9 @@ pub fn unavailable_job(
             })),
         }],
     };
-    let encoded = if keep_bytes {
-        batch.encode_to_vec().into()
-    } else {
-        prost::bytes::Bytes::new()
-    };
     Ok(guardian_server::store::commit::Job {
         node: guardian_server::identity::NodeId::parse(node)?,
         network: "finney".into(),
         batch: std::sync::Arc::new(guardian_server::batch::Batch::from(&batch)),
-        encoded,
     })
 }

@@ -18,7 +18,7 @@ type TestResult = anyhow::Result<()>;
 async fn commit(ledger: &Ledger, jobs: &[(&str, u64)]) -> anyhow::Result<(Vec<bool>, usize)> {
     let jobs: Vec<Job> = jobs
         .iter()
-        .map(|(node, seq)| guardian_tests::unavailable_job(node, *seq, false))
+        .map(|(node, seq)| guardian_tests::unavailable_job(node, *seq))
         .collect::<anyhow::Result<_>>()?;
     let group = ledger.commit_group(&jobs, Telemetry::Outbox, 5_000).await?;
     let stored = group
@@ -80,7 +80,7 @@ async fn pruned_records_stay_replays(url: &str) -> TestResult {
     // Only the ones at or below the floor say so; the others are ordinary replays.
     let jobs: Vec<Job> = [("n1", 4), ("n1", 5), ("n2", 3), ("n2", 4)]
         .iter()
-        .map(|(node, seq)| guardian_tests::unavailable_job(node, *seq, false))
+        .map(|(node, seq)| guardian_tests::unavailable_job(node, *seq))
         .collect::<anyhow::Result<_>>()?;
     let again = ledger.commit_group(&jobs, Telemetry::Outbox, 6_000).await?;
     assert_eq!(

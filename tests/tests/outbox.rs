@@ -5,20 +5,19 @@
 use guardian_server::store::commit::{Job, Telemetry};
 use guardian_server::store::{Commit, Ledger};
 use guardian_tests::Postgres;
-use prost::Message;
 
 type TestResult = anyhow::Result<()>;
 
-fn job(node: &str, seq: u64, keep_bytes: bool) -> anyhow::Result<Job> {
-    guardian_tests::unavailable_job(node, seq, keep_bytes)
+fn job(node: &str, seq: u64) -> anyhow::Result<Job> {
+    guardian_tests::unavailable_job(node, seq)
 }
 
 async fn ids_follow_commit_order(ledger: &Ledger) -> TestResult {
     // Nothing committed yet: the writer's chain starts at 0.
     assert_eq!(ledger.outbox_id_ceiling().await?, Some(0));
-    // Two nodes interleaved; some jobs carry the agent's bytes, some not.
+    // Two nodes interleaved.
     let jobs: Vec<Job> = (1..=6u64)
-        .map(|seq| job(if seq % 2 == 0 { "n2" } else { "n1" }, seq, seq % 3 != 0))
+        .map(|seq| job(if seq % 2 == 0 { "n2" } else { "n1" }, seq))
         .collect::<anyhow::Result<_>>()?;
     let group = ledger.commit_group(&jobs, Telemetry::Outbox, 5_000).await?;
     assert!(
@@ -30,8 +29,9 @@ async fn ids_follow_commit_order(ledger: &Ledger) -> TestResult {
     let handed: Vec<(String, u64, u64)> = group
         .outbox
         .iter()
-        .map(|(b, _)| (b.node_id.clone(), b.batch.seq, b.outbox_id))
-        .collect();
+        .map(|b| Ok((b.node_id.clone(), b.decode()?.batch.seq, b.outbox_id)))
+        .collect::<anyhow::Result<_>>()?;
+    let handed: Vec<(String, u64, u64)> = handed.into_iter().collect();
     assert_eq!(handed.len(), 6);
     assert!(
         handed.windows(2).all(|w| w[0].2 < w[1].2),
@@ -44,38 +44,42 @@ async fn ids_follow_commit_order(ledger: &Ledger) -> TestResult {
     let got: Vec<(String, u64)> = handed.iter().map(|(n, s, _)| (n.clone(), *s)).collect();
     assert_eq!(got, wanted, "the outbox holds the group in job order");
 
-    // The table agrees: same ids, same batches, same sizes.
+    // The table agrees: same ids, same batches (the ones committed), same bytes.
     let read = ledger.outbox_read(0, 100, 1_000).await?;
     assert_eq!(read.len(), 6);
-    for ((handed, bytes), stored) in group.outbox.iter().zip(&read) {
+    for ((handed, stored), job) in group.outbox.iter().zip(&read).zip(&jobs) {
         assert_eq!(handed.outbox_id, stored.outbox_id);
-        assert_eq!(handed.batch, stored.batch);
-        assert_eq!(*bytes as usize, stored.batch.to_proto().encoded_len());
+        assert_eq!(&handed.decode()?, stored);
+        assert_eq!(stored.batch, job.batch);
+        assert_eq!(
+            handed.blob,
+            guardian_server::store::blob::encode(&job.batch)
+        );
     }
 
     // A replayed (node, seq) is a duplicate and adds nothing to the outbox.
     let again = ledger
-        .commit_group(&[job("n1", 1, true)?], Telemetry::Outbox, 6_000)
+        .commit_group(&[job("n1", 1)?], Telemetry::Outbox, 6_000)
         .await?;
     assert!(matches!(again.commits[..], [Commit::Duplicate]));
     assert!(again.outbox.is_empty());
 
     // A group larger than one statement (1 024 outbox rows each) keeps its order too.
     let big: Vec<Job> = (1..=1_500u64)
-        .map(|seq| job("n3", seq, true))
+        .map(|seq| job("n3", seq))
         .collect::<anyhow::Result<_>>()?;
     let group = ledger.commit_group(&big, Telemetry::Outbox, 7_000).await?;
     assert_eq!(group.outbox.len(), 1_500);
     let last_small = read.last().map_or(0, |b| b.outbox_id);
     let mut previous = last_small;
-    for (seq, (batch, _)) in (1..=1_500u64).zip(&group.outbox) {
-        assert_eq!(batch.batch.seq, seq);
+    for (seq, batch) in (1..=1_500u64).zip(&group.outbox) {
+        assert_eq!(batch.decode()?.batch.seq, seq);
         assert!(batch.outbox_id > previous, "ids ascend across statements");
         previous = batch.outbox_id;
     }
     let read = ledger.outbox_read(last_small, 2_000, 10_000).await?;
     let read_ids: Vec<u64> = read.iter().map(|b| b.outbox_id).collect();
-    let handed_ids: Vec<u64> = group.outbox.iter().map(|(b, _)| b.outbox_id).collect();
+    let handed_ids: Vec<u64> = group.outbox.iter().map(|b| b.outbox_id).collect();
     assert_eq!(read_ids, handed_ids);
     // The read goes page by page (256 rows) and stops at either limit, mid-page too.
     let capped = ledger.outbox_read(last_small, 2_000, 700).await?;
@@ -139,7 +143,7 @@ async fn sqlite_outbox_blobs_live_in_segment_files_until_delivered() -> TestResu
     let url = format!("sqlite://{}/g.db", dir.path().display());
     let folder = dir.path().join("g.db-outbox");
     let jobs = |seqs: std::ops::RangeInclusive<u64>| -> anyhow::Result<Vec<Job>> {
-        seqs.map(|seq| job("n1", seq, seq % 2 == 0)).collect()
+        seqs.map(|seq| job("n1", seq)).collect()
     };
     let ledger = Ledger::open(&url).await?;
     // An embedded-store ledger never creates the folder; the first outbox group does.
@@ -148,7 +152,7 @@ async fn sqlite_outbox_blobs_live_in_segment_files_until_delivered() -> TestResu
         .commit_group(&jobs(1..=3)?, Telemetry::Outbox, 1)
         .await?;
     assert_eq!(segment_files(&folder)?, ["000000000001.seg"]);
-    let first_bytes: u64 = first.outbox.iter().map(|(_, bytes)| bytes).sum();
+    let first_bytes: u64 = first.outbox.iter().map(|b| b.blob.len() as u64).sum();
     assert_eq!(ledger.outbox_pending().await?, (3, first_bytes));
     drop(ledger);
 
@@ -164,22 +168,68 @@ async fn sqlite_outbox_blobs_live_in_segment_files_until_delivered() -> TestResu
     let read = ledger.outbox_read(0, 100, 1_000).await?;
     let handed: Vec<_> = first.outbox.iter().chain(&second.outbox).collect();
     assert_eq!(read.len(), 5);
-    for (stored, (handed, _)) in read.iter().zip(&handed) {
-        assert_eq!(stored.outbox_id, handed.outbox_id);
-        assert_eq!(stored.batch, handed.batch);
+    for (stored, handed) in read.iter().zip(&handed) {
+        assert_eq!(stored, &handed.decode()?);
     }
 
     // Delivering the first segment's batches removes its file, not the current one.
-    let last_of_first = first.outbox.last().map_or(0, |(b, _)| b.outbox_id);
+    let last_of_first = first.outbox.last().map_or(0, |b| b.outbox_id);
     assert_eq!(
         ledger.outbox_delete_through(last_of_first).await?,
         (3, first_bytes)
     );
     assert_eq!(segment_files(&folder)?, ["000000000002.seg"]);
     assert_eq!(ledger.outbox_read(0, 100, 1_000).await?.len(), 2);
-    let last = second.outbox.last().map_or(0, |(b, _)| b.outbox_id);
+    let last = second.outbox.last().map_or(0, |b| b.outbox_id);
     ledger.outbox_delete_through(last).await?;
     assert_eq!(ledger.outbox_pending().await?, (0, 0));
     assert_eq!(segment_files(&folder)?, ["000000000002.seg"]);
+    Ok(())
+}
+
+/// Outbox rows written before the outbox had its own encoding hold the agent's protobuf
+/// bytes; after an upgrade they still drain, in id order with the new ones.
+#[tokio::test]
+async fn outbox_rows_in_the_agents_encoding_still_read_back() -> TestResult {
+    use guardian_proto::v1::{HostSample, Sample, SampleBatch, sample};
+    use prost::Message;
+    let dir = tempfile::tempdir()?;
+    let url = format!("sqlite://{}/g.db", dir.path().display());
+    let ledger = Ledger::open(&url).await?;
+    let legacy = SampleBatch {
+        seq: 9,
+        spool_dropped_batches_total: 0,
+        samples: vec![Sample {
+            observed_at_unix_ms: 5_000,
+            kind: Some(sample::Kind::Host(HostSample {
+                cpu_busy_percent: 42.5,
+                mem_total_bytes: 1 << 36,
+                ..Default::default()
+            })),
+        }],
+    }
+    .encode_to_vec();
+    let pool = sqlx::SqlitePool::connect(&url).await?;
+    sqlx::query(
+        "INSERT INTO outbox (node_id, network, received_at_unix_ms, batch, segment, segment_offset, segment_len)
+         VALUES ('old', 'finney', 4000, ?, 0, 0, 0)",
+    )
+    .bind(legacy.clone())
+    .execute(&pool)
+    .await?;
+    pool.close().await;
+    let new = ledger
+        .commit_group(&[job("n1", 1)?], Telemetry::Outbox, 6_000)
+        .await?;
+    let read = ledger.outbox_read(0, 10, 100).await?;
+    assert_eq!(read.len(), 2);
+    assert_eq!(read[0].node_id, "old");
+    let want = guardian_server::batch::Batch::decode(&legacy.into())?;
+    assert_eq!(*read[0].batch, want);
+    let Some(guardian_server::batch::Kind::Host(host)) = &read[0].batch.samples[0].kind else {
+        anyhow::bail!("a host sample")
+    };
+    assert_eq!(host.values.cpu_busy_percent, 42.5);
+    assert_eq!(read[1], new.outbox[0].decode()?);
     Ok(())
 }

@@ -58,7 +58,6 @@ fn job(node: &str, seq: u64, at_unix_ms: i64) -> anyhow::Result<Job> {
         node: NodeId::parse(node)?,
         network: "finney".into(),
         batch: Arc::new(Batch::from(&batch)),
-        encoded: prost::bytes::Bytes::new(),
     })
 }
 

@@ -24,7 +24,7 @@ use prost::Message;
 use sqlx::{AssertSqlSafe, Row};
 use tokio::sync::{Notify, mpsc, oneshot};
 
-use super::telemetry::{ChainValues, GpuValues, OutboxBatch};
+use super::telemetry::{ChainValues, GpuValues, OutboxBatch, OutboxBlob};
 use super::{Backend, Commit, Ledger, StoreError, to_i64};
 use crate::identity::NodeId;
 
@@ -65,9 +65,6 @@ pub struct Job {
     pub network: String,
     /// The batch (shared with the session, which needs it after the commit).
     pub batch: Arc<Batch>,
-    /// The batch as the agent encoded it (the outbox stores these bytes); empty when not
-    /// at hand, and the batch is encoded again then.
-    pub encoded: prost::bytes::Bytes,
 }
 
 /// The outbox's size, shared by the writer (adds) and the sink (removes), and the
@@ -105,8 +102,8 @@ struct Handoff {
 struct Handed {
     /// The outbox id committed just before this batch (None: not known).
     prev_id: Option<u64>,
-    bytes: u64,
-    batch: OutboxBatch,
+    /// The batch as the outbox holds it (its blob's size is what it costs memory).
+    blob: OutboxBlob,
 }
 
 impl OutboxGauge {
@@ -134,13 +131,13 @@ impl OutboxGauge {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// The writer committed `batches` (ascending outbox ids, with their encoded sizes) as
-    /// the only outbox rows of one transaction: counts them and hands them to the sink.
-    fn added_group(&self, batches: Vec<(OutboxBatch, u64)>) {
+    /// The writer committed `batches` (ascending outbox ids) as the only outbox rows of one
+    /// transaction: counts them and hands them to the sink.
+    fn added_group(&self, batches: Vec<OutboxBlob>) {
         if batches.is_empty() {
             return;
         }
-        let bytes: u64 = batches.iter().map(|(_, bytes)| bytes).sum();
+        let bytes: u64 = batches.iter().map(|b| b.blob.len() as u64).sum();
         self.batches
             .fetch_add(batches.len() as u64, Ordering::Relaxed);
         self.bytes.fetch_add(bytes, Ordering::Relaxed);
@@ -148,20 +145,17 @@ impl OutboxGauge {
         self.added.notify_one();
     }
 
-    fn hand_off(&self, batches: Vec<(OutboxBatch, u64)>) {
+    fn hand_off(&self, batches: Vec<OutboxBlob>) {
         let mut handoff = self.lock_handoff();
-        for (batch, bytes) in batches {
-            let id = batch.outbox_id;
+        for blob in batches {
+            let id = blob.outbox_id;
+            let bytes = blob.blob.len() as u64;
             let prev_id = handoff.last_id.replace(id);
             // A full queue drops the copy; the link of the next one then points at a
             // batch memory lacks and the sink reads the outbox table instead.
             if handoff.max_bytes > 0 && handoff.bytes + bytes <= handoff.max_bytes {
                 handoff.bytes += bytes;
-                handoff.queue.push_back(Handed {
-                    prev_id,
-                    bytes,
-                    batch,
-                });
+                handoff.queue.push_back(Handed { prev_id, blob });
             }
         }
     }
@@ -186,42 +180,55 @@ impl OutboxGauge {
     /// memory: `None` when memory does not hold the very next one (after a restart, a
     /// failure or an overflow the sink reads the outbox table). Stops once `max_samples`
     /// samples are reached and at `max_batches` (as [`Ledger::outbox_read`] does).
-    /// Batches at or below `cursor` are forgotten.
+    /// Batches at or below `cursor` are forgotten. The blobs are decoded outside the lock;
+    /// one that does not decode (a bug: the writer encoded it) is logged and the sink reads
+    /// the table instead, which reports it as corrupt.
     pub fn take_after(
         &self,
         cursor: u64,
         max_batches: usize,
         max_samples: usize,
     ) -> Option<Vec<OutboxBatch>> {
-        let mut handoff = self.lock_handoff();
-        while handoff
-            .queue
-            .front()
-            .is_some_and(|h| h.batch.outbox_id <= cursor)
-        {
-            if let Some(gone) = handoff.queue.pop_front() {
-                handoff.bytes -= gone.bytes;
+        let blobs = {
+            let mut handoff = self.lock_handoff();
+            while handoff
+                .queue
+                .front()
+                .is_some_and(|h| h.blob.outbox_id <= cursor)
+            {
+                if let Some(gone) = handoff.queue.pop_front() {
+                    handoff.bytes -= gone.blob.blob.len() as u64;
+                }
             }
-        }
-        let first = handoff.queue.front()?;
-        if first.prev_id != Some(cursor) {
-            return None;
-        }
-        let mut out: Vec<OutboxBatch> = Vec::new();
-        let mut samples = 0usize;
-        let mut prev = cursor;
-        for handed in &handoff.queue {
-            if handed.prev_id != Some(prev) || out.len() >= max_batches {
-                break;
+            let first = handoff.queue.front()?;
+            if first.prev_id != Some(cursor) {
+                return None;
             }
-            samples += handed.batch.batch.samples.len();
-            prev = handed.batch.outbox_id;
-            out.push(handed.batch.clone());
-            if samples >= max_samples {
-                break;
+            let mut out: Vec<OutboxBlob> = Vec::new();
+            let mut samples = 0usize;
+            let mut prev = cursor;
+            for handed in &handoff.queue {
+                if handed.prev_id != Some(prev) || out.len() >= max_batches {
+                    break;
+                }
+                samples += handed.blob.samples;
+                prev = handed.blob.outbox_id;
+                out.push(handed.blob.clone());
+                if samples >= max_samples {
+                    break;
+                }
             }
-        }
-        Some(out)
+            out
+        };
+        blobs
+            .iter()
+            .map(|blob| {
+                blob.decode().map_err(|error| {
+                    tracing::error!(outbox_id = blob.outbox_id, %error, "OutboxBlobUndecodable: reading the outbox table instead");
+                })
+            })
+            .collect::<Result<Vec<_>, ()>>()
+            .ok()
     }
 
     /// Batches and encoded bytes held in memory for the sink.
@@ -736,7 +743,7 @@ impl Ledger {
         let mut commits = Vec::with_capacity(jobs.len());
         let mut rows = Rows::default();
         let mut blobs: Vec<prost::bytes::Bytes> = Vec::new();
-        let mut outbox_jobs: Vec<(&Job, u64)> = Vec::new();
+        let mut outbox_jobs: Vec<&Job> = Vec::new();
         let mut nodes: HashMap<&str, NodeUpdate> = HashMap::new();
         for (job, below) in jobs.iter().zip(below_floor) {
             let batch = &job.batch;
@@ -752,13 +759,8 @@ impl Ledger {
             match telemetry {
                 Telemetry::Embedded => rows.add(job.node.as_str(), batch),
                 Telemetry::Outbox => {
-                    let encoded = if job.encoded.is_empty() {
-                        batch.to_proto().encode_to_vec().into()
-                    } else {
-                        job.encoded.clone()
-                    };
-                    outbox_jobs.push((job, encoded.len() as u64));
-                    blobs.push(encoded);
+                    outbox_jobs.push(job);
+                    blobs.push(super::blob::encode(batch));
                 }
             }
             nodes.entry(job.node.as_str()).or_default().add(batch);
@@ -829,16 +831,16 @@ impl Ledger {
         };
         let outbox: Vec<Vec<Value>> = match &self.segments {
             Some(folder) if !blobs.is_empty() => folder
-                .append(blobs)
+                .append(blobs.clone())
                 .await?
                 .into_iter()
                 .zip(&outbox_jobs)
-                .map(|(at, (job, _))| row(job, Vec::new(), [at.segment, at.offset, at.len]))
+                .map(|(at, job)| row(job, Vec::new(), [at.segment, at.offset, at.len]))
                 .collect(),
             _ => blobs
-                .into_iter()
+                .iter()
                 .zip(&outbox_jobs)
-                .map(|(blob, (job, _))| row(job, blob.to_vec(), [0, 0, 0]))
+                .map(|(blob, job)| row(job, blob.to_vec(), [0, 0, 0]))
                 .collect(),
         };
         let ids = insert_outbox(&mut tx, self.backend, outbox).await?;
@@ -847,15 +849,14 @@ impl Ledger {
         let outbox = ids
             .into_iter()
             .zip(outbox_jobs)
-            .map(|(outbox_id, (job, bytes))| {
-                let batch = OutboxBatch {
-                    outbox_id,
-                    node_id: job.node.to_string(),
-                    network: job.network.clone(),
-                    received_at_unix_ms: now_unix_ms,
-                    batch: Arc::clone(&job.batch),
-                };
-                (batch, bytes)
+            .zip(blobs)
+            .map(|((outbox_id, job), blob)| OutboxBlob {
+                outbox_id,
+                node_id: job.node.to_string(),
+                network: job.network.clone(),
+                received_at_unix_ms: now_unix_ms,
+                samples: job.batch.samples.len(),
+                blob,
             })
             .collect();
         Ok(Group { commits, outbox })
@@ -904,8 +905,8 @@ async fn insert_outbox(
 pub struct Group {
     /// Per job, in order.
     pub commits: Vec<Commit>,
-    /// The batches it added to the outbox, ascending ids, with their encoded sizes.
-    pub outbox: Vec<(OutboxBatch, u64)>,
+    /// The batches it added to the outbox, ascending ids, as the outbox holds them.
+    pub outbox: Vec<OutboxBlob>,
 }
 
 /// Inserts the `(node, seq)` idempotency records of a group; returns the ones that were new.
@@ -1043,7 +1044,7 @@ async fn update_nodes(
 mod tests {
     use super::*;
 
-    fn handed(id: u64, samples: usize) -> (OutboxBatch, u64) {
+    fn handed(id: u64, samples: usize) -> OutboxBlob {
         let batch = Batch {
             seq: id,
             samples: vec![
@@ -1055,15 +1056,18 @@ mod tests {
             ],
             spool_dropped_batches_total: 0,
         };
-        let outbox = OutboxBatch {
+        OutboxBlob {
             outbox_id: id,
             node_id: "n1".into(),
             network: "finney".into(),
             received_at_unix_ms: 0,
-            batch: Arc::new(batch),
-        };
-        (outbox, 100)
+            samples,
+            blob: super::super::blob::encode(&batch),
+        }
     }
+
+    /// The blob size of a one-sample `handed` batch.
+    const ONE: u64 = 31;
 
     fn ids(batches: Option<Vec<OutboxBatch>>) -> Option<Vec<u64>> {
         batches.map(|batches| batches.iter().map(|b| b.outbox_id).collect())
@@ -1104,19 +1108,19 @@ mod tests {
         assert_eq!(ids(gauge.take_after(5, 100, 100)), Some(vec![6, 7]));
         // ...and delivered ones are forgotten once the cursor passes them.
         assert_eq!(ids(gauge.take_after(6, 100, 100)), Some(vec![7]));
-        assert_eq!(gauge.handoff_len(), (1, 100));
+        assert_eq!(gauge.handoff_len(), (1, ONE));
         assert_eq!(gauge.batches.load(Ordering::Relaxed), 3);
-        assert_eq!(gauge.bytes.load(Ordering::Relaxed), 300);
+        assert_eq!(gauge.bytes.load(Ordering::Relaxed), 3 * ONE);
     }
 
     #[test]
     fn a_dropped_or_failed_batch_breaks_the_chain_until_the_table_was_read_past_it() {
         let gauge = OutboxGauge::default();
-        gauge.set_handoff_max_bytes(250);
+        gauge.set_handoff_max_bytes(2 * ONE + ONE / 2);
         gauge.added_group(vec![handed(1, 1)]);
         gauge.added_group(vec![handed(2, 1), handed(3, 1)]);
-        // Memory holds 1 and 2 (250 bytes); 3 did not fit; 4 links to 3.
-        assert_eq!(gauge.handoff_len(), (2, 200));
+        // Memory holds 1 and 2 (2.5 batches' bytes); 3 did not fit; 4 links to 3.
+        assert_eq!(gauge.handoff_len(), (2, 2 * ONE));
         assert_eq!(gauge.take_after(0, 100, 100), None);
         assert_eq!(ids(gauge.take_after(1, 100, 100)), Some(vec![2]));
         gauge.added_group(vec![handed(4, 1)]);

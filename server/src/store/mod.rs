@@ -8,6 +8,7 @@
 //! - Migrations are embedded in the binary and applied at open.
 
 pub mod audit;
+pub mod blob;
 pub mod clickhouse;
 pub mod commands;
 pub mod commit;
@@ -310,7 +311,6 @@ impl Ledger {
             node: node.clone(),
             network: String::new(),
             batch: std::sync::Arc::new(crate::batch::Batch::from(batch)),
-            encoded: prost::bytes::Bytes::new(),
         };
         let mut done = self
             .commit_group(&[job], commit::Telemetry::Embedded, now_unix_ms)

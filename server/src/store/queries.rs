@@ -72,12 +72,11 @@ impl Ledger {
                 } else {
                     row.try_get(4)?
                 };
-                let batch = crate::batch::Batch::decode(&blob.into()).map_err(|source| {
-                    StoreError::Corrupt {
+                let batch =
+                    super::blob::decode(&blob.into()).map_err(|source| StoreError::Corrupt {
                         node: node_id.clone(),
                         source,
-                    }
-                })?;
+                    })?;
                 samples += batch.samples.len();
                 after = u64::try_from(row.try_get::<i64, _>(0)?).unwrap_or(0);
                 out.push(OutboxBatch {

@@ -463,6 +463,41 @@ pub struct OutboxBatch {
     pub network: String,
     /// When the server committed it, Unix milliseconds.
     pub received_at_unix_ms: i64,
-    /// The batch as the agent sent it (shared: ingest hands the decoded batch on).
+    /// The batch, decoded from its outbox blob ([`super::blob`]: host samples carry their
+    /// values, not their encoded bytes).
     pub batch: std::sync::Arc<crate::batch::Batch>,
+}
+
+/// A committed batch as the outbox holds it, in the outbox's encoding ([`super::blob`]):
+/// what the group commit hands the sink in memory, the same bytes the segment file holds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboxBlob {
+    /// Position in the outbox ([`OutboxBatch::outbox_id`]).
+    pub outbox_id: u64,
+    /// The node (from its certificate).
+    pub node_id: String,
+    /// The node's network (from its Hello).
+    pub network: String,
+    /// When the server committed it, Unix milliseconds.
+    pub received_at_unix_ms: i64,
+    /// How many samples it holds.
+    pub samples: usize,
+    /// The encoded batch.
+    pub blob: prost::bytes::Bytes,
+}
+
+impl OutboxBlob {
+    /// Decodes the batch.
+    ///
+    /// # Errors
+    /// When the blob is corrupt ([`super::blob::decode`]).
+    pub fn decode(&self) -> Result<OutboxBatch, crate::batch::DecodeError> {
+        Ok(OutboxBatch {
+            outbox_id: self.outbox_id,
+            node_id: self.node_id.clone(),
+            network: self.network.clone(),
+            received_at_unix_ms: self.received_at_unix_ms,
+            batch: std::sync::Arc::new(super::blob::decode(&self.blob)?),
+        })
+    }
 }

@@ -1,0 +1,497 @@
+//! The outbox's own encoding of a committed batch: what ClickHouse needs of it, compactly.
+//!
+//! The outbox once kept each batch as the agent encoded it (~650 bytes a host sample, with
+//! every disk, interface and pressure figure) although ClickHouse's `host_samples` keeps 17
+//! values of it. At 100 000 samples/s that was ~64 MB/s written to segment files, read back
+//! and decoded a second time whenever ClickHouse fell behind the in-memory hand-off:
+//! ~20 % of the server's CPU (BENCHMARKS.md). Here a host sample is its [`HostValues`]
+//! (17 little-endian words); the rarer kinds (one chain sample a batch, GPU now and then)
+//! keep their protobuf encoding.
+//!
+//! # Format (version 1, little-endian)
+//! `0x00 0x01`, `seq: u64`, `spool_dropped_batches_total: u64`, `samples: u32`, then per
+//! sample `observed_at_unix_ms: i64`, a kind byte and its body:
+//! - 0 (no kind): nothing;
+//! - 1 (host): the 17 [`HostValues`] words in column order, `disks: u32`, `networks: u32`;
+//! - 2 chain, 3 GPU, 4 keystore, 5 unavailable: `len: u32` and the kind's protobuf bytes.
+//!
+//! # Guarantees
+//! - A blob never starts like an agent's encoding: protobuf has no field 0, so no encoded
+//!   `SampleBatch` that decodes begins with a zero byte. [`decode`] reads both, so outbox
+//!   rows written before this format still drain.
+//! - `decode(encode(b))` equals `b` except that host samples carry no encoded bytes
+//!   ([`Host::encoded`] is empty: ClickHouse rows need the values only).
+//! - A truncated or otherwise malformed blob is an error, never a panic or a short batch.
+
+use guardian_proto::v1::{ChainSample, GpuSample, KeystoreSample, SamplerUnavailable};
+use prost::Message;
+use prost::bytes::Bytes;
+
+use super::telemetry::HostValues;
+use crate::batch::{Batch, DecodeError, Host, Kind, Sample};
+
+/// First byte of every blob in this format (no protobuf key is 0).
+const MARK: u8 = 0x00;
+/// The format's version.
+const VERSION: u8 = 1;
+
+const KIND_NONE: u8 = 0;
+const KIND_HOST: u8 = 1;
+const KIND_CHAIN: u8 = 2;
+const KIND_GPU: u8 = 3;
+const KIND_KEYSTORE: u8 = 4;
+const KIND_UNAVAILABLE: u8 = 5;
+
+/// A value kept as one 64-bit word.
+trait Word: Copy {
+    fn to_word(self) -> u64;
+    fn from_word(word: u64) -> Self;
+}
+
+impl Word for f64 {
+    fn to_word(self) -> u64 {
+        self.to_bits()
+    }
+    fn from_word(word: u64) -> Self {
+        Self::from_bits(word)
+    }
+}
+
+impl Word for u64 {
+    fn to_word(self) -> u64 {
+        self
+    }
+    fn from_word(word: u64) -> Self {
+        word
+    }
+}
+
+/// The [`HostValues`] fields in column order, once for both directions.
+macro_rules! host_words {
+    ($apply:ident) => {
+        $apply!(
+            cpu_busy_percent,
+            cpu_iowait_percent,
+            mem_total_bytes,
+            mem_available_bytes,
+            load_avg_1m,
+            cpu_psi_some_avg10_percent,
+            memory_psi_full_avg10_percent,
+            io_psi_full_avg10_percent,
+            chain_data_used_percent,
+            chain_data_available_bytes,
+            disk_read_latency_ms_max,
+            disk_write_latency_ms_max,
+            disk_utilisation_percent_max,
+            net_rx_bytes_per_second,
+            net_tx_bytes_per_second,
+            net_errors_total,
+            oom_kills_total
+        )
+    };
+}
+
+/// Bytes of a host sample's body.
+const HOST_BODY: usize = 17 * 8 + 4 + 4;
+
+/// True when `blob` is in this format (else it is an agent's `SampleBatch` encoding).
+pub fn is_compact(blob: &[u8]) -> bool {
+    blob.first() == Some(&MARK)
+}
+
+/// Encodes `batch` for the outbox.
+pub fn encode(batch: &Batch) -> Bytes {
+    let mut out = Vec::with_capacity(encoded_len(batch));
+    out.extend_from_slice(&[MARK, VERSION]);
+    out.extend_from_slice(&batch.seq.to_le_bytes());
+    out.extend_from_slice(&batch.spool_dropped_batches_total.to_le_bytes());
+    out.extend_from_slice(&len_u32(batch.samples.len()).to_le_bytes());
+    for sample in &batch.samples {
+        out.extend_from_slice(&sample.observed_at_unix_ms.to_le_bytes());
+        match &sample.kind {
+            None => out.push(KIND_NONE),
+            Some(Kind::Host(host)) => {
+                out.push(KIND_HOST);
+                let v = &host.values;
+                macro_rules! put {
+                    ($($field:ident),*) => {
+                        $(out.extend_from_slice(&Word::to_word(v.$field).to_le_bytes());)*
+                    };
+                }
+                host_words!(put);
+                out.extend_from_slice(&len_u32(host.disks).to_le_bytes());
+                out.extend_from_slice(&len_u32(host.networks).to_le_bytes());
+            }
+            Some(Kind::Chain(m)) => message(&mut out, KIND_CHAIN, m.as_ref()),
+            Some(Kind::Gpu(m)) => message(&mut out, KIND_GPU, m.as_ref()),
+            Some(Kind::Keystore(m)) => message(&mut out, KIND_KEYSTORE, m.as_ref()),
+            Some(Kind::Unavailable(m)) => message(&mut out, KIND_UNAVAILABLE, m.as_ref()),
+        }
+    }
+    out.into()
+}
+
+/// The exact size [`encode`] gives `batch`.
+fn encoded_len(batch: &Batch) -> usize {
+    let body = |kind: &Option<Kind>| match kind {
+        None => 0,
+        Some(Kind::Host(_)) => HOST_BODY,
+        Some(Kind::Chain(m)) => 4 + m.encoded_len(),
+        Some(Kind::Gpu(m)) => 4 + m.encoded_len(),
+        Some(Kind::Keystore(m)) => 4 + m.encoded_len(),
+        Some(Kind::Unavailable(m)) => 4 + m.encoded_len(),
+    };
+    2 + 8
+        + 8
+        + 4
+        + batch
+            .samples
+            .iter()
+            .map(|s| 8 + 1 + body(&s.kind))
+            .sum::<usize>()
+}
+
+fn message(out: &mut Vec<u8>, kind: u8, message: &impl Message) {
+    let bytes = message.encode_to_vec();
+    out.push(kind);
+    out.extend_from_slice(&len_u32(bytes.len()).to_le_bytes());
+    out.extend_from_slice(&bytes);
+}
+
+/// Lengths and counts a batch that passed ingest holds fit in 32 bits (frames are at most
+/// a few MiB); saturate rather than wrap if one ever did not, so decode fails loudly.
+fn len_u32(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+/// Decodes an outbox blob in either format: this one, or an agent's `SampleBatch` encoding
+/// (rows written before it).
+///
+/// # Errors
+/// [`DecodeError`] when the blob is malformed or truncated.
+pub fn decode(blob: &Bytes) -> Result<Batch, DecodeError> {
+    if !is_compact(blob) {
+        return Batch::decode(blob);
+    }
+    let mut r = Reader { buf: blob, at: 0 };
+    r.take(1)?;
+    let version = r.take(1)?[0];
+    if version != VERSION {
+        return Err(DecodeError::Outbox(format!(
+            "format version {version} is not one this server reads (it reads {VERSION}); \
+             was the outbox written by a newer server?"
+        )));
+    }
+    let seq = r.u64()?;
+    let spool_dropped_batches_total = r.u64()?;
+    let count = r.u32()? as usize;
+    // Each sample takes at least 9 bytes: a count beyond what is left is corrupt, and is
+    // refused before it sizes an allocation.
+    if count > r.left() / 9 {
+        return Err(r.error("sample count larger than the blob"));
+    }
+    let mut samples = Vec::with_capacity(count);
+    for _ in 0..count {
+        let observed_at_unix_ms = r.u64()? as i64;
+        let kind = match r.take(1)?[0] {
+            KIND_NONE => None,
+            KIND_HOST => {
+                let mut values = HostValues::default();
+                macro_rules! get {
+                    ($($field:ident),*) => {
+                        $(values.$field = Word::from_word(r.u64()?);)*
+                    };
+                }
+                host_words!(get);
+                let disks = r.u32()? as usize;
+                let networks = r.u32()? as usize;
+                Some(Kind::Host(Host {
+                    values,
+                    disks,
+                    networks,
+                    encoded: Bytes::new(),
+                }))
+            }
+            KIND_CHAIN => Some(Kind::Chain(Box::new(r.message::<ChainSample>()?))),
+            KIND_GPU => Some(Kind::Gpu(Box::new(r.message::<GpuSample>()?))),
+            KIND_KEYSTORE => Some(Kind::Keystore(Box::new(r.message::<KeystoreSample>()?))),
+            KIND_UNAVAILABLE => Some(Kind::Unavailable(Box::new(
+                r.message::<SamplerUnavailable>()?,
+            ))),
+            other => return Err(r.error(&format!("unknown sample kind {other}"))),
+        };
+        samples.push(Sample {
+            observed_at_unix_ms,
+            kind,
+        });
+    }
+    if r.left() > 0 {
+        return Err(r.error("bytes after the last sample"));
+    }
+    Ok(Batch {
+        seq,
+        spool_dropped_batches_total,
+        samples,
+    })
+}
+
+/// A bounds-checked cursor over a blob.
+struct Reader<'a> {
+    buf: &'a Bytes,
+    at: usize,
+}
+
+impl Reader<'_> {
+    fn left(&self) -> usize {
+        self.buf.len() - self.at
+    }
+
+    fn error(&self, what: &str) -> DecodeError {
+        DecodeError::Outbox(format!(
+            "{what} (at byte {} of {}): the blob is corrupt",
+            self.at,
+            self.buf.len()
+        ))
+    }
+
+    fn take(&mut self, n: usize) -> Result<&[u8], DecodeError> {
+        if n > self.left() {
+            return Err(self.error(&format!("{n} bytes wanted, {} left", self.left())));
+        }
+        let out = &self.buf[self.at..self.at + n];
+        self.at += n;
+        Ok(out)
+    }
+
+    fn u64(&mut self) -> Result<u64, DecodeError> {
+        let bytes = self.take(8)?;
+        Ok(u64::from_le_bytes(bytes.try_into().unwrap_or([0; 8])))
+    }
+
+    fn u32(&mut self) -> Result<u32, DecodeError> {
+        let bytes = self.take(4)?;
+        Ok(u32::from_le_bytes(bytes.try_into().unwrap_or([0; 4])))
+    }
+
+    fn message<M: Message + Default>(&mut self) -> Result<M, DecodeError> {
+        let len = self.u32()? as usize;
+        let start = self.at;
+        self.take(len)?;
+        Ok(M::decode(self.buf.slice(start..start + len))?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use guardian_proto::v1::{HostSample, SampleBatch, sample};
+
+    fn mixed() -> Batch {
+        let host = |i: u32| HostSample {
+            cpu_busy_percent: 12.5 + f64::from(i),
+            mem_total_bytes: 1 << 40,
+            mem_available_bytes: u64::MAX - u64::from(i),
+            load_avg_1m: f64::NAN,
+            oom_kills_total: 3,
+            disks: vec![guardian_proto::v1::DiskIo {
+                device: "nvme0n1".into(),
+                read_latency_ms: 0.25,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let proto = SampleBatch {
+            seq: 77,
+            spool_dropped_batches_total: 5,
+            samples: vec![
+                guardian_proto::v1::Sample {
+                    observed_at_unix_ms: -3,
+                    kind: Some(sample::Kind::Host(host(1))),
+                },
+                guardian_proto::v1::Sample {
+                    observed_at_unix_ms: 1_700_000_000_000,
+                    kind: Some(sample::Kind::Chain(ChainSample {
+                        endpoint: "ws://127.0.0.1:9944".into(),
+                        best_block: 4_000_000,
+                        ..Default::default()
+                    })),
+                },
+                guardian_proto::v1::Sample {
+                    observed_at_unix_ms: 2,
+                    kind: Some(sample::Kind::Gpu(GpuSample {
+                        available: true,
+                        driver_version: "550.90.07".into(),
+                        ..Default::default()
+                    })),
+                },
+                guardian_proto::v1::Sample {
+                    observed_at_unix_ms: 3,
+                    kind: Some(sample::Kind::Keystore(KeystoreSample::default())),
+                },
+                guardian_proto::v1::Sample {
+                    observed_at_unix_ms: 4,
+                    kind: Some(sample::Kind::Unavailable(SamplerUnavailable {
+                        sampler: "gpu".into(),
+                        reason: "no NVML".into(),
+                    })),
+                },
+                guardian_proto::v1::Sample {
+                    observed_at_unix_ms: 5,
+                    kind: Some(sample::Kind::Host(host(2))),
+                },
+            ],
+        };
+        Batch::from(&proto)
+    }
+
+    /// `batch` as decode gives it back: host samples without their encoded bytes.
+    fn without_host_bytes(batch: &Batch) -> Batch {
+        let mut out = batch.clone();
+        for sample in &mut out.samples {
+            if let Some(Kind::Host(host)) = &mut sample.kind {
+                host.encoded = Bytes::new();
+            }
+        }
+        out
+    }
+
+    fn same(a: &Batch, b: &Batch) -> bool {
+        // NaN != NaN under PartialEq: compare through the blob, word for word.
+        encode(a) == encode(b) && a.samples.len() == b.samples.len()
+    }
+
+    #[test]
+    fn round_trips_every_kind_bit_for_bit() {
+        let batch = mixed();
+        let blob = encode(&batch);
+        assert_eq!(blob.len(), encoded_len(&batch));
+        assert!(is_compact(&blob));
+        let back = decode(&blob).expect("decodes");
+        assert!(same(&back, &without_host_bytes(&batch)));
+        assert_eq!(back.seq, 77);
+        assert_eq!(back.spool_dropped_batches_total, 5);
+        let Some(Kind::Host(host)) = &back.samples[0].kind else {
+            panic!("host first")
+        };
+        assert!(host.values.load_avg_1m.is_nan());
+        assert_eq!(host.values.mem_available_bytes, u64::MAX - 1);
+        assert_eq!(host.disks, 1);
+        assert_eq!(back.samples[0].observed_at_unix_ms, -3);
+        // Everything but the host bytes is equal as values too.
+        assert_eq!(back.samples[1..5], without_host_bytes(&batch).samples[1..5]);
+    }
+
+    #[test]
+    fn is_several_times_smaller_than_the_agents_encoding_of_host_samples() {
+        use guardian_proto::v1::{DiskIo, Filesystem, NetIo, Pressure};
+        // A host as agents report one: four disks, two interfaces, PSI, the chain volume.
+        let pressure = Some(Pressure {
+            some_avg10_percent: 1.5,
+            some_avg60_percent: 1.25,
+            full_avg10_percent: 0.5,
+            full_avg60_percent: 0.25,
+            some_total_microseconds: 123_456_789,
+        });
+        let host = HostSample {
+            cpu_busy_percent: 35.5,
+            cpu_iowait_percent: 2.5,
+            cpu_count: 64,
+            mem_total_bytes: 512 << 30,
+            mem_available_bytes: 300 << 30,
+            load_avg_1m: 22.5,
+            cpu_pressure: pressure,
+            memory_pressure: pressure,
+            io_pressure: pressure,
+            chain_data: Some(Filesystem {
+                path: "/var/lib/subtensor".into(),
+                total_bytes: 3_840_000_000_000,
+                available_bytes: 1_600_000_000_000,
+                used_percent: 58.3,
+                inodes_total: 240_000_000,
+                inodes_free: 239_000_000,
+            }),
+            disks: (0..4)
+                .map(|d| DiskIo {
+                    device: format!("nvme{d}n1"),
+                    reads_per_second: 900.5,
+                    writes_per_second: 1_800.5,
+                    read_bytes_per_second: 1.5e8,
+                    write_bytes_per_second: 2.5e8,
+                    read_latency_ms: 0.35,
+                    write_latency_ms: 0.75,
+                    utilisation_percent: 45.5,
+                })
+                .collect(),
+            networks: (0..2)
+                .map(|n| NetIo {
+                    interface: format!("eth{n}"),
+                    rx_bytes_total: 10_000_000_000_000,
+                    tx_bytes_total: 7_000_000_000_000,
+                    rx_bytes_per_second: 4e7,
+                    tx_bytes_per_second: 2.5e7,
+                    ..Default::default()
+                })
+                .collect(),
+            uptime_seconds: 1_036_800,
+            ..Default::default()
+        };
+        let proto = SampleBatch {
+            seq: 1,
+            spool_dropped_batches_total: 0,
+            samples: (0..50)
+                .map(|i| guardian_proto::v1::Sample {
+                    observed_at_unix_ms: 1_700_000_000_000 + i,
+                    kind: Some(sample::Kind::Host(host.clone())),
+                })
+                .collect(),
+        };
+        let agent = proto.encode_to_vec().len();
+        let compact = encode(&Batch::from(&proto)).len();
+        assert_eq!(compact, 22 + 50 * (8 + 1 + HOST_BODY));
+        assert!(compact * 3 < agent, "{compact} vs {agent}");
+        let empty = Batch {
+            seq: 1,
+            ..Batch::default()
+        };
+        assert_eq!(encode(&empty).len(), 22);
+    }
+
+    #[test]
+    fn reads_the_agents_encoding_of_older_rows() {
+        let batch = mixed();
+        let legacy = Bytes::from(batch.to_proto().encode_to_vec());
+        assert!(!is_compact(&legacy));
+        // Debug, not ==: the samples hold a NaN.
+        assert_eq!(
+            format!("{:?}", decode(&legacy).expect("decodes")),
+            format!("{:?}", Batch::decode(&legacy).expect("ok"))
+        );
+        assert_eq!(
+            decode(&Bytes::new()).expect("empty batch"),
+            Batch::default()
+        );
+    }
+
+    #[test]
+    fn every_truncation_and_bad_header_is_an_error() {
+        let blob = encode(&mixed());
+        for cut in 1..blob.len() {
+            let short = blob.slice(..cut);
+            assert!(decode(&short).is_err(), "cut at {cut} decoded");
+        }
+        let mut longer = blob.to_vec();
+        longer.push(0);
+        assert!(decode(&longer.into()).is_err());
+        let mut version = blob.to_vec();
+        version[1] = 9;
+        let error = decode(&version.into()).expect_err("version 9").to_string();
+        assert!(error.contains("version 9"), "{error}");
+        let mut kind = blob.to_vec();
+        kind[22 + 8] = 42;
+        let error = decode(&kind.into()).expect_err("kind 42").to_string();
+        assert!(error.contains("unknown sample kind 42"), "{error}");
+        let mut count = blob.to_vec();
+        count[18..22].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(decode(&count.into()).is_err());
+    }
+}
