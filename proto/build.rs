@@ -14,7 +14,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_transport(false)
         .compile_with_config(config, &["proto/guardian/v1/guardian.proto"], &["proto"])?;
     // The server's side of `Uplink.Connect`, over `wire::AgentFrameIn`: the same route and
-    // wire format, but a batch arrives as its encoded bytes (kept for the outbox).
+    // wire format, but a batch arrives as its encoded bytes (decoded by the server itself).
     let connect = tonic_build::manual::Method::builder()
         .name("connect")
         .route_name("Connect")

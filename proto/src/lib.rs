@@ -10,9 +10,8 @@ pub mod v1 {
 }
 
 /// The server's view of the agent stream: wire-compatible with [`v1::AgentFrame`] (same
-/// route, same field numbers), but a batch stays the bytes the agent encoded. The server
-/// decodes them itself and keeps them as the durable outbox copy, so a batch is never
-/// re-encoded (and fields a newer agent added travel on untouched).
+/// route, same field numbers), but a batch stays the bytes the agent encoded, so the server
+/// decodes them with its own lean decoder (and keeps host samples' bytes zero-copy).
 #[allow(missing_docs, clippy::all)]
 pub mod wire {
     /// [`crate::v1::AgentFrame`] with the batch left encoded.

@@ -70,7 +70,7 @@ pub struct Sample {
 /// The `Sample.kind` oneof; host samples flattened.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Kind {
-    /// A host sample: its values and encoded bytes.
+    /// A host sample: its values and (from ingest) encoded bytes.
     Host(Host),
     /// A chain sample.
     Chain(Box<ChainSample>),
@@ -91,7 +91,9 @@ pub struct Host {
     pub disks: usize,
     /// How many network interfaces it reports.
     pub networks: usize,
-    /// The encoded `HostSample`, as the agent sent it.
+    /// The encoded `HostSample`, as the agent sent it; empty in a batch read from the
+    /// ClickHouse outbox, which keeps the values only (`store::blob`): do not call
+    /// [`Host::sample`] there.
     pub encoded: Bytes,
 }
 

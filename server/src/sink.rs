@@ -212,28 +212,51 @@ pub async fn run(
             }
             // Freshly committed batches come from memory; the outbox table is read only when
             // memory lacks the very next one (restart, failure, overflow).
-            let (chunk, from_memory) = match outbox.take_after(cursor, MAX_CHUNK_BATCHES, max_rows)
-            {
-                Some(chunk) => (chunk, true),
+            let memory = outbox.take_after(cursor, MAX_CHUNK_BATCHES, max_rows);
+            let from_memory = memory.is_some();
+            let table = match memory {
+                Some(_) => Vec::new(),
+                None => ledger
+                    .outbox_read(cursor, MAX_CHUNK_BATCHES, max_rows)
+                    .await
+                    .map_err(SinkError::Ledger)?,
+            };
+            let (samples, first_received, last_id): (usize, _, _) = match &memory {
+                Some(blobs) => (
+                    blobs.iter().map(|b| b.samples).sum(),
+                    blobs.first().map(|b| b.received_at_unix_ms),
+                    blobs.last().map(|b| b.outbox_id),
+                ),
                 None => (
-                    ledger
-                        .outbox_read(cursor, MAX_CHUNK_BATCHES, max_rows)
-                        .await
-                        .map_err(SinkError::Ledger)?,
-                    false,
+                    table.iter().map(|b| b.batch.samples.len()).sum(),
+                    table.first().map(|b| b.received_at_unix_ms),
+                    table.last().map(|b| b.outbox_id),
                 ),
             };
-            let Some(last) = chunk.last() else {
+            let (Some(first_received), Some(last_id)) = (first_received, last_id) else {
                 return Ok::<_, SinkError>(Step::Idle);
             };
-            let samples: usize = chunk.iter().map(|b| b.batch.samples.len()).sum();
-            // Time trigger: a small chunk waits until its oldest batch is max_delay old.
-            let age = crate::unix_ms().saturating_sub(chunk[0].received_at_unix_ms);
+            // Time trigger: a small chunk waits until its oldest batch is max_delay old
+            // (memory blobs are decoded only once they go).
+            let age = crate::unix_ms().saturating_sub(first_received);
             let age = Duration::from_millis(u64::try_from(age).unwrap_or(0));
             if samples < max_rows && age < max_delay && !shutdown.is_cancelled() {
                 return Ok(Step::Wait(max_delay - age));
             }
-            let last_id = last.outbox_id;
+            let chunk = match memory {
+                Some(blobs) => blobs
+                    .iter()
+                    .map(|blob| {
+                        blob.decode().map_err(|source| {
+                            SinkError::Ledger(crate::store::StoreError::Corrupt {
+                                node: blob.node_id.clone(),
+                                source,
+                            })
+                        })
+                    })
+                    .collect::<Result<Vec<_>, _>>()?,
+                None => table,
+            };
             let started = Instant::now();
             let stats = current.insert(&chunk, known).await?;
             metrics

@@ -66,7 +66,9 @@ impl Word for u64 {
     }
 }
 
-/// The [`HostValues`] fields in column order, once for both directions.
+/// The [`HostValues`] fields in column order, once for both directions. Both take the
+/// struct apart and build it with every field named, so a field added to [`HostValues`] and
+/// not here does not compile.
 macro_rules! host_words {
     ($apply:ident) => {
         $apply!(
@@ -112,10 +114,10 @@ pub fn encode(batch: &Batch) -> Bytes {
             None => out.push(KIND_NONE),
             Some(Kind::Host(host)) => {
                 out.push(KIND_HOST);
-                let v = &host.values;
                 macro_rules! put {
                     ($($field:ident),*) => {
-                        $(out.extend_from_slice(&Word::to_word(v.$field).to_le_bytes());)*
+                        let HostValues { $($field),* } = host.values;
+                        $(out.extend_from_slice(&Word::to_word($field).to_le_bytes());)*
                     };
                 }
                 host_words!(put);
@@ -159,7 +161,8 @@ fn message(out: &mut Vec<u8>, kind: u8, message: &impl Message) {
 }
 
 /// Lengths and counts a batch that passed ingest holds fit in 32 bits (frames are at most
-/// a few MiB); saturate rather than wrap if one ever did not, so decode fails loudly.
+/// a few MiB, and ingest refuses hosts with over 256 disks or interfaces); saturate rather
+/// than wrap if one ever did not: a saturated length or sample count fails decode.
 fn len_u32(n: usize) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
 }
@@ -190,25 +193,33 @@ pub fn decode(blob: &Bytes) -> Result<Batch, DecodeError> {
     if count > r.left() / 9 {
         return Err(r.error("sample count larger than the blob"));
     }
-    let mut samples = Vec::with_capacity(count);
+    let mut samples = Vec::with_capacity(count.min(4096));
     for _ in 0..count {
         let observed_at_unix_ms = r.u64()? as i64;
         let kind = match r.take(1)?[0] {
             KIND_NONE => None,
             KIND_HOST => {
-                let mut values = HostValues::default();
+                // One bounds check for the whole body, then fixed offsets.
+                let body = r.take(HOST_BODY)?;
+                let mut words = body
+                    .chunks_exact(8)
+                    .map(|w| u64::from_le_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]));
+                let mut word = || words.next().unwrap_or(0);
                 macro_rules! get {
                     ($($field:ident),*) => {
-                        $(values.$field = Word::from_word(r.u64()?);)*
+                        HostValues { $($field: Word::from_word(word())),* }
                     };
                 }
-                host_words!(get);
-                let disks = r.u32()? as usize;
-                let networks = r.u32()? as usize;
+                let values = host_words!(get);
+                let tail = &body[17 * 8..];
+                let count = |at: usize| {
+                    u32::from_le_bytes([tail[at], tail[at + 1], tail[at + 2], tail[at + 3]])
+                        as usize
+                };
                 Some(Kind::Host(Host {
                     values,
-                    disks,
-                    networks,
+                    disks: count(0),
+                    networks: count(4),
                     encoded: Bytes::new(),
                 }))
             }
@@ -241,11 +252,12 @@ struct Reader<'a> {
     at: usize,
 }
 
-impl Reader<'_> {
+impl<'a> Reader<'a> {
     fn left(&self) -> usize {
         self.buf.len() - self.at
     }
 
+    #[cold]
     fn error(&self, what: &str) -> DecodeError {
         DecodeError::Outbox(format!(
             "{what} (at byte {} of {}): the blob is corrupt",
@@ -254,7 +266,8 @@ impl Reader<'_> {
         ))
     }
 
-    fn take(&mut self, n: usize) -> Result<&[u8], DecodeError> {
+    #[inline]
+    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
         if n > self.left() {
             return Err(self.error(&format!("{n} bytes wanted, {} left", self.left())));
         }
@@ -263,11 +276,13 @@ impl Reader<'_> {
         Ok(out)
     }
 
+    #[inline]
     fn u64(&mut self) -> Result<u64, DecodeError> {
         let bytes = self.take(8)?;
         Ok(u64::from_le_bytes(bytes.try_into().unwrap_or([0; 8])))
     }
 
+    #[inline]
     fn u32(&mut self) -> Result<u32, DecodeError> {
         let bytes = self.take(4)?;
         Ok(u32::from_le_bytes(bytes.try_into().unwrap_or([0; 4])))

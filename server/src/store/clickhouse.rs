@@ -88,9 +88,10 @@ pub struct ClickHouseSettings {
     pub insert_max_rows: usize,
     /// The sink inserts once the oldest waiting row is this old, milliseconds. Default 1000.
     pub insert_max_delay_ms: u64,
-    /// Committed batches (encoded bytes) kept in memory for the sink so it need not read
-    /// them back from the outbox; 0 turns that off. Default 256 MiB: about 5 s of 100 000
-    /// samples/s, enough to ride out a ClickHouse pause without the dearer read-back.
+    /// Committed batches (outbox blobs, `store::blob`) kept in memory for the sink so it
+    /// need not read them back from the outbox; 0 turns that off. Default 256 MiB: about
+    /// 17 s of 100 000 host samples/s, enough to ride out a ClickHouse pause without the
+    /// dearer read-back.
     pub handoff_max_bytes: u64,
     /// Limit on one request, milliseconds. Default 10 000.
     pub request_timeout_ms: u64,

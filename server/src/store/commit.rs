@@ -24,7 +24,7 @@ use prost::Message;
 use sqlx::{AssertSqlSafe, Row};
 use tokio::sync::{Notify, mpsc, oneshot};
 
-use super::telemetry::{ChainValues, GpuValues, OutboxBatch, OutboxBlob};
+use super::telemetry::{ChainValues, GpuValues, OutboxBlob};
 use super::{Backend, Commit, Ledger, StoreError, to_i64};
 use crate::identity::NodeId;
 
@@ -73,7 +73,7 @@ pub struct Job {
 pub struct OutboxGauge {
     /// Batches waiting for ClickHouse.
     pub batches: AtomicU64,
-    /// Their encoded size.
+    /// Their size (outbox blob bytes).
     pub bytes: AtomicU64,
     /// Signalled when batches are added.
     pub added: Notify,
@@ -119,7 +119,7 @@ impl OutboxGauge {
         self.drained.notify_waiters();
     }
 
-    /// Keeps at most `max_bytes` (encoded) of committed batches in memory for the sink; 0
+    /// Keeps at most `max_bytes` (outbox blob bytes) of committed batches in memory for the sink; 0
     /// turns the hand-off off.
     pub fn set_handoff_max_bytes(&self, max_bytes: u64) {
         self.lock_handoff().max_bytes = max_bytes;
@@ -180,58 +180,46 @@ impl OutboxGauge {
     /// memory: `None` when memory does not hold the very next one (after a restart, a
     /// failure or an overflow the sink reads the outbox table). Stops once `max_samples`
     /// samples are reached and at `max_batches` (as [`Ledger::outbox_read`] does).
-    /// Batches at or below `cursor` are forgotten. The blobs are decoded outside the lock;
-    /// one that does not decode (a bug: the writer encoded it) is logged and the sink reads
-    /// the table instead, which reports it as corrupt.
+    /// Batches at or below `cursor` are forgotten. The blobs are shared, not copied; the
+    /// sink decodes them once it inserts them.
     pub fn take_after(
         &self,
         cursor: u64,
         max_batches: usize,
         max_samples: usize,
-    ) -> Option<Vec<OutboxBatch>> {
-        let blobs = {
-            let mut handoff = self.lock_handoff();
-            while handoff
-                .queue
-                .front()
-                .is_some_and(|h| h.blob.outbox_id <= cursor)
-            {
-                if let Some(gone) = handoff.queue.pop_front() {
-                    handoff.bytes -= gone.blob.blob.len() as u64;
-                }
+    ) -> Option<Vec<OutboxBlob>> {
+        let mut handoff = self.lock_handoff();
+        while handoff
+            .queue
+            .front()
+            .is_some_and(|h| h.blob.outbox_id <= cursor)
+        {
+            if let Some(gone) = handoff.queue.pop_front() {
+                handoff.bytes -= gone.blob.blob.len() as u64;
             }
-            let first = handoff.queue.front()?;
-            if first.prev_id != Some(cursor) {
-                return None;
+        }
+        let first = handoff.queue.front()?;
+        if first.prev_id != Some(cursor) {
+            return None;
+        }
+        let mut out: Vec<OutboxBlob> = Vec::new();
+        let mut samples = 0usize;
+        let mut prev = cursor;
+        for handed in &handoff.queue {
+            if handed.prev_id != Some(prev) || out.len() >= max_batches {
+                break;
             }
-            let mut out: Vec<OutboxBlob> = Vec::new();
-            let mut samples = 0usize;
-            let mut prev = cursor;
-            for handed in &handoff.queue {
-                if handed.prev_id != Some(prev) || out.len() >= max_batches {
-                    break;
-                }
-                samples += handed.blob.samples;
-                prev = handed.blob.outbox_id;
-                out.push(handed.blob.clone());
-                if samples >= max_samples {
-                    break;
-                }
+            samples += handed.blob.samples;
+            prev = handed.blob.outbox_id;
+            out.push(handed.blob.clone());
+            if samples >= max_samples {
+                break;
             }
-            out
-        };
-        blobs
-            .iter()
-            .map(|blob| {
-                blob.decode().map_err(|error| {
-                    tracing::error!(outbox_id = blob.outbox_id, %error, "OutboxBlobUndecodable: reading the outbox table instead");
-                })
-            })
-            .collect::<Result<Vec<_>, ()>>()
-            .ok()
+        }
+        Some(out)
     }
 
-    /// Batches and encoded bytes held in memory for the sink.
+    /// Batches and blob bytes held in memory for the sink.
     pub fn handoff_len(&self) -> (usize, u64) {
         let handoff = self.lock_handoff();
         (handoff.queue.len(), handoff.bytes)
@@ -707,7 +695,7 @@ fn kind_row(
 
 impl Ledger {
     /// Commits `jobs` in one transaction. Returns, per job, what happened, and the batches
-    /// it added to the outbox (with [`Telemetry::Outbox`]) with their ids and sizes.
+    /// it added to the outbox (with [`Telemetry::Outbox`]), as the outbox holds them (blobs, with ids).
     ///
     /// # Errors
     /// [`StoreError::Query`]; nothing of the group is stored then.
@@ -1069,7 +1057,7 @@ mod tests {
     /// The blob size of a one-sample `handed` batch.
     const ONE: u64 = 31;
 
-    fn ids(batches: Option<Vec<OutboxBatch>>) -> Option<Vec<u64>> {
+    fn ids(batches: Option<Vec<OutboxBlob>>) -> Option<Vec<u64>> {
         batches.map(|batches| batches.iter().map(|b| b.outbox_id).collect())
     }
 

@@ -97,7 +97,7 @@ pub enum StoreError {
         /// The I/O error.
         source: std::io::Error,
     },
-    /// A stored protobuf blob did not decode.
+    /// A stored blob (protobuf, or the outbox's own encoding) did not decode.
     #[error("stored sample for node {node} does not decode: {source}")]
     Corrupt {
         /// The node.
