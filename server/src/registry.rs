@@ -414,10 +414,14 @@ impl Registry {
             });
             change(entry);
             entry.node.last_seen_unix_ms = entry.node.last_seen_unix_ms.max(now_unix_ms);
-            entry.node.clone()
+            // The snapshot (the node with its newest samples) is cloned only for watchers;
+            // one who subscribes after this check sees the node's next change.
+            (self.events.receiver_count() > 0).then(|| entry.node.clone())
         };
         // No watcher is not an error.
-        let _ = self.events.send(snapshot);
+        if let Some(snapshot) = snapshot {
+            let _ = self.events.send(snapshot);
+        }
     }
 
     // A poisoned lock only means a panic elsewhere mid-update of plain data; keep serving.

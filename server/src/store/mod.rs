@@ -188,6 +188,9 @@ impl Ledger {
                 Backend::Postgres => 16,
             })
             .acquire_timeout(Duration::from_secs(10))
+            // A pooled SQLite connection is a file handle: pinging it before every use only
+            // costs a round trip to its worker thread per statement.
+            .test_before_acquire(backend == Backend::Postgres)
             .after_connect(move |conn, _| {
                 Box::pin(async move {
                     if backend == Backend::Sqlite {
@@ -201,6 +204,11 @@ impl Ledger {
                             .execute(&mut *conn)
                             .await?;
                         sqlx::query("PRAGMA busy_timeout = 10000")
+                            .execute(&mut *conn)
+                            .await?;
+                        // Statement journals (multi-row INSERTs inside the group commit) in
+                        // memory, not in temp files opened and written per statement.
+                        sqlx::query("PRAGMA temp_store = MEMORY")
                             .execute(&mut *conn)
                             .await?;
                     }
