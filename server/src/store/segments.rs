@@ -101,10 +101,13 @@ impl Segments {
             offset += len;
         }
         // On an error `len` stays where it was: the next append writes over the partial tail
-        // (positioned writes), which no row refers to. One `pwrite` per batch.
-        for (blob, location) in blobs.iter().zip(&locations) {
-            current.file.write_all_at(blob, location.offset)?;
+        // (positioned writes), which no row refers to. One `pwrite` for the whole group: a
+        // write per batch cost a syscall and the filesystem's per-write bookkeeping each.
+        let mut group = Vec::with_capacity(usize::try_from(offset - current.len).unwrap_or(0));
+        for blob in blobs {
+            group.extend_from_slice(blob);
         }
+        current.file.write_all_at(&group, current.len)?;
         current.file.sync_data()?;
         current.len = offset;
         Ok(locations)
