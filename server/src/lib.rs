@@ -16,6 +16,7 @@ pub mod identity;
 pub mod ingest;
 pub mod metrics;
 pub mod pki;
+pub mod read_ahead;
 pub mod reconcile;
 pub mod registry;
 pub mod sink;
@@ -28,6 +29,7 @@ use std::time::Duration;
 use guardian_proto::v1::fleet_server::FleetServer;
 use guardian_proto::wire::uplink_server::UplinkServer;
 use tokio::net::TcpListener;
+use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -260,7 +262,8 @@ pub async fn run(
                 .max_encoding_message_size(64 * 1024 * 1024),
         )
         .serve_with_incoming_shutdown(
-            TcpListenerStream::new(listeners.grpc),
+            TcpListenerStream::new(listeners.grpc)
+                .map(|accepted| accepted.map(read_ahead::ReadAhead::new)),
             shutdown.clone().cancelled_owned(),
         );
     let admin = axum::serve(
