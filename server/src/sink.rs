@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::metrics::{Metrics, Reason};
 use crate::store::Ledger;
-use crate::store::clickhouse::{ClickHouseSettings, ClickHouseStore, HighWater};
+use crate::store::clickhouse::{ClickHouseError, ClickHouseSettings, ClickHouseStore, HighWater};
 use crate::store::commit::OutboxGauge;
 
 /// Consecutive failures that open the breaker.
@@ -236,29 +236,25 @@ pub async fn run(
             let (Some(first_received), Some(last_id)) = (first_received, last_id) else {
                 return Ok::<_, SinkError>(Step::Idle);
             };
-            // Time trigger: a small chunk waits until its oldest batch is max_delay old
-            // (memory blobs are decoded only once they go).
+            // Time trigger: a small chunk waits until its oldest batch is max_delay old.
             let age = crate::unix_ms().saturating_sub(first_received);
             let age = Duration::from_millis(u64::try_from(age).unwrap_or(0));
             if samples < max_rows && age < max_delay && !shutdown.is_cancelled() {
                 return Ok(Step::Wait(max_delay - age));
             }
-            let chunk = match memory {
-                Some(blobs) => blobs
-                    .iter()
-                    .map(|blob| {
-                        blob.decode().map_err(|source| {
-                            SinkError::Ledger(crate::store::StoreError::Corrupt {
-                                node: blob.node_id.clone(),
-                                source,
-                            })
-                        })
-                    })
-                    .collect::<Result<Vec<_>, _>>()?,
-                None => table,
-            };
             let started = Instant::now();
-            let stats = current.insert(&chunk, known).await?;
+            // Memory blobs go to ClickHouse as they are (host samples are copied into
+            // RowBinary, never decoded into a batch); rows read back come decoded.
+            let (chunk_batches, inserted) = match &memory {
+                Some(blobs) => (blobs.len(), current.insert(blobs, known).await),
+                None => (table.len(), current.insert(&table, known).await),
+            };
+            let stats = inserted.map_err(|error| match error {
+                ClickHouseError::Outbox { node, source, .. } => {
+                    SinkError::Ledger(crate::store::StoreError::Corrupt { node, source })
+                }
+                other => SinkError::ClickHouse(other),
+            })?;
             metrics
                 .clickhouse_insert_seconds
                 .observe(started.elapsed().as_secs_f64());
@@ -268,9 +264,13 @@ pub async fn run(
                 .inc_by(stats.skipped_rows as u64);
             cursor = last_id;
             if from_memory {
-                metrics.sink_batches_from_memory.inc_by(chunk.len() as u64);
+                metrics
+                    .sink_batches_from_memory
+                    .inc_by(chunk_batches as u64);
             } else {
-                metrics.sink_batches_from_outbox.inc_by(chunk.len() as u64);
+                metrics
+                    .sink_batches_from_outbox
+                    .inc_by(chunk_batches as u64);
             }
             let (batches, bytes) = ledger
                 .outbox_delete_through(last_id)
@@ -278,7 +278,7 @@ pub async fn run(
                 .map_err(SinkError::Ledger)?;
             outbox.remove(batches, bytes);
             Ok(Step::Inserted {
-                batches: chunk.len(),
+                batches: chunk_batches,
                 rows: stats.rows,
             })
         };

@@ -5,12 +5,13 @@
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use guardian_proto::v1::{
-    ChainSample, GpuDevice, GpuSample, HostSample, KeyFile, KeystoreSample, Sample, SampleBatch,
-    SamplerUnavailable, XidEvent, sample,
+    ChainSample, DiskIo, Filesystem, GpuDevice, GpuSample, HostSample, KeyFile, KeystoreSample,
+    NetIo, Pressure, Sample, SampleBatch, SamplerUnavailable, XidEvent, sample,
 };
 use guardian_server::batch::Batch;
+use guardian_server::store::blob;
 use guardian_server::store::clickhouse::{ClickHouseSettings, ClickHouseStore, migrations};
-use guardian_server::store::telemetry::{ChainValues, HostValues, OutboxBatch, metric};
+use guardian_server::store::telemetry::{ChainValues, HostValues, OutboxBatch, OutboxBlob, metric};
 use guardian_tests::clickhouse::ClickHouse;
 
 type TestResult = anyhow::Result<()>;
@@ -470,5 +471,141 @@ async fn a_full_chunk_of_50_000_rows_lands_in_one_call() -> TestResult {
         stats.rows,
         stats.rows as f64 / took.as_secs_f64()
     );
+    Ok(())
+}
+
+/// A host sample whose 17 stored values all differ (a swapped column would show).
+fn full_host(i: u32) -> sample::Kind {
+    let f = f64::from(i);
+    let pressure = |base: f64| {
+        Some(Pressure {
+            some_avg10_percent: base + 0.5,
+            full_avg10_percent: base + 0.25,
+            ..Default::default()
+        })
+    };
+    sample::Kind::Host(HostSample {
+        cpu_busy_percent: 10.5 + f,
+        cpu_iowait_percent: 2.25,
+        mem_total_bytes: (64 << 30) + u64::from(i),
+        mem_available_bytes: 20 << 30,
+        load_avg_1m: 3.75,
+        cpu_pressure: pressure(1.0),
+        memory_pressure: pressure(2.0),
+        io_pressure: pressure(3.0),
+        chain_data: Some(Filesystem {
+            path: "/var/lib/subtensor".into(),
+            available_bytes: 1_600_000_000_000,
+            used_percent: 58.125,
+            ..Default::default()
+        }),
+        disks: vec![DiskIo {
+            device: "nvme0n1".into(),
+            read_latency_ms: 0.375,
+            write_latency_ms: 0.875,
+            utilisation_percent: 45.5,
+            ..Default::default()
+        }],
+        networks: vec![NetIo {
+            interface: "eth0".into(),
+            rx_bytes_per_second: 4e7,
+            tx_bytes_per_second: 2.5e7,
+            rx_errors_total: 3,
+            tx_errors_total: 4,
+            ..Default::default()
+        }],
+        oom_kills_total: 6,
+        ..Default::default()
+    })
+}
+
+/// The sink hands ClickHouse its in-memory outbox blobs, whose host samples go to RowBinary
+/// straight from the blob's words; batches read back from the outbox table come decoded.
+/// Both must store the same rows, every column of every table.
+#[tokio::test]
+async fn outbox_blobs_and_decoded_batches_store_identical_rows() -> TestResult {
+    let ch = ClickHouse::start()?;
+    let store = ClickHouseStore::open(&lz4_settings(&ch)).await?;
+    let at = now_ms() - 60_000;
+    let chunk = |node: &str, first_id: u64| -> Vec<OutboxBatch> {
+        (0..3u64)
+            .map(|i| {
+                let t = at + i64::try_from(i).unwrap_or(0) * 1000;
+                let mut b = mixed_chunk(first_id + i..=first_id + i, at).remove(0);
+                b.node_id = node.into();
+                b.received_at_unix_ms = t + 500;
+                b.batch = std::sync::Arc::new(Batch::from(&SampleBatch {
+                    seq: 100 + i,
+                    spool_dropped_batches_total: 0,
+                    samples: [
+                        full_host(u32::try_from(i).unwrap_or(0)),
+                        chain(1000 + i),
+                        full_host(7),
+                        gpu(50.0),
+                        keystore(),
+                        unavailable(),
+                    ]
+                    .into_iter()
+                    .map(|kind| Sample {
+                        observed_at_unix_ms: t,
+                        kind: Some(kind),
+                    })
+                    .collect(),
+                }));
+                b
+            })
+            .collect()
+    };
+    let decoded = chunk("decoded", 1);
+    let blobs: Vec<OutboxBlob> = chunk("blob", 4)
+        .iter()
+        .map(|b| OutboxBlob {
+            outbox_id: b.outbox_id,
+            node_id: b.node_id.clone(),
+            network: b.network.clone(),
+            received_at_unix_ms: b.received_at_unix_ms,
+            samples: b.batch.samples.len(),
+            blob: blob::encode(&b.batch),
+        })
+        .collect();
+    let mut high = store.high_water().await?;
+    let stats = store.insert(&decoded, &mut high).await?;
+    assert_eq!((stats.batches, stats.rows), (3, 21));
+    let stats = store.insert(&blobs, &mut high).await?;
+    assert_eq!((stats.batches, stats.rows), (3, 21));
+    // The same chunk again stores nothing (the high-water marks hold for both paths).
+    let stats = store.insert(&blobs, &mut high).await?;
+    assert_eq!((stats.batches, stats.rows, stats.skipped_rows), (0, 0, 21));
+
+    for (table, rows) in RAW_TABLES.iter().zip([6, 3, 6, 3, 3]) {
+        let columns = ch.query(&format!(
+            "SELECT name FROM system.columns WHERE database = 'guardian' AND table = '{table}' \
+             AND name NOT IN ('node_id', 'outbox_id')"
+        ))?;
+        let columns: Vec<&str> = columns.lines().collect();
+        assert!(columns.len() > 6, "{table}: {columns:?}");
+        let select = |node: &str| {
+            ch.query(&format!(
+                "SELECT {} FROM guardian.{table} WHERE node_id = '{node}' ORDER BY seq, idx",
+                columns.join(", ")
+            ))
+        };
+        let (via_decoded, via_blob) = (select("decoded")?, select("blob")?);
+        assert_eq!(via_blob.lines().count(), rows, "{table}:\n{via_blob}");
+        assert_eq!(via_blob, via_decoded, "{table}");
+    }
+    // And the values are the sample's, column by column.
+    let hosts = store.recent_host(at - 1).await?;
+    let blob_hosts: Vec<&HostValues> = hosts
+        .iter()
+        .filter(|(node, _, _)| node == "blob")
+        .map(|(_, _, values)| values)
+        .collect();
+    let sample::Kind::Host(expected) = full_host(7) else {
+        anyhow::bail!("not a host sample")
+    };
+    let expected = HostValues::of(&expected);
+    assert_eq!(expected.net_errors_total, 7);
+    assert!(blob_hosts.contains(&&expected), "{blob_hosts:?}");
     Ok(())
 }

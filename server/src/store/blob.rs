@@ -93,8 +93,10 @@ macro_rules! host_words {
     };
 }
 
-/// Bytes of a host sample's body.
-const HOST_BODY: usize = 17 * 8 + 4 + 4;
+/// Bytes of a host sample's values.
+const HOST_WORDS: usize = 17 * 8;
+/// Bytes of a host sample's body: its values, then the disk and interface counts.
+const HOST_BODY: usize = HOST_WORDS + 4 + 4;
 
 /// True when `blob` is in this format (else it is an agent's `SampleBatch` encoding).
 pub fn is_compact(blob: &[u8]) -> bool {
@@ -114,13 +116,7 @@ pub fn encode(batch: &Batch) -> Bytes {
             None => out.push(KIND_NONE),
             Some(Kind::Host(host)) => {
                 out.push(KIND_HOST);
-                macro_rules! put {
-                    ($($field:ident),*) => {
-                        let HostValues { $($field),* } = host.values;
-                        $(out.extend_from_slice(&Word::to_word($field).to_le_bytes());)*
-                    };
-                }
-                host_words!(put);
+                put_host_words(&mut out, &host.values);
                 out.extend_from_slice(&len_u32(host.disks).to_le_bytes());
                 out.extend_from_slice(&len_u32(host.networks).to_le_bytes());
             }
@@ -176,32 +172,12 @@ pub fn decode(blob: &Bytes) -> Result<Batch, DecodeError> {
     if !is_compact(blob) {
         return Batch::decode(blob);
     }
-    let mut r = Reader { buf: blob, at: 0 };
-    r.take(1)?;
-    let version = r.take(1)?[0];
-    if version != VERSION {
-        return Err(DecodeError::Outbox(format!(
-            "format version {version} is not one this server reads (it reads {VERSION}); \
-             was the outbox written by a newer server?"
-        )));
-    }
-    let seq = r.u64()?;
-    let spool_dropped_batches_total = r.u64()?;
-    let count = r.u32()? as usize;
-    // Each sample takes at least 9 bytes: a count beyond what is left is corrupt, and is
-    // refused before it sizes an allocation.
-    if count > r.left() / 9 {
-        return Err(r.error("sample count larger than the blob"));
-    }
-    let mut samples = Vec::with_capacity(count.min(4096));
-    for _ in 0..count {
-        let observed_at_unix_ms = r.u64()? as i64;
-        let kind = match r.take(1)?[0] {
-            KIND_NONE => None,
-            KIND_HOST => {
-                // One bounds check for the whole body, then fixed offsets.
-                let body = r.take(HOST_BODY)?;
-                let mut words = body
+    let mut walk = Walk::open(blob)?;
+    let mut samples = Vec::with_capacity(walk.left.min(4096));
+    while let Some((observed_at_unix_ms, item)) = walk.next()? {
+        let kind = match item {
+            Item::Host(body) => {
+                let mut words = body[..HOST_WORDS]
                     .chunks_exact(8)
                     .map(|w| u64::from_le_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]));
                 let mut word = || words.next().unwrap_or(0);
@@ -211,7 +187,7 @@ pub fn decode(blob: &Bytes) -> Result<Batch, DecodeError> {
                     };
                 }
                 let values = host_words!(get);
-                let tail = &body[17 * 8..];
+                let tail = &body[HOST_WORDS..];
                 let count = |at: usize| {
                     u32::from_le_bytes([tail[at], tail[at + 1], tail[at + 2], tail[at + 3]])
                         as usize
@@ -223,27 +199,167 @@ pub fn decode(blob: &Bytes) -> Result<Batch, DecodeError> {
                     encoded: Bytes::new(),
                 }))
             }
-            KIND_CHAIN => Some(Kind::Chain(Box::new(r.message::<ChainSample>()?))),
-            KIND_GPU => Some(Kind::Gpu(Box::new(r.message::<GpuSample>()?))),
-            KIND_KEYSTORE => Some(Kind::Keystore(Box::new(r.message::<KeystoreSample>()?))),
-            KIND_UNAVAILABLE => Some(Kind::Unavailable(Box::new(
-                r.message::<SamplerUnavailable>()?,
-            ))),
-            other => return Err(r.error(&format!("unknown sample kind {other}"))),
+            Item::Other(kind) => kind,
         };
         samples.push(Sample {
             observed_at_unix_ms,
             kind,
         });
     }
-    if r.left() > 0 {
-        return Err(r.error("bytes after the last sample"));
-    }
     Ok(Batch {
-        seq,
-        spool_dropped_batches_total,
+        seq: walk.seq,
+        spool_dropped_batches_total: walk.spool_dropped_batches_total,
         samples,
     })
+}
+
+/// One sample of an outbox blob as [`visit`] hands it on.
+#[derive(Debug)]
+pub enum Visit<'a> {
+    /// A host sample's [`HostValues`]: 17 little-endian 64-bit words in column order
+    /// ([`HOST_WORD_FIELDS`]), which is exactly their RowBinary encoding.
+    HostWords(&'a [u8]),
+    /// Any other sample (and every sample of a row in the agent's encoding).
+    Kind(&'a Kind),
+}
+
+/// Walks `blob` (either format) without building a [`Batch`]: calls `each(seq, index,
+/// observed_at_unix_ms, sample)` for every sample with a kind, in order (`index` counts
+/// kind-less samples too, as the batch's own positions do). What ClickHouse's insert reads
+/// of a host sample it gets as the bytes the blob holds, copied once.
+///
+/// # Errors
+/// As [`decode`]. `each` may have been called for samples before the fault: drop what it
+/// gathered.
+pub fn visit(
+    blob: &Bytes,
+    mut each: impl FnMut(u64, u32, i64, Visit<'_>),
+) -> Result<(), DecodeError> {
+    if !is_compact(blob) {
+        let batch = Batch::decode(blob)?;
+        for (index, sample) in batch.samples.iter().enumerate() {
+            if let Some(kind) = &sample.kind {
+                let index = u32::try_from(index).unwrap_or(u32::MAX);
+                each(
+                    batch.seq,
+                    index,
+                    sample.observed_at_unix_ms,
+                    Visit::Kind(kind),
+                );
+            }
+        }
+        return Ok(());
+    }
+    let mut walk = Walk::open(blob)?;
+    let mut index = 0u32;
+    while let Some((at, item)) = walk.next()? {
+        match item {
+            Item::Host(body) => each(walk.seq, index, at, Visit::HostWords(&body[..HOST_WORDS])),
+            Item::Other(Some(kind)) => each(walk.seq, index, at, Visit::Kind(&kind)),
+            Item::Other(None) => {}
+        }
+        index = index.saturating_add(1);
+    }
+    Ok(())
+}
+
+/// The [`HostValues`] fields in the order [`Visit::HostWords`] holds them.
+pub const HOST_WORD_FIELDS: [&str; 17] = {
+    macro_rules! names {
+        ($($field:ident),*) => { [$(stringify!($field)),*] };
+    }
+    host_words!(names)
+};
+
+/// Writes `values` as [`Visit::HostWords`] holds them.
+pub fn put_host_words(out: &mut Vec<u8>, values: &HostValues) {
+    let mut words = [0u8; HOST_WORDS];
+    let mut at = 0;
+    macro_rules! put {
+        ($($field:ident),*) => {
+            let HostValues { $($field),* } = *values;
+            $(
+                words[at..at + 8].copy_from_slice(&Word::to_word($field).to_le_bytes());
+                at += 8;
+            )*
+        };
+    }
+    host_words!(put);
+    debug_assert_eq!(at, HOST_WORDS);
+    out.extend_from_slice(&words);
+}
+
+/// One sample as [`Walk`] reads it.
+enum Item<'a> {
+    /// A host sample's body ([`HOST_BODY`] bytes).
+    Host(&'a [u8]),
+    /// Any other kind, decoded (None: the sample had no kind).
+    Other(Option<Kind>),
+}
+
+/// A compact blob read sample by sample.
+struct Walk<'a> {
+    r: Reader<'a>,
+    seq: u64,
+    spool_dropped_batches_total: u64,
+    /// Samples not read yet.
+    left: usize,
+}
+
+impl<'a> Walk<'a> {
+    fn open(blob: &'a Bytes) -> Result<Self, DecodeError> {
+        let mut r = Reader { buf: blob, at: 0 };
+        r.take(1)?;
+        let version = r.take(1)?[0];
+        if version != VERSION {
+            return Err(DecodeError::Outbox(format!(
+                "format version {version} is not one this server reads (it reads {VERSION}); \
+                 was the outbox written by a newer server?"
+            )));
+        }
+        let seq = r.u64()?;
+        let spool_dropped_batches_total = r.u64()?;
+        let left = r.u32()? as usize;
+        // Each sample takes at least 9 bytes: a count beyond what is left is corrupt, and is
+        // refused before it sizes an allocation.
+        if left > r.left() / 9 {
+            return Err(r.error("sample count larger than the blob"));
+        }
+        Ok(Self {
+            r,
+            seq,
+            spool_dropped_batches_total,
+            left,
+        })
+    }
+
+    /// The next sample; `None` after the last, once the blob is checked to end there.
+    fn next(&mut self) -> Result<Option<(i64, Item<'a>)>, DecodeError> {
+        let r = &mut self.r;
+        if self.left == 0 {
+            if r.left() > 0 {
+                return Err(r.error("bytes after the last sample"));
+            }
+            return Ok(None);
+        }
+        self.left -= 1;
+        let observed_at_unix_ms = r.u64()? as i64;
+        let item = match r.take(1)?[0] {
+            KIND_NONE => Item::Other(None),
+            // One bounds check for the whole body, then fixed offsets.
+            KIND_HOST => Item::Host(r.take(HOST_BODY)?),
+            KIND_CHAIN => Item::Other(Some(Kind::Chain(Box::new(r.message::<ChainSample>()?)))),
+            KIND_GPU => Item::Other(Some(Kind::Gpu(Box::new(r.message::<GpuSample>()?)))),
+            KIND_KEYSTORE => Item::Other(Some(Kind::Keystore(Box::new(
+                r.message::<KeystoreSample>()?,
+            )))),
+            KIND_UNAVAILABLE => Item::Other(Some(Kind::Unavailable(Box::new(
+                r.message::<SamplerUnavailable>()?,
+            )))),
+            other => return Err(r.error(&format!("unknown sample kind {other}"))),
+        };
+        Ok(Some((observed_at_unix_ms, item)))
+    }
 }
 
 /// A bounds-checked cursor over a blob.
@@ -508,5 +624,88 @@ mod tests {
         let mut count = blob.to_vec();
         count[18..22].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(decode(&count.into()).is_err());
+        // visit() refuses exactly what decode() refuses.
+        for cut in 1..blob.len() {
+            assert!(
+                visit(&blob.slice(..cut), |_, _, _, _| {}).is_err(),
+                "cut at {cut}"
+            );
+        }
+    }
+
+    /// What visit() hands on, as owned values: (seq, index, observed_at, host words or kind).
+    type Visited = (u64, u32, i64, Result<Vec<u8>, Kind>);
+
+    fn visited(blob: &Bytes) -> Vec<Visited> {
+        let mut out = Vec::new();
+        visit(blob, |seq, index, at, sample| {
+            let sample = match sample {
+                Visit::HostWords(words) => Ok(words.to_vec()),
+                Visit::Kind(kind) => Err(kind.clone()),
+            };
+            out.push((seq, index, at, sample));
+        })
+        .expect("visits");
+        out
+    }
+
+    #[test]
+    fn visit_hands_on_every_sample_as_decode_reads_it_in_both_formats() {
+        let mut batch = mixed();
+        // A kind-less sample still takes its index.
+        batch.samples.insert(
+            1,
+            Sample {
+                observed_at_unix_ms: 5,
+                kind: None,
+            },
+        );
+        let compact = encode(&batch);
+        let agents = Bytes::from(batch.to_proto().encode_to_vec());
+        let expected: Vec<Visited> = decode(&compact)
+            .expect("decodes")
+            .samples
+            .iter()
+            .enumerate()
+            .filter_map(|(index, sample)| {
+                let kind = sample.kind.as_ref()?;
+                let index = u32::try_from(index).expect("small");
+                let sample = match kind {
+                    Kind::Host(host) => {
+                        let mut words = Vec::new();
+                        put_host_words(&mut words, &host.values);
+                        Ok(words)
+                    }
+                    other => Err(other.clone()),
+                };
+                Some((77, index, sample_at(&batch, index), sample))
+            })
+            .collect();
+        assert_eq!(expected.len(), batch.samples.len() - 1);
+        let got = visited(&compact);
+        assert_eq!(got.len(), expected.len());
+        for (got, expected) in got.iter().zip(&expected) {
+            assert_eq!((got.0, got.1, got.2), (expected.0, expected.1, expected.2));
+            match (&got.3, &expected.3) {
+                (Ok(a), Ok(b)) => assert_eq!(a, b, "host words bit for bit (NaN included)"),
+                (Err(a), Err(b)) => assert_eq!(a, b),
+                _ => panic!("host words where a kind was expected, or the reverse"),
+            }
+        }
+        // An agent-encoded row hands on the same samples, hosts as decoded kinds.
+        let legacy = visited(&agents);
+        assert_eq!(legacy.len(), expected.len());
+        for (got, expected) in legacy.iter().zip(&expected) {
+            assert_eq!((got.0, got.1, got.2), (expected.0, expected.1, expected.2));
+            if let (Err(Kind::Host(host)), Ok(words)) = (&got.3, &expected.3) {
+                let mut again = Vec::new();
+                put_host_words(&mut again, &host.values);
+                assert_eq!(&again, words);
+            }
+        }
+    }
+
+    fn sample_at(batch: &Batch, index: u32) -> i64 {
+        batch.samples[index as usize].observed_at_unix_ms
     }
 }

@@ -56,10 +56,11 @@ use guardian_proto::v1::{KeystoreSample, SamplerUnavailable};
 use serde::{Deserialize, Serialize};
 
 use super::audit::AuditEntry;
+use super::blob::{HOST_WORD_FIELDS, Visit, put_host_words};
 use super::redact;
 use super::telemetry::{
-    ChainValues, GpuValues, HistoryPoint, HostValues, METRICS, MetricDef, OutboxBatch, Table,
-    metrics_of,
+    ChainValues, GpuValues, HistoryPoint, HostValues, METRICS, MetricDef, OutboxBatch, OutboxBlob,
+    Table, metrics_of,
 };
 use crate::batch::Kind;
 
@@ -296,6 +297,16 @@ pub enum ClickHouseError {
     /// A request this store cannot serve (unknown metric or source).
     #[error("invalid ClickHouse request: {0}")]
     Request(String),
+    /// A batch of the chunk to insert does not decode (nothing of the chunk was sent).
+    #[error("outbox batch {outbox_id} of node {node} does not decode: {source}")]
+    Outbox {
+        /// The node.
+        node: String,
+        /// The batch's outbox id.
+        outbox_id: u64,
+        /// The decode error.
+        source: crate::batch::DecodeError,
+    },
 }
 
 impl ClickHouseError {
@@ -309,6 +320,7 @@ impl ClickHouseError {
             Self::Decode { .. } => "decode",
             Self::Migration { .. } => "migration",
             Self::Request(_) => "request",
+            Self::Outbox { .. } => "corrupt",
         }
     }
 }
@@ -402,12 +414,133 @@ fn datetime(unix_ms: i64) -> u32 {
     u32::try_from(unix_ms.div_euclid(1000).max(0)).unwrap_or(u32::MAX)
 }
 
+/// Bytes of RowBinary sent per request body piece (what the client's own row inserts send).
+const ROW_BINARY_PIECE: usize = 256 * 1024;
+
+/// `host_samples`' insert columns, quoted: the common ones, then the host values in the
+/// order of the outbox's host words (the same order as `HostRow`, which a test checks).
+fn host_columns() -> String {
+    COMMON_COLUMNS
+        .iter()
+        .map(|(name, _)| *name)
+        .chain(HOST_WORD_FIELDS)
+        .map(|name| format!("`{name}`"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Appends one `host_samples` row in RowBinary: the common columns, then `words` (the 17
+/// host values as little-endian 64-bit words, which is their RowBinary: Float64 and UInt64).
+fn put_host_row(out: &mut Vec<u8>, c: &Common<'_>, words: &[u8]) {
+    put_string(out, c.node_id);
+    put_string(out, c.network);
+    out.extend_from_slice(&c.ts.to_le_bytes());
+    out.extend_from_slice(&c.ts_ms.to_le_bytes());
+    out.extend_from_slice(&c.seq.to_le_bytes());
+    out.extend_from_slice(&c.idx.to_le_bytes());
+    out.extend_from_slice(&c.outbox_id.to_le_bytes());
+    out.extend_from_slice(&c.received_at.to_le_bytes());
+    out.extend_from_slice(words);
+}
+
+/// A RowBinary `String`: LEB128 length, then the bytes.
+fn put_string(out: &mut Vec<u8>, text: &str) {
+    let mut len = text.len() as u64;
+    loop {
+        let byte = (len & 0x7f) as u8;
+        len >>= 7;
+        if len == 0 {
+            out.push(byte);
+            break;
+        }
+        out.push(byte | 0x80);
+    }
+    out.extend_from_slice(text.as_bytes());
+}
+
+/// A batch as [`ClickHouseStore::insert`] takes it: decoded ([`OutboxBatch`]: read back from
+/// the outbox table, tests) or still in the outbox's encoding ([`OutboxBlob`]: the sink's
+/// in-memory hand-off, whose host samples then go to RowBinary with one copy).
+pub trait InsertBatch {
+    /// Position in the outbox.
+    fn outbox_id(&self) -> u64;
+    /// The node.
+    fn node_id(&self) -> &str;
+    /// The node's network.
+    fn network(&self) -> &str;
+    /// When the server committed it, Unix milliseconds.
+    fn received_at_unix_ms(&self) -> i64;
+    /// Calls `each(seq, index, observed_at_unix_ms, sample)` per sample with a kind, in order.
+    ///
+    /// # Errors
+    /// When the batch does not decode.
+    fn visit(
+        &self,
+        each: &mut dyn FnMut(u64, u32, i64, Visit<'_>),
+    ) -> Result<(), crate::batch::DecodeError>;
+}
+
+impl InsertBatch for OutboxBatch {
+    fn outbox_id(&self) -> u64 {
+        self.outbox_id
+    }
+    fn node_id(&self) -> &str {
+        &self.node_id
+    }
+    fn network(&self) -> &str {
+        &self.network
+    }
+    fn received_at_unix_ms(&self) -> i64 {
+        self.received_at_unix_ms
+    }
+    fn visit(
+        &self,
+        each: &mut dyn FnMut(u64, u32, i64, Visit<'_>),
+    ) -> Result<(), crate::batch::DecodeError> {
+        for (index, sample) in self.batch.samples.iter().enumerate() {
+            // Ingest refuses kind-less samples; nothing to store.
+            if let Some(kind) = &sample.kind {
+                let index = u32::try_from(index).unwrap_or(u32::MAX);
+                each(
+                    self.batch.seq,
+                    index,
+                    sample.observed_at_unix_ms,
+                    Visit::Kind(kind),
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+impl InsertBatch for OutboxBlob {
+    fn outbox_id(&self) -> u64 {
+        self.outbox_id
+    }
+    fn node_id(&self) -> &str {
+        &self.node_id
+    }
+    fn network(&self) -> &str {
+        &self.network
+    }
+    fn received_at_unix_ms(&self) -> i64 {
+        self.received_at_unix_ms
+    }
+    fn visit(
+        &self,
+        each: &mut dyn FnMut(u64, u32, i64, Visit<'_>),
+    ) -> Result<(), crate::batch::DecodeError> {
+        super::blob::visit(&self.blob, each)
+    }
+}
+
 /// Defines a raw table's insert row (common columns, then `values`' fields), its value
 /// columns for the DDL, and the conversion from the values struct: one list, so the DDL,
 /// the RowBinary layout and the flattener cannot drift apart.
 macro_rules! raw_table {
-    ($row:ident, $columns:ident, $values:ident { $($field:ident: $ty:ty => $ch:literal),* $(,)? }) => {
+    ($(#[$meta:meta])* $row:ident, $columns:ident, $values:ident { $($field:ident: $ty:ty => $ch:literal),* $(,)? }) => {
         #[derive(Debug, Row, Serialize)]
+        $(#[$meta])*
         struct $row<'a> {
             node_id: &'a str,
             network: &'a str,
@@ -422,6 +555,7 @@ macro_rules! raw_table {
 
         const $columns: &[(&str, &str)] = &[$((stringify!($field), $ch),)*];
 
+        $(#[$meta])*
         impl<'a> $row<'a> {
             fn new(c: Common<'a>, v: $values) -> Self {
                 Self {
@@ -458,7 +592,12 @@ macro_rules! recent_row {
     };
 }
 
-raw_table!(HostRow, HOST_COLUMNS, HostValues {
+raw_table!(
+    // Host rows are written as RowBinary straight from the outbox's host words
+    // (`put_host_row`); this struct keeps the DDL's column list and types, which a test
+    // holds that layout to.
+    #[allow(dead_code)]
+    HostRow, HOST_COLUMNS, HostValues {
     cpu_busy_percent: f64 => "Float64",
     cpu_iowait_percent: f64 => "Float64",
     mem_total_bytes: u64 => "UInt64",
@@ -682,7 +821,9 @@ fn value_columns(table: &str) -> &'static [(&'static str, &'static str)] {
 /// One chunk's rows, split by table.
 #[derive(Default)]
 struct ChunkRows<'a> {
-    host: Vec<HostRow<'a>>,
+    /// Host rows, already in RowBinary ([`put_host_row`]).
+    host: Vec<u8>,
+    host_rows: usize,
     chain: Vec<ChainRow<'a>>,
     gpu: Vec<GpuRow<'a>>,
     keystore: Vec<KeystoreRow<'a>>,
@@ -1194,78 +1335,110 @@ impl ClickHouseStore {
     /// # Errors
     /// When an INSERT fails: the marks of tables written before it stay raised; read
     /// [`Self::high_water`] again before retrying, since the failed one may have landed.
-    pub async fn insert(
+    pub async fn insert<B: InsertBatch>(
         &self,
-        batches: &[OutboxBatch],
+        batches: &[B],
         high: &mut HighWater,
     ) -> Result<InsertStats, ClickHouseError> {
         let mut stats = InsertStats::default();
         let mut rows = ChunkRows::default();
-        let chunk_max = batches.iter().map(|b| b.outbox_id).max().unwrap_or(0);
-        let fresh = |table: usize, outbox_id: u64| outbox_id > high.ids[table];
-        for b in batches {
+        let chunk_max = batches
+            .iter()
+            .map(InsertBatch::outbox_id)
+            .max()
+            .unwrap_or(0);
+        let high_ids = high.ids;
+        let fresh = |table: usize, outbox_id: u64| outbox_id > high_ids[table];
+        // Host rows go to RowBinary as they are read; the other kinds (a few per batch) are
+        // kept, with where they came from, and become rows afterwards.
+        let mut others: Vec<(usize, u64, u32, i64, Kind)> = Vec::new();
+        for (at_batch, b) in batches.iter().enumerate() {
+            let outbox_id = b.outbox_id();
+            let (node_id, network) = (b.node_id(), b.network());
+            let received_at = datetime(b.received_at_unix_ms());
             let mut new_rows = 0usize;
-            for (idx, s) in b.batch.samples.iter().enumerate() {
-                let c = Common {
-                    node_id: &b.node_id,
-                    network: &b.network,
-                    ts: datetime(s.observed_at_unix_ms),
-                    ts_ms: s.observed_at_unix_ms,
-                    seq: b.batch.seq,
-                    idx: u32::try_from(idx).unwrap_or(u32::MAX),
-                    outbox_id: b.outbox_id,
-                    received_at: datetime(b.received_at_unix_ms),
-                };
-                let (table, count) = match &s.kind {
-                    Some(Kind::Host(h)) => {
-                        if fresh(0, b.outbox_id) {
-                            rows.host.push(HostRow::new(c, h.values));
+            b.visit(&mut |seq, idx, at, sample| {
+                let (table, count) = match sample {
+                    Visit::HostWords(words) => {
+                        if fresh(0, outbox_id) {
+                            let c = Common {
+                                node_id,
+                                network,
+                                ts: datetime(at),
+                                ts_ms: at,
+                                seq,
+                                idx,
+                                outbox_id,
+                                received_at,
+                            };
+                            put_host_row(&mut rows.host, &c, words);
+                            rows.host_rows += 1;
                         }
                         (0, 1)
                     }
-                    Some(Kind::Chain(ch)) => {
-                        if fresh(1, b.outbox_id) {
-                            rows.chain.push(ChainRow::new(c, ChainValues::of(ch)));
+                    Visit::Kind(kind) => {
+                        let (table, count) = match kind {
+                            Kind::Host(_) => (0, 1),
+                            Kind::Chain(_) => (1, 1),
+                            Kind::Gpu(g) => (2, g.devices.len()),
+                            Kind::Keystore(_) => (3, 1),
+                            Kind::Unavailable(_) => (4, 1),
+                        };
+                        if fresh(table, outbox_id) {
+                            others.push((at_batch, seq, idx, at, kind.clone()));
                         }
-                        (1, 1)
+                        (table, count)
                     }
-                    Some(Kind::Gpu(g)) => {
-                        if fresh(2, b.outbox_id) {
-                            rows.gpu
-                                .extend(g.devices.iter().map(|d| GpuRow::new(c, GpuValues::of(d))));
-                        }
-                        (2, g.devices.len())
-                    }
-                    Some(Kind::Keystore(k)) => {
-                        if fresh(3, b.outbox_id) {
-                            rows.keystore
-                                .push(KeystoreRow::new(c, KeystoreValues::of(k)));
-                        }
-                        (3, 1)
-                    }
-                    Some(Kind::Unavailable(u)) => {
-                        if fresh(4, b.outbox_id) {
-                            rows.unavailable
-                                .push(UnavailableRow::new(c, UnavailableValues::of(u)));
-                        }
-                        (4, 1)
-                    }
-                    // Ingest refuses kind-less samples; nothing to store.
-                    None => continue,
                 };
-                if fresh(table, b.outbox_id) {
+                if fresh(table, outbox_id) {
                     new_rows += count;
                 } else {
                     stats.skipped_rows += count;
                 }
-            }
+            })
+            .map_err(|source| ClickHouseError::Outbox {
+                node: node_id.to_owned(),
+                outbox_id,
+                source,
+            })?;
             if new_rows > 0 {
                 stats.batches += 1;
             }
         }
+        for (at_batch, seq, idx, at, kind) in &others {
+            let b = &batches[*at_batch];
+            let c = Common {
+                node_id: b.node_id(),
+                network: b.network(),
+                ts: datetime(*at),
+                ts_ms: *at,
+                seq: *seq,
+                idx: *idx,
+                outbox_id: b.outbox_id(),
+                received_at: datetime(b.received_at_unix_ms()),
+            };
+            match kind {
+                Kind::Host(h) => {
+                    let mut words = Vec::with_capacity(HOST_WORD_FIELDS.len() * 8);
+                    put_host_words(&mut words, &h.values);
+                    put_host_row(&mut rows.host, &c, &words);
+                    rows.host_rows += 1;
+                }
+                Kind::Chain(ch) => rows.chain.push(ChainRow::new(c, ChainValues::of(ch))),
+                Kind::Gpu(g) => rows
+                    .gpu
+                    .extend(g.devices.iter().map(|d| GpuRow::new(c, GpuValues::of(d)))),
+                Kind::Keystore(k) => rows
+                    .keystore
+                    .push(KeystoreRow::new(c, KeystoreValues::of(k))),
+                Kind::Unavailable(u) => rows
+                    .unavailable
+                    .push(UnavailableRow::new(c, UnavailableValues::of(u))),
+            }
+        }
 
         stats.rows += self
-            .write::<HostRow<'static>>(RAW_TABLES[0], &rows.host)
+            .write_row_binary(RAW_TABLES[0], &host_columns(), rows.host, rows.host_rows)
             .await?;
         high.raise(0, chunk_max);
         stats.rows += self
@@ -1285,6 +1458,41 @@ impl ClickHouseStore {
             .await?;
         high.raise(4, chunk_max);
         Ok(stats)
+    }
+
+    /// One INSERT of `rows` rows already in RowBinary (`data`, columns `columns`) into
+    /// `table`, sent in pieces of [`ROW_BINARY_PIECE`] bytes (none when `rows` is 0).
+    /// Returns `rows`.
+    async fn write_row_binary(
+        &self,
+        table: &str,
+        columns: &str,
+        data: Vec<u8>,
+        rows: usize,
+    ) -> Result<usize, ClickHouseError> {
+        if rows == 0 {
+            return Ok(0);
+        }
+        let data = prost::bytes::Bytes::from(data);
+        let call = async {
+            let mut insert = self
+                .client
+                .insert_formatted_with(format!("INSERT INTO {table}({columns}) FORMAT RowBinary"))
+                .with_timeouts(Some(self.timeout()), Some(self.timeout()));
+            if !self.settings.cluster.is_empty() {
+                insert = insert.with_setting("insert_distributed_sync", "1");
+            }
+            let mut at = 0;
+            while at < data.len() {
+                let end = data.len().min(at + ROW_BINARY_PIECE);
+                insert.send(data.slice(at..end)).await?;
+                at = end;
+            }
+            insert.end().await
+        };
+        self.run_for("insert rows", self.timeout() * 3, call)
+            .await?;
+        Ok(rows)
     }
 
     /// One INSERT of `rows` into `table` (none when `rows` is empty). Returns the row count.
@@ -1553,6 +1761,75 @@ impl ClickHouseStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_rows_written_directly_follow_the_host_row_struct_and_its_ddl() {
+        // Same columns, same order as the struct the DDL is made from...
+        let quoted: Vec<String> = <HostRow<'_> as Row>::COLUMN_NAMES
+            .iter()
+            .map(|name| format!("`{name}`"))
+            .collect();
+        assert_eq!(host_columns(), quoted.join(","));
+        // ...and every host value column is an 8-byte little-endian word in RowBinary.
+        assert_eq!(HOST_COLUMNS.len(), HOST_WORD_FIELDS.len());
+        for ((name, ty), word) in HOST_COLUMNS.iter().zip(HOST_WORD_FIELDS) {
+            assert_eq!(*name, word);
+            assert!(matches!(*ty, "Float64" | "UInt64"), "{name}: {ty}");
+        }
+        let common: Vec<&str> = COMMON_COLUMNS.iter().map(|(name, _)| *name).collect();
+        assert_eq!(
+            common,
+            [
+                "node_id",
+                "network",
+                "ts",
+                "ts_ms",
+                "seq",
+                "idx",
+                "outbox_id",
+                "received_at"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_host_row_is_laid_out_as_row_binary() {
+        let node = "n".repeat(200); // a two-byte LEB128 length
+        let c = Common {
+            node_id: &node,
+            network: "finney",
+            ts: 0x0102_0304,
+            ts_ms: -2,
+            seq: 7,
+            idx: 3,
+            outbox_id: 0x1122_3344_5566_7788,
+            received_at: 9,
+        };
+        let values = HostValues {
+            cpu_busy_percent: 1.5,
+            oom_kills_total: 42,
+            ..HostValues::default()
+        };
+        let mut words = Vec::new();
+        put_host_words(&mut words, &values);
+        let mut row = Vec::new();
+        put_host_row(&mut row, &c, &words);
+
+        let mut expected = vec![0xc8, 0x01];
+        expected.extend_from_slice(node.as_bytes());
+        expected.push(6);
+        expected.extend_from_slice(b"finney");
+        expected.extend_from_slice(&[4, 3, 2, 1]);
+        expected.extend_from_slice(&(-2i64).to_le_bytes());
+        expected.extend_from_slice(&7u64.to_le_bytes());
+        expected.extend_from_slice(&3u32.to_le_bytes());
+        expected.extend_from_slice(&0x1122_3344_5566_7788u64.to_le_bytes());
+        expected.extend_from_slice(&9u32.to_le_bytes());
+        expected.extend_from_slice(&1.5f64.to_le_bytes());
+        expected.extend_from_slice(&[0; 15 * 8]);
+        expected.extend_from_slice(&42u64.to_le_bytes());
+        assert_eq!(row, expected);
+    }
 
     fn single() -> ClickHouseSettings {
         ClickHouseSettings {
