@@ -652,16 +652,96 @@ mod fast {
         Some(Sample::from_proto(proto))
     }
 
+    /// Consumes `key` (a one-byte field key) if it comes next.
+    #[inline(always)]
+    fn key1(buf: &mut &[u8], key: u8) -> bool {
+        match buf.split_first() {
+            Some((&first, rest)) if first == key => {
+                *buf = rest;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Consumes `key` (a two-byte field key: fields 16 and up) if it comes next.
+    #[inline(always)]
+    fn key2(buf: &mut &[u8], key: [u8; 2]) -> bool {
+        match buf.split_first_chunk::<2>() {
+            Some((first, rest)) if *first == key => {
+                *buf = rest;
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// `HostValues` of an encoded `HostSample`, plus its disk and interface counts (the
     /// same arithmetic as `super::host_values`).
+    ///
+    /// Each message is read in two steps: first its fields in number order, as prost (and
+    /// any encoder following the spec's advice) writes them, each an expected one-byte key
+    /// and a well-predicted branch; then, for whatever is left (fields out of order or
+    /// repeated, unknown ones), the general key-by-key walk. Both steps apply the fields in
+    /// the order they appear, so the result equals the general walk's alone.
     fn host(encoded: &[u8]) -> Option<(HostValues, usize, usize)> {
         let mut v = HostValues::default();
-        let (mut disks, mut networks) = (0usize, 0usize);
-        let (mut cpu_some10, mut mem_full10, mut io_full10) = (0.0, 0.0, 0.0);
-        let (mut fs_used, mut fs_available) = (0.0, 0u64);
-        let (mut read_max, mut write_max, mut util_max) = (0.0f64, 0.0f64, 0.0f64);
-        let (mut rx, mut tx, mut errors) = (-0.0f64, -0.0f64, 0u64);
+        let mut acc = HostAcc::default();
         let mut buf = encoded;
+        if key1(&mut buf, 0x09) {
+            v.cpu_busy_percent = double(&mut buf)?;
+        }
+        if key1(&mut buf, 0x11) {
+            v.cpu_iowait_percent = double(&mut buf)?;
+        }
+        if key1(&mut buf, 0x18) {
+            varint(&mut buf)?;
+        }
+        if key1(&mut buf, 0x20) {
+            v.mem_total_bytes = varint(&mut buf)?;
+        }
+        if key1(&mut buf, 0x28) {
+            v.mem_available_bytes = varint(&mut buf)?;
+        }
+        if key1(&mut buf, 0x30) {
+            varint(&mut buf)?;
+        }
+        if key1(&mut buf, 0x38) {
+            varint(&mut buf)?;
+        }
+        if key1(&mut buf, 0x41) {
+            v.load_avg_1m = double(&mut buf)?;
+        }
+        if key1(&mut buf, 0x49) {
+            double(&mut buf)?;
+        }
+        if key1(&mut buf, 0x51) {
+            double(&mut buf)?;
+        }
+        if key1(&mut buf, 0x5a) {
+            pressure(delimited(&mut buf)?, &mut acc.cpu_some10, 1)?;
+        }
+        if key1(&mut buf, 0x62) {
+            pressure(delimited(&mut buf)?, &mut acc.mem_full10, 3)?;
+        }
+        if key1(&mut buf, 0x6a) {
+            pressure(delimited(&mut buf)?, &mut acc.io_full10, 3)?;
+        }
+        if key1(&mut buf, 0x72) {
+            acc.filesystem(delimited(&mut buf)?)?;
+        }
+        while key1(&mut buf, 0x7a) {
+            acc.disk(delimited(&mut buf)?)?;
+        }
+        while key2(&mut buf, [0x82, 0x01]) {
+            acc.net(delimited(&mut buf)?)?;
+        }
+        if key2(&mut buf, [0x88, 0x01]) {
+            v.oom_kills_total = varint(&mut buf)?;
+        }
+        if key2(&mut buf, [0x90, 0x01]) {
+            varint(&mut buf)?;
+        }
         while !buf.is_empty() {
             match split(varint(&mut buf)?) {
                 (1, FIXED64) => v.cpu_busy_percent = double(&mut buf)?,
@@ -675,84 +755,208 @@ mod fast {
                 (9, FIXED64) | (10, FIXED64) => {
                     double(&mut buf)?;
                 }
-                (11, LEN) => pressure(delimited(&mut buf)?, &mut cpu_some10, 1)?,
-                (12, LEN) => pressure(delimited(&mut buf)?, &mut mem_full10, 3)?,
-                (13, LEN) => pressure(delimited(&mut buf)?, &mut io_full10, 3)?,
-                (14, LEN) => {
-                    let mut fs = delimited(&mut buf)?;
-                    while !fs.is_empty() {
-                        match split(varint(&mut fs)?) {
-                            (1, LEN) => string(&mut fs)?,
-                            (2, VARINT) | (5, VARINT) | (6, VARINT) => {
-                                varint(&mut fs)?;
-                            }
-                            (3, VARINT) => fs_available = varint(&mut fs)?,
-                            (4, FIXED64) => fs_used = double(&mut fs)?,
-                            _ => return None,
-                        }
-                    }
-                }
-                (15, LEN) => {
-                    disks += 1;
-                    let (mut read, mut write, mut util) = (0.0, 0.0, 0.0);
-                    let mut disk = delimited(&mut buf)?;
-                    while !disk.is_empty() {
-                        match split(varint(&mut disk)?) {
-                            (1, LEN) => string(&mut disk)?,
-                            (2..=5, FIXED64) => {
-                                double(&mut disk)?;
-                            }
-                            (6, FIXED64) => read = double(&mut disk)?,
-                            (7, FIXED64) => write = double(&mut disk)?,
-                            (8, FIXED64) => util = double(&mut disk)?,
-                            _ => return None,
-                        }
-                    }
-                    read_max = read_max.max(read);
-                    write_max = write_max.max(write);
-                    util_max = util_max.max(util);
-                }
-                (16, LEN) => {
-                    networks += 1;
-                    let (mut rx_errors, mut tx_errors, mut rx_rate, mut tx_rate) = (0, 0, 0.0, 0.0);
-                    let mut net = delimited(&mut buf)?;
-                    while !net.is_empty() {
-                        match split(varint(&mut net)?) {
-                            (1, LEN) => string(&mut net)?,
-                            (2, VARINT) | (3, VARINT) | (6, VARINT) | (7, VARINT) => {
-                                varint(&mut net)?;
-                            }
-                            (4, VARINT) => rx_errors = varint(&mut net)?,
-                            (5, VARINT) => tx_errors = varint(&mut net)?,
-                            (8, FIXED64) => rx_rate = double(&mut net)?,
-                            (9, FIXED64) => tx_rate = double(&mut net)?,
-                            _ => return None,
-                        }
-                    }
-                    rx += rx_rate;
-                    tx += tx_rate;
-                    errors = errors.saturating_add(u64::saturating_add(rx_errors, tx_errors));
-                }
+                (11, LEN) => pressure(delimited(&mut buf)?, &mut acc.cpu_some10, 1)?,
+                (12, LEN) => pressure(delimited(&mut buf)?, &mut acc.mem_full10, 3)?,
+                (13, LEN) => pressure(delimited(&mut buf)?, &mut acc.io_full10, 3)?,
+                (14, LEN) => acc.filesystem(delimited(&mut buf)?)?,
+                (15, LEN) => acc.disk(delimited(&mut buf)?)?,
+                (16, LEN) => acc.net(delimited(&mut buf)?)?,
                 (17, VARINT) => v.oom_kills_total = varint(&mut buf)?,
                 _ => return None,
             }
         }
-        v.cpu_psi_some_avg10_percent = cpu_some10;
-        v.memory_psi_full_avg10_percent = mem_full10;
-        v.io_psi_full_avg10_percent = io_full10;
-        v.chain_data_used_percent = fs_used;
-        v.chain_data_available_bytes = fs_available;
-        v.disk_read_latency_ms_max = read_max;
-        v.disk_write_latency_ms_max = write_max;
-        v.disk_utilisation_percent_max = util_max;
-        v.net_rx_bytes_per_second = rx;
-        v.net_tx_bytes_per_second = tx;
-        v.net_errors_total = errors;
-        Some((v, disks, networks))
+        v.cpu_psi_some_avg10_percent = acc.cpu_some10;
+        v.memory_psi_full_avg10_percent = acc.mem_full10;
+        v.io_psi_full_avg10_percent = acc.io_full10;
+        v.chain_data_used_percent = acc.fs_used;
+        v.chain_data_available_bytes = acc.fs_available;
+        v.disk_read_latency_ms_max = acc.read_max;
+        v.disk_write_latency_ms_max = acc.write_max;
+        v.disk_utilisation_percent_max = acc.util_max;
+        v.net_rx_bytes_per_second = acc.rx;
+        v.net_tx_bytes_per_second = acc.tx;
+        v.net_errors_total = acc.errors;
+        Some((v, acc.disks, acc.networks))
+    }
+
+    /// What a host sample's nested messages add up to.
+    struct HostAcc {
+        disks: usize,
+        networks: usize,
+        cpu_some10: f64,
+        mem_full10: f64,
+        io_full10: f64,
+        fs_used: f64,
+        fs_available: u64,
+        read_max: f64,
+        write_max: f64,
+        util_max: f64,
+        rx: f64,
+        tx: f64,
+        errors: u64,
+    }
+
+    impl Default for HostAcc {
+        fn default() -> Self {
+            Self {
+                disks: 0,
+                networks: 0,
+                cpu_some10: 0.0,
+                mem_full10: 0.0,
+                io_full10: 0.0,
+                fs_used: 0.0,
+                fs_available: 0,
+                read_max: 0.0,
+                write_max: 0.0,
+                util_max: 0.0,
+                // As `HostValues::of` sums: from -0.0, so no interfaces give -0.0.
+                rx: -0.0,
+                tx: -0.0,
+                errors: 0,
+            }
+        }
+    }
+
+    impl HostAcc {
+        /// A `Filesystem` (`chain_data`; a repeated one merges into the same values).
+        fn filesystem(&mut self, mut fs: &[u8]) -> Option<()> {
+            if key1(&mut fs, 0x0a) {
+                string(&mut fs)?;
+            }
+            if key1(&mut fs, 0x10) {
+                varint(&mut fs)?;
+            }
+            if key1(&mut fs, 0x18) {
+                self.fs_available = varint(&mut fs)?;
+            }
+            if key1(&mut fs, 0x21) {
+                self.fs_used = double(&mut fs)?;
+            }
+            if key1(&mut fs, 0x28) {
+                varint(&mut fs)?;
+            }
+            if key1(&mut fs, 0x30) {
+                varint(&mut fs)?;
+            }
+            while !fs.is_empty() {
+                match split(varint(&mut fs)?) {
+                    (1, LEN) => string(&mut fs)?,
+                    (2, VARINT) | (5, VARINT) | (6, VARINT) => {
+                        varint(&mut fs)?;
+                    }
+                    (3, VARINT) => self.fs_available = varint(&mut fs)?,
+                    (4, FIXED64) => self.fs_used = double(&mut fs)?,
+                    _ => return None,
+                }
+            }
+            Some(())
+        }
+
+        /// One `DiskIo`.
+        fn disk(&mut self, mut disk: &[u8]) -> Option<()> {
+            self.disks += 1;
+            let (mut read, mut write, mut util) = (0.0, 0.0, 0.0);
+            if key1(&mut disk, 0x0a) {
+                string(&mut disk)?;
+            }
+            for key in [0x11, 0x19, 0x21, 0x29] {
+                if key1(&mut disk, key) {
+                    double(&mut disk)?;
+                }
+            }
+            if key1(&mut disk, 0x31) {
+                read = double(&mut disk)?;
+            }
+            if key1(&mut disk, 0x39) {
+                write = double(&mut disk)?;
+            }
+            if key1(&mut disk, 0x41) {
+                util = double(&mut disk)?;
+            }
+            while !disk.is_empty() {
+                match split(varint(&mut disk)?) {
+                    (1, LEN) => string(&mut disk)?,
+                    (2..=5, FIXED64) => {
+                        double(&mut disk)?;
+                    }
+                    (6, FIXED64) => read = double(&mut disk)?,
+                    (7, FIXED64) => write = double(&mut disk)?,
+                    (8, FIXED64) => util = double(&mut disk)?,
+                    _ => return None,
+                }
+            }
+            self.read_max = self.read_max.max(read);
+            self.write_max = self.write_max.max(write);
+            self.util_max = self.util_max.max(util);
+            Some(())
+        }
+
+        /// One `NetIo`.
+        fn net(&mut self, mut net: &[u8]) -> Option<()> {
+            self.networks += 1;
+            let (mut rx_errors, mut tx_errors, mut rx_rate, mut tx_rate) = (0, 0, 0.0, 0.0);
+            if key1(&mut net, 0x0a) {
+                string(&mut net)?;
+            }
+            if key1(&mut net, 0x10) {
+                varint(&mut net)?;
+            }
+            if key1(&mut net, 0x18) {
+                varint(&mut net)?;
+            }
+            if key1(&mut net, 0x20) {
+                rx_errors = varint(&mut net)?;
+            }
+            if key1(&mut net, 0x28) {
+                tx_errors = varint(&mut net)?;
+            }
+            if key1(&mut net, 0x30) {
+                varint(&mut net)?;
+            }
+            if key1(&mut net, 0x38) {
+                varint(&mut net)?;
+            }
+            if key1(&mut net, 0x41) {
+                rx_rate = double(&mut net)?;
+            }
+            if key1(&mut net, 0x49) {
+                tx_rate = double(&mut net)?;
+            }
+            while !net.is_empty() {
+                match split(varint(&mut net)?) {
+                    (1, LEN) => string(&mut net)?,
+                    (2, VARINT) | (3, VARINT) | (6, VARINT) | (7, VARINT) => {
+                        varint(&mut net)?;
+                    }
+                    (4, VARINT) => rx_errors = varint(&mut net)?,
+                    (5, VARINT) => tx_errors = varint(&mut net)?,
+                    (8, FIXED64) => rx_rate = double(&mut net)?,
+                    (9, FIXED64) => tx_rate = double(&mut net)?,
+                    _ => return None,
+                }
+            }
+            self.rx += rx_rate;
+            self.tx += tx_rate;
+            self.errors = self
+                .errors
+                .saturating_add(u64::saturating_add(rx_errors, tx_errors));
+            Some(())
+        }
     }
 
     /// Field `keep` (a double) of an encoded `Pressure` into `value`.
     fn pressure(mut buf: &[u8], value: &mut f64, keep: u64) -> Option<()> {
+        for (tag, key) in [(1, 0x09), (2, 0x11), (3, 0x19), (4, 0x21)] {
+            if key1(&mut buf, key) {
+                let read = double(&mut buf)?;
+                if tag == keep {
+                    *value = read;
+                }
+            }
+        }
+        if key1(&mut buf, 0x28) {
+            varint(&mut buf)?;
+        }
         while !buf.is_empty() {
             match split(varint(&mut buf)?) {
                 (tag, FIXED64) if tag == keep => *value = double(&mut buf)?,

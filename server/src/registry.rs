@@ -7,7 +7,7 @@ use std::sync::RwLock;
 use guardian_proto::v1::{ChainSample, GpuSample, KeystoreSample, Node, NodeDescriptor};
 use tokio::sync::broadcast;
 
-use crate::batch::{Batch, Kind};
+use crate::batch::{Batch, Host, Kind};
 use crate::detect::{FleetContext, NodeInput};
 use crate::identity::NodeId;
 use crate::store::telemetry::{ChainValues, HostValues};
@@ -26,7 +26,12 @@ pub struct Registry {
 
 #[derive(Debug)]
 struct Entry {
+    /// The node; its `last_host` is filled in by [`Entry::snapshot`] while `newest_host`
+    /// holds a newer one.
     node: Node,
+    /// The newest host sample of the stream, as ingest decoded it: its values serve the
+    /// detectors, and its bytes are decoded whole only when someone reads the node.
+    newest_host: Option<Host>,
     /// Open streams for this node (a reconnect can overlap the old stream briefly).
     streams: u32,
     /// The node's recent past.
@@ -64,6 +69,7 @@ impl Entry {
     fn new(node: Node, window_ms: i64) -> Self {
         Self {
             node,
+            newest_host: None,
             streams: 0,
             window: Window::new(window_ms),
             previous_chain: None,
@@ -72,6 +78,23 @@ impl Entry {
             keystore: None,
             keystore_changed_unix_ms: None,
             syncing_since_unix_ms: None,
+        }
+    }
+
+    /// The node as readers see it, with its newest host sample whole.
+    fn snapshot(&self) -> Node {
+        let mut node = self.node.clone();
+        if let Some(host) = &self.newest_host {
+            node.last_host = Some(host.sample());
+        }
+        node
+    }
+
+    /// The newest host sample's values.
+    fn host_values(&self) -> Option<HostValues> {
+        match &self.newest_host {
+            Some(host) => Some(host.values),
+            None => self.node.last_host.as_ref().map(HostValues::of),
         }
     }
 
@@ -205,8 +228,9 @@ impl Registry {
             if let Some((at, host)) = newest_host
                 && at >= node.last_host_observed_unix_ms
             {
-                // The only full decode of a host sample: the newest of the batch.
-                node.last_host = Some(host.sample());
+                // Decoded whole only when the node is read (Entry::snapshot).
+                node.last_host = None;
+                entry.newest_host = Some(host.clone());
                 node.last_host_observed_unix_ms = at;
             }
             if let Some((at, chain)) = newest_chain
@@ -268,10 +292,9 @@ impl Registry {
             connected: node.connected,
             last_seen_unix_ms: node.last_seen_unix_ms,
             window: &entry.window,
-            host: node
-                .last_host
-                .as_ref()
-                .map(|h| (node.last_host_observed_unix_ms, h)),
+            host: entry
+                .host_values()
+                .map(|values| (node.last_host_observed_unix_ms, values)),
             chain: node
                 .last_chain
                 .as_ref()
@@ -357,7 +380,7 @@ impl Registry {
             node.open_findings = figures.open_findings;
             node.remediation_attempts = figures.attempts;
             node.paused = figures.paused;
-            node.clone()
+            entry.snapshot()
         };
         let _ = self.events.send(snapshot);
     }
@@ -373,14 +396,14 @@ impl Registry {
     /// Every node, sorted by id.
     pub fn list(&self) -> Vec<Node> {
         let map = self.read();
-        let mut nodes: Vec<Node> = map.values().map(|e| e.node.clone()).collect();
+        let mut nodes: Vec<Node> = map.values().map(Entry::snapshot).collect();
         nodes.sort_by(|a, b| a.node_id.cmp(&b.node_id));
         nodes
     }
 
     /// One node.
     pub fn get(&self, id: &NodeId) -> Option<Node> {
-        self.read().get(id).map(|e| e.node.clone())
+        self.read().get(id).map(Entry::snapshot)
     }
 
     /// Number of nodes known.
@@ -416,7 +439,7 @@ impl Registry {
             entry.node.last_seen_unix_ms = entry.node.last_seen_unix_ms.max(now_unix_ms);
             // The snapshot (the node with its newest samples) is cloned only for watchers;
             // one who subscribes after this check sees the node's next change.
-            (self.events.receiver_count() > 0).then(|| entry.node.clone())
+            (self.events.receiver_count() > 0).then(|| entry.snapshot())
         };
         // No watcher is not an error.
         if let Some(snapshot) = snapshot {
@@ -441,6 +464,49 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_newest_host_sample_reads_whole_and_its_values_reach_the_detectors() {
+        use guardian_proto::v1::{DiskIo, HostSample, Sample, SampleBatch, sample};
+        let registry = Registry::default();
+        let id = NodeId::parse("a").expect("id");
+        let host = |cpu: f64| HostSample {
+            cpu_busy_percent: cpu,
+            oom_kills_total: 4,
+            disks: vec![DiskIo {
+                device: "nvme0n1".into(),
+                read_latency_ms: 2.5,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let batch = Batch::from(&SampleBatch {
+            seq: 1,
+            spool_dropped_batches_total: 0,
+            samples: [(20, 30.0), (10, 10.0)]
+                .into_iter()
+                .map(|(at, cpu)| Sample {
+                    observed_at_unix_ms: at,
+                    kind: Some(sample::Kind::Host(host(cpu))),
+                })
+                .collect(),
+        });
+        registry.committed(&id, &batch, 30);
+        let node = registry.get(&id).expect("known");
+        assert_eq!(node.last_host, Some(host(30.0)), "the newest, every field");
+        assert_eq!(node.last_host_observed_unix_ms, 20);
+        assert_eq!(registry.list()[0].last_host, Some(host(30.0)));
+        let seen = registry.evaluate(&id, 40, |input, _| input.host);
+        assert_eq!(seen, Some(Some((20, HostValues::of(&host(30.0))))));
+
+        // A node read back from the ledger at start has its stored sample.
+        let stored = Registry::from_stored(vec![node], 1800);
+        assert_eq!(
+            stored.evaluate(&id, 40, |input, _| input.host),
+            Some(Some((20, HostValues::of(&host(30.0)))))
+        );
+        assert_eq!(stored.get(&id).and_then(|n| n.last_host), Some(host(30.0)));
+    }
 
     #[test]
     fn a_node_stays_connected_while_any_stream_is_open() {

@@ -56,7 +56,7 @@ pub fn detect(input: &NodeInput<'_>, policy: &DetectPolicy) -> Vec<Finding> {
         findings.extend(gpu_idle(gpu, previous, policy));
     }
     if let Some((_, host)) = input.host {
-        findings.extend(host_pressure(&HostValues::of(host), policy));
+        findings.extend(host_pressure(&host, policy));
     }
     findings.extend(oom_kill(input));
     findings
@@ -511,7 +511,7 @@ mod tests {
     fn run_host(host: &HostSample) -> Vec<Finding> {
         let window = window();
         let input = NodeInput {
-            host: Some((NOW, host)),
+            host: Some((NOW, HostValues::of(host))),
             ..quiet_input(&window)
         };
         detect(&input, &DetectPolicy::default())
@@ -569,7 +569,7 @@ mod tests {
             ..host(0.0, 0.0, 50)
         };
         let input = NodeInput {
-            host: Some((NOW, &host)),
+            host: Some((NOW, HostValues::of(&host))),
             ..quiet_input(&window)
         };
         let findings = detect(&input, &DetectPolicy::default());
@@ -585,7 +585,7 @@ mod tests {
             ..host(0.0, 0.0, 50)
         };
         let input = NodeInput {
-            host: Some((NOW, &host)),
+            host: Some((NOW, HostValues::of(&host))),
             ..quiet_input(&window)
         };
         assert!(detect(&input, &DetectPolicy::default()).is_empty());
@@ -596,7 +596,7 @@ mod tests {
             ..host
         };
         let input = NodeInput {
-            host: Some((NOW, &host)),
+            host: Some((NOW, HostValues::of(&host))),
             ..quiet_input(&rebooted)
         };
         assert!(detect(&input, &DetectPolicy::default()).is_empty());

@@ -18,9 +18,10 @@ pub mod weights;
 
 use std::collections::BTreeMap;
 
-use guardian_proto::v1::{ChainSample, GpuSample, HostSample, KeystoreSample};
+use guardian_proto::v1::{ChainSample, GpuSample, KeystoreSample};
 use serde::{Deserialize, Serialize};
 
+use crate::store::telemetry::HostValues;
 use crate::window::Window;
 
 /// How bad a finding is.
@@ -177,8 +178,8 @@ pub struct NodeInput<'a> {
     pub last_seen_unix_ms: i64,
     /// Host and chain points of the last `window_seconds` (one per 10 s slot), oldest first.
     pub window: &'a Window,
-    /// Newest host sample and its observation time.
-    pub host: Option<(i64, &'a HostSample)>,
+    /// Newest host sample's values and its observation time.
+    pub host: Option<(i64, HostValues)>,
     /// Newest chain sample (with validator standing when configured) and its time.
     pub chain: Option<(i64, &'a ChainSample)>,
     /// Chain sample before the newest (for short-term change: head frozen, peers churn).

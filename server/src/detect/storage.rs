@@ -22,10 +22,7 @@ const MS_PER_HOUR: f64 = 3_600_000.0;
 
 /// Storage findings for one node.
 pub fn detect(input: &NodeInput<'_>, policy: &DetectPolicy) -> Vec<Finding> {
-    let newest = input
-        .host
-        .map(|(at, host)| (at, HostValues::of(host)))
-        .or_else(|| input.window.host().back().copied());
+    let newest = input.host.or_else(|| input.window.host().back().copied());
     let mut findings = Vec::new();
     findings.extend(storage_slow(input, newest.map(|(_, v)| v), policy));
     if let Some(newest) = newest {
