@@ -228,9 +228,14 @@ impl Registry {
             if let Some((at, host)) = newest_host
                 && at >= node.last_host_observed_unix_ms
             {
-                // Decoded whole only when the node is read (Entry::snapshot).
+                // Decoded whole only when the node is read (Entry::snapshot). Its bytes are
+                // copied: ingest's slice shares the whole received frame (up to
+                // max_frame_bytes), which must not stay alive until the node's next sample.
                 node.last_host = None;
-                entry.newest_host = Some(host.clone());
+                entry.newest_host = Some(Host {
+                    encoded: prost::bytes::Bytes::copy_from_slice(&host.encoded),
+                    ..host.clone()
+                });
                 node.last_host_observed_unix_ms = at;
             }
             if let Some((at, chain)) = newest_chain

@@ -888,6 +888,110 @@ async fn insert_outbox(
     Ok(ids)
 }
 
+/// Hellos of new or changed nodes waiting for their write, and whether a task drains them.
+#[derive(Debug, Default)]
+pub struct HelloQueue {
+    pub(super) waiting: Vec<HelloJob>,
+    pub(super) draining: bool,
+}
+
+/// One Hello waiting for its write.
+#[derive(Debug)]
+pub(super) struct HelloJob {
+    pub(super) node: String,
+    pub(super) hostname: String,
+    pub(super) agent_version: String,
+    pub(super) network: String,
+    pub(super) now_unix_ms: i64,
+    pub(super) done: oneshot::Sender<Result<u64, StoreError>>,
+}
+
+impl Ledger {
+    /// Writes the waiting Hellos, all of them in one transaction, until none wait.
+    pub(super) async fn drain_hellos(&self) {
+        loop {
+            let jobs = {
+                let mut queue = self
+                    .hellos
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if queue.waiting.is_empty() {
+                    queue.draining = false;
+                    return;
+                }
+                std::mem::take(&mut queue.waiting)
+            };
+            let written = self.write_hellos(&jobs).await;
+            for job in jobs {
+                let answer = match &written {
+                    Ok(seqs) => seqs.get(&job.node).copied().ok_or_else(|| {
+                        StoreError::Shared(format!(
+                            "the Hello upsert of node {} returned no row",
+                            job.node
+                        ))
+                    }),
+                    Err(error) => Err(StoreError::Shared(error.to_string())),
+                };
+                // A caller that went away no longer needs its answer.
+                let _ = job.done.send(answer);
+            }
+        }
+    }
+
+    /// One transaction upserting every node of `jobs` (a node's newest Hello wins); returns
+    /// each node's `last_stored_seq`.
+    async fn write_hellos(&self, jobs: &[HelloJob]) -> Result<HashMap<String, u64>, StoreError> {
+        const COLUMNS: [&str; 6] = [
+            "node_id",
+            "hostname",
+            "agent_version",
+            "network",
+            "first_seen_unix_ms",
+            "last_seen_unix_ms",
+        ];
+        // One row per node: a statement may not upsert the same row twice.
+        let mut newest: HashMap<&str, &HelloJob> = HashMap::with_capacity(jobs.len());
+        for job in jobs {
+            newest.insert(job.node.as_str(), job);
+        }
+        let rows: Vec<Vec<Value>> = newest
+            .values()
+            .map(|job| {
+                vec![
+                    Value::T(job.node.clone()),
+                    Value::T(job.hostname.clone()),
+                    Value::T(job.agent_version.clone()),
+                    Value::T(job.network.clone()),
+                    Value::I(job.now_unix_ms),
+                    Value::I(job.now_unix_ms),
+                ]
+            })
+            .collect();
+        let _turn = self.write_turn().await;
+        let mut tx = self.pool.begin().await?;
+        let mut seqs = HashMap::with_capacity(rows.len());
+        for chunk in statements(rows, COLUMNS.len()) {
+            let query = insert_query(
+                self.backend,
+                "nodes",
+                &COLUMNS,
+                chunk,
+                " ON CONFLICT (node_id) DO UPDATE SET hostname = excluded.hostname,
+                     agent_version = excluded.agent_version, network = excluded.network,
+                     last_seen_unix_ms = excluded.last_seen_unix_ms
+                 RETURNING node_id, last_stored_seq",
+            );
+            for row in query.fetch_all(&mut *tx).await? {
+                let node: String = row.try_get(0)?;
+                let seq: i64 = row.try_get(1)?;
+                seqs.insert(node, u64::try_from(seq).unwrap_or(0));
+            }
+        }
+        tx.commit().await?;
+        Ok(seqs)
+    }
+}
+
 /// What one group commit did.
 #[derive(Debug)]
 pub struct Group {

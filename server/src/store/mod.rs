@@ -87,6 +87,9 @@ pub enum StoreError {
     /// A query failed.
     #[error("ledger query failed: {0}")]
     Query(#[from] sqlx::Error),
+    /// A write shared with other callers failed (each of them gets this text).
+    #[error("ledger query failed: {0}")]
+    Shared(String),
     /// An outbox segment file could not be written, read or removed.
     #[error(
         "outbox segment folder {path}: {source} (check that the folder is writable and the disk not full)"
@@ -115,7 +118,7 @@ impl StoreError {
             Self::CreateDir { .. } => "create_dir",
             Self::Connect { .. } => "connect",
             Self::Migrate(_) => "migrate",
-            Self::Query(_) => "query",
+            Self::Query(_) | Self::Shared(_) => "query",
             Self::Corrupt { .. } => "corrupt",
             Self::Segment { .. } => "segment",
         }
@@ -167,6 +170,8 @@ pub struct Ledger {
     /// Held by a group commit and by a pruning transaction: a commit never sees a record
     /// deleted without the floor that covers it (PostgreSQL has no write gate).
     records_gate: Arc<tokio::sync::Mutex<()>>,
+    /// Hellos of new or changed nodes waiting for their shared write ([`Ledger::record_hello`]).
+    hellos: Arc<std::sync::Mutex<commit::HelloQueue>>,
 }
 
 impl Ledger {
@@ -242,6 +247,7 @@ impl Ledger {
             segments,
             floors: Arc::default(),
             records_gate: Arc::default(),
+            hellos: Arc::default(),
         };
         ledger.load_floors().await?;
         Ok(ledger)
@@ -272,8 +278,14 @@ impl Ledger {
     /// Registers a node's Hello (creating the node on first contact) and returns the highest
     /// committed sequence number for it.
     ///
+    /// A known node whose hostname, agent version and network are unchanged needs no write
+    /// (its batches move `last_seen_unix_ms`): a fleet reconnecting after a server restart
+    /// costs reads only. New or changed nodes share one transaction with the other Hellos
+    /// waiting at the time ([`commit::HelloQueue`]): 1 000 agents meeting a fresh ledger
+    /// cost a few dozen commits, not 1 000, and do not hold the group commit back for each.
+    ///
     /// # Errors
-    /// [`StoreError::Query`].
+    /// [`StoreError::Query`] or [`StoreError::Shared`].
     pub async fn record_hello(
         &self,
         node: &NodeId,
@@ -281,27 +293,51 @@ impl Ledger {
         agent_version: &str,
         now_unix_ms: i64,
     ) -> Result<u64, StoreError> {
-        let _turn = self.write_turn().await;
-        sqlx::query(
-            "INSERT INTO nodes (node_id, hostname, agent_version, network, first_seen_unix_ms, last_seen_unix_ms)
-             VALUES ($1, $2, $3, $4, $5, $5)
-             ON CONFLICT (node_id) DO UPDATE SET hostname = excluded.hostname,
-                 agent_version = excluded.agent_version, network = excluded.network,
-                 last_seen_unix_ms = excluded.last_seen_unix_ms",
+        let known = sqlx::query(
+            "SELECT hostname, agent_version, network, last_stored_seq FROM nodes WHERE node_id = $1",
         )
         .bind(node.as_str())
-        .bind(&descriptor.hostname)
-        .bind(agent_version)
-        .bind(&descriptor.network)
-        .bind(now_unix_ms)
-        .execute(&self.pool)
+        .fetch_optional(&self.pool)
         .await?;
-        let seq: i64 = sqlx::query("SELECT last_stored_seq FROM nodes WHERE node_id = $1")
-            .bind(node.as_str())
-            .fetch_one(&self.pool)
-            .await?
-            .try_get(0)?;
-        Ok(u64::try_from(seq).unwrap_or(0))
+        if let Some(row) = known {
+            let (hostname, version, network, seq): (String, String, String, i64) = (
+                row.try_get(0)?,
+                row.try_get(1)?,
+                row.try_get(2)?,
+                row.try_get(3)?,
+            );
+            if hostname == descriptor.hostname
+                && version == agent_version
+                && network == descriptor.network
+            {
+                return Ok(u64::try_from(seq).unwrap_or(0));
+            }
+        }
+        let (done, answer) = tokio::sync::oneshot::channel();
+        let start = {
+            let mut queue = self
+                .hellos
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            queue.waiting.push(commit::HelloJob {
+                node: node.to_string(),
+                hostname: descriptor.hostname.clone(),
+                agent_version: agent_version.to_owned(),
+                network: descriptor.network.clone(),
+                now_unix_ms,
+                done,
+            });
+            !std::mem::replace(&mut queue.draining, true)
+        };
+        if start {
+            // A task of its own: a caller that goes away (its stream dropped) must not
+            // strand the Hellos that joined its write.
+            let ledger = self.clone();
+            tokio::spawn(async move { ledger.drain_hellos().await });
+        }
+        answer
+            .await
+            .map_err(|_| StoreError::Shared("the Hello writer stopped before answering".into()))?
     }
 
     /// Stores one batch atomically in the embedded tables, at most once per `(node, seq)`
