@@ -108,5 +108,42 @@ async fn hellos_share_writes_on_sqlite() -> TestResult {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hellos_share_writes_on_postgresql() -> TestResult {
     let postgres = Postgres::start()?;
-    hellos_share_writes_and_read_back(&postgres.url()).await
+    hellos_share_writes_and_read_back(&postgres.url()).await?;
+
+    // PostgreSQL refuses a NUL in text: that Hello fails, alone, whoever shared its write.
+    let ledger = Ledger::open(&postgres.url()).await?;
+    let mut calls = Vec::new();
+    for i in 0..100u32 {
+        let ledger = ledger.clone();
+        calls.push(tokio::spawn(async move {
+            let host = if i == 50 {
+                "bad\0host".to_owned()
+            } else {
+                format!("m-{i}")
+            };
+            ledger
+                .record_hello(
+                    &NodeId::parse(&format!("m{i:03}"))?,
+                    &descriptor(&host),
+                    "1.0",
+                    5,
+                )
+                .await
+                .map_err(anyhow::Error::from)
+        }));
+    }
+    let mut failed = Vec::new();
+    for (i, call) in calls.into_iter().enumerate() {
+        if let Err(error) = call.await? {
+            failed.push((i, error.to_string()));
+        }
+    }
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert_eq!(failed[0].0, 50, "{failed:?}");
+    let nodes = ledger.nodes().await?;
+    assert_eq!(
+        nodes.iter().filter(|n| n.node_id.starts_with('m')).count(),
+        99
+    );
+    Ok(())
 }

@@ -906,9 +906,35 @@ pub(super) struct HelloJob {
     pub(super) done: oneshot::Sender<Result<u64, StoreError>>,
 }
 
+/// Clears the drain flag and fails what still waits if the drain task ends without doing so
+/// (a panic): later Hellos then start a new task instead of waiting for none.
+struct DrainGuard<'a> {
+    queue: &'a std::sync::Mutex<HelloQueue>,
+    done: bool,
+}
+
+impl Drop for DrainGuard<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            let mut queue = self
+                .queue
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            queue.draining = false;
+            // Dropping their senders answers the waiters with an error.
+            queue.waiting.clear();
+        }
+    }
+}
+
 impl Ledger {
-    /// Writes the waiting Hellos, all of them in one transaction, until none wait.
+    /// Writes the waiting Hellos, all of them in one transaction, until none wait. If that
+    /// transaction fails, each Hello is written alone, so one bad Hello fails only itself.
     pub(super) async fn drain_hellos(&self) {
+        let mut guard = DrainGuard {
+            queue: &self.hellos,
+            done: false,
+        };
         loop {
             let jobs = {
                 let mut queue = self
@@ -917,21 +943,42 @@ impl Ledger {
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
                 if queue.waiting.is_empty() {
                     queue.draining = false;
+                    guard.done = true;
                     return;
                 }
                 std::mem::take(&mut queue.waiting)
             };
             let written = self.write_hellos(&jobs).await;
-            for job in jobs {
-                let answer = match &written {
-                    Ok(seqs) => seqs.get(&job.node).copied().ok_or_else(|| {
-                        StoreError::Shared(format!(
-                            "the Hello upsert of node {} returned no row",
-                            job.node
-                        ))
-                    }),
-                    Err(error) => Err(StoreError::Shared(error.to_string())),
-                };
+            let answers: Vec<Result<u64, StoreError>> = match written {
+                Ok(seqs) => jobs
+                    .iter()
+                    .map(|job| {
+                        seqs.get(&job.node).copied().ok_or_else(|| {
+                            StoreError::Shared(format!(
+                                "the Hello upsert of node {} returned no row",
+                                job.node
+                            ))
+                        })
+                    })
+                    .collect(),
+                Err(error) if jobs.len() == 1 => vec![Err(error)],
+                Err(_) => {
+                    let mut answers = Vec::with_capacity(jobs.len());
+                    for job in &jobs {
+                        let alone = self.write_hellos(std::slice::from_ref(job)).await;
+                        answers.push(alone.and_then(|seqs| {
+                            seqs.get(&job.node).copied().ok_or_else(|| {
+                                StoreError::Shared(format!(
+                                    "the Hello upsert of node {} returned no row",
+                                    job.node
+                                ))
+                            })
+                        }));
+                    }
+                    answers
+                }
+            };
+            for (job, answer) in jobs.into_iter().zip(answers) {
                 // A caller that went away no longer needs its answer.
                 let _ = job.done.send(answer);
             }
@@ -949,8 +996,10 @@ impl Ledger {
             "first_seen_unix_ms",
             "last_seen_unix_ms",
         ];
-        // One row per node: a statement may not upsert the same row twice.
-        let mut newest: HashMap<&str, &HelloJob> = HashMap::with_capacity(jobs.len());
+        // One row per node (a statement may not upsert the same row twice), in node order
+        // (PostgreSQL row locks taken in one order by every writer of many nodes).
+        let mut newest: std::collections::BTreeMap<&str, &HelloJob> =
+            std::collections::BTreeMap::new();
         for job in jobs {
             newest.insert(job.node.as_str(), job);
         }
@@ -1135,6 +1184,66 @@ async fn update_nodes(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn hello(
+        node: &str,
+        hostname: &str,
+        at: i64,
+    ) -> (HelloJob, oneshot::Receiver<Result<u64, StoreError>>) {
+        let (done, answer) = oneshot::channel();
+        let job = HelloJob {
+            node: node.into(),
+            hostname: hostname.into(),
+            agent_version: "1.0".into(),
+            network: "finney".into(),
+            now_unix_ms: at,
+            done,
+        };
+        (job, answer)
+    }
+
+    #[tokio::test]
+    async fn one_write_takes_many_hellos_and_the_newest_of_a_repeated_node_wins()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let ledger = Ledger::open(&format!("sqlite://{}/l.db", dir.path().display())).await?;
+        // More rows than one statement holds (6 values a row), one node three times.
+        let mut jobs = Vec::new();
+        let mut answers = Vec::new();
+        for i in 0..800 {
+            let (job, answer) = hello(&format!("n{i:03}"), "h", 1);
+            jobs.push(job);
+            answers.push(answer);
+        }
+        for (at, host) in [(2, "second"), (3, "third")] {
+            let (job, answer) = hello("n005", host, at);
+            jobs.push(job);
+            answers.push(answer);
+        }
+        let seqs = ledger.write_hellos(&jobs).await?;
+        assert_eq!(seqs.len(), 800);
+        assert!(seqs.values().all(|seq| *seq == 0));
+        let nodes = ledger.nodes().await?;
+        assert_eq!(nodes.len(), 800);
+        let n5 = nodes.iter().find(|n| n.node_id == "n005").ok_or("n005")?;
+        assert_eq!((n5.hostname.as_str(), n5.last_seen_unix_ms), ("third", 3));
+
+        // Through the queue: every waiter gets its answer, and the flag is cleared after.
+        ledger
+            .hellos
+            .lock()
+            .map_err(|_| "poisoned")?
+            .waiting
+            .extend(jobs);
+        ledger.hellos.lock().map_err(|_| "poisoned")?.draining = true;
+        ledger.drain_hellos().await;
+        for answer in answers {
+            assert_eq!(answer.await??, 0);
+        }
+        let queue = ledger.hellos.lock().map_err(|_| "poisoned")?;
+        assert!(!queue.draining && queue.waiting.is_empty());
+        Ok(())
+    }
 
     fn handed(id: u64, samples: usize) -> OutboxBlob {
         let batch = Batch {

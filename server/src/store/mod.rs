@@ -87,7 +87,7 @@ pub enum StoreError {
     /// A query failed.
     #[error("ledger query failed: {0}")]
     Query(#[from] sqlx::Error),
-    /// A write shared with other callers failed (each of them gets this text).
+    /// A write shared with other callers failed, or had no answer for this caller.
     #[error("ledger query failed: {0}")]
     Shared(String),
     /// An outbox segment file could not be written, read or removed.
