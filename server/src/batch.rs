@@ -5,7 +5,7 @@
 //! disk, interface and string of it (~3 us per sample, ~15 % of the server's CPU at 50 k
 //! samples/s). [`Batch::decode`] reads a host sample straight into its [`HostValues`] and
 //! keeps the sample's encoded bytes (a zero-copy slice of the frame) for the few places that
-//! need all of it ([`Host::sample`]: the node's newest host sample, once per batch). The
+//! need all of it ([`Host::sample`]: the node's newest host sample, when the node is read). The
 //! other kinds (one chain sample per interval, GPU, keystore, unavailable) decode as
 //! generated.
 //!
