@@ -236,18 +236,7 @@ pub fn visit(
     mut each: impl FnMut(u64, u32, i64, Visit<'_>),
 ) -> Result<(), DecodeError> {
     if !is_compact(blob) {
-        let batch = Batch::decode(blob)?;
-        for (index, sample) in batch.samples.iter().enumerate() {
-            if let Some(kind) = &sample.kind {
-                let index = u32::try_from(index).unwrap_or(u32::MAX);
-                each(
-                    batch.seq,
-                    index,
-                    sample.observed_at_unix_ms,
-                    Visit::Kind(kind),
-                );
-            }
-        }
+        visit_batch(&Batch::decode(blob)?, &mut each);
         return Ok(());
     }
     let mut walk = Walk::open(blob)?;
@@ -261,6 +250,21 @@ pub fn visit(
         index = index.saturating_add(1);
     }
     Ok(())
+}
+
+/// [`visit`] over a decoded batch: every sample with a kind, as [`Visit::Kind`].
+pub fn visit_batch(batch: &Batch, each: &mut dyn FnMut(u64, u32, i64, Visit<'_>)) {
+    for (index, sample) in batch.samples.iter().enumerate() {
+        if let Some(kind) = &sample.kind {
+            let index = u32::try_from(index).unwrap_or(u32::MAX);
+            each(
+                batch.seq,
+                index,
+                sample.observed_at_unix_ms,
+                Visit::Kind(kind),
+            );
+        }
+    }
 }
 
 /// The [`HostValues`] fields in the order [`Visit::HostWords`] holds them.

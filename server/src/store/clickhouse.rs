@@ -497,18 +497,8 @@ impl InsertBatch for OutboxBatch {
         &self,
         each: &mut dyn FnMut(u64, u32, i64, Visit<'_>),
     ) -> Result<(), crate::batch::DecodeError> {
-        for (index, sample) in self.batch.samples.iter().enumerate() {
-            // Ingest refuses kind-less samples; nothing to store.
-            if let Some(kind) = &sample.kind {
-                let index = u32::try_from(index).unwrap_or(u32::MAX);
-                each(
-                    self.batch.seq,
-                    index,
-                    sample.observed_at_unix_ms,
-                    Visit::Kind(kind),
-                );
-            }
-        }
+        // Ingest refuses kind-less samples; there is nothing to store of one.
+        super::blob::visit_batch(&self.batch, each);
         Ok(())
     }
 }
