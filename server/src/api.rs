@@ -21,13 +21,13 @@ use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
-use crate::command::{Action, CommandError, CommandSigner};
+use crate::actuate::{ActuateError, Actuator};
+use crate::control::ReconcileHandle;
 use crate::identity::{NodeId, Peer};
-use crate::ingest::LiveSessions;
 use crate::metrics::Metrics;
-use crate::reconcile::runner::ReconcileHandle;
+use crate::reconcile::{Action, UnknownAction};
 use crate::registry::Registry;
-use crate::store::clickhouse::{ClickHouseSettings, ClickHouseStore};
+use crate::store::history::TelemetryReader;
 use crate::store::telemetry;
 use crate::store::{Ledger, SecurityEvent};
 use crate::unix_ms;
@@ -40,47 +40,30 @@ pub struct FleetApi {
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
     watchers: TaskTracker,
-    clickhouse: Option<ClickHouseHistory>,
-    commands: Commands,
+    telemetry: TelemetryReader,
+    actuator: Actuator,
     reconcile: ReconcileHandle,
 }
 
-/// What issuing commands needs: the signing key (None = commands off) and the live streams.
-#[derive(Clone)]
-pub struct Commands {
-    /// Signs envelopes; `None` when `command_signing_key_file` is not set.
-    pub signer: Option<Arc<CommandSigner>>,
-    /// Agents' live streams.
-    pub live: LiveSessions,
-}
-
-impl std::fmt::Debug for Commands {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Commands")
-            .field("enabled", &self.signer.is_some())
-            .finish_non_exhaustive()
-    }
-}
-
-/// History from ClickHouse: the store is opened on the first query (the server starts
-/// while ClickHouse is down; the outbox keeps ingest lossless meanwhile).
-#[derive(Clone)]
-struct ClickHouseHistory {
-    settings: ClickHouseSettings,
-    store: Arc<tokio::sync::OnceCell<ClickHouseStore>>,
-}
-
-impl std::fmt::Debug for ClickHouseHistory {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ClickHouseHistory")
-            .field("url", &self.settings.url)
-            .finish_non_exhaustive()
+/// The gRPC status for an action that was not carried out.
+fn actuate_status(error: ActuateError) -> Status {
+    let message = error.to_string();
+    match error {
+        ActuateError::CommandsOff | ActuateError::AlreadyEnded { .. } => {
+            Status::failed_precondition(message)
+        }
+        ActuateError::Invalid(_) => Status::invalid_argument(message),
+        ActuateError::UnknownCommand(_) => Status::not_found(message),
+        ActuateError::NotLive(_)
+        | ActuateError::NotRecorded(_)
+        | ActuateError::NotDelivered { .. }
+        | ActuateError::Ledger(_) => Status::unavailable(message),
     }
 }
 
 impl FleetApi {
     /// A Fleet API over `registry`; watch streams end on `shutdown`. History comes from
-    /// ClickHouse when `clickhouse` is enabled, else from the ledger's embedded tables.
+    /// `telemetry`.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         registry: Arc<Registry>,
@@ -88,8 +71,8 @@ impl FleetApi {
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
         watchers: TaskTracker,
-        clickhouse: &ClickHouseSettings,
-        commands: Commands,
+        telemetry: TelemetryReader,
+        actuator: Actuator,
         reconcile: ReconcileHandle,
     ) -> Self {
         Self {
@@ -98,11 +81,8 @@ impl FleetApi {
             metrics,
             shutdown,
             watchers,
-            clickhouse: clickhouse.enabled().then(|| ClickHouseHistory {
-                settings: clickhouse.clone(),
-                store: Arc::default(),
-            }),
-            commands,
+            telemetry,
+            actuator,
             reconcile,
         }
     }
@@ -210,32 +190,14 @@ impl Fleet for FleetApi {
         };
         let (resolution, plan_source) = telemetry::plan(from, to, request.resolution_seconds)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let unavailable = |what: &str, error: &dyn std::fmt::Display| {
-            tracing::warn!(%error, what, "HistoryFailed");
-            Status::unavailable(format!("{what} cannot answer now: {error}; retry later"))
-        };
-        let (source, points) = match &self.clickhouse {
-            Some(ch) => {
-                let store = ch
-                    .store
-                    .get_or_try_init(|| ClickHouseStore::open(&ch.settings))
-                    .await
-                    .map_err(|e| unavailable("ClickHouse", &e))?;
-                let points = store
-                    .history(id.as_str(), def, from, to, resolution, plan_source)
-                    .await
-                    .map_err(|e| unavailable("ClickHouse", &e))?;
-                (plan_source, points)
-            }
-            None => {
-                let points = self
-                    .ledger
-                    .history(id.as_str(), def, from, to, resolution)
-                    .await
-                    .map_err(|e| unavailable("the embedded store", &e))?;
-                ("embedded", points)
-            }
-        };
+        let (source, points) = self
+            .telemetry
+            .history(id.as_str(), def, (from, to), resolution, plan_source)
+            .await
+            .map_err(|error| {
+                tracing::warn!(%error, "HistoryFailed");
+                Status::unavailable(format!("{error}; retry later"))
+            })?;
         Ok(Response::new(HistoryResponse {
             node_id: id.to_string(),
             metric: def.name.to_owned(),
@@ -261,45 +223,28 @@ impl Fleet for FleetApi {
     ) -> Result<Response<CommandRecord>, Status> {
         let operator = self.authorize(&request, "IssueCommand").await?;
         let request = request.into_inner();
-        let Some(signer) = &self.commands.signer else {
-            return Err(Status::failed_precondition(
-                "remote commands are off on this server: set command_signing_key_file \
-                 (guardianctl pki init writes command-signing-key.pk8; agents need command-verify.pub)",
-            ));
-        };
         let node =
             NodeId::parse(&request.node_id).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let action: Action = request
             .action
             .parse()
-            .map_err(|e: CommandError| Status::invalid_argument(e.to_string()))?;
-        if !self.commands.live.is_live(&node) {
-            return Err(Status::unavailable(format!(
-                "node {node} has no live stream; nothing was issued (commands are never queued \
-                 for later: a stale restart is worse than none)"
-            )));
-        }
+            .map_err(|e: UnknownAction| Status::invalid_argument(e.to_string()))?;
         let ttl = std::time::Duration::from_secs(u64::from(match request.ttl_seconds {
             0 => 300,
             ttl => ttl,
         }));
-        let (envelope, command) = signer
-            .issue(&node, action, request.parameters, ttl, unix_ms())
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        // Written (and audited) before it leaves: a command is never sent unrecorded.
-        self.ledger
-            .record_command_issued(&envelope, &format!("operator/{operator}"))
+        let command_id = self
+            .actuator
+            .issue(
+                &node,
+                action,
+                request.parameters,
+                ttl,
+                &format!("operator/{operator}"),
+            )
             .await
-            .map_err(|e| Status::unavailable(format!("cannot record the command: {e}")))?;
-        tracing::info!(node = %node, command_id = envelope.command_id, action = envelope.action, operator, "CommandIssued");
-        if let Err(why) = self.commands.live.send_command(&node, command).await {
-            tracing::warn!(node = %node, command_id = envelope.command_id, why, "CommandNotDelivered");
-            return Err(Status::unavailable(format!(
-                "command {} recorded but not delivered: {why}; it expires unexecuted",
-                envelope.command_id
-            )));
-        }
-        self.command_record(&envelope.command_id).await
+            .map_err(actuate_status)?;
+        self.command_record(&command_id).await
     }
 
     async fn cancel_command(
@@ -313,57 +258,11 @@ impl Fleet for FleetApi {
         } else {
             request.reason.trim()
         };
-        let (record, cancelled_now) = self
-            .ledger
-            .cancel_command(&request.command_id, &operator, reason, unix_ms())
+        self.actuator
+            .cancel(&request.command_id, &operator, reason)
             .await
-            .map_err(|e| Status::unavailable(format!("the ledger cannot answer now: {e}")))?
-            .ok_or_else(|| {
-                Status::not_found(format!("no command {:?} was issued", request.command_id))
-            })?;
-        if !cancelled_now {
-            return Err(Status::failed_precondition(format!(
-                "command {} already ended ({}): nothing to cancel",
-                record.command_id, record.state
-            )));
-        }
-        tracing::info!(
-            command_id = record.command_id,
-            node = record.node_id,
-            operator,
-            "CommandCancelled"
-        );
-        // Tell a live agent (signed) never to run it and to stop it if it runs: the ledger
-        // already says cancelled, so a late outcome is kept out of the record either way.
-        if let (Some(signer), Ok(node)) = (&self.commands.signer, NodeId::parse(&record.node_id))
-            && self.commands.live.is_live(&node)
-        {
-            let parameters = std::collections::HashMap::from([(
-                "command_id".to_owned(),
-                record.command_id.clone(),
-            )]);
-            match signer.issue(
-                &node,
-                Action::CancelCommand,
-                parameters,
-                std::time::Duration::from_secs(300),
-                unix_ms(),
-            ) {
-                Ok((envelope, command)) => {
-                    let recorded = self
-                        .ledger
-                        .record_command_issued(&envelope, &format!("operator/{operator}"))
-                        .await;
-                    if recorded.is_ok()
-                        && let Err(why) = self.commands.live.send_command(&node, command).await
-                    {
-                        tracing::warn!(node = %node, why, "CancelNotDelivered");
-                    }
-                }
-                Err(error) => tracing::warn!(%error, "CancelNotSigned"),
-            }
-        }
-        Ok(Response::new(record))
+            .map(Response::new)
+            .map_err(actuate_status)
     }
 
     async fn list_findings(

@@ -51,7 +51,7 @@ pub struct ServerConfig {
     /// The reconciler and the fleet's default sync policy (`[reconcile]`).
     pub reconcile: crate::reconcile::ReconcileSettings,
     /// Webhook for alerts (`[alerts]`).
-    pub alerts: crate::alert::AlertSettings,
+    pub alerts: crate::actuate::alert::AlertSettings,
     /// TLS material.
     pub tls: ServerTls,
 }
@@ -85,7 +85,7 @@ impl Default for ServerConfig {
             clickhouse: ClickHouseSettings::default(),
             detect: crate::detect::DetectPolicy::default(),
             reconcile: crate::reconcile::ReconcileSettings::default(),
-            alerts: crate::alert::AlertSettings::default(),
+            alerts: crate::actuate::alert::AlertSettings::default(),
             tls: ServerTls::default(),
         }
     }

@@ -10,7 +10,6 @@
 //!   (see [`crate::store::commit`]); a replayed
 //!   `(node, seq)` is acked without being stored twice.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,6 +25,8 @@ use tokio_util::task::TaskTracker;
 use tonic::{Code, Request, Response, Status, Streaming};
 use tracing::Instrument;
 
+use crate::actuate::live::SessionTable;
+use crate::control::Trigger;
 use crate::identity::{NodeId, Peer};
 use crate::metrics::Metrics;
 use crate::registry::Registry;
@@ -40,135 +41,6 @@ const TAKEOVER_TIMEOUT: Duration = Duration::from_secs(15);
 /// Longest text accepted in a Hello field (hostnames may be 253).
 const MAX_HELLO_TEXT: usize = 253;
 
-/// One live session per node. A new stream for a node cancels the previous one and waits for
-/// it to end before reading `last_stored_seq`, so the number the agent builds on already
-/// includes every batch the old stream committed (no seq is handed out twice).
-#[derive(Debug, Default)]
-struct Takeover {
-    by_node: std::sync::Mutex<HashMap<NodeId, Live>>,
-    generation: std::sync::atomic::AtomicU64,
-}
-
-#[derive(Debug)]
-struct Live {
-    generation: u64,
-    cancel: CancellationToken,
-    /// Frames to the agent on this session's stream (commands go here); set once Welcome
-    /// is queued, so nothing can overtake it.
-    outbound: Option<mpsc::Sender<Result<ServerFrame, Status>>>,
-    /// Held by the running session for its whole life.
-    running: Arc<tokio::sync::Mutex<()>>,
-}
-
-impl Takeover {
-    /// Cancels the node's current session (if any) and registers a new one.
-    fn begin(
-        &self,
-        node: &NodeId,
-        parent: &CancellationToken,
-    ) -> (u64, CancellationToken, Arc<tokio::sync::Mutex<()>>) {
-        let generation = self
-            .generation
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let cancel = parent.child_token();
-        let mut map = self
-            .by_node
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let running = match map.get(node) {
-            Some(live) => {
-                live.cancel.cancel();
-                Arc::clone(&live.running)
-            }
-            None => Arc::default(),
-        };
-        map.insert(
-            node.clone(),
-            Live {
-                generation,
-                cancel: cancel.clone(),
-                outbound: None,
-                running: Arc::clone(&running),
-            },
-        );
-        (generation, cancel, running)
-    }
-
-    /// The live stream of `node`, if it has one.
-    fn outbound(&self, node: &NodeId) -> Option<mpsc::Sender<Result<ServerFrame, Status>>> {
-        self.by_node
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(node)
-            .and_then(|live| live.outbound.clone())
-    }
-
-    /// Opens the session's stream to commands (after its Welcome is queued).
-    fn attach(
-        &self,
-        node: &NodeId,
-        generation: u64,
-        outbound: mpsc::Sender<Result<ServerFrame, Status>>,
-    ) {
-        if let Some(live) = self
-            .by_node
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get_mut(node)
-            .filter(|live| live.generation == generation)
-        {
-            live.outbound = Some(outbound);
-        }
-    }
-
-    /// Forgets the node's entry if it still belongs to `generation`.
-    fn end(&self, node: &NodeId, generation: u64) {
-        let mut map = self
-            .by_node
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if map
-            .get(node)
-            .is_some_and(|live| live.generation == generation)
-        {
-            map.remove(node);
-        }
-    }
-}
-
-/// A handle for sending frames down agents' live streams.
-#[derive(Debug, Clone)]
-pub struct LiveSessions(Arc<Takeover>);
-
-impl LiveSessions {
-    /// Whether `node` has a live stream now.
-    pub fn is_live(&self, node: &NodeId) -> bool {
-        self.0.outbound(node).is_some()
-    }
-
-    /// Sends a signed command down `node`'s live stream.
-    ///
-    /// # Errors
-    /// A message saying why, when the node has no live stream or it just closed.
-    pub async fn send_command(
-        &self,
-        node: &NodeId,
-        command: guardian_proto::v1::Command,
-    ) -> Result<(), String> {
-        let outbound = self
-            .0
-            .outbound(node)
-            .ok_or_else(|| format!("node {node} has no live stream"))?;
-        let frame = ServerFrame {
-            frame: Some(server_frame::Frame::Command(command)),
-        };
-        tokio::time::timeout(Duration::from_secs(5), outbound.send(Ok(frame)))
-            .await
-            .map_err(|_| format!("node {node}'s stream did not take the command within 5 s"))?
-            .map_err(|_| format!("node {node}'s stream closed"))
-    }
-}
-
 /// The Uplink gRPC service.
 #[derive(Debug, Clone)]
 pub struct Ingest {
@@ -181,8 +53,8 @@ pub struct Ingest {
     max_frame_bytes: usize,
     shutdown: CancellationToken,
     sessions: TaskTracker,
-    takeover: Arc<Takeover>,
-    reconcile: Option<Arc<crate::reconcile::runner::Trigger>>,
+    takeover: Arc<SessionTable>,
+    reconcile: Option<Arc<Trigger>>,
 }
 
 impl Ingest {
@@ -215,16 +87,16 @@ impl Ingest {
         }
     }
 
-    /// Wakes the reconciler after each committed batch.
+    /// Wakes the control loop after each committed batch (`None`: the loop is off).
     #[must_use]
-    pub fn with_reconcile(mut self, trigger: Arc<crate::reconcile::runner::Trigger>) -> Self {
-        self.reconcile = Some(trigger);
+    pub fn with_reconcile(mut self, trigger: Option<Arc<Trigger>>) -> Self {
+        self.reconcile = trigger;
         self
     }
 
-    /// The handle the Fleet API sends commands through.
-    pub fn live_sessions(&self) -> LiveSessions {
-        LiveSessions(Arc::clone(&self.takeover))
+    /// The live-session table commands are delivered through (`crate::actuate`).
+    pub fn sessions(&self) -> Arc<SessionTable> {
+        Arc::clone(&self.takeover)
     }
 
     /// Records a refusal (metric, log line, ledger row) and returns the status to send.

@@ -6,11 +6,11 @@
 //! telemetry), [`registry`] (the fleet in memory), [`api`] (Fleet gRPC + admin HTTP),
 //! [`metrics`]; plus [`config`] and [`pki`] (throwaway certificates for trials and tests).
 
-pub mod alert;
+pub mod actuate;
 pub mod api;
 pub mod batch;
-pub mod command;
 pub mod config;
+pub mod control;
 pub mod detect;
 pub mod identity;
 pub mod ingest;
@@ -19,7 +19,6 @@ pub mod pki;
 pub mod read_ahead;
 pub mod reconcile;
 pub mod registry;
-pub mod sink;
 pub mod store;
 pub mod window;
 
@@ -93,108 +92,20 @@ pub async fn run(
     ledger: Ledger,
     shutdown: CancellationToken,
 ) -> Result<(), ServerError> {
-    let read = |path: &std::path::Path| {
-        std::fs::read(path).map_err(|source| ServerError::ReadTls {
-            path: path.display().to_string(),
-            source,
-        })
-    };
-    let tls = ServerTlsConfig::new()
-        .identity(Identity::from_pem(
-            read(&config.tls.cert_file)?,
-            read(&config.tls.key_file)?,
-        ))
-        .client_ca_root(Certificate::from_pem(read(&config.tls.ca_file)?))
-        .client_auth_optional(false);
-
-    let signer = if config.command_signing_key_file.as_os_str().is_empty() {
-        None
-    } else {
-        Some(Arc::new(
-            command::CommandSigner::load(&config.command_signing_key_file)
-                .map_err(|e| ServerError::Command(e.to_string()))?,
-        ))
-    };
+    let tls = tls_config(&config)?;
+    let telemetry = store::history::TelemetryReader::new(&ledger, &config.clickhouse);
     let registry = Arc::new(registry::Registry::from_stored(
         ledger.nodes().await?,
         config.window_seconds,
     ));
-    rebuild_windows(&registry, &ledger, &config).await;
+    rebuild_windows(&registry, &telemetry).await;
     let metrics = Arc::new(metrics::Metrics::default());
     metrics
         .nodes_known
         .set(i64::try_from(registry.len()).unwrap_or(i64::MAX));
     let tasks = TaskTracker::new();
 
-    let telemetry = if config.clickhouse.enabled() {
-        store::commit::Telemetry::Outbox
-    } else {
-        store::commit::Telemetry::Embedded
-    };
-    let outbox = Arc::new(store::commit::OutboxGauge::default());
-    outbox.set_handoff_max_bytes(config.clickhouse.handoff_max_bytes);
-    let (pending_batches, pending_bytes) = ledger.outbox_pending().await?;
-    outbox
-        .batches
-        .store(pending_batches, std::sync::atomic::Ordering::Relaxed);
-    outbox
-        .bytes
-        .store(pending_bytes, std::sync::atomic::Ordering::Relaxed);
-    if pending_batches > 0 {
-        if telemetry == store::commit::Telemetry::Outbox {
-            tracing::info!(
-                pending_batches,
-                pending_bytes,
-                "OutboxReplay: batches committed before the restart are still to be inserted into ClickHouse"
-            );
-        } else {
-            tracing::warn!(
-                pending_batches,
-                "the outbox holds batches for ClickHouse but [clickhouse] url is not set; they stay there until it is"
-            );
-        }
-    }
-    let observe: store::commit::GroupObserver = {
-        let metrics = Arc::clone(&metrics);
-        Arc::new(move |batches, seconds| {
-            metrics.commit_seconds.observe(seconds);
-            metrics.commit_group_batches.observe(batches as f64);
-        })
-    };
-    // Also with ClickHouse: rows from before it was configured expire too (with empty tables
-    // a round is one index seek per node and table).
-    if config.embedded_retention_days > 0 {
-        tasks.spawn(store::retention::run_expiry(
-            ledger.clone(),
-            config.embedded_retention_days,
-            store::retention::EXPIRE_EVERY,
-            metrics.embedded_samples_expired.clone(),
-            shutdown.clone(),
-        ));
-    }
-    tasks.spawn(store::records::run_pruner(
-        ledger.clone(),
-        store::records::PRUNE_EVERY,
-        shutdown.clone(),
-    ));
-    let committer = store::commit::Committer::spawn(
-        ledger.clone(),
-        telemetry,
-        Arc::clone(&outbox),
-        config.outbox_max_bytes,
-        observe,
-        &tasks,
-    );
-    if telemetry == store::commit::Telemetry::Outbox {
-        tasks.spawn(sink::run(
-            ledger.clone(),
-            config.clickhouse.clone(),
-            Arc::clone(&outbox),
-            Arc::clone(&metrics),
-            shutdown.clone(),
-        ));
-    }
-
+    let committer = store::start(&ledger, &config, &metrics, &shutdown, &tasks).await?;
     let ingest = ingest::Ingest::new(
         ledger.clone(),
         committer,
@@ -206,43 +117,28 @@ pub async fn run(
         shutdown.clone(),
         tasks.clone(),
     );
-    let commands = api::Commands {
-        signer,
-        live: ingest.live_sessions(),
-    };
-    let (ingest, reconcile) = if config.reconcile.enabled {
-        let handle = reconcile::runner::spawn(
-            reconcile::runner::Parts {
-                settings: config.reconcile.clone(),
-                detect: config.detect.clone(),
-                registry: Arc::clone(&registry),
-                ledger: ledger.clone(),
-                commands: commands.clone(),
-                metrics: Arc::clone(&metrics),
-                alerts: alert::Alerts::spawn(
-                    &config.alerts,
-                    Arc::clone(&metrics),
-                    shutdown.clone(),
-                    &tasks,
-                ),
-            },
-            shutdown.clone(),
-            &tasks,
-        )
-        .await?;
-        (ingest.with_reconcile(handle.trigger()), handle)
-    } else {
-        tracing::warn!("[reconcile] enabled = false: no detectors, no remediation");
-        (ingest, reconcile::runner::ReconcileHandle::disabled())
-    };
+    let actuator = actuate::start(
+        &config,
+        ingest.sessions(),
+        ledger.clone(),
+        &metrics,
+        &shutdown,
+        &tasks,
+    )
+    .map_err(|e| ServerError::Command(e.to_string()))?;
+    let reconcile = control::start(
+        &config, &registry, &ledger, &actuator, &metrics, &shutdown, &tasks,
+    )
+    .await?;
+    let ingest = ingest.with_reconcile(reconcile.trigger());
     let fleet = api::FleetApi::new(
         Arc::clone(&registry),
         ledger.clone(),
         Arc::clone(&metrics),
         shutdown.clone(),
         tasks.clone(),
-        &config.clickhouse,
-        commands,
+        telemetry,
+        actuator,
         reconcile,
     );
     let grpc = Server::builder()
@@ -303,57 +199,50 @@ pub async fn run(
     outcome.map(|_| ())
 }
 
-/// Refills the per-node windows from the telemetry store (ClickHouse when configured, else
-/// the embedded tables). A store that cannot answer leaves them empty, with a warning: the
-/// server still starts, and the windows fill from live samples.
-async fn rebuild_windows(registry: &registry::Registry, ledger: &Ledger, config: &ServerConfig) {
+/// The gRPC listener's TLS: the server's certificate, and client certificates required and
+/// chained to the fleet CA.
+fn tls_config(config: &ServerConfig) -> Result<ServerTlsConfig, ServerError> {
+    let read = |path: &std::path::Path| {
+        std::fs::read(path).map_err(|source| ServerError::ReadTls {
+            path: path.display().to_string(),
+            source,
+        })
+    };
+    Ok(ServerTlsConfig::new()
+        .identity(Identity::from_pem(
+            read(&config.tls.cert_file)?,
+            read(&config.tls.key_file)?,
+        ))
+        .client_ca_root(Certificate::from_pem(read(&config.tls.ca_file)?))
+        .client_auth_optional(false))
+}
+
+/// Refills the per-node windows from the telemetry store. A store that cannot answer (within
+/// 30 s) leaves them empty, with a warning: the server still starts, and the windows fill
+/// from live samples.
+async fn rebuild_windows(
+    registry: &registry::Registry,
+    telemetry: &store::history::TelemetryReader,
+) {
     let started = std::time::Instant::now();
     let since = unix_ms() - registry.window_ms();
-    let rows = if config.clickhouse.enabled() {
-        let fetched = async {
-            let store = store::clickhouse::ClickHouseStore::open(&config.clickhouse).await?;
-            Ok::<_, store::clickhouse::ClickHouseError>((
-                store.recent_host(since).await?,
-                store.recent_chain(since).await?,
-            ))
-        };
-        match tokio::time::timeout(Duration::from_secs(30), fetched).await {
-            Ok(Ok(rows)) => Some(rows),
-            Ok(Err(error)) => {
-                tracing::warn!(%error, "WindowsNotRebuilt: ClickHouse did not answer; windows fill from live samples");
-                None
-            }
-            Err(_) => {
-                tracing::warn!(
-                    "WindowsNotRebuilt: ClickHouse took over 30 s; windows fill from live samples"
-                );
-                None
-            }
+    match tokio::time::timeout(Duration::from_secs(30), telemetry.recent(since)).await {
+        Ok(Ok((host, chain))) => {
+            let rows = host.len() + chain.len();
+            let points = registry.rebuild_windows(host, chain);
+            tracing::info!(
+                rows,
+                points,
+                millis = started.elapsed().as_millis() as u64,
+                "WindowsRebuilt"
+            );
         }
-    } else {
-        let fetched = async {
-            Ok::<_, store::StoreError>((
-                ledger.recent_host(since).await?,
-                ledger.recent_chain(since).await?,
-            ))
-        };
-        match fetched.await {
-            Ok(rows) => Some(rows),
-            Err(error) => {
-                tracing::warn!(%error, "WindowsNotRebuilt: windows fill from live samples");
-                None
-            }
+        Ok(Err(error)) => {
+            tracing::warn!(%error, "WindowsNotRebuilt: windows fill from live samples");
         }
-    };
-    if let Some((host, chain)) = rows {
-        let rows = host.len() + chain.len();
-        let points = registry.rebuild_windows(host, chain);
-        tracing::info!(
-            rows,
-            points,
-            millis = started.elapsed().as_millis() as u64,
-            "WindowsRebuilt"
-        );
+        Err(_) => tracing::warn!(
+            "WindowsNotRebuilt: the telemetry store took over 30 s; windows fill from live samples"
+        ),
     }
 }
 

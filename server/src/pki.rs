@@ -42,7 +42,7 @@ impl PkiFiles {
         pair(&self.dir, &format!("node-{node}"))
     }
     /// `DIR/command-signing-key.pk8`: the server's Ed25519 command key, PKCS#8 DER, mode 0600
-    /// (load it with [`crate::command::CommandSigner::load`]).
+    /// (load it with [`crate::actuate::sign::CommandSigner::load`]).
     pub fn command_signing_key(&self) -> PathBuf {
         self.dir.join("command-signing-key.pk8")
     }
@@ -160,7 +160,7 @@ pub fn init(dir: &Path, request: &PkiRequest) -> Result<PkiFiles, PkiError> {
     write(&mut files, &signing, command_key.serialized_der(), true)?;
     let public = format!(
         "{}\n",
-        crate::command::hex(rcgen::PublicKeyData::der_bytes(&command_key))
+        crate::actuate::sign::hex(rcgen::PublicKeyData::der_bytes(&command_key))
     );
     write(&mut files, &verify, public.as_bytes(), false)?;
     Ok(files)
@@ -247,10 +247,12 @@ mod tests {
             Peer::Operator("alice".into())
         );
         assert!(Peer::from_cert_der(&der(files.server().0)?).is_err());
-        let signer = crate::command::CommandSigner::load(&files.command_signing_key())?;
         assert_eq!(
             fs::read_to_string(files.command_verify_key())?,
-            format!("{}\n", crate::command::hex(signer.public_key()))
+            format!(
+                "{}\n",
+                crate::actuate::sign::verify_key_hex(&files.command_signing_key())?
+            )
         );
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(

@@ -7,10 +7,10 @@ use std::sync::RwLock;
 use guardian_proto::v1::{ChainSample, GpuSample, KeystoreSample, Node, NodeDescriptor};
 use tokio::sync::broadcast;
 
+use crate::batch::values::{ChainValues, HostValues};
 use crate::batch::{Batch, Host, Kind};
 use crate::detect::{FleetContext, NodeInput};
 use crate::identity::NodeId;
-use crate::store::telemetry::{ChainValues, HostValues};
 use crate::window::Window;
 
 /// Capacity of the change feed; a watcher that falls this far behind gets a fresh snapshot.

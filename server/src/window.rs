@@ -5,7 +5,7 @@
 
 use std::collections::VecDeque;
 
-use crate::store::telemetry::{ChainValues, HostValues};
+use crate::batch::values::{ChainValues, HostValues};
 
 /// Width of one slot: a window holds at most one point per slot.
 pub const SLOT_MS: i64 = 10_000;

@@ -9,9 +9,11 @@ use guardian_proto::v1::{
     NetIo, Pressure, Sample, SampleBatch, SamplerUnavailable, XidEvent, sample,
 };
 use guardian_server::batch::Batch;
-use guardian_server::store::blob;
+use guardian_server::batch::values::{ChainValues, HostValues};
 use guardian_server::store::clickhouse::{ClickHouseSettings, ClickHouseStore, migrations};
-use guardian_server::store::telemetry::{ChainValues, HostValues, OutboxBatch, OutboxBlob, metric};
+use guardian_server::store::outbox::blob;
+use guardian_server::store::outbox::{OutboxBatch, OutboxBlob};
+use guardian_server::store::telemetry::metric;
 use guardian_tests::clickhouse::ClickHouse;
 
 type TestResult = anyhow::Result<()>;

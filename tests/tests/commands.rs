@@ -12,9 +12,10 @@ use std::time::Duration;
 use guardian_agent::command::{CommandVerifier, Executor, refusal_outcome};
 use guardian_agent::config::CommandsConfig;
 use guardian_proto::v1::Command;
-use guardian_server::command::{Action, CommandSigner};
+use guardian_server::actuate::sign::CommandSigner;
 use guardian_server::identity::NodeId;
 use guardian_server::pki::{self, PkiFiles, PkiRequest};
+use guardian_server::reconcile::Action;
 
 type TestResult = anyhow::Result<()>;
 

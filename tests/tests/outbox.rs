@@ -53,7 +53,7 @@ async fn ids_follow_commit_order(ledger: &Ledger) -> TestResult {
         assert_eq!(stored.batch, job.batch);
         assert_eq!(
             handed.blob,
-            guardian_server::store::blob::encode(&job.batch)
+            guardian_server::store::outbox::blob::encode(&job.batch)
         );
     }
 

@@ -15,6 +15,8 @@
 //!
 //! An unresponsive node gets no `block_lag` finding: that is `rpc_unresponsive`'s job.
 
+use crate::batch::values::reference_tip;
+
 use super::{DetectPolicy, Finding, FindingKind, FleetContext, NodeInput, Severity};
 
 /// Fewest window points the outlier test needs.
@@ -32,28 +34,8 @@ pub fn detect(input: &NodeInput<'_>, fleet: &FleetContext, policy: &DetectPolicy
     if !chain.responsive {
         return Vec::new();
     }
-    let reference = chain
-        .references
-        .iter()
-        .filter(|r| r.responsive)
-        .map(|r| r.best_block)
-        .max()
-        .unwrap_or(0);
-    // Ties keep the first source: the node's own view, then its references, then the fleet.
-    let (tip_source, tip) = [
-        ("sync_state", chain.sync_highest_block),
-        ("reference", reference),
-        ("fleet", fleet.network_best_block),
-    ]
-    .into_iter()
-    .fold(("sync_state", 0), |best, candidate| {
-        if candidate.1 > best.1 {
-            candidate
-        } else {
-            best
-        }
-    });
-    let lag = tip.saturating_sub(chain.best_block);
+    let tip = reference_tip(chain, fleet.network_best_block);
+    let (tip_source, tip, lag) = (tip.source.as_str(), tip.block, tip.lag(chain.best_block));
 
     let baseline: Vec<f64> = input
         .window
@@ -132,7 +114,7 @@ pub(crate) mod tests {
     use guardian_proto::v1::{ChainSample, ReferenceTip};
 
     use super::*;
-    use crate::store::telemetry::ChainValues;
+    use crate::batch::values::ChainValues;
     use crate::window::Window;
 
     /// Evaluation time of every detector test.

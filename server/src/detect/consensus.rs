@@ -279,7 +279,7 @@ fn agent_silent(input: &NodeInput<'_>, policy: &DetectPolicy) -> Option<Finding>
 mod tests {
     use super::super::block_lag::tests::{NOW, chain_at, quiet_input, window};
     use super::*;
-    use crate::store::telemetry::ChainValues;
+    use crate::batch::values::ChainValues;
 
     fn kinds(findings: &[Finding]) -> Vec<FindingKind> {
         findings.iter().map(|f| f.kind).collect()

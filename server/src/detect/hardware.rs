@@ -23,7 +23,7 @@
 use guardian_proto::v1::{GpuDevice, GpuSample};
 
 use super::{DetectPolicy, Finding, FindingKind, NodeInput, Severity};
-use crate::store::telemetry::HostValues;
+use crate::batch::values::HostValues;
 
 /// Throttle reason names (as the agent's GPU sampler reports them) that mean clocks are held
 /// back by heat or by a power brake.

@@ -21,7 +21,7 @@ use std::collections::BTreeMap;
 use guardian_proto::v1::{ChainSample, GpuSample, KeystoreSample};
 use serde::{Deserialize, Serialize};
 
-use crate::store::telemetry::HostValues;
+use crate::batch::values::HostValues;
 use crate::window::Window;
 
 /// How bad a finding is.

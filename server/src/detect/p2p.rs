@@ -121,7 +121,7 @@ mod tests {
 
     use super::super::block_lag::tests::{NOW, chain_at, quiet_input, window};
     use super::*;
-    use crate::store::telemetry::ChainValues;
+    use crate::batch::values::ChainValues;
 
     fn window_of_peers(peers: &[u32]) -> Window {
         let mut window = window();

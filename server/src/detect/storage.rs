@@ -10,7 +10,7 @@
 //!   (warning; critical under a quarter of it; score 0.5..1 as the time left shrinks).
 
 use super::{DetectPolicy, Finding, FindingKind, NodeInput, Severity};
-use crate::store::telemetry::HostValues;
+use crate::batch::values::HostValues;
 
 /// Window host points the sustained test looks at, and how many of them must be slow.
 const SLOW_RECENT: usize = 3;

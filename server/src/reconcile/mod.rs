@@ -1,14 +1,17 @@
-//! The reconciler: a phase per node driven by its [`SyncPolicy`]. [`plan`] is pure (state +
-//! observation + policy -> next state and actions); [`runner`] feeds it from the registry,
-//! writes each decision to the ledger and only then acts.
+//! The reconciler, pure: a phase per node driven by its [`SyncPolicy`]. [`observe`] turns a
+//! node's newest figures and findings into an [`Observation`]; [`plan`] (state + observation +
+//! policy -> next state and actions) decides. No I/O and no store: `crate::control` feeds it
+//! and writes each decision to the ledger, `crate::actuate` carries the actions out.
 
+pub mod action;
+pub mod observe;
 pub mod plan;
-pub mod runner;
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+pub use action::{Action, UnknownAction};
 pub use plan::plan;
 
 /// Where a node stands. Stored and sent as the snake_case name.
@@ -159,7 +162,17 @@ pub struct NodeState {
     pub paused: bool,
 }
 
-/// What the runner observed for one evaluation (derived from findings and the registry).
+impl NodeState {
+    /// Whether the fields worth keeping across a restart differ (streaks are not kept).
+    pub fn persisted_differs(&self, other: &NodeState) -> bool {
+        self.phase != other.phase
+            || self.attempts != other.attempts
+            || self.last_action_unix_ms != other.last_action_unix_ms
+            || self.paused != other.paused
+    }
+}
+
+/// What the control loop observed for one evaluation (derived from findings and the registry).
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Observation {
     /// Evaluation time.
@@ -192,7 +205,7 @@ pub enum PlannedAction {
     /// Send a signed command to the node's agent.
     Command {
         /// Agent action.
-        action: crate::command::Action,
+        action: Action,
         /// Its parameters.
         parameters: BTreeMap<String, String>,
     },

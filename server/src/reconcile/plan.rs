@@ -91,8 +91,8 @@
 
 use std::collections::BTreeMap;
 
+use super::Action;
 use super::{NodeState, Observation, Phase, Plan, PlannedAction, RecoveryStrategy, SyncPolicy};
-use crate::command::Action;
 use crate::detect::FindingKind;
 
 const MS_PER_SECOND: i64 = 1_000;

@@ -56,13 +56,12 @@ use guardian_proto::v1::{KeystoreSample, SamplerUnavailable};
 use serde::{Deserialize, Serialize};
 
 use super::audit::AuditEntry;
-use super::blob::{HOST_WORD_FIELDS, Visit, put_host_words};
+use super::outbox::blob::{HOST_WORD_FIELDS, Visit, put_host_words};
+use super::outbox::{OutboxBatch, OutboxBlob};
 use super::redact;
-use super::telemetry::{
-    ChainValues, GpuValues, HistoryPoint, HostValues, METRICS, MetricDef, OutboxBatch, OutboxBlob,
-    Table, metrics_of,
-};
+use super::telemetry::{HistoryPoint, METRICS, MetricDef, Table, metrics_of};
 use crate::batch::Kind;
+use crate::batch::values::{ChainValues, GpuValues, HostValues};
 
 /// How the server reaches ClickHouse, and how long each table keeps its rows.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -89,7 +88,7 @@ pub struct ClickHouseSettings {
     pub insert_max_rows: usize,
     /// The sink inserts once the oldest waiting row is this old, milliseconds. Default 1000.
     pub insert_max_delay_ms: u64,
-    /// Committed batches (outbox blobs, `store::blob`) kept in memory for the sink so it
+    /// Committed batches (outbox blobs, `store::outbox::blob`) kept in memory for the sink so it
     /// need not read them back from the outbox; 0 turns that off. Default 256 MiB: about
     /// 17 s of 100 000 host samples/s, enough to ride out a ClickHouse pause without the
     /// dearer read-back.
@@ -498,7 +497,7 @@ impl InsertBatch for OutboxBatch {
         each: &mut dyn FnMut(u64, u32, i64, Visit<'_>),
     ) -> Result<(), crate::batch::DecodeError> {
         // Ingest refuses kind-less samples; there is nothing to store of one.
-        super::blob::visit_batch(&self.batch, each);
+        super::outbox::blob::visit_batch(&self.batch, each);
         Ok(())
     }
 }
@@ -520,7 +519,7 @@ impl InsertBatch for OutboxBlob {
         &self,
         each: &mut dyn FnMut(u64, u32, i64, Visit<'_>),
     ) -> Result<(), crate::batch::DecodeError> {
-        super::blob::visit(&self.blob, each)
+        super::outbox::blob::visit(&self.blob, each)
     }
 }
 

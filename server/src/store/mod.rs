@@ -8,15 +8,17 @@
 //! - Migrations are embedded in the binary and applied at open.
 
 pub mod audit;
-pub mod blob;
 pub mod clickhouse;
 pub mod commands;
 pub mod commit;
-pub mod queries;
+mod embedded;
+pub mod hello;
+pub mod history;
+mod insert;
+pub mod outbox;
 pub mod reconcile;
 pub mod records;
 pub mod retention;
-pub mod segments;
 pub mod telemetry;
 
 use std::path::Path;
@@ -30,6 +32,54 @@ use sqlx::any::{AnyPoolOptions, install_default_drivers};
 use sqlx::{AnyPool, Row};
 
 use crate::identity::NodeId;
+
+/// Starts the store's tasks on `tasks` (ending on `shutdown`): embedded retention, the
+/// `(node, seq)` record pruner, the group-commit writer and, with ClickHouse configured, the
+/// outbox sink. Returns the handle sessions commit through.
+///
+/// # Errors
+/// [`StoreError`] when the outbox's pending totals cannot be read.
+pub async fn start(
+    ledger: &Ledger,
+    config: &crate::config::ServerConfig,
+    metrics: &Arc<crate::metrics::Metrics>,
+    shutdown: &tokio_util::sync::CancellationToken,
+    tasks: &tokio_util::task::TaskTracker,
+) -> Result<commit::Committer, StoreError> {
+    let telemetry = commit::Telemetry::of(&config.clickhouse);
+    let outbox = outbox::start(ledger, &config.clickhouse, metrics, shutdown, tasks).await?;
+    // Also with ClickHouse: rows from before it was configured expire too (with empty tables
+    // a round is one index seek per node and table).
+    if config.embedded_retention_days > 0 {
+        tasks.spawn(retention::run_expiry(
+            ledger.clone(),
+            config.embedded_retention_days,
+            retention::EXPIRE_EVERY,
+            metrics.embedded_samples_expired.clone(),
+            shutdown.clone(),
+        ));
+    }
+    tasks.spawn(records::run_pruner(
+        ledger.clone(),
+        records::PRUNE_EVERY,
+        shutdown.clone(),
+    ));
+    let observe: commit::GroupObserver = {
+        let metrics = Arc::clone(metrics);
+        Arc::new(move |batches, seconds| {
+            metrics.commit_seconds.observe(seconds);
+            metrics.commit_group_batches.observe(batches as f64);
+        })
+    };
+    Ok(commit::Committer::spawn(
+        ledger.clone(),
+        telemetry,
+        outbox,
+        config.outbox_max_bytes,
+        observe,
+        tasks,
+    ))
+}
 
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
 static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
@@ -164,14 +214,14 @@ pub struct Ledger {
     write_gate: Option<Arc<tokio::sync::Mutex<()>>>,
     /// SQLite file ledgers: the folder of outbox segment files, and its append side once
     /// the first outbox batch is written.
-    segments: Option<Arc<segments::Folder>>,
+    segments: Option<Arc<outbox::segments::Folder>>,
     /// Per node: every seq at or below is a replay (see [`records`]).
     floors: Arc<std::sync::Mutex<std::collections::HashMap<String, u64>>>,
     /// Held by a group commit and by a pruning transaction: a commit never sees a record
     /// deleted without the floor that covers it (PostgreSQL has no write gate).
     records_gate: Arc<tokio::sync::Mutex<()>>,
     /// Hellos of new or changed nodes waiting for their shared write ([`Ledger::record_hello`]).
-    hellos: Arc<std::sync::Mutex<commit::HelloQueue>>,
+    hellos: Arc<std::sync::Mutex<hello::HelloQueue>>,
 }
 
 impl Ledger {
@@ -236,7 +286,7 @@ impl Ledger {
             Backend::Sqlite => sqlite_file(url).map(|file| {
                 let mut dir = file.into_os_string();
                 dir.push("-outbox");
-                Arc::new(segments::Folder::new(dir.into()))
+                Arc::new(outbox::segments::Folder::new(dir.into()))
             }),
             Backend::Postgres => None,
         };
@@ -281,7 +331,7 @@ impl Ledger {
     /// A known node whose hostname, agent version and network are unchanged needs no write
     /// (its batches move `last_seen_unix_ms`): a fleet reconnecting after a server restart
     /// costs reads only. New or changed nodes share one transaction with the other Hellos
-    /// waiting at the time ([`commit::HelloQueue`]): 1 000 agents meeting a fresh ledger
+    /// waiting at the time ([`hello::HelloQueue`]): 1 000 agents meeting a fresh ledger
     /// cost a few dozen commits, not 1 000, and do not hold the group commit back for each.
     ///
     /// # Errors
@@ -319,7 +369,7 @@ impl Ledger {
                 .hellos
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            queue.waiting.push(commit::HelloJob {
+            queue.waiting.push(hello::HelloJob {
                 node: node.to_string(),
                 hostname: descriptor.hostname.clone(),
                 agent_version: agent_version.to_owned(),

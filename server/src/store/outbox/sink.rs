@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use crate::metrics::{Metrics, Reason};
 use crate::store::Ledger;
 use crate::store::clickhouse::{ClickHouseError, ClickHouseSettings, ClickHouseStore, HighWater};
-use crate::store::commit::OutboxGauge;
+use crate::store::outbox::OutboxGauge;
 
 /// Consecutive failures that open the breaker.
 const TRIP_AFTER: u32 = 3;

@@ -27,7 +27,9 @@ use prost::encoding::{
     skip_field, uint32, uint64,
 };
 
-use crate::store::telemetry::HostValues;
+pub mod values;
+
+pub use values::HostValues;
 
 /// Why a batch does not decode.
 #[derive(Debug, thiserror::Error)]
@@ -42,7 +44,7 @@ pub enum DecodeError {
     /// not end with its own tag.
     #[error("invalid group in an unknown field (nested too deep, or unbalanced)")]
     Group,
-    /// An outbox blob in the server's own format is malformed ([`crate::store::blob`]).
+    /// An outbox blob in the server's own format is malformed ([`crate::store::outbox::blob`]).
     #[error("outbox blob: {0}")]
     Outbox(String),
 }
@@ -92,7 +94,7 @@ pub struct Host {
     /// How many network interfaces it reports.
     pub networks: usize,
     /// The encoded `HostSample`, as the agent sent it; empty in a batch read from the
-    /// ClickHouse outbox, which keeps the values only (`store::blob`): do not call
+    /// ClickHouse outbox, which keeps the values only (`store::outbox::blob`): do not call
     /// [`Host::sample`] there.
     pub encoded: Bytes,
 }
@@ -505,7 +507,7 @@ mod fast {
     use prost::encoding::{DecodeContext, WireType, message};
 
     use super::{Batch, Host, Kind, Sample, v1};
-    use crate::store::telemetry::HostValues;
+    use crate::batch::values::HostValues;
 
     /// A varint as prost reads it (at most 10 bytes, the 10th at most 1).
     #[inline]

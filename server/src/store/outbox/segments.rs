@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 
 use prost::bytes::Bytes;
 
-use super::StoreError;
+use crate::store::StoreError;
 
 /// A segment grows to about this size before the next one starts.
 const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;

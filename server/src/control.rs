@@ -1,12 +1,14 @@
-//! Runs the control loop: after each committed batch (and on a steady tick for nodes that
-//! went quiet) it runs the detectors over the node's window, records raised and cleared
-//! findings, asks [`plan`](super::plan) what to do, writes the decision to the ledger and
-//! only then carries it out: a signed command down the agent's live stream, or an alert.
+//! Drives the control loop: after each committed batch (and on a steady tick for nodes that
+//! went quiet) it runs the detectors over the node's window, observes
+//! ([`reconcile::observe`]), asks [`reconcile::plan`] what to do, stages raised and cleared
+//! findings and the decision, and hands the pass to [`crate::actuate`], which writes it to the
+//! ledger and only then carries it out: a signed command down the agent's live stream, or an
+//! alert.
 //!
 //! One task owns every node's [`NodeState`]; ingest wakes it through a [`Trigger`] and the
 //! Fleet API reaches it through a [`ReconcileHandle`] (pause, resume).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -15,21 +17,18 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use super::{NodeState, Observation, Phase, Plan, PlannedAction, ReconcileSettings, SyncPolicy};
-use crate::alert::{Alert, Alerts};
-use crate::api::Commands;
-use crate::command::Action;
+use crate::actuate::Actuator;
+use crate::actuate::alert::Alert;
 use crate::detect::fleet::{self, NodeHealth};
 use crate::detect::{self, DetectPolicy, Finding, FindingKind, FleetContext, Severity};
 use crate::identity::NodeId;
-use crate::metrics::{Metrics, Reason};
+use crate::metrics::Metrics;
+use crate::reconcile::observe::{self, ChainView, LagHistory};
+use crate::reconcile::{NodeState, Phase, Plan, PlannedAction, ReconcileSettings, SyncPolicy};
 use crate::registry::{ReconcileFigures, Registry};
 use crate::store::Ledger;
-use crate::store::reconcile::{ClearedFinding, DecisionWrite, PassWrites, RaisedFinding};
+use crate::store::reconcile::{ClearedFinding, DecisionWrite, RaisedFinding};
 use crate::unix_ms;
-
-/// How long a reconciler command stays valid: it must not run long after the decision.
-const COMMAND_TTL: Duration = Duration::from_secs(120);
 
 /// Nodes with new samples, each with the arrival time of its oldest unevaluated batch.
 #[derive(Debug, Default)]
@@ -93,9 +92,9 @@ impl ReconcileHandle {
         }
     }
 
-    /// What ingest wakes the reconciler with.
-    pub fn trigger(&self) -> Arc<Trigger> {
-        Arc::clone(&self.trigger)
+    /// What ingest wakes the control loop with (`None` when it is off).
+    pub fn trigger(&self) -> Option<Arc<Trigger>> {
+        self.requests.as_ref().map(|_| Arc::clone(&self.trigger))
     }
 
     /// Stops automatic remediation of `node` until [`ReconcileHandle::resume`].
@@ -145,7 +144,7 @@ impl ReconcileHandle {
     }
 }
 
-/// What the runner needs from the rest of the server.
+/// What the control loop needs from the rest of the server.
 #[derive(Debug)]
 pub struct Parts {
     /// `[reconcile]`.
@@ -156,12 +155,43 @@ pub struct Parts {
     pub registry: Arc<Registry>,
     /// The ledger.
     pub ledger: Ledger,
-    /// Signer and live streams.
-    pub commands: Commands,
+    /// Carries out what the loop decides.
+    pub actuator: Actuator,
     /// Counters.
     pub metrics: Arc<Metrics>,
-    /// The webhook.
-    pub alerts: Alerts,
+}
+
+/// Starts the control loop on `tasks` when `[reconcile] enabled` (else a handle that ignores
+/// samples and refuses pause/resume).
+///
+/// # Errors
+/// [`crate::store::StoreError`] when the stored state cannot be read.
+pub async fn start(
+    config: &crate::config::ServerConfig,
+    registry: &Arc<Registry>,
+    ledger: &Ledger,
+    actuator: &Actuator,
+    metrics: &Arc<Metrics>,
+    shutdown: &CancellationToken,
+    tasks: &TaskTracker,
+) -> Result<ReconcileHandle, crate::store::StoreError> {
+    if !config.reconcile.enabled {
+        tracing::warn!("[reconcile] enabled = false: no detectors, no remediation");
+        return Ok(ReconcileHandle::disabled());
+    }
+    spawn(
+        Parts {
+            settings: config.reconcile.clone(),
+            detect: config.detect.clone(),
+            registry: Arc::clone(registry),
+            ledger: ledger.clone(),
+            actuator: actuator.clone(),
+            metrics: Arc::clone(metrics),
+        },
+        shutdown.clone(),
+        tasks,
+    )
+    .await
 }
 
 /// Loads the stored states and open findings, then spawns the loop on `tasks` (it ends when
@@ -181,7 +211,7 @@ pub async fn spawn(
         }
     }
     let open = parts.ledger.open_findings().await?;
-    if parts.commands.signer.is_none() && !parts.settings.dry_run {
+    if !parts.actuator.commands_on() && !parts.settings.dry_run {
         tracing::warn!(
             "reconciler runs without command_signing_key_file: it decides and alerts, but cannot send a remediation"
         );
@@ -246,7 +276,7 @@ struct Runner {
     /// Nodes in `recovering`.
     in_flight: HashSet<NodeId>,
     /// Each node's recent lag per fresh sample (is it catching up?).
-    lags: HashMap<NodeId, std::collections::VecDeque<(i64, u64)>>,
+    lags: HashMap<NodeId, LagHistory>,
     /// Nodes that delivered a sample since this server started: only their findings may be
     /// cleared (before that, a detector without input says nothing about the node).
     heard: HashSet<NodeId>,
@@ -339,30 +369,17 @@ impl OpenFindings {
     }
 }
 
-/// What one pass decided: written to the ledger in one transaction, then carried out.
+/// What one pass decided: the part [`Actuator::carry_out`] writes and carries out, and
+/// what the loop adopts once it is written.
 #[derive(Default)]
 struct Pass {
-    writes: PassWrites,
-    /// `(key, kind)` of each raised finding, in `writes.raised` order.
+    carry: crate::actuate::Pass,
+    /// `(key, kind)` of each raised finding, in `carry.writes.raised` order.
     raised_keys: Vec<(String, String)>,
     /// `(key, kind)` of each cleared finding.
     cleared_keys: Vec<(String, String)>,
     /// States to adopt once written.
     states: Vec<(NodeId, NodeState)>,
-    /// Signed commands to send once written: node, action, command, id, batch arrival.
-    sends: Vec<(
-        NodeId,
-        Action,
-        guardian_proto::v1::Command,
-        String,
-        Option<Instant>,
-    )>,
-    /// Commands a dry run would have sent.
-    dry_runs: Vec<(NodeId, Action, BTreeMap<String, String>)>,
-    /// Alerts to raise once written.
-    alerts: Vec<Alert>,
-    /// Log lines of decisions, once written.
-    decided: Vec<(NodeId, &'static str, &'static str, u32, String)>,
     /// Figures to show on nodes.
     figures: Vec<(NodeId, ReconcileFigures)>,
 }
@@ -432,37 +449,12 @@ impl Runner {
         let policies = self.policy(id);
         let (sync_policy, detect_policy) = &*policies;
         let contexts = &self.contexts;
-        let Some((network, mut findings, lag, has_chain, chain_syncing, chain_at)) =
+        let Some((network, mut findings, chain)) =
             self.parts.registry.evaluate(id, now, |input, network| {
                 let context = contexts.get(network).copied().unwrap_or_default();
                 let findings = detect::detect(input, &context, detect_policy);
-                let (lag, has_chain, syncing) = match input.chain {
-                    Some((_, chain)) if chain.responsive => {
-                        let references = chain
-                            .references
-                            .iter()
-                            .filter(|r| r.responsive)
-                            .map(|r| r.best_block)
-                            .max()
-                            .unwrap_or(0);
-                        let tip = chain
-                            .sync_highest_block
-                            .max(references)
-                            .max(context.network_best_block);
-                        (tip.saturating_sub(chain.best_block), true, chain.is_syncing)
-                    }
-                    Some(_) => (0, true, false),
-                    None => (0, false, false),
-                };
-                let chain_at = input.chain.map(|(at, _)| at);
-                (
-                    network.to_owned(),
-                    findings,
-                    lag,
-                    has_chain,
-                    syncing,
-                    chain_at,
-                )
+                let chain = ChainView::of(input.chain, context.network_best_block);
+                (network.to_owned(), findings, chain)
             })
         else {
             return;
@@ -482,56 +474,40 @@ impl Runner {
 
         let before = self.states.get(id).cloned().unwrap_or_default();
         let probe_ms = i64::from(sync_policy.probe_interval_seconds) * 1000;
-        let progressing = self.progressing(id, now, lag, probe_ms, arrived.is_some());
-        // Catching up is expected only before the node was ever synced and after a
-        // remediation, and only while the lag shrinks; a synced node that falls behind is
-        // degraded even if it says syncing.
-        let frozen = findings.iter().any(|f| f.kind == FindingKind::FrozenHead);
-        let syncing = chain_syncing
-            && !frozen
-            && progressing
-            && matches!(
-                before.phase,
-                Phase::Pending | Phase::Syncing | Phase::Recovering
-            );
-        let remediable: Vec<FindingKind> = findings
-            .iter()
-            .filter(|f| f.kind.remediable())
-            // A z-score outlier under max_block_lag is an early warning, not a reason to restart.
-            .filter(|f| f.kind != FindingKind::BlockLag || lag > sync_policy.max_block_lag)
-            .filter(|f| !(syncing && f.kind == FindingKind::BlockLag))
-            .map(|f| f.kind)
-            .collect();
-        let silent = findings.iter().any(|f| f.kind == FindingKind::AgentSilent);
-        let blocked_by = findings
-            .iter()
-            .find(|f| f.kind == FindingKind::Keystore && f.severity == Severity::Critical)
-            .map(|f| f.kind);
+        let progressing = self.lags.entry(id.clone()).or_default().progressing(
+            now,
+            chain.block_lag,
+            probe_ms,
+            arrived.is_some(),
+        );
+        let mut observation = observe::observe(
+            &findings,
+            &observe::Context {
+                now_unix_ms: now,
+                phase: before.phase,
+                chain,
+                progressing,
+                fresh: arrived.is_some(),
+                silent_after_ms: self.parts.detect.silent_after_ms,
+                max_block_lag: sync_policy.max_block_lag,
+                // Set below, once this node's own health counts in its network's share.
+                fleet_hold: false,
+                fleet_in_flight: self.in_flight.len() - usize::from(self.in_flight.contains(id)),
+                fleet_max_in_flight: self.parts.settings.max_concurrent_remediations,
+            },
+        );
         // The fleet share counts nodes whose chain degrades; a silent agent (a host down,
         // a decommissioned node) says nothing about the chain or the network.
-        self.health.set(id, &network, !remediable.is_empty());
-        let observation = Observation {
-            now_unix_ms: now,
-            has_chain,
-            block_lag: lag,
-            syncing,
-            remediable,
-            silent,
-            blocked_by,
-            // A replayed spool brings old samples: they inform the record, not an action.
-            stale: arrived.is_none()
-                || chain_at.is_some_and(|at| now - at > self.parts.detect.silent_after_ms),
-            fleet_hold: self.network_held(&network),
-            fleet_in_flight: self.in_flight.len() - usize::from(self.in_flight.contains(id)),
-            fleet_max_in_flight: self.parts.settings.max_concurrent_remediations,
-        };
-        let mut plan = super::plan(&before, &observation, sync_policy);
+        self.health
+            .set(id, &network, !observation.remediable.is_empty());
+        observation.fleet_hold = self.network_held(&network);
+        let mut plan = crate::reconcile::plan(&before, &observation, sync_policy);
         let wants_command = plan
             .actions
             .iter()
             .any(|a| matches!(a, PlannedAction::Command { .. }));
-        if wants_command && self.parts.commands.signer.is_none() && !self.parts.settings.dry_run {
-            plan = cannot_command(&before, plan, now);
+        if wants_command && !self.parts.actuator.commands_on() && !self.parts.settings.dry_run {
+            plan = observe::without_commands(&before, plan, now);
         }
         let figures = ReconcileFigures {
             phase: plan.next.phase.as_str().to_owned(),
@@ -559,21 +535,24 @@ impl Runner {
         let now = unix_ms();
         let dry_run = self.parts.settings.dry_run;
         if plan.is_decision(&before) {
-            pass.decided.push((
+            pass.carry.decided.push((
                 id.clone(),
                 before.phase.as_str(),
                 plan.next.phase.as_str(),
                 plan.next.attempts,
                 plan.reason.clone(),
             ));
-            pass.writes.decisions.push(DecisionWrite {
+            pass.carry.writes.decisions.push(DecisionWrite {
                 node_id: id.to_string(),
                 before: before.clone(),
                 plan: plan.clone(),
                 dry_run,
             });
-        } else if persisted_fields_differ(&before, &plan.next) {
-            pass.writes.states.push((id.to_string(), plan.next.clone()));
+        } else if before.persisted_differs(&plan.next) {
+            pass.carry
+                .writes
+                .states
+                .push((id.to_string(), plan.next.clone()));
         }
         // Counted now, so the fleet cap holds within one pass.
         if plan.next.phase == Phase::Recovering {
@@ -584,9 +563,15 @@ impl Runner {
         for action in &plan.actions {
             match action {
                 PlannedAction::Command { action, parameters } => {
-                    self.stage_command(id, *action, parameters.clone(), arrived, pass);
+                    self.parts.actuator.stage_command(
+                        &mut pass.carry,
+                        id,
+                        *action,
+                        parameters.clone(),
+                        arrived,
+                    );
                 }
-                PlannedAction::Alert { message } => pass.alerts.push(Alert {
+                PlannedAction::Alert { message } => pass.carry.alerts.push(Alert {
                     event: "remediation_alert",
                     node_id: id.to_string(),
                     network: network.to_owned(),
@@ -598,42 +583,6 @@ impl Runner {
             }
         }
         pass.states.push((id.clone(), plan.next));
-    }
-
-    /// Signs a command now; it is recorded with the pass and sent after the commit.
-    fn stage_command(
-        &self,
-        id: &NodeId,
-        action: Action,
-        parameters: BTreeMap<String, String>,
-        arrived: Option<Instant>,
-        pass: &mut Pass,
-    ) {
-        if self.parts.settings.dry_run {
-            pass.dry_runs.push((id.clone(), action, parameters));
-            return;
-        }
-        let Some(signer) = &self.parts.commands.signer else {
-            tracing::warn!(node = %id, action = action.as_str(), "RemediationImpossible: remote commands are off (command_signing_key_file)");
-            return;
-        };
-        match signer.issue(
-            id,
-            action,
-            parameters.into_iter().collect(),
-            COMMAND_TTL,
-            unix_ms(),
-        ) {
-            Ok((envelope, command)) => {
-                let command_id = envelope.command_id.clone();
-                pass.writes
-                    .commands
-                    .push((envelope, "reconciler".to_owned()));
-                pass.sends
-                    .push((id.clone(), action, command, command_id, arrived));
-            }
-            Err(error) => tracing::error!(node = %id, %error, "RemediationNotSigned"),
-        }
     }
 
     /// Stages findings that are new and clears those that went away.
@@ -650,7 +599,7 @@ impl Runner {
         if may_clear {
             for (kind, finding_id) in self.open.of(key) {
                 if !kinds.contains(kind.as_str()) {
-                    pass.writes.cleared.push(ClearedFinding {
+                    pass.carry.writes.cleared.push(ClearedFinding {
                         finding_id: *finding_id,
                         node_id: node_id.to_owned(),
                         kind: kind.clone(),
@@ -666,7 +615,7 @@ impl Runner {
             if !seen.insert(kind) || self.open.contains(key, kind) {
                 continue;
             }
-            pass.writes.raised.push(RaisedFinding {
+            pass.carry.writes.raised.push(RaisedFinding {
                 node_id: node_id.to_owned(),
                 network: network.to_owned(),
                 finding: finding.clone(),
@@ -675,128 +624,44 @@ impl Runner {
         }
     }
 
-    /// Writes the pass (one transaction) and only then carries it out. A pass that cannot
-    /// be written is dropped whole: nothing is sent, and the next evaluation decides again.
+    /// Hands the pass to the actuator (written in one transaction, then carried out) and
+    /// adopts what it decided. A pass that cannot be written is dropped whole: nothing is
+    /// sent, and the next evaluation decides again.
     async fn finish(&mut self, pass: Pass) {
-        let now = unix_ms();
-        if !pass.writes.is_empty() {
-            match self.parts.ledger.write_pass(&pass.writes, now).await {
-                Ok(ids) => {
-                    for ((key, kind), finding_id) in pass.raised_keys.iter().zip(ids) {
-                        self.open.insert(key, kind, finding_id);
-                    }
-                }
-                Err(error) => {
-                    tracing::error!(%error, decisions = pass.writes.decisions.len(), "DecisionNotRecorded: nothing of this pass is carried out");
-                    self.in_flight = self
-                        .states
-                        .iter()
-                        .filter(|(_, s)| s.phase == Phase::Recovering)
-                        .map(|(id, _)| id.clone())
-                        .collect();
-                    return;
+        let Pass {
+            carry,
+            raised_keys,
+            cleared_keys,
+            states,
+            figures,
+        } = pass;
+        match self.parts.actuator.carry_out(carry).await {
+            Ok(ids) => {
+                for ((key, kind), finding_id) in raised_keys.iter().zip(ids) {
+                    self.open.insert(key, kind, finding_id);
                 }
             }
+            Err(_) => {
+                self.in_flight = self
+                    .states
+                    .iter()
+                    .filter(|(_, s)| s.phase == Phase::Recovering)
+                    .map(|(id, _)| id.clone())
+                    .collect();
+                return;
+            }
         }
-        for key in &pass.cleared_keys {
+        for key in &cleared_keys {
             if let Some(finding_id) = self.open.remove(&key.0, &key.1) {
                 tracing::info!(node = key.0, kind = key.1, finding_id, "FindingCleared");
             }
         }
-        for (raised, (key, kind)) in pass.writes.raised.iter().zip(&pass.raised_keys) {
-            let finding = &raised.finding;
-            self.parts
-                .metrics
-                .findings_raised
-                .get_or_create(&Reason {
-                    reason: finding.kind.as_str(),
-                })
-                .inc();
-            tracing::info!(
-                node = key,
-                kind,
-                severity = finding.severity.as_str(),
-                score = finding.score,
-                summary = finding.summary,
-                "FindingRaised"
-            );
-            if self.parts.alerts.wants(finding.severity) {
-                self.parts.alerts.send(Alert {
-                    event: "finding_raised",
-                    node_id: raised.node_id.clone(),
-                    network: raised.network.clone(),
-                    kind: kind.clone(),
-                    severity: finding.severity.as_str(),
-                    summary: finding.summary.clone(),
-                    at_unix_ms: now,
-                });
-            }
-        }
-        for (id, state) in pass.states {
+        for (id, state) in states {
             self.states.insert(id, state);
         }
-        for (node, from, to, attempts, reason) in &pass.decided {
-            tracing::info!(node = %node, from, to, attempts, reason, "PhaseDecided");
-        }
-        for (id, action, parameters) in &pass.dry_runs {
-            tracing::info!(node = %id, action = action.as_str(), ?parameters, "RemediationDryRun");
-        }
-        for (id, action, command, command_id, arrived) in pass.sends {
-            match self.parts.commands.live.send_command(&id, command).await {
-                Ok(()) => {
-                    if let Some(arrived) = arrived {
-                        self.parts
-                            .metrics
-                            .decision_latency_seconds
-                            .observe(arrived.elapsed().as_secs_f64());
-                    }
-                    self.parts
-                        .metrics
-                        .remediations_issued
-                        .get_or_create(&Reason {
-                            reason: action.as_str(),
-                        })
-                        .inc();
-                    tracing::info!(node = %id, command_id, action = action.as_str(), "RemediationIssued");
-                }
-                Err(why) => {
-                    tracing::warn!(node = %id, command_id, why, "RemediationNotDelivered");
-                }
-            }
-        }
-        for alert in pass.alerts {
-            self.parts.metrics.remediation_alerts.inc();
-            tracing::warn!(
-                node = alert.node_id,
-                message = alert.summary,
-                "RemediationAlert"
-            );
-            self.parts.alerts.send(alert);
-        }
-        for (id, figures) in pass.figures {
+        for (id, figures) in figures {
             self.parts.registry.set_reconcile(&id, &figures);
         }
-    }
-
-    /// Records `lag` (on a fresh sample) and says whether the node is catching up: its lag
-    /// is lower than one probe interval ago, or there is not a probe interval of history yet.
-    fn progressing(&mut self, id: &NodeId, now: i64, lag: u64, probe_ms: i64, fresh: bool) -> bool {
-        let history = self.lags.entry(id.clone()).or_default();
-        if fresh {
-            history.push_back((now, lag));
-            while history
-                .front()
-                .is_some_and(|(at, _)| *at < now - 2 * probe_ms)
-            {
-                history.pop_front();
-            }
-        }
-        let probe_ago = history
-            .iter()
-            .rev()
-            .find(|(at, _)| *at <= now - probe_ms)
-            .map(|(_, lag)| *lag);
-        probe_ago.is_none_or(|then| lag < then)
     }
 
     /// Whether the share of `network`'s nodes degraded now calls for holding per-node action.
@@ -943,41 +808,6 @@ impl Runner {
     }
 }
 
-/// A plan that wants a command on a server that cannot sign one: no attempt is spent and no
-/// phase of recovery is claimed; the node is degraded and a human is told once.
-fn cannot_command(before: &NodeState, plan: Plan, now: i64) -> Plan {
-    let mut next = plan.next;
-    next.attempts = before.attempts;
-    next.last_action_unix_ms = before.last_action_unix_ms;
-    next.phase = Phase::Degraded;
-    if before.phase != Phase::Degraded {
-        next.phase_since_unix_ms = now;
-    }
-    let actions = if before.phase == Phase::Degraded {
-        Vec::new()
-    } else {
-        vec![PlannedAction::Alert {
-            message: format!(
-                "{}; but remote commands are off on this server (command_signing_key_file), so nothing was sent",
-                plan.reason
-            ),
-        }]
-    };
-    Plan {
-        next,
-        actions,
-        reason: format!("{} (not sent: remote commands are off)", plan.reason),
-    }
-}
-
-/// Whether the fields worth keeping across a restart changed (streaks are not).
-fn persisted_fields_differ(a: &NodeState, b: &NodeState) -> bool {
-    a.phase != b.phase
-        || a.attempts != b.attempts
-        || a.last_action_unix_ms != b.last_action_unix_ms
-        || a.paused != b.paused
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1024,40 +854,5 @@ mod tests {
         let mut keys: Vec<&String> = open.keys().collect();
         keys.sort();
         assert_eq!(keys, ["b", "network:finney"]);
-    }
-
-    #[test]
-    fn without_a_signing_key_no_attempt_is_spent_and_one_alert_is_raised() {
-        let before = NodeState {
-            phase: Phase::Synced,
-            attempts: 1,
-            last_action_unix_ms: 5,
-            ..NodeState::default()
-        };
-        let wanted = Plan {
-            next: NodeState {
-                phase: Phase::Recovering,
-                attempts: 2,
-                last_action_unix_ms: 100,
-                ..before.clone()
-            },
-            actions: vec![PlannedAction::Command {
-                action: Action::RestartUnit,
-                parameters: BTreeMap::from([("unit".to_owned(), "subtensor.service".to_owned())]),
-            }],
-            reason: "degraded for 2 evaluations".to_owned(),
-        };
-        let plan = cannot_command(&before, wanted.clone(), 100);
-        assert_eq!(plan.next.phase, Phase::Degraded);
-        assert_eq!(plan.next.attempts, 1, "no attempt spent");
-        assert_eq!(plan.next.last_action_unix_ms, 5, "no cooldown started");
-        assert!(matches!(
-            plan.actions.as_slice(),
-            [PlannedAction::Alert { .. }]
-        ));
-        // Already degraded: no second alert.
-        let again = cannot_command(&plan.next, wanted, 200);
-        assert!(again.actions.is_empty());
-        assert!(!again.is_decision(&plan.next));
     }
 }

@@ -27,7 +27,7 @@ use guardian_proto::v1::{ChainSample, GpuSample, KeystoreSample, SamplerUnavaila
 use prost::Message;
 use prost::bytes::Bytes;
 
-use super::telemetry::HostValues;
+use crate::batch::values::HostValues;
 use crate::batch::{Batch, DecodeError, Host, Kind, Sample};
 
 /// First byte of every blob in this format (no protobuf key is 0).

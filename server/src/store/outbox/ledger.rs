@@ -1,10 +1,11 @@
-//! Reads of the ledger database beyond the fleet: the ClickHouse outbox, the embedded
-//! store's history, and the recent rows that rebuild in-memory windows at start.
+//! The ledger's side of the outbox: reading batches back in id order, the id ceiling, deleting
+//! what ClickHouse holds (and the segment files no row points into), and the pending totals.
 
-use sqlx::{AssertSqlSafe, Row};
+use sqlx::Row;
 
-use super::telemetry::{ChainValues, HistoryPoint, HostValues, MetricDef, OutboxBatch, Table};
-use super::{Ledger, StoreError, to_i64};
+use super::OutboxBatch;
+use crate::store::history::count;
+use crate::store::{Ledger, StoreError, to_i64};
 
 /// Outbox rows one query reads: at ~8 KiB a 50-sample batch, ~2 MiB of blobs past the
 /// chunk's end at most.
@@ -109,10 +110,10 @@ impl Ledger {
     /// [`StoreError::Query`].
     pub async fn outbox_id_ceiling(&self) -> Result<Option<u64>, StoreError> {
         let sql = match self.backend {
-            super::Backend::Sqlite => {
+            crate::store::Backend::Sqlite => {
                 "SELECT COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'outbox'), 0)"
             }
-            super::Backend::Postgres => {
+            crate::store::Backend::Postgres => {
                 "SELECT COALESCE((SELECT max(id) FROM outbox),
                     (SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM outbox_id_seq))"
             }
@@ -196,158 +197,4 @@ impl Ledger {
         .await?;
         Ok((count(&row, 0)?, count(&row, 1)?))
     }
-
-    /// Bucketed history of one node's metric from the embedded tables.
-    ///
-    /// # Errors
-    /// [`StoreError::Query`].
-    pub async fn history(
-        &self,
-        node_id: &str,
-        metric: &MetricDef,
-        from_unix_ms: i64,
-        to_unix_ms: i64,
-        resolution_seconds: u32,
-    ) -> Result<Vec<HistoryPoint>, StoreError> {
-        let width_ms = i64::from(resolution_seconds.max(1)) * 1000;
-        // The column comes from the fixed catalogue, never from the request text.
-        let sql = format!(
-            "SELECT (observed_at_unix_ms / $4) * $4 AS bucket, AVG(CAST({col} AS DOUBLE PRECISION)),
-                    MIN(CAST({col} AS DOUBLE PRECISION)), MAX(CAST({col} AS DOUBLE PRECISION)), COUNT({col})
-             FROM {table}
-             WHERE node_id = $1 AND observed_at_unix_ms >= $2 AND observed_at_unix_ms < $3
-               AND {col} IS NOT NULL
-             GROUP BY bucket ORDER BY bucket",
-            col = metric.name,
-            table = Table::name(metric.table),
-        );
-        let rows = sqlx::query(AssertSqlSafe(sql))
-            .bind(node_id)
-            .bind(from_unix_ms)
-            .bind(to_unix_ms)
-            .bind(width_ms)
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(HistoryPoint {
-                    start_unix_ms: row.try_get(0)?,
-                    avg: row.try_get(1)?,
-                    min: row.try_get(2)?,
-                    max: row.try_get(3)?,
-                    count: count(row, 4)?,
-                })
-            })
-            .collect()
-    }
-
-    /// Host rows observed since `since_unix_ms`, by node then time.
-    ///
-    /// # Errors
-    /// [`StoreError::Query`].
-    pub async fn recent_host(
-        &self,
-        since_unix_ms: i64,
-    ) -> Result<Vec<(String, i64, HostValues)>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT node_id, observed_at_unix_ms, cpu_busy_percent, cpu_iowait_percent, mem_total_bytes,
-                    mem_available_bytes, load_avg_1m, cpu_psi_some_avg10_percent,
-                    memory_psi_full_avg10_percent, io_psi_full_avg10_percent, chain_data_used_percent,
-                    chain_data_available_bytes, disk_read_latency_ms_max, disk_write_latency_ms_max,
-                    disk_utilisation_percent_max, net_rx_bytes_per_second, net_tx_bytes_per_second,
-                    net_errors_total, oom_kills_total
-             FROM host_samples WHERE observed_at_unix_ms >= $1 ORDER BY node_id, observed_at_unix_ms",
-        )
-        .bind(since_unix_ms)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                let f = |i: usize| -> Result<f64, StoreError> {
-                    Ok(r.try_get::<Option<f64>, _>(i)?.unwrap_or(0.0))
-                };
-                let u = |i: usize| -> Result<u64, StoreError> {
-                    Ok(u64::try_from(r.try_get::<Option<i64>, _>(i)?.unwrap_or(0)).unwrap_or(0))
-                };
-                Ok((
-                    r.try_get(0)?,
-                    r.try_get(1)?,
-                    HostValues {
-                        cpu_busy_percent: f(2)?,
-                        cpu_iowait_percent: f(3)?,
-                        mem_total_bytes: u(4)?,
-                        mem_available_bytes: u(5)?,
-                        load_avg_1m: f(6)?,
-                        cpu_psi_some_avg10_percent: f(7)?,
-                        memory_psi_full_avg10_percent: f(8)?,
-                        io_psi_full_avg10_percent: f(9)?,
-                        chain_data_used_percent: f(10)?,
-                        chain_data_available_bytes: u(11)?,
-                        disk_read_latency_ms_max: f(12)?,
-                        disk_write_latency_ms_max: f(13)?,
-                        disk_utilisation_percent_max: f(14)?,
-                        net_rx_bytes_per_second: f(15)?,
-                        net_tx_bytes_per_second: f(16)?,
-                        net_errors_total: u(17)?,
-                        oom_kills_total: u(18)?,
-                    },
-                ))
-            })
-            .collect()
-    }
-
-    /// Chain rows observed since `since_unix_ms`, by node then time.
-    ///
-    /// # Errors
-    /// [`StoreError::Query`].
-    pub async fn recent_chain(
-        &self,
-        since_unix_ms: i64,
-    ) -> Result<Vec<(String, i64, ChainValues)>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT node_id, observed_at_unix_ms, responsive, best_block, finalized_block,
-                    sync_highest_block, reference_best_block, block_lag, finality_lag_blocks, peers,
-                    is_syncing, head_age_ms, rpc_latency_ms, spec_version, blocks_since_last_update,
-                    validator_trust_ratio, emission_rao
-             FROM chain_samples WHERE observed_at_unix_ms >= $1 ORDER BY node_id, observed_at_unix_ms",
-        )
-        .bind(since_unix_ms)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                let u = |i: usize| -> Result<u64, StoreError> {
-                    Ok(u64::try_from(r.try_get::<i64, _>(i)?).unwrap_or(0))
-                };
-                let small = |i: usize| -> Result<u32, StoreError> {
-                    Ok(u32::try_from(u(i)?).unwrap_or(u32::MAX))
-                };
-                Ok((
-                    r.try_get(0)?,
-                    r.try_get(1)?,
-                    ChainValues {
-                        responsive: u8::from(u(2)? != 0),
-                        best_block: u(3)?,
-                        finalized_block: u(4)?,
-                        sync_highest_block: u(5)?,
-                        reference_best_block: u(6)?,
-                        block_lag: u(7)?,
-                        finality_lag_blocks: u(8)?,
-                        peers: small(9)?,
-                        is_syncing: u8::from(u(10)? != 0),
-                        head_age_ms: u(11)?,
-                        rpc_latency_ms: r.try_get(12)?,
-                        spec_version: small(13)?,
-                        blocks_since_last_update: u(14)?,
-                        validator_trust_ratio: r.try_get(15)?,
-                        emission_rao: u(16)?,
-                    },
-                ))
-            })
-            .collect()
-    }
-}
-
-fn count(row: &sqlx::any::AnyRow, idx: usize) -> Result<u64, StoreError> {
-    Ok(u64::try_from(row.try_get::<i64, _>(idx)?).unwrap_or(0))
 }

@@ -1,4 +1,4 @@
-//! Issues signed agent commands: one Ed25519 signing key, one signed envelope per command.
+//! Signs agent commands: one Ed25519 signing key, one signed envelope per command.
 //!
 //! The server signs the protobuf bytes of a [`CommandEnvelope`]; the agent verifies those exact
 //! bytes before decoding them (see `guardian_agent::command`), so no canonical encoding is
@@ -14,7 +14,6 @@ use std::collections::HashMap;
 use std::fmt;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::time::Duration;
 
 use guardian_proto::v1::{Command, CommandEnvelope};
@@ -22,74 +21,10 @@ use prost::Message;
 use rcgen::{KeyPair, PKCS_ED25519, PublicKeyData, SigningKey};
 
 use crate::identity::NodeId;
+use crate::reconcile::{Action, UnknownAction};
 
 /// Longest lifetime an agent accepts (`expires_at - issued_at`).
 pub const MAX_TTL: Duration = Duration::from_secs(3600);
-
-/// What an agent may be asked to do. The strings are the wire values and never change.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Action {
-    /// `systemctl restart UNIT` (parameter `unit`, must be in the agent's allowed_units).
-    RestartUnit,
-    /// `docker restart NAME` (parameter `container`, must be in allowed_containers).
-    RestartContainer,
-    /// Runs a hook script named in the agent's config (parameter `hook`), with a timeout.
-    RunHook,
-    /// Collects a bounded diagnostics text (uname, uptime, df, unit status).
-    CollectDiagnostics,
-    /// Never runs command `command_id` (parameter), and stops it if it is running.
-    CancelCommand,
-}
-
-impl Action {
-    /// Every action, in a stable order.
-    pub const ALL: [Action; 5] = [
-        Action::RestartUnit,
-        Action::RestartContainer,
-        Action::RunHook,
-        Action::CollectDiagnostics,
-        Action::CancelCommand,
-    ];
-
-    /// The wire value: `restart-unit`, `restart-container`, `run-hook`, `collect-diagnostics`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Action::RestartUnit => "restart-unit",
-            Action::RestartContainer => "restart-container",
-            Action::RunHook => "run-hook",
-            Action::CollectDiagnostics => "collect-diagnostics",
-            Action::CancelCommand => "cancel-command",
-        }
-    }
-
-    /// The parameter this action cannot run without, if any.
-    pub fn required_parameter(self) -> Option<&'static str> {
-        match self {
-            Action::RestartUnit => Some("unit"),
-            Action::RestartContainer => Some("container"),
-            Action::RunHook => Some("hook"),
-            Action::CollectDiagnostics => None,
-            Action::CancelCommand => Some("command_id"),
-        }
-    }
-}
-
-impl fmt::Display for Action {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for Action {
-    type Err = CommandError;
-
-    fn from_str(raw: &str) -> Result<Self, Self::Err> {
-        Action::ALL
-            .into_iter()
-            .find(|a| a.as_str() == raw)
-            .ok_or_else(|| CommandError::UnknownAction(raw.to_owned()))
-    }
-}
 
 /// Why a command could not be signed or the signing key not loaded.
 #[derive(Debug, thiserror::Error)]
@@ -113,10 +48,8 @@ pub enum CommandError {
         reason: String,
     },
     /// An action string that is not one of [`Action::ALL`].
-    #[error(
-        "unknown action {0:?}; use restart-unit, restart-container, run-hook or collect-diagnostics"
-    )]
-    UnknownAction(String),
+    #[error(transparent)]
+    UnknownAction(#[from] UnknownAction),
     /// The action needs a parameter that was not given.
     #[error("action {action} needs the parameter {parameter:?}")]
     MissingParameter {
@@ -189,6 +122,18 @@ impl CommandSigner {
         })
     }
 
+    /// The signer `command_signing_key_file` names, or `None` when it is empty (commands
+    /// off).
+    ///
+    /// # Errors
+    /// [`CommandError::ReadKey`] or [`CommandError::BadKey`].
+    pub fn from_config(path: &Path) -> Result<Option<Self>, CommandError> {
+        if path.as_os_str().is_empty() {
+            return Ok(None);
+        }
+        Self::load(path).map(Some)
+    }
+
     /// A signer from PKCS#8 DER bytes.
     ///
     /// # Errors
@@ -253,6 +198,15 @@ impl CommandSigner {
             },
         ))
     }
+}
+
+/// The lowercase hex of the public half of the signing key at `path`: what agents verify
+/// with (`command-verify.pub`).
+///
+/// # Errors
+/// [`CommandError::ReadKey`] or [`CommandError::BadKey`].
+pub fn verify_key_hex(path: &Path) -> Result<String, CommandError> {
+    CommandSigner::load(path).map(|signer| hex(signer.public_key()))
 }
 
 /// Parameter keys become environment variable names on the agent.
