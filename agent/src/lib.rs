@@ -2,7 +2,9 @@
 //! over mTLS, keeping every batch until the server acks it.
 //!
 //! Modules in data-flow order: [`sample`] (one sampler per source) -> [`spool`] (numbered
-//! batches on disk awaiting ack) -> [`uplink`] (the mTLS stream); plus [`config`].
+//! batches on disk awaiting ack) -> [`uplink`] (the mTLS stream) -> [`command`] (signed
+//! commands from the server: `verify`, then `run` what the local config allows); plus
+//! [`config`].
 
 pub mod command;
 pub mod config;

@@ -1,10 +1,17 @@
 //! TaoNode Guardian control server: accepts agent streams over mTLS, stores them, and
 //! serves the fleet to operators.
 //!
-//! Modules in data-flow order: [`identity`] (who is calling, from the certificate),
-//! [`ingest`] (Uplink streams -> commit -> ack), [`store`] (the sqlx ledger and embedded
-//! telemetry), [`registry`] (the fleet in memory), [`api`] (Fleet gRPC + admin HTTP),
-//! [`metrics`]; plus [`config`] and [`pki`] (throwaway certificates for trials and tests).
+//! Modules in data-flow order:
+//! [`identity`] (who is calling, from the certificate) ->
+//! [`ingest`] (Uplink streams -> commit -> ack; [`read_ahead`] under its TLS) ->
+//! [`batch`] (decoded batches; [`batch::values`]: the values the server keeps, the reference
+//! tip) -> [`store`] (the sqlx ledger, embedded telemetry, the outbox and ClickHouse,
+//! history) -> [`registry`] and [`window`] (the fleet and per-node windows in memory) ->
+//! [`detect`] (pure detectors) -> [`reconcile`] (pure: observe, plan) -> [`control`] (the
+//! loop driver) -> [`actuate`] (sign, record + audit, deliver; alerts) -> [`api`] (Fleet
+//! gRPC + admin HTTP). Beside the flow: [`config`], [`metrics`] and [`pki`] (throwaway
+//! certificates for trials and tests). `docs/architecture.md` has the map and the layering
+//! rules (`server/tests/layering.rs` enforces them).
 
 pub mod actuate;
 pub mod api;
