@@ -34,8 +34,7 @@ use crate::store::commit::{Committer, Job};
 use crate::store::{Commit, Ledger, SecurityEvent};
 use crate::unix_ms;
 
-/// Most samples one batch may carry.
-pub const MAX_SAMPLES_PER_BATCH: usize = 10_000;
+pub use crate::batch::MAX_SAMPLES_PER_BATCH;
 /// How long a new stream waits for the node's previous session to finish its commit.
 const TAKEOVER_TIMEOUT: Duration = Duration::from_secs(15);
 /// Longest text accepted in a Hello field (hostnames may be 253).
@@ -321,13 +320,6 @@ impl Ingest {
                     batch.seq, host.disks, host.networks
                 )));
             }
-        }
-        if batch.samples.len() > MAX_SAMPLES_PER_BATCH {
-            return Err(Status::invalid_argument(format!(
-                "SampleBatch {} carries {} samples; at most {MAX_SAMPLES_PER_BATCH} are accepted",
-                batch.seq,
-                batch.samples.len()
-            )));
         }
         if let Some(idx) = batch.samples.iter().position(|s| s.kind.is_none()) {
             return Err(Status::invalid_argument(format!(

@@ -31,6 +31,10 @@ pub mod values;
 
 pub use values::HostValues;
 
+/// Most samples one batch may carry. Both decoders stop at the first sample beyond it, so a
+/// frame of millions of tiny samples costs a bounded amount of memory before it is refused.
+pub const MAX_SAMPLES_PER_BATCH: usize = 10_000;
+
 /// Why a batch does not decode.
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
@@ -44,6 +48,11 @@ pub enum DecodeError {
     /// not end with its own tag.
     #[error("invalid group in an unknown field (nested too deep, or unbalanced)")]
     Group,
+    /// More than [`MAX_SAMPLES_PER_BATCH`] samples (decoding stopped there).
+    #[error(
+        "it carries more than {MAX_SAMPLES_PER_BATCH} samples; at most {MAX_SAMPLES_PER_BATCH} are accepted (send smaller batches)"
+    )]
+    TooManySamples,
     /// An outbox blob in the server's own format is malformed ([`crate::store::outbox::blob`]).
     #[error("outbox blob: {0}")]
     Outbox(String),
@@ -146,6 +155,9 @@ impl Batch {
             match tag {
                 1 => uint64::merge(wire_type, &mut batch.seq, &mut buf, ctx())?,
                 2 => {
+                    if batch.samples.len() >= MAX_SAMPLES_PER_BATCH {
+                        return Err(DecodeError::TooManySamples);
+                    }
                     let at = buf;
                     let body = delimited(wire_type, &mut buf)?;
                     let sample = if host_only(body) {
@@ -597,6 +609,10 @@ mod fast {
             match split(varint(&mut buf)?) {
                 (1, VARINT) => batch.seq = varint(&mut buf)?,
                 (2, LEN) => {
+                    // Over the limit: the checked path refuses it with the reason.
+                    if batch.samples.len() >= super::MAX_SAMPLES_PER_BATCH {
+                        return None;
+                    }
                     let at = buf;
                     let body = delimited(&mut buf)?;
                     batch.samples.push(sample(frame, at, body)?);
