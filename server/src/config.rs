@@ -280,6 +280,13 @@ impl ServerConfig {
                 "use a share such as 0.5 (half of a network's nodes degraded together)",
             ));
         }
+        if self.detect.fleet_tip_agreement == 0 {
+            return Err(ConfigError::new(
+                "detect.fleet_tip_agreement",
+                "0 nodes cannot agree on a tip",
+                "use 2 (the default: one lying agent cannot set the fleet tip) or more",
+            ));
+        }
         if self.clickhouse.enabled() {
             self.clickhouse.validate().map_err(|problem| {
                 ConfigError::new(

@@ -415,7 +415,10 @@ impl Runner {
     /// Refreshes fleet context, correlates networks, and evaluates nodes not evaluated
     /// within `every` (silent agents, cooldowns and budgets move on without samples).
     async fn tick(&mut self, every: Duration) {
-        self.contexts = self.parts.registry.network_contexts();
+        self.contexts = self
+            .parts
+            .registry
+            .network_contexts(self.parts.detect.fleet_tip_agreement);
         let mut pass = Pass::default();
         self.correlate(&mut pass);
         for (id, _) in self.parts.registry.ids() {

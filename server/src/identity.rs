@@ -14,6 +14,10 @@ use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 pub const NODE_URI_PREFIX: &str = "spiffe://taonode-guardian/node/";
 /// URI prefix of an operator certificate's SAN.
 pub const OPERATOR_URI_PREFIX: &str = "spiffe://taonode-guardian/operator/";
+/// URI SAN prefix binding an agent certificate to a chain network:
+/// `spiffe://taonode-guardian/network/<name>`. A node whose certificate carries one may only
+/// say that network in its Hello.
+pub const NETWORK_URI_PREFIX: &str = "spiffe://taonode-guardian/network/";
 
 /// A validated node identifier: 1..=63 characters of `[a-z0-9._-]`, starting alphanumeric.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -99,6 +103,20 @@ impl Peer {
         Self::from_cert_der(leaf.as_ref())
     }
 
+    /// The chain network the client certificate binds its holder to (a
+    /// [`NETWORK_URI_PREFIX`] URI SAN), if it names one.
+    ///
+    /// # Errors
+    /// [`IdentityError`] when there is no certificate or it cannot be parsed, or the network
+    /// name breaks the naming rule.
+    pub fn bound_network<T>(request: &tonic::Request<T>) -> Result<Option<String>, IdentityError> {
+        let certs = request
+            .peer_certs()
+            .ok_or(IdentityError::NoClientCertificate)?;
+        let leaf = certs.first().ok_or(IdentityError::NoClientCertificate)?;
+        bound_network_of_cert_der(leaf.as_ref())
+    }
+
     /// How the peer appears in logs and the ledger (`node/<id>` or `operator/<name>`).
     pub fn label(&self) -> String {
         match self {
@@ -106,6 +124,30 @@ impl Peer {
             Self::Operator(name) => format!("operator/{name}"),
         }
     }
+}
+
+/// The network a DER certificate binds its holder to ([`Peer::bound_network`]).
+///
+/// # Errors
+/// [`IdentityError`] when the certificate cannot be parsed or the name is invalid.
+pub fn bound_network_of_cert_der(der: &[u8]) -> Result<Option<String>, IdentityError> {
+    let (_, cert) =
+        X509Certificate::from_der(der).map_err(|e| IdentityError::BadCertificate(e.to_string()))?;
+    let Some(san) = cert
+        .subject_alternative_name()
+        .map_err(|e| IdentityError::BadCertificate(e.to_string()))?
+    else {
+        return Ok(None);
+    };
+    for name in &san.value.general_names {
+        if let GeneralName::URI(uri) = name
+            && let Some(network) = uri.strip_prefix(NETWORK_URI_PREFIX)
+        {
+            validate_name(network)?;
+            return Ok(Some(network.to_owned()));
+        }
+    }
+    Ok(None)
 }
 
 /// Why a peer has no usable identity.

@@ -396,10 +396,33 @@ impl Uplink for Ingest {
                 return Err(self.refuse("no_identity", "unknown", status).await);
             }
         };
+        let bound_network = match Peer::bound_network(&request) {
+            Ok(network) => network,
+            Err(error) => {
+                let status = Status::unauthenticated(error.to_string());
+                return Err(self
+                    .refuse("no_identity", &format!("node/{node}"), status)
+                    .await);
+            }
+        };
         let mut inbound = request.into_inner();
         let hello = self.await_hello(&node, &mut inbound).await?;
         let descriptor = hello.node.clone().unwrap_or_default();
         self.check_hello(&hello, &descriptor)?;
+        // The network decides which fleet a node is judged with: a certificate that names one
+        // wins over what the agent says.
+        if let Some(bound) = bound_network
+            && descriptor.network != bound
+        {
+            let status = Status::permission_denied(format!(
+                "node {node}'s certificate binds it to network {bound:?} but its Hello says {:?}; \
+                 set network = \"{bound}\" in the agent's config, or issue it a certificate for the other network",
+                descriptor.network
+            ));
+            return Err(self
+                .refuse("hello_network_mismatch", &format!("node/{node}"), status)
+                .await);
+        }
         let (generation, cancel, running) = self.takeover.begin(&node, &self.shutdown);
         let running = tokio::time::timeout(TAKEOVER_TIMEOUT, running.lock_owned())
             .await

@@ -13,7 +13,9 @@ use rcgen::{
     KeyUsagePurpose, SanType,
 };
 
-use crate::identity::{NODE_URI_PREFIX, NodeId, OPERATOR_URI_PREFIX, validate_name};
+use crate::identity::{
+    NETWORK_URI_PREFIX, NODE_URI_PREFIX, NodeId, OPERATOR_URI_PREFIX, validate_name,
+};
 
 /// What [`init`] wrote.
 #[derive(Debug, Clone)]
@@ -94,6 +96,10 @@ pub struct PkiRequest {
     pub server_names: Vec<String>,
     /// Overwrite an existing CA.
     pub force: bool,
+    /// Binds every node certificate to this chain network (a second URI SAN,
+    /// `spiffe://taonode-guardian/network/<name>`): the server then refuses a Hello naming any
+    /// other network. `None`: the agent's Hello says it, unchecked.
+    pub network: Option<String>,
 }
 
 /// Writes a fresh PKI into `dir` (created if missing). Private keys are written mode 0600.
@@ -103,6 +109,9 @@ pub struct PkiRequest {
 pub fn init(dir: &Path, request: &PkiRequest) -> Result<PkiFiles, PkiError> {
     for node in &request.nodes {
         NodeId::parse(node)?;
+    }
+    if let Some(network) = &request.network {
+        validate_name(network)?;
     }
     validate_name(&request.operator)?;
     let mut files = PkiFiles {
@@ -147,12 +156,13 @@ pub fn init(dir: &Path, request: &PkiRequest) -> Result<PkiFiles, PkiError> {
     )?;
     for node in &request.nodes {
         let uri = format!("{NODE_URI_PREFIX}{node}");
-        issue(
-            &mut files,
-            &issuer,
-            client_params(node, &uri)?,
-            &format!("node-{node}"),
-        )?;
+        let mut params = client_params(node, &uri)?;
+        if let Some(network) = &request.network {
+            params.subject_alt_names.push(SanType::URI(
+                format!("{NETWORK_URI_PREFIX}{network}").try_into()?,
+            ));
+        }
+        issue(&mut files, &issuer, params, &format!("node-{node}"))?;
     }
 
     let command_key = KeyPair::generate_for(&rcgen::PKCS_ED25519)?;
@@ -231,6 +241,7 @@ mod tests {
                 operator: "alice".into(),
                 server_names: vec![],
                 force: false,
+                network: None,
             },
         )?;
         let der = |path: PathBuf| -> Result<Vec<u8>, Box<dyn std::error::Error>> {
@@ -247,6 +258,30 @@ mod tests {
             Peer::Operator("alice".into())
         );
         assert!(Peer::from_cert_der(&der(files.server().0)?).is_err());
+        assert_eq!(
+            crate::identity::bound_network_of_cert_der(&der(files.node("val-1").0)?)?,
+            None
+        );
+        let bound = tempfile::tempdir()?;
+        let bound = init(
+            bound.path(),
+            &PkiRequest {
+                nodes: vec!["val-2".into()],
+                operator: "alice".into(),
+                server_names: vec![],
+                force: false,
+                network: Some("finney".into()),
+            },
+        )?;
+        let cert = der(bound.node("val-2").0)?;
+        assert_eq!(
+            Peer::from_cert_der(&cert)?,
+            Peer::Node(NodeId::parse("val-2")?)
+        );
+        assert_eq!(
+            crate::identity::bound_network_of_cert_der(&cert)?,
+            Some("finney".to_owned())
+        );
         assert_eq!(
             fs::read_to_string(files.command_verify_key())?,
             format!(
@@ -269,7 +304,8 @@ mod tests {
                     nodes: vec![],
                     operator: "a".into(),
                     server_names: vec![],
-                    force: false
+                    force: false,
+                    network: None,
                 }
             ),
             Err(PkiError::Exists(_))

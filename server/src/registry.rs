@@ -322,11 +322,12 @@ impl Registry {
             .collect()
     }
 
-    /// Per network: the highest best block and the median peer count of its connected nodes
-    /// with a responsive chain sample.
-    pub fn network_contexts(&self) -> HashMap<String, FleetContext> {
+    /// Per network: the tip its connected nodes with a responsive chain sample agree on (the
+    /// highest best block that at least `tip_agreement` of them reached: [`agreed_tip`]) and
+    /// their median peer count.
+    pub fn network_contexts(&self, tip_agreement: usize) -> HashMap<String, FleetContext> {
         let map = self.read();
-        let mut by_network: HashMap<&str, (u64, Vec<u32>)> = HashMap::new();
+        let mut by_network: HashMap<&str, (Vec<u64>, Vec<u32>)> = HashMap::new();
         for entry in map.values() {
             let node = &entry.node;
             if let Some(chain) = &node.last_chain
@@ -334,14 +335,16 @@ impl Registry {
                 && node.connected
             {
                 let slot = by_network.entry(node.network.as_str()).or_default();
-                slot.0 = slot.0.max(chain.best_block);
+                slot.0.push(chain.best_block);
                 slot.1.push(chain.peers);
             }
         }
         by_network
             .into_iter()
-            .map(|(network, (best, mut peers))| {
+            .map(|(network, (mut bests, mut peers))| {
                 peers.sort_unstable();
+                bests.sort_unstable_by(|a, b| b.cmp(a));
+                let best = agreed_tip(&bests, tip_agreement);
                 let median = (peers.len() >= 2).then(|| {
                     let mid = peers.len() / 2;
                     if peers.len() % 2 == 0 {
@@ -466,9 +469,40 @@ impl Registry {
     }
 }
 
+/// The highest block at least `agreement` nodes reached: the `agreement`-th highest of
+/// `bests_descending` (0 when fewer nodes report). One node alone, lying or forked, cannot set
+/// a network's tip; its honest peers are then judged by the rest of the fleet, their own view
+/// and their reference endpoints.
+pub fn agreed_tip(bests_descending: &[u64], agreement: usize) -> u64 {
+    bests_descending
+        .get(agreement.max(1) - 1)
+        .copied()
+        .unwrap_or(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_node_alone_cannot_set_the_network_tip() {
+        // Four honest nodes around 4 000 000 and one claiming 999 999 999.
+        let bests = [999_999_999, 4_000_012, 4_000_010, 4_000_009, 4_000_001];
+        assert_eq!(agreed_tip(&bests, 2), 4_000_012);
+        assert_eq!(
+            agreed_tip(&bests, 1),
+            999_999_999,
+            "agreement 1 is the plain max"
+        );
+        assert_eq!(agreed_tip(&bests, 3), 4_000_010);
+        assert_eq!(
+            agreed_tip(&[4_000_000], 2),
+            0,
+            "too few nodes: no fleet tip"
+        );
+        assert_eq!(agreed_tip(&[], 2), 0);
+        assert_eq!(agreed_tip(&[7, 5], 0), 7, "0 is taken as 1");
+    }
 
     #[test]
     fn the_newest_host_sample_reads_whole_and_its_values_reach_the_detectors() {

@@ -59,6 +59,14 @@ impl Scratch {
     /// # Errors
     /// On I/O or certificate errors.
     pub fn new(nodes: &[&str]) -> anyhow::Result<Self> {
+        Self::with_network(nodes, None)
+    }
+
+    /// A new folder and PKI whose node certificates are bound to `network` (when given).
+    ///
+    /// # Errors
+    /// On I/O or certificate errors.
+    pub fn with_network(nodes: &[&str], network: Option<&str>) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let pki = pki::init(
             &dir.path().join("pki"),
@@ -67,6 +75,7 @@ impl Scratch {
                 operator: "tester".into(),
                 server_names: vec![],
                 force: false,
+                network: network.map(str::to_owned),
             },
         )?;
         Ok(Self { dir, pki })

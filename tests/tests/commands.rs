@@ -101,6 +101,7 @@ fn pki_in(dir: &Path) -> anyhow::Result<PkiFiles> {
             operator: "tester".into(),
             server_names: vec![],
             force: false,
+            network: None,
         },
     )?)
 }

@@ -226,6 +226,57 @@ async fn clients_from_another_ca_and_plaintext_clients_are_refused() -> TestResu
 }
 
 #[tokio::test]
+async fn hello_naming_another_network_than_the_certificate_is_refused_and_recorded() -> TestResult {
+    // The certificate binds val-1 to finney: it cannot join (and be judged with, or pull the
+    // tip of) another network by saying so.
+    let scratch = Scratch::with_network(&["val-1"], Some("finney"))?;
+    let server = Server::start(
+        &scratch.server_config(&scratch.sqlite_url(), "")?,
+        scratch.path("server.log"),
+    )?;
+    let (cert, key) = scratch.pki.node("val-1");
+    let hello_in = |network: &str| {
+        let mut frame = hello("val-1");
+        if let Some(agent_frame::Frame::Hello(hello)) = &mut frame.frame
+            && let Some(node) = &mut hello.node
+        {
+            node.network = network.into();
+        }
+        encode(&frame)
+    };
+    let channel = scratch.channel(server.grpc, &cert, &key).await?;
+    let status = refusal(channel, vec![hello_in("local")]).await?;
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert!(
+        status.message().contains("\"finney\"") && status.message().contains("\"local\""),
+        "{}",
+        status.message()
+    );
+    let ledger = Ledger::open(&scratch.sqlite_url()).await?;
+    let events = ledger.security_events().await?;
+    let event = events
+        .iter()
+        .find(|e| e.kind == "hello_network_mismatch")
+        .ok_or_else(|| anyhow::anyhow!("refusal not recorded: {events:?}"))?;
+    assert_eq!(event.peer, "node/val-1");
+
+    // The network it is bound to is welcome.
+    let channel = scratch.channel(server.grpc, &cert, &key).await?;
+    let (_tx, mut replies) = raw_uplink(channel, vec![hello_in("finney")])
+        .await
+        .map_err(|s| anyhow::anyhow!("refused: {s:?}"))?;
+    let welcome = replies.message().await?;
+    assert!(
+        matches!(
+            welcome.and_then(|f| f.frame),
+            Some(server_frame::Frame::Welcome(_))
+        ),
+        "no Welcome for the bound network"
+    );
+    Ok(())
+}
+
+#[tokio::test]
 async fn hello_naming_another_node_is_refused_and_recorded() -> TestResult {
     let scratch = Scratch::new(&["val-1", "val-2"])?;
     let server = Server::start(

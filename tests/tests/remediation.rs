@@ -42,6 +42,8 @@ struct Setup<'a> {
     more: &'a str,
     /// Top-level agent keys.
     agent: &'a str,
+    /// Nodes whose fake subtensor node starts at another best block (default 4 000 000).
+    initial_best: &'a [(&'a str, u64)],
 }
 
 struct Rig {
@@ -62,6 +64,7 @@ impl Rig {
             detect,
             more,
             agent: agent_more,
+            initial_best,
         } = setup;
         let scratch = Scratch::new(names)?;
         let server_extra = format!(
@@ -78,7 +81,11 @@ impl Rig {
         let mut nodes = Vec::new();
         let mut agents = Vec::new();
         for name in names {
-            let node = FakeNode::start(FakeNodeConfig::default()).await?;
+            let mut config = FakeNodeConfig::default();
+            if let Some((_, best)) = initial_best.iter().find(|(n, _)| n == name) {
+                config.initial_best = *best;
+            }
+            let node = FakeNode::start(config).await?;
             let runs = scratch.path(&format!("restarts-{name}"));
             let runtime = scratch.path(&format!("runtime-{name}.sh"));
             let heal = match restart {
@@ -533,6 +540,60 @@ async fn a_keystore_on_disk_is_critical_and_blocks_any_restart() -> TestResult {
     );
     let (ok, text) = rig.guardianctl(&["findings", "--node", "val-1"])?;
     assert!(ok && text.contains("critical keystore"), "{text}");
+    rig.stop().await
+}
+
+#[tokio::test]
+async fn one_lying_agent_among_five_cannot_get_a_restart_or_a_fleet_hold() -> TestResult {
+    // The liar's node says it is at block 999 999 999 (and in sync there); the four honest
+    // ones are at ~4 000 000. Judged against a plain max of the network, every honest node
+    // was ~996 million blocks behind: restarted, or (at fleet_min_nodes) a fleet_degraded
+    // hold on the whole network.
+    let names = ["val-1", "val-2", "val-3", "val-4", "liar"];
+    let rig = Rig::start(
+        &names,
+        Restart::Heals,
+        Setup {
+            initial_best: &[("liar", 999_999_999)],
+            ..Setup::default()
+        },
+    )
+    .await?;
+    // Rig::start waited for every node to be synced. Let the reconciler evaluate every node
+    // many times with the liar's figures in the fleet (not a fixed sleep: a count).
+    let evaluations = |metrics: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("guardian_reconcile_evaluations_total "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .map_or(0, |v| v as u64)
+    };
+    let start = evaluations(&reqwest_metrics(&rig).await?);
+    eventually(WAIT, "100 more evaluations", || async {
+        let now = evaluations(&reqwest_metrics(&rig).await.ok()?);
+        (now >= start + 100).then_some(())
+    })
+    .await?;
+    for name in names {
+        assert_eq!(rig.restarts(name), 0, "{name} was restarted");
+        let node = rig
+            .node(name)
+            .await
+            .ok_or_else(|| anyhow::anyhow!("{name} unknown"))?;
+        assert_eq!(
+            node.phase,
+            "synced",
+            "{name}: {node:?}\n{}",
+            rig.server_log_tail()
+        );
+    }
+    let findings = rig.findings("").await?;
+    assert!(
+        !findings
+            .iter()
+            .any(|f| f.kind == "fleet_degraded" || f.kind == "block_lag"),
+        "the lie raised findings: {findings:?}"
+    );
     rig.stop().await
 }
 

@@ -238,6 +238,10 @@ enum PkiCommand {
         /// Replace an existing PKI in DIR.
         #[arg(long)]
         force: bool,
+        /// Bind every node certificate to this chain network (e.g. finney): the server then
+        /// refuses a Hello that names another one.
+        #[arg(long)]
+        network: Option<String>,
     },
 }
 
@@ -325,6 +329,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                     operator,
                     server_names,
                     force,
+                    network,
                 },
         } => {
             let files = pki::init(
@@ -334,6 +339,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                     operator,
                     server_names,
                     force,
+                    network,
                 },
             )?;
             println!("wrote a throwaway fleet PKI (not for production):");

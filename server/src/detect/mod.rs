@@ -253,6 +253,12 @@ pub struct DetectPolicy {
     pub fleet_degraded_share: f64,
     /// Fewest nodes of a network for fleet correlation to apply. Default 3.
     pub fleet_min_nodes: usize,
+    /// How many connected nodes of a network must have reached a block for it to count as the
+    /// network's tip (the k-th highest best block). Default 2: one agent that lies about its
+    /// best block (or a node on a fork racing ahead) cannot make the others look behind.
+    /// With fewer nodes than this the fleet sets no tip (each node's own `highestBlock` and
+    /// its reference endpoints still do).
+    pub fleet_tip_agreement: usize,
     /// How long a changed key fingerprint stays a finding (ms). Default 600 000.
     pub keystore_rotation_hold_ms: i64,
 }
@@ -280,6 +286,7 @@ impl Default for DetectPolicy {
             peers_median_share: 0.25,
             fleet_degraded_share: 0.5,
             fleet_min_nodes: 3,
+            fleet_tip_agreement: 2,
             keystore_rotation_hold_ms: 600_000,
         }
     }

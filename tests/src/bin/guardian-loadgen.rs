@@ -259,6 +259,7 @@ fn write_pki(args: &PkiArgs) -> anyhow::Result<()> {
             operator: "bench".into(),
             server_names: vec![],
             force: true,
+            network: None,
         },
     )?;
     eprintln!(
