@@ -52,6 +52,8 @@ pub struct ServerConfig {
     pub reconcile: crate::reconcile::ReconcileSettings,
     /// Webhook for alerts (`[alerts]`).
     pub alerts: crate::actuate::alert::AlertSettings,
+    /// Limits of the gRPC listener (`[connections]`).
+    pub connections: crate::listen::ConnectionLimits,
     /// TLS material.
     pub tls: ServerTls,
 }
@@ -86,6 +88,7 @@ impl Default for ServerConfig {
             detect: crate::detect::DetectPolicy::default(),
             reconcile: crate::reconcile::ReconcileSettings::default(),
             alerts: crate::actuate::alert::AlertSettings::default(),
+            connections: crate::listen::ConnectionLimits::default(),
             tls: ServerTls::default(),
         }
     }
@@ -280,6 +283,9 @@ impl ServerConfig {
                 "use a share such as 0.5 (half of a network's nodes degraded together)",
             ));
         }
+        if let Some((field, problem, fix)) = self.connections.problem() {
+            return Err(ConfigError::new(field, problem, fix));
+        }
         if self.detect.fleet_tip_agreement == 0 {
             return Err(ConfigError::new(
                 "detect.fleet_tip_agreement",
@@ -376,6 +382,50 @@ impl ServerConfig {
             "Ed25519 PKCS#8 key signing remote commands; empty = remote commands off.",
             "command_signing_key_file",
             self.command_signing_key_file.display().to_string().into(),
+        );
+        let limits = &self.connections;
+        out.push_str("\n# Limits of the gRPC listener: a connection flood cannot lock agents out.\n[connections]\n");
+        line(
+            &mut out,
+            "Most connections held at once, pending or served (default 16384; lowered to fit the descriptor limit).",
+            "max_connections",
+            to_value(limits.max_connections),
+        );
+        line(
+            &mut out,
+            "Most TLS handshakes pending at once; beyond it the oldest is dropped (default 1024).",
+            "max_pending_handshakes",
+            to_value(limits.max_pending_handshakes),
+        );
+        line(
+            &mut out,
+            "Time a client has to complete its TLS handshake, ms (default 10000).",
+            "tls_handshake_timeout_ms",
+            to_value(limits.tls_handshake_timeout_ms),
+        );
+        line(
+            &mut out,
+            "Idle time before TCP keepalive probes start, s (default 60).",
+            "tcp_keepalive_seconds",
+            to_value(limits.tcp_keepalive_seconds),
+        );
+        line(
+            &mut out,
+            "Most concurrent HTTP/2 streams per connection (an agent uses 1; default 64).",
+            "max_streams_per_connection",
+            i64::from(limits.max_streams_per_connection).into(),
+        );
+        line(
+            &mut out,
+            "Most HTTP/2 streams a client may reset before they are accepted (default 32).",
+            "max_pending_reset_streams",
+            to_value(limits.max_pending_reset_streams),
+        );
+        line(
+            &mut out,
+            "Time a request may take to produce its response, ms; streams are not cut (default 60000).",
+            "request_timeout_ms",
+            to_value(limits.request_timeout_ms),
         );
         let ch = &self.clickhouse;
         out.push_str("\n# ClickHouse telemetry store for fleets; url = \"\" keeps the embedded store (ledger_url).\n[clickhouse]\n");

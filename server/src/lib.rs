@@ -21,6 +21,7 @@ pub mod control;
 pub mod detect;
 pub mod identity;
 pub mod ingest;
+pub mod listen;
 pub mod metrics;
 pub mod pki;
 pub mod read_ahead;
@@ -35,11 +36,9 @@ use std::time::Duration;
 use guardian_proto::v1::fleet_server::FleetServer;
 use guardian_proto::wire::uplink_server::UplinkServer;
 use tokio::net::TcpListener;
-use tokio_stream::StreamExt as _;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::transport::Server;
 
 use crate::config::ServerConfig;
 use crate::store::Ledger;
@@ -81,6 +80,9 @@ pub enum ServerError {
     /// The command signing key could not be loaded.
     #[error("command signing key: {0}")]
     Command(String),
+    /// The TLS material is unusable.
+    #[error(transparent)]
+    Tls(#[from] listen::ListenError),
     /// The admin HTTP server failed.
     #[error("admin HTTP server failed: {0}")]
     Admin(std::io::Error),
@@ -148,8 +150,19 @@ pub async fn run(
         actuator,
         reconcile,
     );
+    let limits = &config.connections;
+    let incoming = listen::incoming(
+        listeners.grpc,
+        tls,
+        limits,
+        Arc::clone(&metrics),
+        shutdown.clone(),
+        &tasks,
+    );
     let grpc = Server::builder()
-        .tls_config(tls)?
+        .max_concurrent_streams(Some(limits.max_streams_per_connection))
+        .http2_max_pending_accept_reset_streams(Some(limits.max_pending_reset_streams))
+        .timeout(Duration::from_millis(limits.request_timeout_ms))
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .initial_stream_window_size(RECEIVE_WINDOW_BYTES)
@@ -164,11 +177,7 @@ pub async fn run(
                 .max_decoding_message_size(config.max_frame_bytes)
                 .max_encoding_message_size(64 * 1024 * 1024),
         )
-        .serve_with_incoming_shutdown(
-            TcpListenerStream::new(listeners.grpc)
-                .map(|accepted| accepted.map(read_ahead::ReadAhead::new)),
-            shutdown.clone().cancelled_owned(),
-        );
+        .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
     let admin = axum::serve(
         listeners.admin,
         api::admin_router(api::AdminState {
@@ -208,20 +217,20 @@ pub async fn run(
 
 /// The gRPC listener's TLS: the server's certificate, and client certificates required and
 /// chained to the fleet CA.
-fn tls_config(config: &ServerConfig) -> Result<ServerTlsConfig, ServerError> {
+fn tls_config(
+    config: &ServerConfig,
+) -> Result<Arc<tokio_rustls::rustls::ServerConfig>, ServerError> {
     let read = |path: &std::path::Path| {
         std::fs::read(path).map_err(|source| ServerError::ReadTls {
             path: path.display().to_string(),
             source,
         })
     };
-    Ok(ServerTlsConfig::new()
-        .identity(Identity::from_pem(
-            read(&config.tls.cert_file)?,
-            read(&config.tls.key_file)?,
-        ))
-        .client_ca_root(Certificate::from_pem(read(&config.tls.ca_file)?))
-        .client_auth_optional(false))
+    Ok(listen::tls_config(
+        &read(&config.tls.ca_file)?,
+        &read(&config.tls.cert_file)?,
+        &read(&config.tls.key_file)?,
+    )?)
 }
 
 /// Refills the per-node windows from the telemetry store. A store that cannot answer (within

@@ -73,6 +73,10 @@ pub struct Metrics {
     pub decision_latency_seconds: Histogram,
     /// Webhook alerts by fate: delivered, failed, dropped_queue_full.
     pub alerts: Family<Reason, Counter>,
+    /// gRPC connections held now (TLS handshake pending or done).
+    pub connections_open: Gauge,
+    /// gRPC connections closed before or instead of serving, by reason.
+    pub connections_refused: Family<Reason, Counter>,
 }
 
 impl Default for Metrics {
@@ -106,6 +110,8 @@ impl Default for Metrics {
             remediation_alerts: Counter::default(),
             decision_latency_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             alerts: Family::default(),
+            connections_open: Gauge::default(),
+            connections_refused: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -242,6 +248,16 @@ impl Default for Metrics {
             "alerts",
             "Webhook alerts by fate (delivered, failed, dropped_queue_full)",
             metrics.alerts.clone(),
+        );
+        registry.register(
+            "connections_open",
+            "gRPC connections held now (TLS handshake pending or done)",
+            metrics.connections_open.clone(),
+        );
+        registry.register(
+            "connections_refused",
+            "gRPC connections closed unserved: at_capacity, handshake_timeout, handshake_failed, evicted (oldest pending handshake), out_of_descriptors (accept failed)",
+            metrics.connections_refused.clone(),
         );
         Self {
             registry,

@@ -259,7 +259,25 @@ impl Server {
     /// # Errors
     /// When it exits or does not report its ports within 20 s.
     pub fn start(config: &Path, log: PathBuf) -> anyhow::Result<Self> {
-        let mut child = Command::new(binary("guardian-server")?)
+        Self::start_command(Command::new(binary("guardian-server")?), config, log)
+    }
+
+    /// Like [`Server::start`], with the server's descriptor limit (soft and hard) set to
+    /// `nofile` (through util-linux `prlimit`), as under systemd's default of 1 024.
+    ///
+    /// # Errors
+    /// When it exits or does not report its ports within 20 s.
+    pub fn start_with_nofile(config: &Path, log: PathBuf, nofile: u64) -> anyhow::Result<Self> {
+        let mut command = Command::new("prlimit");
+        command
+            .arg(format!("--nofile={nofile}:{nofile}"))
+            .arg("--")
+            .arg(binary("guardian-server")?);
+        Self::start_command(command, config, log)
+    }
+
+    fn start_command(mut command: Command, config: &Path, log: PathBuf) -> anyhow::Result<Self> {
+        let mut child = command
             .arg("--config")
             .arg(config)
             .env("GUARDIAN_LOG", "info,guardian_server=debug")
