@@ -214,18 +214,27 @@ impl Proc {
     /// # Errors
     /// When the process does not exit.
     pub fn terminate(&mut self) -> anyhow::Result<Option<i32>> {
+        self.terminate_within(Duration::from_secs(10))
+    }
+
+    /// Like [`Proc::terminate`], waiting up to `deadline` (a server drains its streams for
+    /// up to 10 s before it cuts them).
+    ///
+    /// # Errors
+    /// When the signal cannot be sent or the process outlives `deadline`.
+    pub fn terminate_within(&mut self, deadline: Duration) -> anyhow::Result<Option<i32>> {
         let pid = self.child.id();
         let raw = rustix::process::Pid::from_raw(i32::try_from(pid)?).context("pid 0")?;
         rustix::process::kill_process(raw, rustix::process::Signal::TERM)?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
+        let until = Instant::now() + deadline;
+        while Instant::now() < until {
             if let Some(status) = self.child.try_wait()? {
                 return Ok(status.code());
             }
             std::thread::sleep(Duration::from_millis(50));
         }
         bail!(
-            "process {pid} ignored SIGTERM for 10 s; log: {}",
+            "process {pid} ignored SIGTERM for {deadline:?}; log: {}",
             self.log_text()
         )
     }

@@ -122,6 +122,43 @@ impl Ledger {
         Ok(ceiling.and_then(|id| u64::try_from(id).ok()))
     }
 
+    /// Makes the next outbox id larger than `floor` (no-op when it already is).
+    ///
+    /// # Errors
+    /// [`StoreError::Query`].
+    pub async fn outbox_ids_above(&self, floor: u64) -> Result<(), StoreError> {
+        let floor = to_i64(floor);
+        match self.backend {
+            crate::store::Backend::Sqlite => {
+                let mut tx = self.pool.begin().await?;
+                sqlx::query(
+                    "INSERT INTO sqlite_sequence (name, seq) SELECT 'outbox', $1
+                     WHERE NOT EXISTS (SELECT 1 FROM sqlite_sequence WHERE name = 'outbox')",
+                )
+                .bind(floor)
+                .execute(&mut *tx)
+                .await?;
+                sqlx::query(
+                    "UPDATE sqlite_sequence SET seq = $1 WHERE name = 'outbox' AND seq < $1",
+                )
+                .bind(floor)
+                .execute(&mut *tx)
+                .await?;
+                tx.commit().await?;
+            }
+            crate::store::Backend::Postgres => {
+                sqlx::query(
+                    "SELECT setval('outbox_id_seq', $1, true) FROM outbox_id_seq
+                     WHERE (CASE WHEN is_called THEN last_value ELSE 0 END) < $1",
+                )
+                .bind(floor)
+                .fetch_all(&self.pool)
+                .await?;
+            }
+        }
+        Ok(())
+    }
+
     /// Deletes outbox batches with `id <= through_id` (delivered). Returns
     /// `(batches, bytes)` removed.
     ///

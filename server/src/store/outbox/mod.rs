@@ -242,6 +242,9 @@ pub async fn start(
     shutdown: &tokio_util::sync::CancellationToken,
     tasks: &tokio_util::task::TaskTracker,
 ) -> Result<std::sync::Arc<OutboxGauge>, StoreError> {
+    if clickhouse.enabled() {
+        ids_above_this_start(ledger).await?;
+    }
     let gauge = std::sync::Arc::new(OutboxGauge::default());
     gauge.set_handoff_max_bytes(clickhouse.handoff_max_bytes);
     let (pending_batches, pending_bytes) = ledger.outbox_pending().await?;
@@ -271,6 +274,23 @@ pub async fn start(
         ));
     }
     Ok(gauge)
+}
+
+/// Outbox ids of this run start above the wall clock in microseconds (and above every id
+/// the ledger handed out).
+///
+/// ClickHouse's exactly-once rule is per outbox id: a table holding `max(outbox_id) = N`
+/// takes only batches above N. A ledger restored from a backup, a fresh ledger, or a move to
+/// PostgreSQL would hand out ids ClickHouse already holds from the other timeline, and their
+/// batches were acked and then silently skipped. Ids that start each run at the clock's
+/// microseconds stay above every id of every earlier run as long as a run commits fewer
+/// batches than microseconds pass (it would take 1 000 000 batches/s) and the clock does not
+/// go back between runs by more than the previous run lasted (keep NTP on).
+async fn ids_above_this_start(ledger: &super::Ledger) -> Result<(), StoreError> {
+    let now_us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX / 2));
+    ledger.outbox_ids_above(now_us).await
 }
 
 /// Appends a group's outbox batches (`jobs` with their encoded `blobs`) in `tx`: a SQLite file
