@@ -89,7 +89,8 @@ pub enum ServerError {
 }
 
 /// Runs the server on the given listeners and the opened `ledger` (see [`Ledger::open`];
-/// opening it first lets the caller announce readiness only once migrations are applied)
+/// opening it first lets the caller announce readiness only once migrations are applied; the
+/// caller also holds [`Ledger::lock_for_server`], as `main.rs` does)
 /// until `shutdown` is cancelled. Streams still open [`SHUTDOWN_DEADLINE`] after shutdown
 /// began are cut.
 ///

@@ -140,6 +140,8 @@ fn main() -> ExitCode {
 async fn serve(config: ServerConfig) -> anyhow::Result<()> {
     // Migrations first: "listening" means ready.
     let ledger = Ledger::open(&config.ledger_url).await?;
+    // One server per ledger: a second one stops here, naming the holder, before it listens.
+    let _ledger_lock = ledger.lock_for_server().await?;
     let grpc = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot bind listen = {}", config.listen))?;

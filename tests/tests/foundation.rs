@@ -740,3 +740,64 @@ async fn an_agent_killed_and_restarted_continues_the_numbering_without_collision
     assert_eq!(u64::try_from(distinct)?, last, "no gap in 1..={last}");
     Ok(())
 }
+
+/// Starts a second server on `config`'s ledger and returns its exit status and stderr; a
+/// server still running after 10 s is killed and reported as `None` (it took the ledger).
+fn second_server(
+    scratch: &Scratch,
+    config: &std::path::Path,
+) -> anyhow::Result<(Option<i32>, String)> {
+    let log = scratch.path("second-server.log");
+    let mut child = Command::new(binary("guardian-server")?)
+        .arg("--config")
+        .arg(config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log)?)
+        .spawn()?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let code = loop {
+        if let Some(status) = child.try_wait()? {
+            break status.code();
+        }
+        if std::time::Instant::now() > deadline {
+            child.kill()?;
+            child.wait()?;
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    Ok((code, std::fs::read_to_string(log)?))
+}
+
+#[tokio::test]
+async fn a_second_server_on_the_same_sqlite_ledger_exits_naming_the_holder() -> TestResult {
+    let scratch = Scratch::new(&["val-1"])?;
+    let config = scratch.server_config(&scratch.sqlite_url(), "")?;
+    let server = Server::start(&config, scratch.path("server.log"))?;
+    let (code, stderr) = second_server(&scratch, &config)?;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("one server per ledger")
+            && stderr.contains(&format!("pid {}", server.proc.child.id())),
+        "{stderr}"
+    );
+    // Readers such as guardianctl audit verify still open it.
+    let ledger = Ledger::open(&scratch.sqlite_url()).await?;
+    assert!(ledger.security_events().await?.is_empty());
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_second_server_on_the_same_postgresql_ledger_exits() -> TestResult {
+    let postgres = Postgres::start()?;
+    let scratch = Scratch::new(&["val-1"])?;
+    let config = scratch.server_config(&postgres.url(), "")?;
+    let _server = Server::start(&config, scratch.path("server.log"))?;
+    let (code, stderr) = second_server(&scratch, &config)?;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("one server per ledger") && stderr.contains("advisory lock"),
+        "{stderr}"
+    );
+    Ok(())
+}

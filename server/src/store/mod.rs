@@ -15,6 +15,7 @@ mod embedded;
 pub mod hello;
 pub mod history;
 mod insert;
+pub mod lock;
 pub mod outbox;
 pub mod reconcile;
 pub mod records;
@@ -150,6 +151,16 @@ pub enum StoreError {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// Another server holds the ledger.
+    #[error(
+        "{ledger} is in use by {holder}: one server per ledger; stop the other server, or point ledger_url at another ledger"
+    )]
+    Locked {
+        /// Which ledger.
+        ledger: String,
+        /// Who holds it.
+        holder: String,
+    },
     /// A stored blob (protobuf, or the outbox's own encoding) did not decode.
     #[error("stored sample for node {node} does not decode: {source}")]
     Corrupt {
@@ -171,6 +182,7 @@ impl StoreError {
             Self::Query(_) | Self::Shared(_) => "query",
             Self::Corrupt { .. } => "corrupt",
             Self::Segment { .. } => "segment",
+            Self::Locked { .. } => "locked",
         }
     }
 }
@@ -222,6 +234,8 @@ pub struct Ledger {
     records_gate: Arc<tokio::sync::Mutex<()>>,
     /// Hellos of new or changed nodes waiting for their shared write ([`Ledger::record_hello`]).
     hellos: Arc<std::sync::Mutex<hello::HelloQueue>>,
+    /// The SQLite file (None for PostgreSQL or in memory), for the server lock.
+    file: Option<Arc<std::path::PathBuf>>,
 }
 
 impl Ledger {
@@ -290,11 +304,16 @@ impl Ledger {
             }),
             Backend::Postgres => None,
         };
+        let file = match backend {
+            Backend::Sqlite => sqlite_file(url).map(Arc::new),
+            Backend::Postgres => None,
+        };
         let ledger = Self {
             pool,
             backend,
             write_gate,
             segments,
+            file,
             floors: Arc::default(),
             records_gate: Arc::default(),
             hellos: Arc::default(),
