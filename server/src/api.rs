@@ -123,15 +123,18 @@ impl FleetApi {
             ),
         };
         self.metrics.refuse(reason);
-        tracing::warn!(reason, peer, method, "CallRefused");
         let event = SecurityEvent {
             at_unix_ms: unix_ms(),
             kind: reason.to_owned(),
             peer,
             detail: status.message().to_owned(),
         };
-        if let Err(error) = self.ledger.record_security_event(&event).await {
-            tracing::error!(%error, "cannot record security event");
+        match self.ledger.record_security_event(&event).await {
+            Ok(true) => tracing::warn!(reason, peer = event.peer, method, "CallRefused"),
+            Ok(false) => {
+                self.metrics.security_events_suppressed.inc();
+            }
+            Err(error) => tracing::error!(%error, "cannot record security event"),
         }
         Err(status)
     }

@@ -101,22 +101,30 @@ impl Ingest {
     /// Records a refusal (metric, log line, ledger row) and returns the status to send.
     async fn refuse(&self, reason: &'static str, peer: &str, status: Status) -> Status {
         self.metrics.refuse(reason);
-        tracing::warn!(reason, peer, detail = status.message(), "StreamRefused");
         let event = SecurityEvent {
             at_unix_ms: unix_ms(),
             kind: reason.to_owned(),
             peer: peer.to_owned(),
             detail: status.message().to_owned(),
         };
-        if let Err(error) = self.ledger.record_security_event(&event).await {
-            // The refusal itself still happens; losing the record is logged and counted.
-            self.metrics
-                .store_errors
-                .get_or_create(&crate::metrics::Reason {
-                    reason: error.kind(),
-                })
-                .inc();
-            tracing::error!(%error, "cannot record security event");
+        match self.ledger.record_security_event(&event).await {
+            Ok(true) => {
+                tracing::warn!(reason, peer, detail = status.message(), "StreamRefused");
+            }
+            // Over the peer's budget: counted, neither written nor logged.
+            Ok(false) => {
+                self.metrics.security_events_suppressed.inc();
+            }
+            Err(error) => {
+                // The refusal itself still happens; losing the record is logged and counted.
+                self.metrics
+                    .store_errors
+                    .get_or_create(&crate::metrics::Reason {
+                        reason: error.kind(),
+                    })
+                    .inc();
+                tracing::error!(%error, "cannot record security event");
+            }
         }
         status
     }

@@ -75,6 +75,8 @@ pub struct Metrics {
     pub alerts: Family<Reason, Counter>,
     /// gRPC connections held now (TLS handshake pending or done).
     pub connections_open: Gauge,
+    /// Refusals over their peer's security-event budget: counted here, not written.
+    pub security_events_suppressed: Counter,
     /// gRPC connections closed before or instead of serving, by reason.
     pub connections_refused: Family<Reason, Counter>,
 }
@@ -111,6 +113,7 @@ impl Default for Metrics {
             decision_latency_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             alerts: Family::default(),
             connections_open: Gauge::default(),
+            security_events_suppressed: Counter::default(),
             connections_refused: Family::default(),
             registry: Registry::default(),
         };
@@ -248,6 +251,11 @@ impl Default for Metrics {
             "alerts",
             "Webhook alerts by fate (delivered, failed, dropped_queue_full)",
             metrics.alerts.clone(),
+        );
+        registry.register(
+            "security_events_suppressed",
+            "Refusals over their peer's budget (10 a minute) of security_events rows: counted, not written",
+            metrics.security_events_suppressed.clone(),
         );
         registry.register(
             "connections_open",

@@ -221,3 +221,80 @@ fn reqwest_metrics(admin: SocketAddr) -> anyhow::Result<String> {
         .output()?;
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
+
+/// A Hello for `claimed` (refused when sent with another node's certificate).
+fn hello_for(claimed: &str) -> Vec<u8> {
+    hello(claimed)
+}
+
+#[tokio::test]
+async fn a_refusal_flood_writes_a_bounded_number_of_events_and_does_not_slow_ingest() -> TestResult
+{
+    let scratch = Scratch::new(&["probe", "before", "flooder"])?;
+    let server = Server::start(
+        &scratch.server_config(&scratch.sqlite_url(), "")?,
+        scratch.path("server.log"),
+    )?;
+    let usual = ack_latencies(&scratch, server.grpc, "before", 10).await?;
+    let usual_max = usual.iter().max().copied().unwrap_or_default();
+
+    // 1 000 streams from one certificate, each claiming to be another node: each is refused
+    // and was, before, one synced security_events write under the ledger's write lock.
+    const REFUSALS: usize = 1_000;
+    let (cert, key) = scratch.pki.node("flooder");
+    let channel = scratch.channel(server.grpc, &cert, &key).await?;
+    let flood = tokio::spawn(async move {
+        let mut refused = 0usize;
+        let mut pending = tokio::task::JoinSet::new();
+        for _ in 0..REFUSALS {
+            if pending.len() >= 32
+                && let Some(Ok(true)) = pending.join_next().await
+            {
+                refused += 1;
+            }
+            let channel = channel.clone();
+            pending.spawn(async move {
+                match raw_uplink(channel, vec![hello_for("probe")]).await {
+                    Err(status) => status.code() == tonic::Code::PermissionDenied,
+                    Ok((_tx, mut replies)) => replies
+                        .message()
+                        .await
+                        .err()
+                        .is_some_and(|s| s.code() == tonic::Code::PermissionDenied),
+                }
+            });
+        }
+        while let Some(done) = pending.join_next().await {
+            refused += usize::from(done.unwrap_or(false));
+        }
+        refused
+    });
+    let during = ack_latencies(&scratch, server.grpc, "probe", 20).await?;
+    let refused = flood.await?;
+    assert_eq!(refused, REFUSALS, "every claim was refused");
+    let during_max = during.iter().max().copied().unwrap_or_default();
+    assert!(
+        during_max <= usual_max.max(Duration::from_millis(100)) * 10,
+        "acks during the flood took up to {during_max:?} (usual: up to {usual_max:?})"
+    );
+
+    let events = guardian_server::store::Ledger::open(&scratch.sqlite_url())
+        .await?
+        .security_events()
+        .await?;
+    let written = events.iter().filter(|e| e.peer == "node/flooder").count();
+    // 10 a minute; the flood may straddle one minute boundary.
+    assert!(
+        (1..=2 * guardian_server::store::security::EVENTS_PER_PEER_PER_MINUTE as usize)
+            .contains(&written),
+        "{written} security events written for the flood"
+    );
+    let metrics = reqwest_metrics(server.admin)?;
+    let suppressed = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("guardian_security_events_suppressed_total "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert_eq!(suppressed as usize + written, REFUSALS, "{metrics}");
+    Ok(())
+}

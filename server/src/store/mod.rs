@@ -20,6 +20,7 @@ pub mod outbox;
 pub mod reconcile;
 pub mod records;
 pub mod retention;
+pub mod security;
 pub mod telemetry;
 
 use std::path::Path;
@@ -236,6 +237,8 @@ pub struct Ledger {
     hellos: Arc<std::sync::Mutex<hello::HelloQueue>>,
     /// The SQLite file (None for PostgreSQL or in memory), for the server lock.
     file: Option<Arc<std::path::PathBuf>>,
+    /// How many security events each peer may still write this minute.
+    security_limit: Arc<security::PeerLimit>,
 }
 
 impl Ledger {
@@ -314,6 +317,7 @@ impl Ledger {
             write_gate,
             segments,
             file,
+            security_limit: Arc::default(),
             floors: Arc::default(),
             records_gate: Arc::default(),
             hellos: Arc::default(),
@@ -431,11 +435,17 @@ impl Ledger {
         Ok(done.commits.remove(0))
     }
 
-    /// Records a refused stream or call.
+    /// Records a refused stream or call, at most
+    /// [`security::EVENTS_PER_PEER_PER_MINUTE`] per peer and minute: returns false (nothing
+    /// written) for the rest, which callers count. A refusal flood from one certificate then
+    /// costs no synced write each, and cannot grow the table without bound.
     ///
     /// # Errors
     /// [`StoreError::Query`].
-    pub async fn record_security_event(&self, event: &SecurityEvent) -> Result<(), StoreError> {
+    pub async fn record_security_event(&self, event: &SecurityEvent) -> Result<bool, StoreError> {
+        if !self.security_limit.admit(&event.peer, event.at_unix_ms) {
+            return Ok(false);
+        }
         let _turn = self.write_turn().await;
         sqlx::query(
             "INSERT INTO security_events (at_unix_ms, kind, peer, detail) VALUES ($1, $2, $3, $4)",
@@ -446,7 +456,22 @@ impl Ledger {
         .bind(&event.detail)
         .execute(&self.pool)
         .await?;
-        Ok(())
+        Ok(true)
+    }
+
+    /// Deletes security events recorded before `before_unix_ms`; returns how many.
+    ///
+    /// # Errors
+    /// [`StoreError::Query`].
+    pub async fn prune_security_events(&self, before_unix_ms: i64) -> Result<u64, StoreError> {
+        let _turn = self.write_turn().await;
+        Ok(
+            sqlx::query("DELETE FROM security_events WHERE at_unix_ms < $1")
+                .bind(before_unix_ms)
+                .execute(&self.pool)
+                .await?
+                .rows_affected(),
+        )
     }
 
     /// Every recorded security event, oldest first.

@@ -207,6 +207,12 @@ pub async fn run_pruner(ledger: Ledger, every: Duration, shutdown: CancellationT
             }
             Err(error) => tracing::warn!(%error, "BatchRecordsNotPruned: cannot read the nodes"),
         }
+        let before = crate::unix_ms() - super::security::RETENTION_DAYS * 86_400_000;
+        match ledger.prune_security_events(before).await {
+            Ok(0) => {}
+            Ok(events) => tracing::info!(events, "SecurityEventsExpired"),
+            Err(error) => tracing::warn!(%error, "SecurityEventsNotPruned"),
+        }
         tokio::select! {
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(every) => {}
