@@ -10,6 +10,9 @@ use serde::{Deserialize, Serialize};
 /// Exit code for invalid configuration (sysexits' EX_USAGE).
 pub const EXIT_CONFIG: i32 = 64;
 
+/// Sampling intervals accepted, from the config or from a server Welcome: 100 ms to 1 h.
+pub const SAMPLE_INTERVAL_MS: std::ops::RangeInclusive<u64> = 100..=3_600_000;
+
 /// Everything `guardian-agent` can be told.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -242,7 +245,7 @@ impl AgentConfig {
                 "the uplink is always mTLS: use https://HOST:PORT",
             ));
         }
-        if !(100..=3_600_000).contains(&self.sample_interval_ms) {
+        if !SAMPLE_INTERVAL_MS.contains(&self.sample_interval_ms) {
             return Err(ConfigError::new(
                 "sample_interval_ms",
                 format!("{} is outside 100..=3600000", self.sample_interval_ms),

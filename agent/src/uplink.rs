@@ -5,7 +5,13 @@
 //! - After each (re)connect every unacked batch is sent again, with its original seq.
 //! - Nothing is removed from the spool except by an ack or a counted drop (see
 //!   [`crate::spool`]); every batch carries the spool's drop counter.
+//! - A command outcome leaves its queue only once a stream took it; one that a closed stream
+//!   refused is sent on the next (kept across reconnects, not restarts). Outcomes have no
+//!   ack: one taken by a stream that breaks before sending it is lost.
+//! - A Welcome's sample interval is applied only within [`SAMPLE_INTERVAL_MS`] (100 ms to
+//!   1 h); otherwise the agent keeps its own and logs `WelcomeIntervalRefused`.
 
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -22,7 +28,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 use tracing::Instrument;
 
 use crate::command::{CANCEL_COMMAND, CommandVerifier, Executor, Refusal, refusal_outcome};
-use crate::config::AgentConfig;
+use crate::config::{AgentConfig, SAMPLE_INTERVAL_MS};
 use crate::spool::{self, Spool};
 
 /// Most batches sent but not yet acked on one stream.
@@ -86,7 +92,7 @@ pub struct Shared {
     /// Remote commands: `None` when `[commands] enabled = false` (every command is refused).
     pub commands: Option<RemoteCommands>,
     /// Outcomes waiting to be sent (kept across reconnects, not across restarts).
-    pub outcomes: Mutex<std::collections::VecDeque<CommandOutcome>>,
+    pub outcomes: Mutex<VecDeque<CommandOutcome>>,
     /// Signalled when an outcome is queued.
     pub outcome_ready: Notify,
 }
@@ -121,14 +127,72 @@ impl Shared {
         drop(outcomes);
         self.outcome_ready.notify_one();
     }
+}
 
-    fn take_outcomes(&self) -> Vec<CommandOutcome> {
-        self.outcomes
+/// Sends the queued outcomes on `tx`, oldest first. An outcome leaves the queue only once the
+/// stream took it; one that could not be sent goes back to the front, for the next stream.
+///
+/// # Errors
+/// [`UplinkError::Protocol`] when the stream is closed.
+async fn send_outcomes(
+    outcomes: &Mutex<VecDeque<CommandOutcome>>,
+    tx: &mpsc::Sender<AgentFrame>,
+) -> Result<(), UplinkError> {
+    let lock = || {
+        outcomes
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .drain(..)
-            .collect()
+    };
+    loop {
+        // Popped under the lock, sent without it: a finishing command can queue meanwhile.
+        let Some(outcome) = lock().pop_front() else {
+            return Ok(());
+        };
+        let frame = AgentFrame {
+            frame: Some(agent_frame::Frame::Outcome(outcome)),
+        };
+        if let Err(mpsc::error::SendError(frame)) = tx.send(frame).await {
+            if let Some(agent_frame::Frame::Outcome(outcome)) = frame.frame {
+                requeue_outcome(&mut lock(), outcome);
+            }
+            return Err(UplinkError::Protocol("request stream closed".into()));
+        }
     }
+}
+
+/// Puts back at the front an outcome that could not be sent, unless the queue filled up
+/// meanwhile (then it is the oldest, and dropped, as [`Shared::push_outcome`] would).
+fn requeue_outcome(outcomes: &mut VecDeque<CommandOutcome>, outcome: CommandOutcome) {
+    if outcomes.len() >= MAX_PENDING_OUTCOMES {
+        tracing::warn!(
+            command_id = outcome.command_id,
+            "CommandOutcomeDropped: too many unsent outcomes"
+        );
+        return;
+    }
+    outcomes.push_front(outcome);
+}
+
+/// Applies the sampling interval a Welcome asks for: 0 keeps the agent's own, and so does a
+/// value outside [`SAMPLE_INTERVAL_MS`] (logged), which a misconfigured or hostile server
+/// could otherwise use to make the agent sample every millisecond.
+fn apply_welcome_interval(interval_ms: &watch::Sender<u64>, asked_ms: u32) {
+    if asked_ms == 0 {
+        return;
+    }
+    let asked = u64::from(asked_ms);
+    if !SAMPLE_INTERVAL_MS.contains(&asked) {
+        tracing::warn!(
+            asked_ms,
+            kept_ms = *interval_ms.borrow(),
+            "WelcomeIntervalRefused: the server asked for a sample interval of {asked_ms} ms, outside {}..={} ms; keeping the agent's own",
+            SAMPLE_INTERVAL_MS.start(),
+            SAMPLE_INTERVAL_MS.end()
+        );
+        return;
+    }
+    // Only a real change restarts the ticker (a reconnect must not add a batch).
+    interval_ms.send_if_modified(|ms| std::mem::replace(ms, asked) != asked);
 }
 
 /// Verifies a command and, if it may run, runs it in the background; the outcome (or the
@@ -318,13 +382,7 @@ async fn session(
     };
     *failures = 0;
     shared.spool().set_base(welcome.last_stored_seq);
-    if welcome.sample_interval_ms != 0 {
-        let asked = u64::from(welcome.sample_interval_ms);
-        // Only a real change restarts the ticker (a reconnect must not add a batch).
-        shared
-            .interval_ms
-            .send_if_modified(|ms| std::mem::replace(ms, asked) != asked);
-    }
+    apply_welcome_interval(&shared.interval_ms, welcome.sample_interval_ms);
     tracing::info!(
         server = config.server_url,
         node = welcome.node_id,
@@ -337,14 +395,7 @@ async fn session(
     let mut sent_through = 0u64;
     let mut acked_through = 0u64;
     loop {
-        for outcome in shared.take_outcomes() {
-            let frame = AgentFrame {
-                frame: Some(agent_frame::Frame::Outcome(outcome)),
-            };
-            if tx.send(frame).await.is_err() {
-                return Err(UplinkError::Protocol("request stream closed".into()));
-            }
-        }
+        send_outcomes(&shared.outcomes, &tx).await?;
         // Top up the in-flight window from the spool.
         let in_flight =
             usize::try_from(sent_through.saturating_sub(acked_through)).unwrap_or(usize::MAX);
@@ -394,4 +445,65 @@ fn error_chain(error: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outcome(id: &str) -> CommandOutcome {
+        CommandOutcome {
+            command_id: id.to_owned(),
+            succeeded: true,
+            detail: String::new(),
+            refused: String::new(),
+        }
+    }
+
+    fn queued(outcomes: &Mutex<VecDeque<CommandOutcome>>) -> Vec<String> {
+        outcomes
+            .lock()
+            .expect("lock")
+            .iter()
+            .map(|o| o.command_id.clone())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn outcomes_survive_a_closed_stream_and_go_out_on_the_next() {
+        let outcomes = Mutex::new(VecDeque::from([outcome("c1"), outcome("c2")]));
+        let (closed, rx) = mpsc::channel::<AgentFrame>(8);
+        drop(rx);
+        assert!(send_outcomes(&outcomes, &closed).await.is_err());
+        assert_eq!(queued(&outcomes), ["c1", "c2"], "kept for the next stream");
+        let (open, mut rx) = mpsc::channel::<AgentFrame>(8);
+        send_outcomes(&outcomes, &open).await.expect("sent");
+        assert!(
+            queued(&outcomes).is_empty(),
+            "sent outcomes leave the queue"
+        );
+        let mut sent = Vec::new();
+        while let Ok(AgentFrame {
+            frame: Some(agent_frame::Frame::Outcome(o)),
+        }) = rx.try_recv()
+        {
+            sent.push(o.command_id);
+        }
+        assert_eq!(sent, ["c1", "c2"], "in order");
+    }
+
+    #[test]
+    fn a_welcome_interval_outside_100_ms_to_1_h_is_ignored() {
+        let (interval, _rx) = watch::channel(1000u64);
+        for bad in [1, 99, 3_600_001, u32::MAX] {
+            apply_welcome_interval(&interval, bad);
+            assert_eq!(*interval.borrow(), 1000, "{bad} ms must be refused");
+        }
+        apply_welcome_interval(&interval, 0);
+        assert_eq!(*interval.borrow(), 1000, "0 keeps the agent's own");
+        for good in [100, 250, 3_600_000] {
+            apply_welcome_interval(&interval, good);
+            assert_eq!(*interval.borrow(), u64::from(good));
+        }
+    }
 }

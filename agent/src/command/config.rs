@@ -69,6 +69,15 @@ impl CommandsConfig {
                     "list exact names, e.g. \"subtensor.service\" or \"validator\"",
                 ));
             }
+            if let Some(bad) = names.iter().find(|n| has_glob(n)) {
+                return Err(ConfigError::new(
+                    field,
+                    format!(
+                        "{bad:?} holds a glob character ('*', '?', '[', ']' or '\\'); systemctl expands such a pattern to every unit that matches"
+                    ),
+                    "list each name exactly, without patterns, e.g. \"subtensor.service\" or \"validator\"",
+                ));
+            }
         }
         if !plain_name(&self.container_runtime) {
             return Err(ConfigError::new(
@@ -117,6 +126,14 @@ fn plain_name(name: &str) -> bool {
         && !name.chars().any(|c| c.is_whitespace() || c.is_control())
 }
 
+/// Characters `systemctl` treats as a pattern in a unit name (fnmatch, with `\` escaping).
+pub(super) const GLOB_CHARS: [char; 5] = ['*', '?', '[', ']', '\\'];
+
+/// Whether `name` would be matched as a pattern rather than named exactly.
+pub(super) fn has_glob(name: &str) -> bool {
+    name.contains(GLOB_CHARS)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -143,5 +160,41 @@ mod tests {
             commands.validate().expect_err("must fail").field,
             "commands.verify_key_file"
         );
+    }
+
+    #[test]
+    fn an_allow_list_entry_with_a_glob_character_is_refused_naming_the_field() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = dir.path().join("command-verify.pub");
+        std::fs::write(&key, format!("{}\n", "ab".repeat(32))).expect("write");
+        let valid = CommandsConfig {
+            enabled: true,
+            verify_key_file: key,
+            allowed_units: vec!["subtensor.service".into(), "node@1.service".into()],
+            allowed_containers: vec!["validator".into()],
+            ..CommandsConfig::default()
+        };
+        valid.validate().expect("valid");
+        for glob in [
+            "*",
+            "sub*.service",
+            "node?.service",
+            "node[12].service",
+            "a\\x2d.service",
+        ] {
+            let units = CommandsConfig {
+                allowed_units: vec!["subtensor.service".into(), glob.into()],
+                ..valid.clone()
+            };
+            let error = units.validate().expect_err(glob);
+            assert_eq!(error.field, "commands.allowed_units", "{glob}");
+            assert!(error.to_string().contains("glob"), "{error}");
+            let containers = CommandsConfig {
+                allowed_containers: vec![glob.into()],
+                ..valid.clone()
+            };
+            let error = containers.validate().expect_err(glob);
+            assert_eq!(error.field, "commands.allowed_containers", "{glob}");
+        }
     }
 }

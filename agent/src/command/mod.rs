@@ -15,7 +15,10 @@
 //! - A cancelled command's id is written (fsync'd) the same way before the cancel's outcome
 //!   is reported, so a cancelled command that arrives later (even after a restart) is refused.
 //! - Nothing runs through a shell: programs get their arguments as separate `argv` entries,
-//!   hooks get parameters only as `GUARDIAN_PARAM_<KEY>` environment variables.
+//!   hooks get parameters only as `GUARDIAN_PARAM_<KEY>` environment variables (keys that
+//!   differ only in case are refused, as they would set the same variable).
+//! - A unit or container is named exactly: glob characters (`*?[]\`), which `systemctl`
+//!   would expand, are refused in the allow-lists and in parameters.
 //! - Output kept and reported is bounded ([`OUTPUT_TAIL_BYTES`], [`DIAGNOSTICS_MAX_BYTES`]).
 //!
 //! Layout: `verify.rs` holds the first half ([`CommandVerifier`], the seen-ids file

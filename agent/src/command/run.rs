@@ -12,6 +12,7 @@ use guardian_proto::v1::{CommandEnvelope, CommandOutcome};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio_util::sync::CancellationToken;
 
+use super::config::has_glob;
 use super::{CANCEL_COMMAND, CommandsConfig, Refusal, valid_command_id};
 
 /// Bytes of a command's output reported in its outcome (the last ones).
@@ -157,7 +158,7 @@ impl Executor {
         };
         match envelope.action.as_str() {
             "restart-unit" => {
-                let unit = param("unit")?;
+                let unit = exact_name(param("unit")?, "unit")?;
                 allowed(&self.config.allowed_units, unit, "commands.allowed_units")?;
                 Ok(Plan::Run(Invocation {
                     program: PathBuf::from("systemctl"),
@@ -168,7 +169,7 @@ impl Executor {
                 }))
             }
             "restart-container" => {
-                let name = param("container")?;
+                let name = exact_name(param("container")?, "container")?;
                 allowed(
                     &self.config.allowed_containers,
                     name,
@@ -204,6 +205,8 @@ impl Executor {
                 ];
                 let mut keys: Vec<&String> = envelope.parameters.keys().collect();
                 keys.sort();
+                // Keys that differ only in case would set the same variable, one value lost.
+                let mut names: HashMap<String, &String> = HashMap::new();
                 for key in keys {
                     let value = &envelope.parameters[key];
                     if key.is_empty()
@@ -219,10 +222,13 @@ impl Executor {
                             "parameter {key:?} holds a NUL byte"
                         )));
                     }
-                    env.push((
-                        format!("GUARDIAN_PARAM_{}", key.to_ascii_uppercase()),
-                        value.clone(),
-                    ));
+                    let name = format!("GUARDIAN_PARAM_{}", key.to_ascii_uppercase());
+                    if let Some(other) = names.insert(name.clone(), key) {
+                        return Err(Refusal::Malformed(format!(
+                            "parameter keys {other:?} and {key:?} both become {name}; keys must differ in more than case"
+                        )));
+                    }
+                    env.push((name, value.clone()));
                 }
                 Ok(Plan::Run(Invocation {
                     program: script.clone(),
@@ -392,6 +398,21 @@ impl Executor {
         truncate_at_char(&mut report, DIAGNOSTICS_MAX_BYTES);
         report
     }
+}
+
+/// `name`, the value of parameter `key`, if it names one unit or container exactly. Checked
+/// although the allow-lists refuse patterns: an [`Executor`] may be built from a config that
+/// was never validated.
+///
+/// # Errors
+/// [`Refusal::Malformed`] when it holds a glob character, which `systemctl` would expand.
+fn exact_name<'e>(name: &'e String, key: &str) -> Result<&'e String, Refusal> {
+    if has_glob(name) {
+        return Err(Refusal::Malformed(format!(
+            "parameter {key:?} {name:?} holds a glob character ('*', '?', '[', ']' or '\\'), which systemctl would expand to every match; name one {key} exactly"
+        )));
+    }
+    Ok(name)
 }
 
 fn truncate_at_char(text: &mut String, max: usize) {
@@ -750,5 +771,67 @@ mod tests {
             "{detail}"
         );
         assert!(!detail.contains("line-0\n"), "{detail}");
+    }
+
+    fn planned(
+        executor: &Executor,
+        action: &str,
+        params: &[(&str, &str)],
+    ) -> Result<Plan, Refusal> {
+        let mut e = envelope("c1", "val-1", NOW, NOW + 1000);
+        e.action = action.to_owned();
+        e.parameters = params
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        executor.plan(&e)
+    }
+
+    #[test]
+    fn a_unit_or_container_with_a_glob_character_is_refused_even_if_listed() {
+        // Built without CommandsConfig::validate, which would refuse these entries.
+        let globs = ["*", "sub*.service", "node?", "node[12]", "a\\x2d"];
+        let executor = Executor::new(
+            CommandsConfig {
+                enabled: true,
+                allowed_units: globs.iter().map(|g| (*g).to_owned()).collect(),
+                allowed_containers: globs.iter().map(|g| (*g).to_owned()).collect(),
+                ..CommandsConfig::default()
+            },
+            PathBuf::from("/"),
+        );
+        for glob in globs {
+            for (action, key) in [("restart-unit", "unit"), ("restart-container", "container")] {
+                let refused = planned(&executor, action, &[(key, glob)]).expect_err(glob);
+                assert_eq!(refused.kind(), "malformed", "{action} {glob}");
+                assert!(refused.to_string().contains("glob"), "{refused}");
+            }
+        }
+    }
+
+    #[test]
+    fn hook_parameters_whose_keys_differ_only_in_case_are_refused() {
+        let executor = Executor::new(
+            CommandsConfig {
+                enabled: true,
+                hooks: [("restore".to_owned(), PathBuf::from("/opt/restore.sh"))].into(),
+                ..CommandsConfig::default()
+            },
+            PathBuf::from("/"),
+        );
+        for params in [
+            &[("hook", "restore"), ("snapshot", "s1"), ("SNAPSHOT", "s2")][..],
+            &[("hook", "restore"), ("Hook", "other")],
+        ] {
+            let refused = planned(&executor, "run-hook", params).expect_err("collision");
+            assert_eq!(refused.kind(), "malformed", "{params:?}");
+            assert!(refused.to_string().contains("GUARDIAN_PARAM_"), "{refused}");
+        }
+        planned(
+            &executor,
+            "run-hook",
+            &[("hook", "restore"), ("snapshot", "s1")],
+        )
+        .expect("distinct keys");
     }
 }

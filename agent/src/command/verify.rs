@@ -98,9 +98,10 @@ fn parse_hex_key(hex: &str) -> Option<[u8; 32]> {
 /// The ids of commands already received, persisted in one file so they survive restarts.
 ///
 /// File format: one line per id, `COMMAND_ID EXPIRES_AT_UNIX_MS\n`, appended and fsync'd per
-/// id. Opening rewrites it atomically (temp file, fsync, rename), forgetting ids whose
-/// command expired more than [`SEEN_RETENTION_MARGIN_MS`] ago (an expired command is refused
-/// anyway) and a torn last line (an append that never returned, so never ran).
+/// id. Opening, and every `COMPACT_EVERY` (4096) appends, rewrites it atomically (temp
+/// file, fsync, rename), forgetting ids whose command expired more than
+/// [`SEEN_RETENTION_MARGIN_MS`] ago (an expired command is refused anyway) and a torn last
+/// line (an append that never returned, so never ran).
 #[derive(Debug)]
 pub struct SeenIds {
     path: PathBuf,
@@ -167,36 +168,51 @@ impl SeenIds {
         self.ids.is_empty()
     }
 
-    /// Records `command_id` durably (appended and fsync'd before this returns).
+    /// Records `command_id` durably (appended and fsync'd before this returns). Every
+    /// `COMPACT_EVERY` (4096) appends the file is compacted first.
+    ///
+    /// # Guarantees
+    /// The open handle always names the file at the path: a compaction swaps it only once the
+    /// new file is in place, so no later id is appended to an unlinked file.
     ///
     /// # Errors
-    /// The I/O error; the id is then not remembered.
+    /// The I/O error of the append or of a due compaction; the id is then not remembered
+    /// (the command must not run). A compaction that failed is tried again by the next insert.
     pub fn insert(
         &mut self,
         command_id: &str,
         expires_at_unix_ms: i64,
         now_unix_ms: i64,
     ) -> std::io::Result<()> {
+        if self.appends_since_compaction >= COMPACT_EVERY {
+            self.compact(now_unix_ms).inspect_err(|error| {
+                tracing::warn!(%error, path = %self.path.display(), "seen-ids compaction failed");
+            })?;
+        }
         self.file
             .write_all(format!("{command_id} {expires_at_unix_ms}\n").as_bytes())?;
         self.file.sync_data()?;
         self.ids.insert(command_id.to_owned(), expires_at_unix_ms);
         self.appends_since_compaction += 1;
-        if self.appends_since_compaction >= COMPACT_EVERY {
-            // The id is durable already; a failed compaction only leaves a longer file.
-            if let Err(error) = self.compact(now_unix_ms) {
-                tracing::warn!(%error, path = %self.path.display(), "seen-ids compaction failed");
-            }
-        }
         Ok(())
     }
 
     /// Forgets long-expired ids and atomically rewrites the file with the rest.
+    ///
+    /// # Errors
+    /// Before the rename the old file, and the handle on it, stay as they were. After it the
+    /// handle is already on the new file; only the folder fsync can still fail.
     fn compact(&mut self, now_unix_ms: i64) -> std::io::Result<()> {
-        retain_recent(&mut self.ids, now_unix_ms);
-        self.file = rewrite(&self.path, &self.ids)?;
+        let mut kept = self.ids.clone();
+        retain_recent(&mut kept, now_unix_ms);
+        let (tmp, file) = write_temp(&self.path, &kept)?;
+        fault(Step::Rename)?;
+        fs::rename(&tmp, &self.path)?;
+        // The path names the new file from here: the handle must follow it whatever fails next.
+        self.file = file;
+        self.ids = kept;
         self.appends_since_compaction = 0;
-        Ok(())
+        sync_folder(&self.path)
     }
 }
 
@@ -208,6 +224,17 @@ fn retain_recent(ids: &mut HashMap<String, i64>, now_unix_ms: i64) {
 /// Replaces the file at `path` with `ids` (temp file, fsync, rename, fsync of the folder) and
 /// returns it opened for appending.
 fn rewrite(path: &Path, ids: &HashMap<String, i64>) -> std::io::Result<File> {
+    let (tmp, file) = write_temp(path, ids)?;
+    fault(Step::Rename)?;
+    fs::rename(&tmp, path)?;
+    sync_folder(path)?;
+    Ok(file)
+}
+
+/// Writes `ids` to `PATH.tmp`, fsyncs it and returns its path and the file opened for
+/// appending (opened before it is renamed into place, so that a failed open leaves the old
+/// file, and the handle on it, in use).
+fn write_temp(path: &Path, ids: &HashMap<String, i64>) -> std::io::Result<(PathBuf, File)> {
     let mut text = String::new();
     for (id, expires) in ids {
         text.push_str(&format!("{id} {expires}\n"));
@@ -216,15 +243,50 @@ fn rewrite(path: &Path, ids: &HashMap<String, i64>) -> std::io::Result<File> {
     tmp_name.push(".tmp");
     let tmp = path.with_file_name(tmp_name);
     {
+        fault(Step::WriteTemp)?;
         let mut file = File::create(&tmp)?;
         file.write_all(text.as_bytes())?;
         file.sync_all()?;
     }
-    fs::rename(&tmp, path)?;
+    fault(Step::OpenTemp)?;
+    let file = OpenOptions::new().append(true).open(&tmp)?;
+    Ok((tmp, file))
+}
+
+/// Fsyncs the folder holding `path`, so that a rename into it is durable.
+fn sync_folder(path: &Path) -> std::io::Result<()> {
+    fault(Step::SyncFolder)?;
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         File::open(dir)?.sync_all()?;
     }
-    OpenOptions::new().append(true).open(path)
+    Ok(())
+}
+
+/// The steps of a rewrite of the seen-ids file, named so that a test can make one fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    WriteTemp,
+    OpenTemp,
+    Rename,
+    SyncFolder,
+}
+
+#[cfg(test)]
+thread_local! {
+    /// The step that fails on this thread (tests only).
+    static FAIL_AT: std::cell::Cell<Option<Step>> = const { std::cell::Cell::new(None) };
+}
+
+/// Fails `step` when a test asked for it on this thread; nothing otherwise.
+fn fault(step: Step) -> std::io::Result<()> {
+    #[cfg(test)]
+    if FAIL_AT.get() == Some(step) {
+        return Err(std::io::Error::other(format!(
+            "injected failure at {step:?}"
+        )));
+    }
+    let _ = step;
+    Ok(())
 }
 
 /// Decides whether a [`Command`] may run on this node: genuine, for this node, current, new.
@@ -458,6 +520,81 @@ mod tests {
                 .expect_err("corrupt")
                 .kind(),
             "seen_corrupt"
+        );
+    }
+
+    /// Inserts `id`; an accepted id is added to `accepted`, a refused one must not be
+    /// remembered.
+    fn insert(seen: &mut SeenIds, accepted: &mut Vec<String>, id: &str) {
+        match seen.insert(id, NOW + 60_000, NOW) {
+            Ok(()) => accepted.push(id.to_owned()),
+            Err(error) => assert!(!seen.contains(id), "{id} refused ({error}) but remembered"),
+        }
+    }
+
+    /// Asserts that a restart reading `path` finds every id in `accepted`.
+    fn assert_all_survive(path: &Path, accepted: &[String]) {
+        let reopened = SeenIds::open(path, NOW).expect("reopen");
+        for id in accepted {
+            assert!(
+                reopened.contains(id),
+                "{id} was accepted but is lost on reopen"
+            );
+        }
+    }
+
+    #[test]
+    fn no_seen_id_is_lost_when_a_compaction_fails() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("commands-seen");
+        let tmp = dir.path().join("commands-seen.tmp");
+        let mut seen = SeenIds::open(&path, NOW).expect("open");
+        let mut accepted = Vec::new();
+        insert(&mut seen, &mut accepted, "a1");
+        // A temp path that cannot be created (also as root): the compaction due with this
+        // insert fails before the rename.
+        fs::create_dir(&tmp).expect("mkdir");
+        seen.appends_since_compaction = COMPACT_EVERY;
+        insert(&mut seen, &mut accepted, "a2");
+        fs::remove_dir(&tmp).expect("rmdir");
+        insert(&mut seen, &mut accepted, "a3");
+        // A failure after the rename (the folder fsync), then one before the next rename.
+        seen.appends_since_compaction = COMPACT_EVERY;
+        FAIL_AT.set(Some(Step::SyncFolder));
+        insert(&mut seen, &mut accepted, "a4");
+        FAIL_AT.set(None);
+        fs::create_dir(&tmp).expect("mkdir");
+        insert(&mut seen, &mut accepted, "a5");
+        // A restart now reads what is at the path (from a copy: the temp path is blocked).
+        let copy = dir.path().join("after-failures");
+        fs::copy(&path, &copy).expect("copy");
+        assert_all_survive(&copy, &accepted);
+        fs::remove_dir(&tmp).expect("rmdir");
+        insert(&mut seen, &mut accepted, "a6");
+        assert_all_survive(&path, &accepted);
+        // Whichever step fails, the insert that needed the compaction is refused and the
+        // next one is kept.
+        for step in [
+            Step::WriteTemp,
+            Step::OpenTemp,
+            Step::Rename,
+            Step::SyncFolder,
+        ] {
+            seen.appends_since_compaction = COMPACT_EVERY;
+            FAIL_AT.set(Some(step));
+            let refused = format!("{step:?}-1");
+            assert!(
+                seen.insert(&refused, NOW + 60_000, NOW).is_err(),
+                "{step:?}"
+            );
+            assert!(!seen.contains(&refused));
+            FAIL_AT.set(None);
+            insert(&mut seen, &mut accepted, &format!("{step:?}-2"));
+            assert_all_survive(&path, &accepted);
+        }
+        assert!(
+            accepted.contains(&"SyncFolder-2".to_owned()),
+            "{accepted:?}"
         );
     }
 }

@@ -25,6 +25,11 @@
 //!   `ChainHeadSubscribed` / `ChainHeadPolling`, `ChainStandingAvailable` /
 //!   `ChainStandingUnavailable`, `ChainReferenceResponsive` / `ChainReferenceUnresponsive`).
 //! - The task stops when the shutdown token is cancelled, also in the middle of a round.
+//! - Until the first round has finished the sampler is not [`Sampler::ready`]: batches carry
+//!   `SamplerUnavailable` ("no answer yet"), never a chain sample claiming the node
+//!   unresponsive. (`sample()` itself still answers, with `responsive = false` and that
+//!   error.) Every call of the round is bounded by the call timeout, so a node that does not
+//!   answer is reported `responsive = false` as soon as the first round's call times out.
 
 use std::str::FromStr;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -55,7 +60,7 @@ const PALLET: &str = "SubtensorModule";
 /// `ValidatorTrust` is a u16 fixed-point share of 1.
 const TRUST_SCALE: f64 = 65_535.0;
 
-/// The error reported before the first round has finished.
+/// Why there is no sample (and each reference's error) before the first round has finished.
 const NOT_YET: &str = "no answer yet: the first round has not finished";
 
 /// RPC types of the chain (a Substrate chain with 32-byte accounts and blake2 hashes).
@@ -185,6 +190,20 @@ impl ChainSampler {
 impl Sampler for ChainSampler {
     fn name(&self) -> &'static str {
         "chain"
+    }
+
+    /// Not before the first round has finished: until then nothing is known about the node,
+    /// and [`Sampler::sample`] would say "unresponsive" (`responsive` is false by default).
+    fn ready(&self) -> Result<(), SampleError> {
+        let snapshot = lock(&self.snapshot);
+        if snapshot.answered {
+            Ok(())
+        } else {
+            Err(SampleError::NotYet(format!(
+                "{}: {NOT_YET}",
+                snapshot.sample.endpoint
+            )))
+        }
     }
 
     fn sample(&mut self) -> Result<sample::Kind, SampleError> {
@@ -469,6 +488,9 @@ struct Snapshot {
     sample: ChainSample,
     /// When the best block last changed.
     head: HeadTracker,
+    /// Whether a round has finished (published a reading or a failure): before that the
+    /// sample says nothing true about the node, not even that it is unresponsive.
+    answered: bool,
 }
 
 impl Snapshot {
@@ -490,6 +512,7 @@ impl Snapshot {
                 ..ChainSample::default()
             },
             head: HeadTracker::new(start),
+            answered: false,
         }
     }
 
@@ -1163,6 +1186,7 @@ impl Task {
             let mut snapshot = lock(&self.snapshot);
             snapshot.sample.head_subscribed = subscribed;
             snapshot.observe_best(reading.best, Instant::now(), false);
+            snapshot.answered = true;
             let sample = &mut snapshot.sample;
             sample.responsive = true;
             sample.error.clear();
@@ -1196,6 +1220,7 @@ impl Task {
         let subscribed = self.node.head_subscribed();
         {
             let mut snapshot = lock(&self.snapshot);
+            snapshot.answered = true;
             snapshot.sample.responsive = false;
             snapshot.sample.error = error.to_string();
             snapshot.sample.head_subscribed = subscribed;
@@ -1730,5 +1755,65 @@ mod tests {
             sample.references[0].error
         );
         stop(tasks, shutdown).await;
+    }
+
+    #[tokio::test]
+    async fn no_sample_claims_the_node_unresponsive_before_the_first_round_ends() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = listener.local_addr().expect("address");
+        let silent = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket);
+            }
+        });
+        let tasks = TaskTracker::new();
+        let shutdown = CancellationToken::new();
+        let settings = ChainSettings {
+            call_timeout: Duration::from_millis(300),
+            interval: Duration::from_millis(600),
+            ..settings_for(format!("ws://{address}"))
+        };
+        let started = Instant::now();
+        let mut sampler = ChainSampler::spawn(settings, &tasks, shutdown.clone());
+        // What the agent's first batch carries, taken right away while the first round waits.
+        let first = super::super::take(&mut sampler, 0).kind;
+        assert!(
+            started.elapsed() < Duration::from_millis(300),
+            "too slow to test"
+        );
+        match &first {
+            Some(sample::Kind::Chain(chain)) => assert!(
+                chain.responsive,
+                "before the first round ends nothing is known, yet the batch says unresponsive: {chain:?}"
+            ),
+            Some(sample::Kind::Unavailable(why)) => {
+                assert_eq!(why.sampler, "chain");
+                assert!(why.reason.contains(NOT_YET), "{}", why.reason);
+            }
+            other => panic!("{other:?}"),
+        }
+        // A node that does not answer is reported once the first round's call times out.
+        let reported = tokio::time::timeout(Duration::from_secs(3), async {
+            loop {
+                if let Some(sample::Kind::Chain(chain)) = super::super::take(&mut sampler, 0).kind {
+                    return chain;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("a chain sample within 3 s");
+        assert!(!reported.responsive, "{reported:?}");
+        assert!(
+            reported.error.contains("timed out after 300 ms"),
+            "{}",
+            reported.error
+        );
+        assert!(started.elapsed() >= Duration::from_millis(300));
+        stop(tasks, shutdown).await;
+        silent.abort();
     }
 }

@@ -41,6 +41,10 @@ pub enum SampleError {
         /// The errno.
         source: std::io::Error,
     },
+    /// The source has not been read yet (a background sampler's first round is still
+    /// running); nothing is known, good or bad.
+    #[error("{0}")]
+    NotYet(String),
 }
 
 impl SampleError {
@@ -50,6 +54,7 @@ impl SampleError {
             Self::Read { .. } => "read",
             Self::Parse { .. } => "parse",
             Self::Statfs { .. } => "statfs",
+            Self::NotYet(_) => "not_yet",
         }
     }
 }
@@ -60,6 +65,16 @@ pub trait Sampler: Send {
     /// Short stable name, used in `Hello.capabilities` and in `SamplerUnavailable`.
     fn name(&self) -> &'static str;
 
+    /// Whether the sampler has anything true to report yet. A background sampler answers
+    /// [`SampleError::NotYet`] until its first round has finished; [`take`] then reports that
+    /// instead of a sample (which could only be a guess). Always ready by default.
+    ///
+    /// # Errors
+    /// [`SampleError::NotYet`] while there is nothing to report.
+    fn ready(&self) -> Result<(), SampleError> {
+        Ok(())
+    }
+
     /// Takes one sample.
     ///
     /// # Errors
@@ -68,12 +83,18 @@ pub trait Sampler: Send {
     fn sample(&mut self) -> Result<sample::Kind, SampleError>;
 }
 
-/// Runs one sampler and always returns a sample: its data, or why it had none.
+/// Runs one sampler and always returns a sample: its data, or why it had none (also when it
+/// is not [`Sampler::ready`] yet).
 pub fn take(sampler: &mut dyn Sampler, observed_at_unix_ms: i64) -> Sample {
-    let kind = match sampler.sample() {
+    let kind = match sampler.ready().and_then(|()| sampler.sample()) {
         Ok(kind) => kind,
         Err(error) => {
-            tracing::warn!(sampler = sampler.name(), error = %error, kind = error.kind(), "SamplerUnavailable");
+            if matches!(error, SampleError::NotYet(_)) {
+                // Expected right after start: not worth a warning.
+                tracing::debug!(sampler = sampler.name(), error = %error, kind = error.kind(), "SamplerUnavailable");
+            } else {
+                tracing::warn!(sampler = sampler.name(), error = %error, kind = error.kind(), "SamplerUnavailable");
+            }
             sample::Kind::Unavailable(SamplerUnavailable {
                 sampler: sampler.name().to_owned(),
                 reason: error.to_string(),
