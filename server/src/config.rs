@@ -52,6 +52,11 @@ pub struct ServerConfig {
     pub reconcile: crate::reconcile::ReconcileSettings,
     /// Webhook for alerts (`[alerts]`).
     pub alerts: crate::actuate::alert::AlertSettings,
+    /// Append-only file the audit chain's head is anchored in (outside the ledger); empty =
+    /// `<ledger file>.audit-anchor` for SQLite, off for PostgreSQL.
+    pub audit_anchor_file: PathBuf,
+    /// How often the audit head is anchored, in seconds (when it moved).
+    pub audit_anchor_every_seconds: u64,
     /// Limits of the gRPC listener (`[connections]`).
     pub connections: crate::listen::ConnectionLimits,
     /// TLS material.
@@ -88,8 +93,21 @@ impl Default for ServerConfig {
             detect: crate::detect::DetectPolicy::default(),
             reconcile: crate::reconcile::ReconcileSettings::default(),
             alerts: crate::actuate::alert::AlertSettings::default(),
+            audit_anchor_file: PathBuf::new(),
+            audit_anchor_every_seconds: 60,
             connections: crate::listen::ConnectionLimits::default(),
             tls: ServerTls::default(),
+        }
+    }
+}
+
+impl ServerConfig {
+    /// Where the audit head is anchored: `audit_anchor_file`, or beside a SQLite ledger.
+    pub fn audit_anchor_path(&self) -> Option<PathBuf> {
+        if self.audit_anchor_file.as_os_str().is_empty() {
+            crate::store::anchor::default_file(&self.ledger_url)
+        } else {
+            Some(self.audit_anchor_file.clone())
         }
     }
 }
@@ -283,6 +301,13 @@ impl ServerConfig {
                 "use a share such as 0.5 (half of a network's nodes degraded together)",
             ));
         }
+        if !(1..=86_400).contains(&self.audit_anchor_every_seconds) {
+            return Err(ConfigError::new(
+                "audit_anchor_every_seconds",
+                format!("{} is outside 1..=86400", self.audit_anchor_every_seconds),
+                "use the default 60",
+            ));
+        }
         if let Some((field, problem, fix)) = self.connections.problem() {
             return Err(ConfigError::new(field, problem, fix));
         }
@@ -382,6 +407,18 @@ impl ServerConfig {
             "Ed25519 PKCS#8 key signing remote commands; empty = remote commands off.",
             "command_signing_key_file",
             self.command_signing_key_file.display().to_string().into(),
+        );
+        line(
+            &mut out,
+            "Audit chain anchor file (outside the ledger); empty = <ledger file>.audit-anchor for SQLite, off for PostgreSQL.",
+            "audit_anchor_file",
+            self.audit_anchor_file.display().to_string().into(),
+        );
+        line(
+            &mut out,
+            "How often the audit head is anchored, s (default 60).",
+            "audit_anchor_every_seconds",
+            to_value(self.audit_anchor_every_seconds),
         );
         let limits = &self.connections;
         out.push_str("\n# Limits of the gRPC listener: a connection flood cannot lock agents out.\n[connections]\n");

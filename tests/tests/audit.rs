@@ -288,3 +288,94 @@ async fn the_audit_chain_holds_on_postgresql_and_names_altered_and_removed_rows(
     ledger.close().await;
     Ok(())
 }
+
+/// Anchors the ledger's head now, as the server's anchor task does.
+async fn anchor_head(ledger: &Ledger, url: &str) -> anyhow::Result<PathBuf> {
+    use guardian_server::store::anchor;
+    let path = anchor::default_file(url).context("a SQLite ledger has an anchor file")?;
+    let (seq, hash) = ledger.audit_head().await?.context("an empty chain")?;
+    anchor::append(
+        &path,
+        &anchor::Anchor {
+            seq,
+            hash,
+            at_unix_ms: guardian_server::unix_ms(),
+        },
+    )?;
+    Ok(path)
+}
+
+/// A connection to the SQLite file as a tool would open it (no pragmas of the server's).
+async fn raw_sqlite(url: &str) -> anyhow::Result<sqlx::SqliteConnection> {
+    use sqlx::Connection;
+    Ok(sqlx::SqliteConnection::connect(url).await?)
+}
+
+#[tokio::test]
+async fn removed_newest_entries_are_caught_by_the_anchor() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let url = format!("sqlite://{}/ledger.db", dir.path().display());
+    let ledger = Ledger::open(&url).await?;
+    append_every_kind(&ledger).await?;
+    anchor_head(&ledger, &url).await?;
+    ledger.close().await;
+    let ok = ctl_verify(&url)?;
+    assert_eq!(ok.status.code(), Some(0), "{}", stdout(&ok));
+    assert!(
+        stdout(&ok).contains("anchored: the newest of 1 anchors (seq 5) matches"),
+        "{}",
+        stdout(&ok)
+    );
+
+    // Around the triggers, the two newest entries go: the shorter chain is still a chain.
+    let mut raw = raw_sqlite(&url).await?;
+    sqlx::query("DROP TRIGGER audit_log_no_delete")
+        .execute(&mut raw)
+        .await?;
+    sqlx::query("DELETE FROM audit_log WHERE seq > 3")
+        .execute(&mut raw)
+        .await?;
+    drop(raw);
+    let broken = ctl_verify(&url)?;
+    assert_eq!(broken.status.code(), Some(3), "{}", stdout(&broken));
+    assert!(
+        stdout(&broken).contains("saw the chain at seq 5, but the ledger ends at seq 3"),
+        "{}",
+        stdout(&broken)
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_rewritten_last_entry_is_caught_by_the_anchor() -> TestResult {
+    use guardian_server::store::audit::entry_hash;
+    let dir = tempfile::tempdir()?;
+    let url = format!("sqlite://{}/ledger.db", dir.path().display());
+    let ledger = Ledger::open(&url).await?;
+    append_every_kind(&ledger).await?;
+    anchor_head(&ledger, &url).await?;
+    let last = ledger.audit_entries(4, 1).await?.pop().context("entry 5")?;
+    let body = r#"{"act":"nothing happened","operator":"admin"}"#;
+    let hash = entry_hash(5, last.at_unix_ms, "operator", "", body, &last.prev_hash);
+    let replace = format!(
+        "INSERT OR REPLACE INTO audit_log (seq, at_unix_ms, kind, node_id, body, prev_hash, hash) \
+         VALUES (5, {}, 'operator', '', '{body}', '{}', '{hash}')",
+        last.at_unix_ms, last.prev_hash
+    );
+    ledger.close().await;
+    // A tool that leaves recursive triggers off rewrites the last row with a recomputed hash:
+    // the chain itself still holds, the anchor does not.
+    let mut raw = raw_sqlite(&url).await?;
+    sqlx::query(sqlx::AssertSqlSafe(replace))
+        .execute(&mut raw)
+        .await?;
+    drop(raw);
+    let broken = ctl_verify(&url)?;
+    assert_eq!(broken.status.code(), Some(3), "{}", stdout(&broken));
+    assert!(
+        stdout(&broken).contains("saw seq 5 with hash") && stdout(&broken).contains("rewritten"),
+        "{}",
+        stdout(&broken)
+    );
+    Ok(())
+}

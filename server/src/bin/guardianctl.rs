@@ -129,6 +129,11 @@ enum AuditCommand {
     Verify {
         #[command(flatten)]
         ledger: LedgerArgs,
+        /// The server's audit anchor file (default: `<ledger file>.audit-anchor` for SQLite).
+        /// Its newest anchor must match the ledger: entries removed from the end, or the last
+        /// ones rewritten with recomputed hashes, are reported as a broken chain.
+        #[arg(long)]
+        anchor_file: Option<PathBuf>,
     },
     /// Print audit entries, oldest first.
     List {
@@ -611,14 +616,44 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Audit {
-            command: AuditCommand::Verify { ledger },
+            command:
+                AuditCommand::Verify {
+                    ledger: args,
+                    anchor_file,
+                },
         } => {
-            let ledger = ledger.open().await?;
+            let ledger = args.open().await?;
             let report = ledger.audit_verify().await?;
+            let anchor_file = anchor_file
+                .or_else(|| guardian_server::store::anchor::default_file(&args.ledger_url));
+            let anchors = match &anchor_file {
+                Some(path) => guardian_server::store::anchor::read(path)
+                    .map_err(|e| anyhow::anyhow!("{e}"))?,
+                None => Vec::new(),
+            };
+            let mismatch = ledger.audit_check_anchor(&anchors).await?;
             ledger.close().await;
+            if let Some(mismatch) = mismatch {
+                println!("audit chain BROKEN: {mismatch}");
+                std::process::exit(3);
+            }
             match report.first_broken {
                 None => {
                     println!("audit chain OK: {} entries", report.entries);
+                    match anchors.iter().max_by_key(|a| a.seq) {
+                        Some(newest) => println!(
+                            "anchored: the newest of {} anchors (seq {}) matches",
+                            anchors.len(),
+                            newest.seq
+                        ),
+                        None => eprintln!(
+                            "note: no audit anchors{}: removed or rewritten newest entries cannot be told",
+                            anchor_file
+                                .as_ref()
+                                .map(|p| format!(" in {}", p.display()))
+                                .unwrap_or_default()
+                        ),
+                    }
                     Ok(())
                 }
                 Some(broken) => {

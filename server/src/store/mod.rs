@@ -7,6 +7,7 @@
 //!   never covers data that is not on disk. A replayed `(node, seq)` stores nothing new.
 //! - Migrations are embedded in the binary and applied at open.
 
+pub mod anchor;
 pub mod audit;
 pub mod clickhouse;
 pub mod commands;
@@ -60,6 +61,19 @@ pub async fn start(
             metrics.embedded_samples_expired.clone(),
             shutdown.clone(),
         ));
+    }
+    match config.audit_anchor_path() {
+        Some(path) => {
+            tasks.spawn(anchor::run(
+                ledger.clone(),
+                path,
+                Duration::from_secs(config.audit_anchor_every_seconds),
+                shutdown.clone(),
+            ));
+        }
+        None => tracing::warn!(
+            "the audit chain is not anchored: set audit_anchor_file (outside the ledger) so that guardianctl audit verify can tell removed or rewritten newest entries"
+        ),
     }
     tasks.spawn(records::run_pruner(
         ledger.clone(),
@@ -281,6 +295,11 @@ impl Ledger {
                         // Statement journals (multi-row INSERTs inside the group commit) in
                         // memory, not in temp files opened and written per statement.
                         sqlx::query("PRAGMA temp_store = MEMORY")
+                            .execute(&mut *conn)
+                            .await?;
+                        // INSERT OR REPLACE deletes the row it replaces: with recursive
+                        // triggers that delete fires audit_log's no-delete trigger too.
+                        sqlx::query("PRAGMA recursive_triggers = ON")
                             .execute(&mut *conn)
                             .await?;
                     }
