@@ -260,6 +260,9 @@ async fn a_ledger_restored_from_a_backup_loses_nothing_in_clickhouse() -> TestRe
     rig.restart_server()?;
     let before_restore = rig.last_seq().await.unwrap_or(0);
     rig.wait_for_seq(before_restore + 40).await?;
+    // Everything acked so far reaches ClickHouse before the ledger is replaced (what is acked
+    // and still in the outbox when a ledger is replaced is gone: the agent deleted it).
+    assert_eq!(agent.terminate()?, Some(0), "agent exits cleanly");
     clickhouse_caught_up(&rig).await?;
     rig.server.proc.terminate_within(Duration::from_secs(30))?;
     std::fs::remove_dir_all(&data)?;
@@ -270,6 +273,7 @@ async fn a_ledger_restored_from_a_backup_loses_nothing_in_clickhouse() -> TestRe
         restored < before_restore + 40,
         "the ledger is the backup's ({restored})"
     );
+    let mut agent = rig.agent(rig.server.grpc, 2)?;
     // The agent numbers on from its own spool; the restored ledger commits those batches.
     let resumed = eventually(WAIT, "the agent to stream again", || async {
         rig.last_seq()
@@ -288,6 +292,8 @@ async fn a_move_from_sqlite_to_postgresql_loses_nothing_in_clickhouse() -> TestR
     let mut rig = Rig::new().await?;
     let mut agent = rig.agent(rig.server.grpc, 1)?;
     rig.wait_for_seq(30).await?;
+    // The outbox drains into ClickHouse before the move, as the README asks.
+    assert_eq!(agent.terminate()?, Some(0), "agent exits cleanly");
     clickhouse_caught_up(&rig).await?;
     rig.server.proc.terminate_within(Duration::from_secs(30))?;
     let text = std::fs::read_to_string(&rig.config)?.replacen(
@@ -298,6 +304,7 @@ async fn a_move_from_sqlite_to_postgresql_loses_nothing_in_clickhouse() -> TestR
     assert!(text.contains("postgres"), "{text}");
     std::fs::write(&rig.config, text)?;
     rig.restart_server()?;
+    let mut agent = rig.agent(rig.server.grpc, 2)?;
     let resumed = eventually(WAIT, "the agent to stream into the new ledger", || async {
         rig.last_seq().await.filter(|seq| *seq > 30)
     })

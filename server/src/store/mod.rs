@@ -402,7 +402,9 @@ impl Ledger {
                 && version == agent_version
                 && network == descriptor.network
             {
-                return Ok(u64::try_from(seq).unwrap_or(0));
+                return Ok(u64::try_from(seq)
+                    .unwrap_or(0)
+                    .max(self.batch_floor(node.as_str())));
             }
         }
         let (done, answer) = tokio::sync::oneshot::channel();
@@ -427,9 +429,12 @@ impl Ledger {
             let ledger = self.clone();
             tokio::spawn(async move { ledger.drain_hellos().await });
         }
+        // A floor adopted from ClickHouse (records::adopt_floors) counts as stored: an agent
+        // with a fresh spool numbers on from it, never reusing a seq ClickHouse holds.
         answer
             .await
             .map_err(|_| StoreError::Shared("the Hello writer stopped before answering".into()))?
+            .map(|seq| seq.max(self.batch_floor(node.as_str())))
     }
 
     /// Stores one batch atomically in the embedded tables, at most once per `(node, seq)`

@@ -161,6 +161,28 @@ impl Ledger {
     }
 
     /// Reads every node's floor (at open).
+    /// Raises the in-memory floors to what ClickHouse holds (`(node, highest seq)`): after a
+    /// restore, a fresh ledger or a move, the ledger has no records of batches another
+    /// timeline stored, and an agent's resend of one would be stored twice. Every seq of a
+    /// node up to the highest ClickHouse holds was committed (a session commits in order) and
+    /// delivered (the sink inserts in outbox order), so anything at or below it is a replay.
+    pub async fn adopt_floors(&self, held: &[(String, u64)]) -> usize {
+        let _records = self.records_gate.lock().await;
+        let mut floors = self
+            .floors
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut raised = 0;
+        for (node, seq) in held {
+            let floor = floors.entry(node.clone()).or_default();
+            if *seq > *floor {
+                *floor = *seq;
+                raised += 1;
+            }
+        }
+        raised
+    }
+
     pub(super) async fn load_floors(&self) -> Result<(), StoreError> {
         let rows =
             sqlx::query("SELECT node_id, batch_floor_seq FROM nodes WHERE batch_floor_seq > 0")

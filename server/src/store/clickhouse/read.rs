@@ -147,8 +147,25 @@ impl ClickHouseStore {
         self.run("read recent rows", query.fetch_all::<R>()).await
     }
 
-    /// `(rows, distinct (seq, idx), distinct seq)` in `host_samples` for a node: what the
-    /// exactly-once checks compare with what was sent.
+    /// Each node's highest seq stored in the last `days` days (raw tables of every kind):
+    /// what a ledger that lost its records (restored, fresh, moved) adopts as floors.
+    ///
+    /// # Errors
+    /// When the query fails.
+    pub async fn recent_max_seqs(&self, days: u32) -> Result<Vec<(String, u64)>, ClickHouseError> {
+        let since = i64::from(days) * 86_400;
+        let query = self.client.query(&format!(
+            "SELECT node_id, toUInt64(max(seq)) FROM (\
+               SELECT node_id, seq FROM host_samples WHERE ts >= now() - {since} \
+               UNION ALL SELECT node_id, seq FROM chain_samples WHERE ts >= now() - {since} \
+               UNION ALL SELECT node_id, seq FROM unavailable_samples WHERE ts >= now() - {since}) \
+             GROUP BY node_id"
+        ));
+        self.run("read recent seqs", query.fetch_all::<(String, u64)>())
+            .await
+    }
+
+    /// `(rows, distinct (seq, idx), distinct seqs)` of one node's host samples.
     ///
     /// # Errors
     /// When the query fails.

@@ -244,6 +244,7 @@ pub async fn start(
 ) -> Result<std::sync::Arc<OutboxGauge>, StoreError> {
     if clickhouse.enabled() {
         ids_above_this_start(ledger).await?;
+        adopt_clickhouse_floors(ledger, clickhouse).await;
     }
     let gauge = std::sync::Arc::new(OutboxGauge::default());
     gauge.set_handoff_max_bytes(clickhouse.handoff_max_bytes);
@@ -291,6 +292,37 @@ async fn ids_above_this_start(ledger: &super::Ledger) -> Result<(), StoreError> 
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX / 2));
     ledger.outbox_ids_above(now_us).await
+}
+
+/// Adopts as floors the seqs ClickHouse holds from the last two days (before ingest starts,
+/// waiting at most 10 s): after a restore or a move, agents resending batches another
+/// timeline already stored get them acked as replays instead of stored twice. Without
+/// ClickHouse at start this is skipped, with a warning.
+async fn adopt_clickhouse_floors(
+    ledger: &super::Ledger,
+    settings: &super::clickhouse::ClickHouseSettings,
+) {
+    let held = async {
+        let store = super::clickhouse::ClickHouseStore::open(settings).await?;
+        store.recent_max_seqs(2).await
+    };
+    match tokio::time::timeout(std::time::Duration::from_secs(10), held).await {
+        Ok(Ok(held)) => {
+            let raised = ledger.adopt_floors(&held).await;
+            if raised > 0 {
+                tracing::warn!(
+                    nodes = raised,
+                    "FloorsAdoptedFromClickHouse: ClickHouse holds newer batches than this ledger recorded (restored, fresh or moved ledger); resends of them are acked as replays"
+                );
+            }
+        }
+        Ok(Err(error)) => {
+            tracing::warn!(%error, "FloorsNotAdopted: ClickHouse did not answer at start; after a ledger restore, batches agents resend may be stored twice")
+        }
+        Err(_) => tracing::warn!(
+            "FloorsNotAdopted: ClickHouse took over 10 s at start; after a ledger restore, batches agents resend may be stored twice"
+        ),
+    }
 }
 
 /// Appends a group's outbox batches (`jobs` with their encoded `blobs`) in `tx`: a SQLite file
