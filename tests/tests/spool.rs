@@ -98,6 +98,80 @@ async fn counts(scratch: &Scratch) -> anyhow::Result<(u64, u64, u64)> {
     ))
 }
 
+/// Every seq the ledger holds for [`NODE`], ascending (one per stored batch row).
+async fn stored_seqs(scratch: &Scratch) -> anyhow::Result<Vec<u64>> {
+    use sqlx::Connection;
+    let mut conn = sqlx::SqliteConnection::connect(&scratch.sqlite_url()).await?;
+    let seqs: Vec<i64> =
+        sqlx::query_scalar("SELECT seq FROM batches WHERE node_id = $1 ORDER BY seq")
+            .bind(NODE)
+            .fetch_all(&mut conn)
+            .await?;
+    seqs.into_iter()
+        .map(|s| u64::try_from(s).map_err(anyhow::Error::from))
+        .collect()
+}
+
+/// What the ledger holds, checked against what the agent sent.
+struct Account {
+    /// Highest seq the agent ever numbered (from its spool's `next_seq`).
+    sent: u64,
+    /// Batches stored for the node.
+    stored: u64,
+    /// Batches the agent counted as dropped.
+    dropped: u64,
+    /// Host samples stored for the node.
+    host: u64,
+}
+
+/// Checks the ledger against the spool of the (exited) agent: nothing beyond `sent` is
+/// stored; the spool holds only the unacked tail of `1..=sent`; every seq below that tail is
+/// stored once or is one of the agent's counted drops.
+async fn account(scratch: &Scratch) -> anyhow::Result<Account> {
+    let mut spool = Spool::open(&scratch.path("spool"), 1 << 40)?;
+    let sent = spool
+        .next_seq()
+        .ok_or_else(|| anyhow::anyhow!("the spool was never numbered"))?
+        - 1;
+    let waiting: Vec<u64> = spool
+        .batches_after(0, usize::MAX)
+        .iter()
+        .map(|b| b.seq)
+        .collect();
+    let dropped = spool.dropped_batches();
+    drop(spool);
+    let stored = stored_seqs(scratch).await?;
+    let acked = sent.saturating_sub(waiting.len() as u64);
+    assert_eq!(
+        waiting,
+        (acked + 1..=sent).collect::<Vec<_>>(),
+        "the spool holds only the unacked tail of 1..={sent}"
+    );
+    assert!(
+        stored.last().is_none_or(|last| *last <= sent),
+        "the ledger holds seqs up to {:?}, the agent sent 1..={sent}",
+        stored.last()
+    );
+    // A batch sent but not acked before the agent stopped may or may not be stored yet.
+    let missing = (1..=acked)
+        .filter(|seq| stored.binary_search(seq).is_err())
+        .count() as u64;
+    assert_eq!(
+        missing,
+        dropped,
+        "every seq in 1..={acked} is stored or a counted drop (stored {}, dropped {dropped})",
+        stored.len()
+    );
+    let (batches, _, host) = counts(scratch).await?;
+    assert_eq!(batches, stored.len() as u64);
+    Ok(Account {
+        sent,
+        stored: stored.len() as u64,
+        dropped,
+        host,
+    })
+}
+
 /// The `next_seq=N` an agent log's `SpoolOpened` line reports.
 fn opened_next_seq(log: &str) -> Option<u64> {
     log.lines()
@@ -128,18 +202,22 @@ async fn batches_of_two_agent_runs_while_the_server_is_down_all_arrive_once_in_o
     let stored = wait_for_seq(&scratch, &server, before_server as u64 + 2).await?;
     assert_eq!(second.terminate()?, Some(0), "{}", second.log_text());
 
-    let (batches, distinct, host) = counts(&scratch).await?;
+    let account = account(&scratch).await?;
     let last = last_seq(&scratch, &server).await.unwrap_or(0);
     assert!(last >= stored);
-    assert_eq!(batches, distinct, "no (node, seq) stored twice");
+    assert_eq!(account.dropped, 0, "nothing dropped");
     assert_eq!(
-        distinct, last,
+        account.stored, last,
         "seqs contiguous from 1 (no gap in 1..={last})"
     );
-    assert_eq!(host, batches, "every batch holds its host sample");
+    assert_eq!(
+        account.host, account.stored,
+        "every batch holds its host sample"
+    );
     assert!(
-        distinct >= before_server as u64,
-        "all {before_server} batches taken while the server was down arrived ({distinct})"
+        account.stored >= before_server as u64,
+        "all {before_server} batches taken while the server was down arrived ({})",
+        account.stored
     );
     for agent in [&first, &second] {
         assert!(
@@ -177,10 +255,19 @@ async fn an_agent_killed_mid_stream_neither_reuses_nor_skips_a_seq() -> TestResu
         "the restarted agent continues after seq {stored_by_first}, not at {next_seq}"
     );
 
-    let (batches, distinct, host) = counts(&scratch).await?;
+    let account = account(&scratch).await?;
     let last = last_seq(&scratch, &server).await.unwrap_or(0);
-    assert_eq!((batches, host), (distinct, distinct));
-    assert_eq!(distinct, last, "no gap in 1..={last}");
+    assert_eq!(account.dropped, 0, "nothing dropped");
+    assert_eq!(account.stored, last, "no gap in 1..={last}");
+    assert_eq!(
+        account.host, account.stored,
+        "every batch holds its host sample"
+    );
+    assert!(
+        account.sent >= stored_by_first + 10,
+        "the agents sent 1..={}",
+        account.sent
+    );
     Ok(())
 }
 
@@ -219,15 +306,15 @@ async fn a_full_spool_drops_the_oldest_and_the_seq_gap_equals_the_counter() -> T
     let log = agent.log_text();
     assert!(log.contains("SpoolBatchesDropped"), "{log}");
 
-    let dropped = Spool::open(&spool_dir, 1 << 20)?.dropped_batches();
-    assert!(dropped > 0, "{log}");
-    let (batches, distinct, _) = counts(&scratch).await?;
+    let account = account(&scratch).await?;
+    assert!(account.dropped > 0, "{log}");
     let last = last_seq(&scratch, &server).await.unwrap_or(0);
-    assert_eq!(batches, distinct, "no (node, seq) stored twice");
+    assert!(last <= account.sent);
     assert_eq!(
-        last - distinct,
-        dropped,
-        "every missing seq is a counted drop (stored {distinct} of 1..={last})"
+        last - account.stored,
+        account.dropped,
+        "every missing seq is a counted drop (stored {} of 1..={last})",
+        account.stored
     );
     Ok(())
 }
