@@ -61,17 +61,19 @@ async fn keystore_facts_reach_the_store_and_key_bytes_never_do() -> anyhow::Resu
             r#"{{"accountId": "0xd43593c715fdd31c61141abd04a99fd6822c8558854ccde39a5684e7a56da27d", "publicKey": "0xd43593c715fdd31c61141abd04a99fd6822c8558854ccde39a5684e7a56da27d", "secretPhrase": "{SECRET_PHRASE}", "secretSeed": "{SECRET_SEED}", "ss58Address": "{SS58}"}}"#
         ),
     )?;
-    std::os::unix::fs::PermissionsExt::set_mode(
-        &mut std::fs::metadata(&hotkey)?.permissions(),
-        0o600,
-    );
+    // On the file itself (the umask's 0644 would otherwise stay), so the mode reported below
+    // is the one set here.
+    std::fs::set_permissions(
+        &hotkey,
+        <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o600),
+    )?;
 
     let server = Server::start(
         &scratch.server_config(&scratch.sqlite_url(), "")?,
         scratch.path("server.log"),
     )?;
     let extra = format!("keystore_path = \"{}\"", keystore.display());
-    let _agent = start_agent(
+    let mut agent = start_agent(
         &scratch.agent_config_with("val-1", server.grpc, 200, &extra)?,
         scratch.path("agent.log"),
     )?;
@@ -95,12 +97,16 @@ async fn keystore_facts_reach_the_store_and_key_bytes_never_do() -> anyhow::Resu
     assert_eq!(keystore_sample.on_tmpfs, is_root(), "{keystore_sample:?}");
     assert_eq!(keystore_sample.file_count, 1);
     assert_eq!(keystore_sample.files[0].ss58_address, SS58);
+    assert_eq!(keystore_sample.files[0].mode, 0o600, "{keystore_sample:?}");
     assert_eq!(keystore_sample.files[0].sha256_fingerprint.len(), 64);
     // GPU: this host has no NVIDIA driver in CI; the sampler says so instead of failing.
     assert!(!ledger.kind_samples(&node, "gpu").await?.is_empty());
     drop(ledger);
+    // Stopped, so its spool and log are complete and no file vanishes mid-scan.
+    assert_eq!(agent.terminate()?, Some(0), "{}", agent.log_text());
 
-    // Scan every byte the server stored (database, WAL) for the secret.
+    // Scan every byte the server stored (database, WAL), both logs and the agent's spool
+    // (batches waiting for an ack are written there) for the secret.
     let mut needles: Vec<Vec<u8>> = vec![
         SECRET_PHRASE.into(),
         SECRET_SEED.into(),
@@ -114,8 +120,17 @@ async fn keystore_facts_reach_the_store_and_key_bytes_never_do() -> anyhow::Resu
             .join(" ")
             .into_bytes(),
     );
-    for entry in std::fs::read_dir(scratch.path("data"))? {
-        let path = entry?.path();
+    let mut files = Vec::new();
+    for root in ["data", "server.log", "agent.log", "spool-val-1"] {
+        files_under(&scratch.path(root), &mut files)?;
+    }
+    for name in ["server.log", "agent.log", "spool-val-1/state"] {
+        assert!(
+            files.contains(&scratch.path(name)),
+            "{name} is scanned: {files:?}"
+        );
+    }
+    for path in files {
         let bytes = std::fs::read(&path)?;
         for needle in &needles {
             assert!(
@@ -124,6 +139,18 @@ async fn keystore_facts_reach_the_store_and_key_bytes_never_do() -> anyhow::Resu
                 path.display()
             );
         }
+    }
+    Ok(())
+}
+
+/// Appends `path` (a file) or every file below it (a folder) to `files`.
+fn files_under(path: &std::path::Path, files: &mut Vec<std::path::PathBuf>) -> anyhow::Result<()> {
+    if path.is_dir() {
+        for entry in std::fs::read_dir(path)? {
+            files_under(&entry?.path(), files)?;
+        }
+    } else {
+        files.push(path.to_path_buf());
     }
     Ok(())
 }
