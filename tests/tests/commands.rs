@@ -349,6 +349,45 @@ async fn diagnostics_are_collected_and_bounded() -> TestResult {
 }
 
 #[tokio::test]
+async fn diagnostics_larger_than_the_bound_are_cut_to_it() -> TestResult {
+    use guardian_agent::command::DIAGNOSTICS_MAX_BYTES;
+    let mut f = Fixture::new()?;
+    // Each allowed unit adds a `systemctl status` step whose header names the unit: twelve
+    // 8 KiB names make the report pass 64 KiB whatever systemctl prints (or fails to).
+    let unit = |i: usize| format!("unit-{i:02}-{}.service", "x".repeat(8 * 1024));
+    f.config.allowed_units = (0..12).map(unit).collect();
+    let mut verifier = f.verifier(NODE)?;
+    let envelope = verifier.verify(
+        &f.issue(NODE, Action::CollectDiagnostics, &[], now())?,
+        now(),
+    )?;
+    let outcome = Executor::new(f.config.clone(), f.dir.path().to_owned())
+        .execute(&envelope)
+        .await;
+    let detail = &outcome.detail;
+    let head: String = detail.chars().take(300).collect();
+    assert!(outcome.succeeded, "{head}");
+    assert!(detail.starts_with("== uname -a =="), "{head}");
+    // Cut at a char boundary at most 3 bytes below the bound.
+    assert!(
+        (DIAGNOSTICS_MAX_BYTES - 3..=DIAGNOSTICS_MAX_BYTES).contains(&detail.len()),
+        "the report is cut to {DIAGNOSTICS_MAX_BYTES} bytes, not {}",
+        detail.len()
+    );
+    // Cut after the first unit's step; the last unit's step never ran. The agent adds no
+    // marker of its own when it cuts the report (see `diagnostics` in agent/src/command/run.rs).
+    assert!(detail.contains(&format!(
+        "== systemctl status --no-pager --lines=20 {} ==",
+        unit(0)
+    )));
+    assert!(
+        !detail.contains("unit-11-"),
+        "the last unit's step ran although the report was already full"
+    );
+    Ok(())
+}
+
+#[tokio::test]
 async fn cancel_stops_a_running_hook_and_the_cancelled_id_never_runs() -> TestResult {
     let mut f = Fixture::new()?;
     let pid_file = f.dir.path().join("sleep.pid");
