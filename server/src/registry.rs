@@ -46,6 +46,45 @@ struct Entry {
     keystore_changed_unix_ms: Option<i64>,
     /// Start of the current run of syncing chain samples.
     syncing_since_unix_ms: Option<i64>,
+    /// The agent clock's offset, from live batches.
+    clock: ClockEstimate,
+}
+
+/// The agent clock's offset from the server's: per live batch, its newest sample's observed
+/// time minus its arrival (ms). Batches arriving within [`REPLAY_GAP_MS`] of the previous one
+/// are a spool replay (old samples, sent back to back) and left out; the estimate is the
+/// largest of the last [`CLOCK_BATCHES`] live offsets (transit only makes samples look older),
+/// once three are in.
+#[derive(Debug, Default)]
+struct ClockEstimate {
+    last_arrival_unix_ms: i64,
+    offsets: std::collections::VecDeque<i64>,
+}
+
+/// Live batches the clock estimate keeps.
+const CLOCK_BATCHES: usize = 8;
+/// Arrivals closer than this to the previous batch are a replay burst.
+const REPLAY_GAP_MS: i64 = 80;
+
+impl ClockEstimate {
+    fn record(&mut self, newest_observed_unix_ms: i64, arrival_unix_ms: i64) {
+        let gap = arrival_unix_ms - self.last_arrival_unix_ms;
+        self.last_arrival_unix_ms = arrival_unix_ms;
+        if gap < REPLAY_GAP_MS {
+            return;
+        }
+        if self.offsets.len() == CLOCK_BATCHES {
+            self.offsets.pop_front();
+        }
+        self.offsets
+            .push_back(newest_observed_unix_ms - arrival_unix_ms);
+    }
+
+    fn offset_ms(&self) -> Option<i64> {
+        (self.offsets.len() >= 3)
+            .then(|| self.offsets.iter().copied().max())
+            .flatten()
+    }
 }
 
 /// The reconciler's figures shown on a node (see [`Registry::set_reconcile`]).
@@ -78,6 +117,7 @@ impl Entry {
             keystore: None,
             keystore_changed_unix_ms: None,
             syncing_since_unix_ms: None,
+            clock: ClockEstimate::default(),
         }
     }
 
@@ -274,6 +314,9 @@ impl Registry {
                 }
                 entry.keystore = Some((at, keystore.clone()));
             }
+            if let Some(newest) = batch.samples.iter().map(|s| s.observed_at_unix_ms).max() {
+                entry.clock.record(newest, now_unix_ms);
+            }
             node.spool_dropped_batches_total = node
                 .spool_dropped_batches_total
                 .max(batch.spool_dropped_batches_total);
@@ -310,6 +353,7 @@ impl Registry {
             keystore: entry.keystore.as_ref().map(|(at, k)| (*at, k)),
             keystore_changed_unix_ms: entry.keystore_changed_unix_ms,
             syncing_since_unix_ms: entry.syncing_since_unix_ms,
+            clock_offset_ms: entry.clock.offset_ms(),
         };
         Some(detect(&input, &node.network))
     }

@@ -141,6 +141,7 @@ pub(crate) mod tests {
             keystore: None,
             keystore_changed_unix_ms: None,
             syncing_since_unix_ms: None,
+            clock_offset_ms: None,
         }
     }
 

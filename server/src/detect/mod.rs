@@ -7,6 +7,7 @@
 //! one network.
 
 pub mod block_lag;
+pub mod clock;
 pub mod consensus;
 pub mod fleet;
 pub mod hardware;
@@ -85,6 +86,8 @@ pub enum FindingKind {
     Keystore,
     /// Many nodes of one network degraded together (a fleet finding, not a node's).
     FleetDegraded,
+    /// The agent's clock is off the server's (signed commands fail beyond 30 s).
+    ClockSkew,
 }
 
 impl FindingKind {
@@ -108,6 +111,7 @@ impl FindingKind {
             Self::P2pIsolation => "p2p_isolation",
             Self::Keystore => "keystore",
             Self::FleetDegraded => "fleet_degraded",
+            Self::ClockSkew => "clock_skew",
         }
     }
 
@@ -195,6 +199,9 @@ pub struct NodeInput<'a> {
     /// When the node was first seen by the chain sampler as syncing in its current run of
     /// syncing samples (None while not syncing).
     pub syncing_since_unix_ms: Option<i64>,
+    /// Estimated offset of the agent's clock from the server's, ms (positive: ahead); None
+    /// until three live batches arrived.
+    pub clock_offset_ms: Option<i64>,
 }
 
 /// What the other nodes of the same network say (computed by the caller over the registry).
@@ -261,6 +268,11 @@ pub struct DetectPolicy {
     pub fleet_tip_agreement: usize,
     /// How long a changed key fingerprint stays a finding (ms). Default 600 000.
     pub keystore_rotation_hold_ms: i64,
+    /// Agent clock offset (ms) over which `clock_skew` warns. Default 10 000.
+    pub clock_skew_warn_ms: u64,
+    /// Agent clock offset (ms) at which `clock_skew` is critical (agents refuse commands
+    /// beyond 30 s). Default 25 000.
+    pub clock_skew_critical_ms: u64,
 }
 
 impl Default for DetectPolicy {
@@ -288,6 +300,8 @@ impl Default for DetectPolicy {
             fleet_min_nodes: 3,
             fleet_tip_agreement: 2,
             keystore_rotation_hold_ms: 600_000,
+            clock_skew_warn_ms: 10_000,
+            clock_skew_critical_ms: 25_000,
         }
     }
 }
@@ -302,6 +316,7 @@ pub fn detect(input: &NodeInput<'_>, fleet: &FleetContext, policy: &DetectPolicy
     findings.extend(storage::detect(input, policy));
     findings.extend(p2p::detect(input, fleet, policy));
     findings.extend(keystore::detect(input, policy));
+    findings.extend(clock::detect(input, policy));
     findings.sort_by_key(|f| f.kind);
     findings
 }

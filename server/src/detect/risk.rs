@@ -33,6 +33,7 @@ fn weight(kind: FindingKind, severity: Severity) -> f64 {
         | FindingKind::OomKill => 0.6,
         FindingKind::StorageSlow | FindingKind::StorageFull | FindingKind::P2pIsolation => 0.5,
         FindingKind::FleetDegraded => 0.0,
+        FindingKind::ClockSkew => 0.5,
     }
 }
 
