@@ -2,8 +2,9 @@
 //! serves the fleet to operators.
 //!
 //! Modules in data-flow order:
-//! [`identity`] (who is calling, from the certificate) ->
-//! [`ingest`] (Uplink streams -> commit -> ack; [`read_ahead`] under its TLS) ->
+//! [`listen`] (connections within limits, mTLS handshakes) -> [`identity`] (who is calling,
+//! from the certificate) -> [`ingest`] (Uplink streams -> commit -> ack; [`read_ahead`] under
+//! its TLS) ->
 //! [`batch`] (decoded batches; [`batch::values`]: the values the server keeps, the reference
 //! tip) -> [`store`] (the sqlx ledger, embedded telemetry, the outbox and ClickHouse,
 //! history) -> [`registry`] and [`window`] (the fleet and per-node windows in memory) ->
