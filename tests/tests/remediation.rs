@@ -132,6 +132,21 @@ impl Rig {
         Ok(rig)
     }
 
+    /// Waits until the reconciler has evaluated `per_node` more times per node of the rig
+    /// (`guardian_reconcile_evaluations_total`), so "it did not act" is checked after the
+    /// reconciler had that many chances to act, however slow the machine, not after a sleep.
+    async fn wait_evaluations(&self, per_node: u64) -> anyhow::Result<()> {
+        let start = evaluations(&reqwest_metrics(self).await?).ok_or_else(|| {
+            anyhow::anyhow!("no guardian_reconcile_evaluations_total on /metrics")
+        })?;
+        let more = per_node * self.nodes.len() as u64;
+        eventually(WAIT, &format!("{more} more evaluations"), || async {
+            let now = evaluations(&reqwest_metrics(self).await.ok()?)?;
+            (now >= start + more).then_some(())
+        })
+        .await
+    }
+
     async fn node(&self, name: &str) -> Option<Node> {
         let mut operator = self.operator.clone();
         Some(
@@ -264,8 +279,8 @@ async fn a_lagging_node_is_restarted_once_and_comes_back_synced() -> TestResult 
         std::fs::read_to_string(rig.restarts_file("val-1"))?.trim(),
         "restart subtensor"
     );
-    // Give the reconciler time to (wrongly) act again.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Give the reconciler chances to (wrongly) act again.
+    rig.wait_evaluations(QUIET_EVALUATIONS).await?;
     assert_eq!(
         rig.restarts("val-1"),
         1,
@@ -350,7 +365,7 @@ async fn repeated_failure_ends_failed_and_the_budget_resets_after_stability() ->
     let failed = rig.wait_phase("val-1", "failed").await?;
     assert_eq!(failed.remediation_attempts, 2, "{failed:?}");
     assert_eq!(rig.restarts("val-1"), 2);
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    rig.wait_evaluations(QUIET_EVALUATIONS).await?;
     assert_eq!(rig.restarts("val-1"), 2, "acted after the budget was spent");
 
     // A human fixes it: the node is synced again and, after a stable period, the budget
@@ -390,7 +405,7 @@ async fn cordon_and_alert_cordons_without_a_command_until_resumed() -> TestResul
     .await?;
     rig.nodes[0].lag(40);
     rig.wait_phase("val-1", "cordoned").await?;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    rig.wait_evaluations(QUIET_EVALUATIONS).await?;
     assert_eq!(rig.restarts("val-1"), 0, "cordon-and-alert sent a command");
     assert!(
         rig.server.proc.log_text().contains("RemediationAlert"),
@@ -444,7 +459,7 @@ async fn a_paused_node_is_left_alone_until_resumed() -> TestResult {
     let (ok, text) = rig.guardianctl(&["pause", "val-1", "--reason", "maintenance"])?;
     assert!(ok && text.contains("paused"), "{text}");
     rig.nodes[0].lag(40);
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    rig.wait_evaluations(QUIET_EVALUATIONS).await?;
     assert_eq!(rig.restarts("val-1"), 0, "a paused node was restarted");
     assert_eq!(
         rig.node("val-1").await.map(|n| n.phase),
@@ -480,7 +495,7 @@ async fn fleet_wide_lag_raises_one_fleet_finding_and_restarts_nothing() -> TestR
     .await?;
     assert_eq!(fleet.node_id, "", "{fleet:?}");
     assert_eq!(fleet.network, "local", "{fleet:?}");
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    rig.wait_evaluations(QUIET_EVALUATIONS).await?;
     for name in names {
         assert_eq!(
             rig.restarts(name),
@@ -532,7 +547,7 @@ async fn a_keystore_on_disk_is_critical_and_blocks_any_restart() -> TestResult {
     assert_eq!(finding.severity, "critical", "{finding:?}");
     rig.nodes[0].lag(40);
     rig.wait_phase("val-1", "degraded").await?;
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    rig.wait_evaluations(QUIET_EVALUATIONS).await?;
     assert_eq!(
         rig.restarts("val-1"),
         0,
@@ -561,19 +576,7 @@ async fn one_lying_agent_among_five_cannot_get_a_restart_or_a_fleet_hold() -> Te
     .await?;
     // Rig::start waited for every node to be synced. Let the reconciler evaluate every node
     // many times with the liar's figures in the fleet (not a fixed sleep: a count).
-    let evaluations = |metrics: &str| -> u64 {
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix("guardian_reconcile_evaluations_total "))
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .map_or(0, |v| v as u64)
-    };
-    let start = evaluations(&reqwest_metrics(&rig).await?);
-    eventually(WAIT, "100 more evaluations", || async {
-        let now = evaluations(&reqwest_metrics(&rig).await.ok()?);
-        (now >= start + 100).then_some(())
-    })
-    .await?;
+    rig.wait_evaluations(20).await?;
     for name in names {
         assert_eq!(rig.restarts(name), 0, "{name} was restarted");
         let node = rig
@@ -595,6 +598,20 @@ async fn one_lying_agent_among_five_cannot_get_a_restart_or_a_fleet_hold() -> Te
         "the lie raised findings: {findings:?}"
     );
     rig.stop().await
+}
+
+/// Evaluations per node to wait for before checking that the reconciler did nothing: with
+/// evaluations every 200 ms and samples every 400 ms, about 3 s and several new samples each,
+/// more than `confirm_samples`.
+const QUIET_EVALUATIONS: u64 = 15;
+
+/// `guardian_reconcile_evaluations_total` in a `/metrics` text, if it is there.
+fn evaluations(metrics: &str) -> Option<u64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("guardian_reconcile_evaluations_total "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map(|v| v as u64)
 }
 
 async fn reqwest_metrics(rig: &Rig) -> anyhow::Result<String> {
@@ -683,7 +700,7 @@ async fn dry_run_decides_and_audits_but_sends_nothing() -> TestResult {
     .await?;
     rig.nodes[0].lag(40);
     rig.wait_phase("val-1", "recovering").await?;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    rig.wait_evaluations(QUIET_EVALUATIONS).await?;
     assert_eq!(rig.restarts("val-1"), 0, "dry run sent a command");
     assert!(
         rig.server.proc.log_text().contains("RemediationDryRun"),
