@@ -368,14 +368,22 @@ async fn diagnostics_larger_than_the_bound_are_cut_to_it() -> TestResult {
     let head: String = detail.chars().take(300).collect();
     assert!(outcome.succeeded, "{head}");
     assert!(detail.starts_with("== uname -a =="), "{head}");
-    // Cut at a char boundary at most 3 bytes below the bound.
+    // Cut at a char boundary at most 3 bytes below the bound (marker included).
     assert!(
         (DIAGNOSTICS_MAX_BYTES - 3..=DIAGNOSTICS_MAX_BYTES).contains(&detail.len()),
         "the report is cut to {DIAGNOSTICS_MAX_BYTES} bytes, not {}",
         detail.len()
     );
-    // Cut after the first unit's step; the last unit's step never ran. The agent adds no
-    // marker of its own when it cuts the report (see `diagnostics` in agent/src/command/run.rs).
+    // It says it was cut, within the bound.
+    assert!(
+        detail.trim_end().ends_with("later steps not run]")
+            && detail.contains(&format!(
+                "[diagnostics truncated at {DIAGNOSTICS_MAX_BYTES} of "
+            )),
+        "no truncation marker: {}",
+        detail.chars().rev().take(200).collect::<String>()
+    );
+    // Cut after the first unit's step; the last unit's step never ran.
     assert!(detail.contains(&format!(
         "== systemctl status --no-pager --lines=20 {} ==",
         unit(0)
