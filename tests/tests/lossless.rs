@@ -246,6 +246,52 @@ async fn clickhouse_caught_up(rig: &Rig) -> anyhow::Result<u64> {
     .await
 }
 
+/// Pauses and resumes the node through the Fleet API: two operator decisions, two audit
+/// entries.
+async fn pause_and_resume(rig: &Rig) -> anyhow::Result<()> {
+    let mut operator = rig.scratch.operator(rig.server.grpc).await?;
+    operator
+        .pause_node(guardian_proto::v1::PauseNodeRequest {
+            node_id: NODE.into(),
+            reason: "restore test".into(),
+        })
+        .await?;
+    operator
+        .resume_node(guardian_proto::v1::ResumeNodeRequest {
+            node_id: NODE.into(),
+        })
+        .await?;
+    Ok(())
+}
+
+/// Waits until ClickHouse's `audit` table holds every entry of the ledger's chain, each with
+/// the ledger's own hash.
+async fn audit_mirrored(rig: &Rig) -> anyhow::Result<usize> {
+    let ledger = guardian_server::store::Ledger::open(&rig.scratch.sqlite_url()).await?;
+    let ours: Vec<String> = ledger
+        .audit_entries(0, 100_000)
+        .await?
+        .into_iter()
+        .map(|e| format!("{}\t{}", e.seq, e.hash))
+        .collect();
+    ledger.close().await;
+    eventually(
+        WAIT,
+        "ClickHouse's audit table to hold the ledger's chain",
+        || async {
+            let held = rig
+                .clickhouse
+                .query("SELECT seq, hash FROM guardian.audit")
+                .ok()?;
+            let held: std::collections::HashSet<&str> = held.lines().collect();
+            ours.iter()
+                .all(|pair| held.contains(pair.as_str()))
+                .then_some(ours.len())
+        },
+    )
+    .await
+}
+
 #[tokio::test]
 async fn a_ledger_restored_from_a_backup_loses_nothing_in_clickhouse() -> TestResult {
     // Reproduced by the review: after a restore, new batches got outbox ids ClickHouse already
@@ -253,6 +299,7 @@ async fn a_ledger_restored_from_a_backup_loses_nothing_in_clickhouse() -> TestRe
     let mut rig = Rig::new().await?;
     let mut agent = rig.agent(rig.server.grpc, 1)?;
     rig.wait_for_seq(20).await?;
+    pause_and_resume(&rig).await?;
     rig.server.proc.terminate_within(Duration::from_secs(30))?;
     let data = rig.scratch.path("data");
     let backup = rig.scratch.path("backup");
@@ -264,6 +311,10 @@ async fn a_ledger_restored_from_a_backup_loses_nothing_in_clickhouse() -> TestRe
     // and still in the outbox when a ledger is replaced is gone: the agent deleted it).
     assert_eq!(agent.terminate()?, Some(0), "agent exits cleanly");
     clickhouse_caught_up(&rig).await?;
+    // The lost timeline's audit entries reach the mirror too: ClickHouse then holds seqs the
+    // restored chain will reuse for other entries.
+    pause_and_resume(&rig).await?;
+    audit_mirrored(&rig).await?;
     rig.server.proc.terminate_within(Duration::from_secs(30))?;
     std::fs::remove_dir_all(&data)?;
     copy_ledger(&backup, &data)?;
@@ -283,6 +334,10 @@ async fn a_ledger_restored_from_a_backup_loses_nothing_in_clickhouse() -> TestRe
     .await?;
     rig.wait_for_seq(resumed + 40).await?;
     rig.agent_done_then_exactly_once(&mut agent).await?;
+    // The restored chain's new entries are mirrored, not skipped under the reused seqs.
+    pause_and_resume(&rig).await?;
+    let entries = audit_mirrored(&rig).await?;
+    assert!(entries >= 4, "{entries} audit entries");
     Ok(())
 }
 

@@ -366,6 +366,27 @@ impl ClickHouseStore {
         .await
     }
 
+    /// The `(seq, hash)` pairs the mirror holds with `from <= seq <= to` (a seq may appear
+    /// twice after a ledger restore: once per timeline).
+    ///
+    /// # Errors
+    /// When the query fails.
+    pub async fn audit_hashes(
+        &self,
+        from: u64,
+        to: u64,
+    ) -> Result<Vec<(u64, String)>, ClickHouseError> {
+        self.run(
+            "read the audit mirror's hashes",
+            self.client
+                .query("SELECT seq, hash FROM audit WHERE seq >= ? AND seq <= ?")
+                .bind(from)
+                .bind(to)
+                .fetch_all::<(u64, String)>(),
+        )
+        .await
+    }
+
     /// Mirrors ledger audit entries (oldest first, all above [`Self::audit_high_water`])
     /// into the `audit` table in one INSERT. Returns the rows written.
     ///

@@ -197,7 +197,7 @@ pub async fn run(
             // the mark is read again (a failed INSERT may have landed).
             let mirrored = match audit_cursor {
                 Some(seq) => seq,
-                None => *audit_cursor.insert(current.audit_high_water().await?),
+                None => *audit_cursor.insert(audit_mirror_cursor(&ledger, &current).await?),
             };
             let entries = ledger
                 .audit_entries(mirrored, AUDIT_CHUNK)
@@ -379,6 +379,63 @@ impl SinkError {
             Self::Ledger(error) => error.kind(),
         }
     }
+}
+
+/// Audit entries compared per page while looking for where the mirror and the ledger part.
+const AUDIT_COMPARE_PAGE: u64 = 1_000;
+
+/// The highest audit seq the mirror holds *from this ledger's chain*: ClickHouse's `max(seq)`
+/// when its entry there is the ledger's; otherwise (a ledger restored from a backup, a fresh
+/// or moved ledger: the mirror holds another timeline's entries under the seqs this chain
+/// reuses) the last seq both hold with the same hash, so that the new entries are mirrored
+/// instead of skipped (`AuditMirrorDiverged`). The ledger stays the source of truth for
+/// `guardianctl audit verify`; the mirror then holds both timelines, told apart by hash.
+async fn audit_mirror_cursor(ledger: &Ledger, store: &ClickHouseStore) -> Result<u64, SinkError> {
+    let mirrored = store.audit_high_water().await?;
+    let head = ledger
+        .audit_head()
+        .await
+        .map_err(SinkError::Ledger)?
+        .map_or(0, |(seq, _)| seq);
+    let mut to = mirrored.min(head);
+    if to == 0 {
+        return Ok(0);
+    }
+    while to > 0 {
+        let from = to.saturating_sub(AUDIT_COMPARE_PAGE - 1).max(1);
+        let held: std::collections::HashSet<(u64, String)> =
+            store.audit_hashes(from, to).await?.into_iter().collect();
+        let ours = ledger
+            .audit_entries(
+                from - 1,
+                usize::try_from(to - from + 1).unwrap_or(usize::MAX),
+            )
+            .await
+            .map_err(SinkError::Ledger)?;
+        if let Some(common) = ours
+            .iter()
+            .rev()
+            .find(|e| held.contains(&(e.seq, e.hash.clone())))
+            .map(|e| e.seq)
+        {
+            if common != mirrored {
+                tracing::warn!(
+                    clickhouse_max = mirrored,
+                    ledger_head = head,
+                    common,
+                    "AuditMirrorDiverged: ClickHouse's audit table holds entries of another timeline (ledger restored, fresh or moved); mirroring this chain from the last shared entry"
+                );
+            }
+            return Ok(common);
+        }
+        to = from - 1;
+    }
+    tracing::warn!(
+        clickhouse_max = mirrored,
+        ledger_head = head,
+        "AuditMirrorDiverged: no entry of this chain is in ClickHouse's audit table; mirroring it whole"
+    );
+    Ok(0)
 }
 
 #[cfg(test)]
