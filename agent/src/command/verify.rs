@@ -335,9 +335,10 @@ impl CommandVerifier {
         &self.seen
     }
 
-    /// Checks, in order: the signature over the envelope bytes, that they decode, the node
-    /// id, the validity window (not expired, not issued beyond the allowed skew in the
-    /// future, lifetime at most [`MAX_TTL_MS`]) and that the id is new; then records the id
+    /// Checks, in order: the signature over the envelope bytes, that they decode and carry a
+    /// well-formed command id, the node id, the validity window (lifetime at most
+    /// [`MAX_TTL_MS`], then not expired (no skew allowance on expiry), then not issued more
+    /// than [`MAX_CLOCK_SKEW_MS`] in the future) and that the id is new; then records the id
     /// as seen and returns the envelope. Logs `CommandRefused` with the kind on refusal.
     ///
     /// # Errors
