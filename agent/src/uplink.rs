@@ -195,6 +195,16 @@ fn apply_welcome_interval(interval_ms: &watch::Sender<u64>, asked_ms: u32) {
     interval_ms.send_if_modified(|ms| std::mem::replace(ms, asked) != asked);
 }
 
+/// Clock offset (ms) over which the agent warns at connect: half the 30 s of skew signed
+/// commands tolerate.
+const CLOCK_SKEW_WARN_MS: i64 = 15_000;
+
+/// This host's clock minus the server's, from a Welcome's server time (`None` from an older
+/// server that does not send it). Transit makes it err by the one-way latency at most.
+fn clock_offset_ms(server_time_unix_ms: i64, local_now_unix_ms: i64) -> Option<i64> {
+    (server_time_unix_ms > 0).then(|| local_now_unix_ms.saturating_sub(server_time_unix_ms))
+}
+
 /// Verifies a command and, if it may run, runs it in the background; the outcome (or the
 /// refusal) is queued for the server. A `cancel-command` is answered at once, under the
 /// verifier's lock (its target is recorded as seen before the next command is verified).
@@ -383,6 +393,17 @@ async fn session(
     *failures = 0;
     shared.spool().set_base(welcome.last_stored_seq);
     apply_welcome_interval(&shared.interval_ms, welcome.sample_interval_ms);
+    let local_now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+    if let Some(offset_ms) = clock_offset_ms(welcome.server_time_unix_ms, local_now)
+        && offset_ms.abs() > CLOCK_SKEW_WARN_MS
+    {
+        tracing::warn!(
+            offset_ms,
+            "ClockSkew: this host's clock is {offset_ms} ms off the server's; signed commands are refused beyond 30 s of skew: fix NTP on this host"
+        );
+    }
     tracing::info!(
         server = config.server_url,
         node = welcome.node_id,
@@ -490,6 +511,13 @@ mod tests {
             sent.push(o.command_id);
         }
         assert_eq!(sent, ["c1", "c2"], "in order");
+    }
+
+    #[test]
+    fn the_clock_offset_is_read_from_the_welcome_and_an_old_server_gives_none() {
+        assert_eq!(clock_offset_ms(0, 1_000_000), None, "older server");
+        assert_eq!(clock_offset_ms(1_000_000, 1_040_000), Some(40_000), "ahead");
+        assert_eq!(clock_offset_ms(1_000_000, 960_000), Some(-40_000), "behind");
     }
 
     #[test]

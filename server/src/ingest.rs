@@ -465,6 +465,7 @@ impl Uplink for Ingest {
                 node_id: node.to_string(),
                 sample_interval_ms: self.sample_interval_ms,
                 last_stored_seq,
+                server_time_unix_ms: unix_ms(),
             })),
         };
         // The channel is fresh, so this cannot be full; commands can be queued only after.
