@@ -539,6 +539,32 @@ impl ServerConfig {
             "compression",
             ch.compression.clone().into(),
         );
+        // The detector, reconciler and alert tables, every field with its effective value
+        // (meanings: the doc comments of their types and the README).
+        #[derive(Serialize)]
+        struct Sections<'a> {
+            detect: &'a crate::detect::DetectPolicy,
+            reconcile: &'a crate::reconcile::ReconcileSettings,
+            alerts: &'a crate::actuate::alert::AlertSettings,
+        }
+        match toml::to_string(&Sections {
+            detect: &self.detect,
+            reconcile: &self.reconcile,
+            alerts: &self.alerts,
+        }) {
+            Ok(tables) => {
+                out.push_str(
+                    "\n# Detector thresholds ([detect]: server/src/detect/mod.rs DetectPolicy), the reconciler and the\n\
+                     # fleet's sync policy ([reconcile], [reconcile.policy], per node [reconcile.nodes.NODE]:\n\
+                     # server/src/reconcile/mod.rs), alerts ([alerts]: server/src/actuate/alert.rs); README\n\
+                     # \"Detection and remediation\" says what each does.\n",
+                );
+                out.push_str(&tables);
+            }
+            Err(error) => out.push_str(&format!(
+                "\n# [detect], [reconcile] and [alerts] could not be printed: {error}\n"
+            )),
+        }
         out.push_str("\n[tls]\n");
         line(
             &mut out,

@@ -1438,7 +1438,6 @@ proptest! {
 /// `[detect]` (nor `[reconcile]`, `[alerts]`) section: a non-default detector threshold is
 /// lost when the printed config is saved and loaded again.
 #[test]
-#[ignore = "documented_toml() omits [detect], [reconcile] and [alerts]: printed configs lose those settings"]
 fn the_printed_config_keeps_detector_thresholds() {
     let pki = Pki::new();
     let mut config = pki.config();
