@@ -51,13 +51,15 @@ struct Entry {
 }
 
 /// The agent clock's offset from the server's: per live batch, its newest sample's observed
-/// time minus its arrival (ms). Batches arriving within [`REPLAY_GAP_MS`] of the previous one
-/// are a spool replay (old samples, sent back to back) and left out; the estimate is the
-/// largest of the last [`CLOCK_BATCHES`] live offsets (transit only makes samples look older),
-/// once three are in.
+/// time minus its arrival (ms). A batch counts as live when it arrives at least
+/// [`REPLAY_GAP_MS`] after the previous one and its samples advance no more than twice as fast
+/// as the arrivals do: a spool replay (old samples catching up, however it is paced) is left
+/// out. The estimate is the largest of the last [`CLOCK_BATCHES`] live offsets (transit only
+/// makes samples look older), once three are in.
 #[derive(Debug, Default)]
 struct ClockEstimate {
     last_arrival_unix_ms: i64,
+    last_observed_unix_ms: i64,
     offsets: std::collections::VecDeque<i64>,
 }
 
@@ -68,9 +70,11 @@ const REPLAY_GAP_MS: i64 = 80;
 
 impl ClockEstimate {
     fn record(&mut self, newest_observed_unix_ms: i64, arrival_unix_ms: i64) {
-        let gap = arrival_unix_ms - self.last_arrival_unix_ms;
+        let arrival_gap = arrival_unix_ms - self.last_arrival_unix_ms;
+        let observed_gap = newest_observed_unix_ms - self.last_observed_unix_ms;
         self.last_arrival_unix_ms = arrival_unix_ms;
-        if gap < REPLAY_GAP_MS {
+        self.last_observed_unix_ms = newest_observed_unix_ms;
+        if arrival_gap < REPLAY_GAP_MS || observed_gap > 2 * arrival_gap {
             return;
         }
         if self.offsets.len() == CLOCK_BATCHES {
@@ -527,6 +531,21 @@ pub fn agreed_tip(bests_descending: &[u64], agreement: usize) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_clock_estimate_follows_live_batches_and_leaves_replays_out() {
+        let mut clock = ClockEstimate::default();
+        // A replay paced slowly (old samples a second apart, arriving 200 ms apart)...
+        for i in 0..20 {
+            clock.record(1_000_000 + i * 1_000, 2_000_000 + i * 200);
+        }
+        assert_eq!(clock.offset_ms(), None, "a replay is not a slow clock");
+        // ...then live batches every second from a clock 40 s ahead.
+        for i in 1..=4 {
+            clock.record(2_044_000 + i * 1_000, 2_004_000 + i * 1_000);
+        }
+        assert_eq!(clock.offset_ms(), Some(40_000));
+    }
 
     #[test]
     fn one_node_alone_cannot_set_the_network_tip() {

@@ -595,3 +595,58 @@ pub fn unavailable_job(
         batch: std::sync::Arc::new(guardian_server::batch::Batch::from(&batch)),
     })
 }
+
+/// An encoded Hello for `node` on `network` (agent version `raw-test`), for raw streams.
+pub fn hello_frame(node: &str, network: &str) -> Vec<u8> {
+    use guardian_proto::v1::{Hello, NodeDescriptor, agent_frame};
+    encode(&AgentFrame {
+        frame: Some(agent_frame::Frame::Hello(Hello {
+            agent_version: "raw-test".into(),
+            node: Some(NodeDescriptor {
+                node_id: node.into(),
+                network: network.into(),
+                ..NodeDescriptor::default()
+            }),
+            capabilities: vec![],
+            last_acked_seq: 0,
+        })),
+    })
+}
+
+/// An encoded batch `seq` of one host sample observed at `observed_at_unix_ms`.
+pub fn host_batch_frame(seq: u64, observed_at_unix_ms: i64) -> Vec<u8> {
+    use guardian_proto::v1::{HostSample, Sample, SampleBatch, agent_frame, sample};
+    encode(&AgentFrame {
+        frame: Some(agent_frame::Frame::Batch(SampleBatch {
+            seq,
+            samples: vec![Sample {
+                observed_at_unix_ms,
+                kind: Some(sample::Kind::Host(HostSample {
+                    cpu_busy_percent: 1.0,
+                    ..HostSample::default()
+                })),
+            }],
+            spool_dropped_batches_total: 0,
+        })),
+    })
+}
+
+/// The server's `/metrics` text from its admin port (empty when it does not answer).
+///
+/// # Errors
+/// When `curl` cannot be run.
+pub fn admin_metrics(admin: SocketAddr) -> anyhow::Result<String> {
+    let out = Command::new("curl")
+        .args(["-s", "-m", "5", &format!("http://{admin}/metrics")])
+        .output()
+        .context("curl is missing: bash scripts/setup installs it")?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The value of the unlabelled sample `name` in a `/metrics` text, if it is there.
+pub fn metric_value(metrics: &str, name: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|value| value.trim().parse().ok())
+}

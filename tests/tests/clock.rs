@@ -4,44 +4,10 @@
 
 use std::time::Duration;
 
-use guardian_proto::v1::{
-    AgentFrame, Hello, HostSample, ListFindingsRequest, NodeDescriptor, Sample, SampleBatch,
-    agent_frame, sample, server_frame,
-};
-use guardian_tests::{Scratch, Server, encode, eventually, raw_uplink};
+use guardian_proto::v1::{ListFindingsRequest, server_frame};
+use guardian_tests::{Scratch, Server, eventually, hello_frame, host_batch_frame, raw_uplink};
 
 type TestResult = anyhow::Result<()>;
-
-fn hello(node: &str) -> Vec<u8> {
-    encode(&AgentFrame {
-        frame: Some(agent_frame::Frame::Hello(Hello {
-            agent_version: "clock-test".into(),
-            node: Some(NodeDescriptor {
-                node_id: node.into(),
-                network: "local".into(),
-                ..NodeDescriptor::default()
-            }),
-            capabilities: vec![],
-            last_acked_seq: 0,
-        })),
-    })
-}
-
-fn batch(seq: u64, observed_at_unix_ms: i64) -> Vec<u8> {
-    encode(&AgentFrame {
-        frame: Some(agent_frame::Frame::Batch(SampleBatch {
-            seq,
-            samples: vec![Sample {
-                observed_at_unix_ms,
-                kind: Some(sample::Kind::Host(HostSample {
-                    cpu_busy_percent: 1.0,
-                    ..HostSample::default()
-                })),
-            }],
-            spool_dropped_batches_total: 0,
-        })),
-    })
-}
 
 /// Streams as `node`: first `replayed` batches observed two minutes ago, back to back (a
 /// spool replay), then `live` batches 200 ms apart observed at the agent's clock, which is
@@ -56,7 +22,7 @@ async fn stream(
 ) -> anyhow::Result<()> {
     let (cert, key) = scratch.pki.node(node);
     let channel = scratch.channel(server.grpc, &cert, &key).await?;
-    let (tx, mut replies) = raw_uplink(channel, vec![hello(node)])
+    let (tx, mut replies) = raw_uplink(channel, vec![hello_frame(node, "local")])
         .await
         .map_err(|s| anyhow::anyhow!("refused: {s:?}"))?;
     for seq in 1..=replayed + live {
@@ -66,7 +32,7 @@ async fn stream(
             tokio::time::sleep(Duration::from_millis(200)).await;
             guardian_server::unix_ms() + skew_ms
         };
-        tx.send(batch(seq, observed)).await?;
+        tx.send(host_batch_frame(seq, observed)).await?;
         loop {
             let frame = replies
                 .message()

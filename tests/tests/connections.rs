@@ -5,11 +5,11 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use guardian_proto::v1::{
-    AgentFrame, GetNodeRequest, Hello, HostSample, NodeDescriptor, Sample, SampleBatch,
-    agent_frame, sample, server_frame,
+use guardian_proto::v1::{GetNodeRequest, server_frame};
+use guardian_tests::{
+    Scratch, Server, admin_metrics, eventually, hello_frame, host_batch_frame, metric_value,
+    raw_uplink, start_agent,
 };
-use guardian_tests::{Scratch, Server, encode, eventually, raw_uplink, start_agent};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
@@ -29,34 +29,7 @@ fn raise_own_descriptor_limit() {
 }
 
 fn hello(node: &str) -> Vec<u8> {
-    encode(&AgentFrame {
-        frame: Some(agent_frame::Frame::Hello(Hello {
-            agent_version: "flood-test".into(),
-            node: Some(NodeDescriptor {
-                node_id: node.into(),
-                network: "local".into(),
-                ..NodeDescriptor::default()
-            }),
-            capabilities: vec![],
-            last_acked_seq: 0,
-        })),
-    })
-}
-
-fn batch(seq: u64) -> Vec<u8> {
-    encode(&AgentFrame {
-        frame: Some(agent_frame::Frame::Batch(SampleBatch {
-            seq,
-            samples: vec![Sample {
-                observed_at_unix_ms: guardian_server::unix_ms(),
-                kind: Some(sample::Kind::Host(HostSample {
-                    cpu_busy_percent: 1.0,
-                    ..HostSample::default()
-                })),
-            }],
-            spool_dropped_batches_total: 0,
-        })),
-    })
+    hello_frame(node, "local")
 }
 
 /// Streams `count` batches as `node` over a fresh connection, one every 100 ms, and returns
@@ -82,7 +55,8 @@ async fn ack_latencies(
     let mut latencies = Vec::new();
     for seq in 1..=count {
         let sent = Instant::now();
-        tx.send(batch(seq)).await?;
+        tx.send(host_batch_frame(seq, guardian_server::unix_ms()))
+            .await?;
         loop {
             let frame = tokio::time::timeout(Duration::from_secs(5), replies.message())
                 .await
@@ -181,7 +155,7 @@ async fn a_connection_flood_does_not_lock_agents_out_and_idle_sockets_are_closed
     .await?;
 
     // The flood was held off by evicting pending handshakes, not by waiting for them.
-    let metrics = reqwest_metrics(server.admin)?;
+    let metrics = admin_metrics(server.admin)?;
     assert!(
         metrics.contains("guardian_connections_refused_total{reason=\"evicted\"}"),
         "{metrics}"
@@ -215,18 +189,6 @@ async fn a_connection_flood_does_not_lock_agents_out_and_idle_sockets_are_closed
     Ok(())
 }
 
-fn reqwest_metrics(admin: SocketAddr) -> anyhow::Result<String> {
-    let out = std::process::Command::new("curl")
-        .args(["-s", "-m", "5", &format!("http://{admin}/metrics")])
-        .output()?;
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// A Hello for `claimed` (refused when sent with another node's certificate).
-fn hello_for(claimed: &str) -> Vec<u8> {
-    hello(claimed)
-}
-
 #[tokio::test]
 async fn a_refusal_flood_writes_a_bounded_number_of_events_and_does_not_slow_ingest() -> TestResult
 {
@@ -254,7 +216,7 @@ async fn a_refusal_flood_writes_a_bounded_number_of_events_and_does_not_slow_ing
             }
             let channel = channel.clone();
             pending.spawn(async move {
-                match raw_uplink(channel, vec![hello_for("probe")]).await {
+                match raw_uplink(channel, vec![hello("probe")]).await {
                     Err(status) => status.code() == tonic::Code::PermissionDenied,
                     Ok((_tx, mut replies)) => replies
                         .message()
@@ -289,12 +251,9 @@ async fn a_refusal_flood_writes_a_bounded_number_of_events_and_does_not_slow_ing
             .contains(&written),
         "{written} security events written for the flood"
     );
-    let metrics = reqwest_metrics(server.admin)?;
-    let suppressed = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("guardian_security_events_suppressed_total "))
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .unwrap_or(0.0);
+    let metrics = admin_metrics(server.admin)?;
+    let suppressed =
+        metric_value(&metrics, "guardian_security_events_suppressed_total").unwrap_or(0.0);
     assert_eq!(suppressed as usize + written, REFUSALS, "{metrics}");
     Ok(())
 }

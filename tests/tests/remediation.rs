@@ -607,23 +607,11 @@ const QUIET_EVALUATIONS: u64 = 15;
 
 /// `guardian_reconcile_evaluations_total` in a `/metrics` text, if it is there.
 fn evaluations(metrics: &str) -> Option<u64> {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("guardian_reconcile_evaluations_total "))
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .map(|v| v as u64)
+    guardian_tests::metric_value(metrics, "guardian_reconcile_evaluations_total").map(|v| v as u64)
 }
 
 async fn reqwest_metrics(rig: &Rig) -> anyhow::Result<String> {
-    let out = std::process::Command::new("curl")
-        .args([
-            "-s",
-            "-m",
-            "5",
-            &format!("http://{}/metrics", rig.server.admin),
-        ])
-        .output()?;
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    guardian_tests::admin_metrics(rig.server.admin)
 }
 
 #[tokio::test]

@@ -18,6 +18,7 @@ use guardian_proto::v1::{
 use guardian_server::pki::{self, PkiRequest};
 use guardian_server::store::Ledger;
 use guardian_server::unix_ms;
+use guardian_server::utc;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 /// Operator CLI for TaoNode Guardian.
@@ -754,27 +755,6 @@ fn parse_span(text: &str) -> anyhow::Result<i64> {
         bail!("--since {text:?}: must be more than zero");
     }
     Ok(number.saturating_mul(unit_ms))
-}
-
-/// `YYYY-MM-DD HH:MM:SS` in UTC (civil-from-days, no time zone database needed).
-fn utc(unix_ms: i64) -> String {
-    let secs = unix_ms.div_euclid(1000);
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
 }
 
 fn status_error(status: tonic::Status) -> anyhow::Error {

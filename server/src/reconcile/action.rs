@@ -1,5 +1,5 @@
 //! Owns [`Action`]: what an agent may be asked to do, as the plan names it and the wire
-//! carries it. Pure data; signing and delivery are `crate::actuate`'s.
+//! carries it. Pure data; signing and delivery belong to the actuator.
 
 use std::fmt;
 use std::str::FromStr;

@@ -1,7 +1,7 @@
 //! The reconciler, pure: a phase per node driven by its [`SyncPolicy`]. [`observe`] turns a
 //! node's newest figures and findings into an [`Observation`]; [`plan`] (state + observation +
-//! policy -> next state and actions) decides. No I/O and no store: `crate::control` feeds it
-//! and writes each decision to the ledger, `crate::actuate` carries the actions out.
+//! policy -> next state and actions) decides. No I/O and no store: the control loop feeds it
+//! and writes each decision to the ledger, the actuator carries the actions out.
 
 pub mod action;
 pub mod observe;
