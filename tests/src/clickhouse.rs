@@ -108,6 +108,17 @@ impl ClickHouse {
             .with_context(|| format!("clickhouse-server log:\n{}", self.log_text()))
     }
 
+    /// Kills the server with SIGKILL (no shutdown of any kind: an INSERT in flight is cut
+    /// wherever it is) and starts it again on the same folder and ports.
+    ///
+    /// # Errors
+    /// When it does not answer within 30 s.
+    pub fn kill_and_restart(&mut self) -> anyhow::Result<()> {
+        self.kill();
+        self.spawn_and_wait()
+            .with_context(|| format!("clickhouse-server log:\n{}", self.log_text()))
+    }
+
     /// Runs `sql` (several statements separated by `;` allowed) with `clickhouse-client`
     /// and returns its standard output (TabSeparated).
     ///

@@ -266,6 +266,67 @@ async fn a_replayed_chunk_is_stored_once_per_table_even_across_a_restart() -> Te
     Ok(())
 }
 
+/// An INSERT whose rows fall in two day partitions is two parts, and ClickHouse may keep one
+/// without the other (killed between them, or a shard down in a cluster). The retry must
+/// store the missing day's rows, once, although the table's `max(outbox_id)` already covers
+/// the whole chunk.
+#[tokio::test]
+async fn a_chunk_that_landed_in_one_day_partition_only_is_completed_once() -> TestResult {
+    let ch = ClickHouse::start()?;
+    let store = ClickHouseStore::open(&settings(&ch)).await?;
+    // Two days apart: different partitions in any server time zone.
+    let (old_day, today) = (now_ms() - 2 * 86_400_000, now_ms() - 60_000);
+    // Per batch: the old day's samples first (indexes 0 and 1), then today's (2 and 3).
+    let samples = |id: u64, days: &[i64]| {
+        days.iter()
+            .flat_map(|&t| {
+                let t = t + i64::try_from(id).unwrap_or(0) * 1000;
+                [(t, host(id as f64)), (t, gpu(40.0))]
+            })
+            .collect::<Vec<_>>()
+    };
+    let chunk = |days: &[i64]| {
+        (1..=6u64)
+            .map(|id| {
+                let node = if id % 2 == 0 { "n1" } else { "n2" };
+                batch(id, node, id + 100, samples(id, days))
+            })
+            .collect::<Vec<_>>()
+    };
+    // What a crash between the two parts leaves: the old day's rows of every batch.
+    let mut high = store.high_water().await?;
+    store.insert(&chunk(&[old_day]), &mut high).await?;
+    assert_eq!(
+        (count(&ch, "host_samples")?, count(&ch, "gpu_samples")?),
+        (6, 12)
+    );
+
+    // The sink starts again, reads the marks, and replays the whole chunk.
+    let mut high = store.high_water().await?;
+    let stats = store.insert(&chunk(&[old_day, today]), &mut high).await?;
+    assert_eq!(
+        (stats.batches, stats.rows, stats.skipped_rows),
+        (6, 18, 18),
+        "today's host and GPU rows are written, the old day's left out"
+    );
+    let per_table = |table: &str| -> anyhow::Result<String> {
+        Ok(ch
+            .query(&format!(
+                "SELECT count(), uniqExact(node_id, seq, idx), uniqExact(toYYYYMMDD(ts)) FROM guardian.{table}"
+            ))?
+            .trim()
+            .to_owned())
+    };
+    assert_eq!(per_table("host_samples")?, "12\t12\t2");
+    assert_eq!(per_table("gpu_samples")?, "24\t12\t2");
+    // And once more, as after an insert that timed out but landed: nothing new.
+    let mut high = store.high_water().await?;
+    let stats = store.insert(&chunk(&[old_day, today]), &mut high).await?;
+    assert_eq!((stats.batches, stats.rows, stats.skipped_rows), (0, 0, 36));
+    assert_eq!(per_table("host_samples")?, "12\t12\t2");
+    Ok(())
+}
+
 #[tokio::test]
 async fn history_from_raw_rows_and_from_rollups_agree() -> TestResult {
     let ch = ClickHouse::start()?;

@@ -1,6 +1,7 @@
 //! Lossless delivery into ClickHouse through real faults, real processes: the server killed
 //! mid-stream, ClickHouse stopped for a minute, the agent killed, the network cut for a
-//! minute. After each, every sequence number the agent produced is stored exactly once:
+//! minute, ClickHouse killed with -9 again and again under several nodes whose batches span
+//! two days. After each, every sequence number the agent produced is stored exactly once:
 //! rows = distinct = sent, and the seqs are exactly 1..=sent.
 
 use std::net::SocketAddr;
@@ -11,7 +12,9 @@ use guardian_proto::v1::GetNodeRequest;
 use guardian_server::store::clickhouse::{ClickHouseSettings, ClickHouseStore};
 use guardian_tests::clickhouse::ClickHouse;
 use guardian_tests::proxy::Proxy;
-use guardian_tests::{Proc, Scratch, Server, eventually, start_agent};
+use guardian_tests::{
+    Proc, Scratch, Server, encode, eventually, hello_frame, raw_uplink, start_agent,
+};
 
 type TestResult = anyhow::Result<()>;
 
@@ -366,5 +369,146 @@ async fn a_move_from_sqlite_to_postgresql_loses_nothing_in_clickhouse() -> TestR
     .await?;
     rig.wait_for_seq(resumed + 40).await?;
     rig.agent_done_then_exactly_once(&mut agent).await?;
+    Ok(())
+}
+
+/// Batch `seq`: two host samples observed two days ago and two observed now, so each batch
+/// (and each chunk the sink inserts) has rows in two day partitions.
+fn two_day_batch(seq: u64) -> anyhow::Result<Vec<u8>> {
+    use guardian_proto::v1::{AgentFrame, HostSample, Sample, SampleBatch, agent_frame, sample};
+    let now = guardian_server::unix_ms();
+    let host = |observed_at_unix_ms: i64, cpu: f64| Sample {
+        observed_at_unix_ms,
+        kind: Some(sample::Kind::Host(HostSample {
+            cpu_busy_percent: cpu,
+            ..HostSample::default()
+        })),
+    };
+    let old = now - 2 * 86_400_000 + i64::try_from(seq)? * 10;
+    Ok(encode(&AgentFrame {
+        frame: Some(agent_frame::Frame::Batch(SampleBatch {
+            seq,
+            samples: vec![
+                host(old, 1.0),
+                host(old + 1, 2.0),
+                host(now, 3.0),
+                host(now, 4.0),
+            ],
+            spool_dropped_batches_total: 0,
+        })),
+    }))
+}
+
+/// Streams batches 1..=`count` of [`two_day_batch`] as `node`, 10 ms apart, each acked
+/// before the next is sent.
+async fn stream_two_day_batches(
+    scratch: &Scratch,
+    server: SocketAddr,
+    node: &str,
+    count: u64,
+) -> anyhow::Result<()> {
+    use guardian_proto::v1::server_frame;
+    let (cert, key) = scratch.pki.node(node);
+    let channel = scratch.channel(server, &cert, &key).await?;
+    let (tx, mut replies) = raw_uplink(channel, vec![hello_frame(node, "local")])
+        .await
+        .map_err(|s| anyhow::anyhow!("{node} refused: {s:?}"))?;
+    for seq in 1..=count {
+        tx.send(two_day_batch(seq)?).await?;
+        loop {
+            let frame = replies
+                .message()
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("{node}: stream ended at seq {seq}"))?;
+            if let Some(server_frame::Frame::Ack(ack)) = frame.frame
+                && ack.through_seq >= seq
+            {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn clickhouse_killed_mid_insert_under_several_nodes_and_two_days_loses_and_doubles_nothing()
+-> TestResult {
+    const NODES: [&str; 3] = ["val-a", "val-b", "val-c"];
+    const BATCHES: u64 = 150;
+    let mut clickhouse = ClickHouse::start()?;
+    let scratch = Scratch::new(&NODES)?;
+    let config = scratch.server_config(
+        &scratch.sqlite_url(),
+        &format!(
+            "[clickhouse]\nurl = \"{}\"\ndatabase = \"guardian\"\ninsert_max_delay_ms = 30\nrequest_timeout_ms = 3000\n",
+            clickhouse.url()
+        ),
+    )?;
+    let server = Server::start(&config, scratch.path("server.log"))?;
+    let stream = |node| stream_two_day_batches(&scratch, server.grpc, node, BATCHES);
+    let streams = async { tokio::try_join!(stream(NODES[0]), stream(NODES[1]), stream(NODES[2])) };
+    // Five times while the nodes stream: let inserts run, then kill ClickHouse with -9
+    // wherever it is and start it again. Before the read-back fix, 2 runs in 8 (three kills)
+    // lost the newer day's rows of the chunk in flight: its older day's part had landed.
+    let killer = async {
+        for _ in 0..5 {
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            clickhouse.kill_and_restart()?;
+        }
+        anyhow::Ok(())
+    };
+    let (streamed, killed) = tokio::join!(streams, killer);
+    streamed?;
+    killed?;
+
+    // Every acked sample reaches ClickHouse exactly once: rows = distinct (node, seq, idx) =
+    // 4 per batch, both days present, seqs exactly 1..=BATCHES per node.
+    let want = NODES.len() as u64 * BATCHES * 4;
+    let counts = eventually(Duration::from_secs(60), "ClickHouse to hold every sample", || async {
+        let text = clickhouse
+            .query("SELECT count(), uniqExact(node_id, seq, idx) FROM guardian.host_samples")
+            .ok()?;
+        (text.split_whitespace().nth(1)? == want.to_string()).then_some(text)
+    })
+    .await
+    .map_err(|e| {
+        let held = clickhouse.query(
+            "SELECT node_id, count(), uniqExact(seq, idx), min(seq), max(seq), uniqExact(toYYYYMMDD(ts)) \
+             FROM guardian.host_samples GROUP BY node_id ORDER BY node_id",
+        );
+        let short = clickhouse.query(
+            "SELECT node_id, seq, groupArray(idx), groupArray(outbox_id) FROM guardian.host_samples \
+             GROUP BY node_id, seq HAVING count() != 4",
+        );
+        let log = std::fs::read_to_string(scratch.path("server.log")).unwrap_or_default();
+        e.context(format!(
+            "ClickHouse holds {held:?}; short batches {short:?}; server log:\n{log}\nClickHouse log:\n{}",
+            clickhouse.log_text()
+        ))
+    })?;
+    // A row written twice would show after the distinct count has caught up.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let counts_after = clickhouse
+        .query("SELECT count(), uniqExact(node_id, seq, idx) FROM guardian.host_samples")?;
+    assert_eq!(
+        counts_after.trim(),
+        format!("{want}\t{want}"),
+        "then {counts}"
+    );
+    let per_node = clickhouse.query(
+        "SELECT node_id, min(seq), max(seq), uniqExact(seq), uniqExact(toYYYYMMDD(ts)) \
+         FROM guardian.host_samples GROUP BY node_id ORDER BY node_id",
+    )?;
+    let expected: String = NODES
+        .iter()
+        .map(|n| format!("{n}\t1\t{BATCHES}\t{BATCHES}\t2\n"))
+        .collect();
+    assert_eq!(per_node, expected);
+    let log = std::fs::read_to_string(scratch.path("server.log"))?;
+    assert!(
+        log.contains("ClickHouseInsertFailed") || log.contains("ClickHouseUnavailable"),
+        "the kills were felt: {log}"
+    );
     Ok(())
 }

@@ -13,8 +13,10 @@ use crate::store::audit::AuditEntry;
 use crate::store::outbox::blob::{HOST_WORD_FIELDS, Visit, put_host_words};
 use crate::store::outbox::{OutboxBatch, OutboxBlob};
 
-/// Per raw table, the largest `outbox_id` known to be stored in it: every batch with an id
-/// at or below it has all its rows for that table stored.
+/// Per raw table, the largest `outbox_id` stored in it. Every batch above it is new to the
+/// table; a batch at or below it may be stored whole or in part (an INSERT is one part per
+/// day partition and shard, and a crash may keep some of them), so
+/// [`ClickHouseStore::insert`] reads back which of such a chunk's rows are there.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct HighWater {
     ids: [u64; RAW_TABLES.len()],
@@ -29,7 +31,7 @@ impl HighWater {
             .map_or(0, |i| self.ids[i])
     }
 
-    /// The smallest mark: every batch at or below it is stored in every table.
+    /// The smallest mark: every table holds rows of batches up to it (not necessarily all).
     pub fn min(&self) -> u64 {
         self.ids.iter().copied().min().unwrap_or(0)
     }
@@ -38,6 +40,15 @@ impl HighWater {
         self.ids[table] = self.ids[table].max(id);
     }
 }
+
+/// `max_insert_block_size` for an INSERT of `rows` rows: ClickHouse's default (1 048 576),
+/// or more so that the INSERT is one block.
+fn block_size(rows: usize) -> String {
+    rows.max(1_048_576).to_string()
+}
+
+/// Per node, the `(seq, idx)` of the samples a table already holds.
+type HeldRows = std::collections::HashMap<String, std::collections::HashSet<(u64, u32)>>;
 
 /// What one [`ClickHouseStore::insert`] did.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -174,7 +185,23 @@ impl ClickHouseStore {
             .max()
             .unwrap_or(0);
         let high_ids = high.ids;
-        let fresh = |table: usize, outbox_id: u64| outbox_id > high_ids[table];
+        // A table whose mark reaches into this chunk may hold part of it: an INSERT is one
+        // part per day partition (per shard, in a cluster), and a crash can keep some parts
+        // and lose others. Its rows from this chunk are read back by key and left out.
+        let chunk_min = batches
+            .iter()
+            .map(InsertBatch::outbox_id)
+            .min()
+            .unwrap_or(0);
+        let held = self
+            .held_rows(batches, chunk_min, chunk_max, &high_ids)
+            .await?;
+        let fresh = |table: usize, outbox_id: u64, node: &str, seq: u64, idx: u32| {
+            outbox_id > high_ids[table]
+                || held[table]
+                    .as_ref()
+                    .is_some_and(|held| !held.get(node).is_some_and(|k| k.contains(&(seq, idx))))
+        };
         // Host rows go to RowBinary as they are read; the other kinds (a few per batch) are
         // kept, with where they came from, and become rows afterwards.
         let mut others: Vec<(usize, u64, u32, i64, Kind)> = Vec::new();
@@ -186,7 +213,7 @@ impl ClickHouseStore {
             b.visit(&mut |seq, idx, at, sample| {
                 let (table, count) = match sample {
                     Visit::HostWords(words) => {
-                        if fresh(0, outbox_id) {
+                        if fresh(0, outbox_id, node_id, seq, idx) {
                             let c = Common {
                                 node_id,
                                 network,
@@ -210,13 +237,13 @@ impl ClickHouseStore {
                             Kind::Keystore(_) => (3, 1),
                             Kind::Unavailable(_) => (4, 1),
                         };
-                        if fresh(table, outbox_id) {
+                        if fresh(table, outbox_id, node_id, seq, idx) {
                             others.push((at_batch, seq, idx, at, kind.clone()));
                         }
                         (table, count)
                     }
                 };
-                if fresh(table, outbox_id) {
+                if fresh(table, outbox_id, node_id, seq, idx) {
                     new_rows += count;
                 } else {
                     stats.skipped_rows += count;
@@ -286,6 +313,68 @@ impl ClickHouseStore {
         Ok(stats)
     }
 
+    /// Per raw table whose mark in `high` is at or above `chunk_min` (it may hold rows of
+    /// this chunk): the `(seq, idx)` keys per node it holds from batches
+    /// `chunk_min..=chunk_max`, read within the chunk's observed times so that only the
+    /// chunk's partitions are scanned. `None` for the other tables.
+    ///
+    /// A sample's rows share its observed time, so they are one partition (and one shard) and
+    /// land together: a key present means all of that sample's rows are.
+    async fn held_rows<B: InsertBatch>(
+        &self,
+        batches: &[B],
+        chunk_min: u64,
+        chunk_max: u64,
+        high: &[u64; RAW_TABLES.len()],
+    ) -> Result<[Option<HeldRows>; RAW_TABLES.len()], ClickHouseError> {
+        let mut held: [Option<HeldRows>; RAW_TABLES.len()] = Default::default();
+        if high.iter().all(|&mark| mark < chunk_min) {
+            return Ok(held);
+        }
+        let (mut first, mut last) = (i64::MAX, i64::MIN);
+        for b in batches {
+            b.visit(&mut |_, _, at, _| {
+                first = first.min(at);
+                last = last.max(at);
+            })
+            .map_err(|source| ClickHouseError::Outbox {
+                node: b.node_id().to_owned(),
+                outbox_id: b.outbox_id(),
+                source,
+            })?;
+        }
+        if first > last {
+            return Ok(held);
+        }
+        for (i, table) in RAW_TABLES.iter().enumerate() {
+            if high[i] < chunk_min {
+                continue;
+            }
+            let sql = format!(
+                "SELECT node_id, seq, idx FROM {table} WHERE outbox_id >= ? AND outbox_id <= ? \
+                 AND ts >= toDateTime(?) AND ts <= toDateTime(?)"
+            );
+            let keys = self
+                .run(
+                    "read back the rows of a chunk already stored",
+                    self.client
+                        .query(&sql)
+                        .bind(chunk_min)
+                        .bind(chunk_max)
+                        .bind(datetime(first))
+                        .bind(datetime(last))
+                        .fetch_all::<(String, u64, u32)>(),
+                )
+                .await?;
+            let mut rows = HeldRows::new();
+            for (node, seq, idx) in keys {
+                rows.entry(node).or_default().insert((seq, idx));
+            }
+            held[i] = Some(rows);
+        }
+        Ok(held)
+    }
+
     /// One INSERT of `rows` rows already in RowBinary (`data`, columns `columns`) into
     /// `table`, sent in pieces of [`ROW_BINARY_PIECE`] bytes (none when `rows` is 0).
     /// Returns `rows`.
@@ -308,6 +397,8 @@ impl ClickHouseStore {
             if !self.settings.cluster.is_empty() {
                 insert = insert.with_setting("insert_distributed_sync", "1");
             }
+            // One block, so that a sample's rows are never split between two parts.
+            insert = insert.with_setting("max_insert_block_size", block_size(rows));
             let mut at = 0;
             while at < data.len() {
                 let end = data.len().min(at + ROW_BINARY_PIECE);
@@ -339,6 +430,7 @@ impl ClickHouseStore {
             if !self.settings.cluster.is_empty() {
                 insert = insert.with_setting("insert_distributed_sync", "1");
             }
+            insert = insert.with_setting("max_insert_block_size", block_size(rows.len()));
             for row in rows {
                 insert.write(row).await?;
             }

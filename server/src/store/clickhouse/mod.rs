@@ -20,9 +20,13 @@
 //!
 //! # Exactly once
 //! Every raw row carries the `outbox_id` of the batch it came from, and batches are inserted
-//! in outbox order, one INSERT per table per chunk. So `max(outbox_id)` of a table
-//! ([`ClickHouseStore::high_water`]) says which batches that table already holds, even when
-//! an INSERT timed out after it landed; [`ClickHouseStore::insert`] writes only newer rows.
+//! in outbox order, one INSERT (one block) per table per chunk. So a batch above a table's
+//! `max(outbox_id)` ([`ClickHouseStore::high_water`]) is new to it. An INSERT is not atomic,
+//! though: it is one part per day partition (and per shard), and a crash or a lost shard can
+//! keep some parts and lose the others. So when a chunk reaches down to a table's mark (at
+//! start, after a failure, on a replayed outbox) [`ClickHouseStore::insert`] reads back the
+//! `(node_id, seq, idx)` keys the table holds from the chunk's batches and writes only the
+//! rows that are missing: each row once, whatever landed.
 //!
 //! # Retention
 //! [`ClickHouseStore::drop_expired`] drops whole partitions whose newest row is older than

@@ -7,9 +7,9 @@
 //! - Exactly once per table: after any failure (and at start) the sink asks ClickHouse what
 //!   it already holds ([`ClickHouseStore::high_water`]) and skips those rows, so an insert
 //!   that landed although its answer was lost is not repeated.
-//! - The audit mirror is the same: entries above ClickHouse's `max(seq)` are inserted in seq
-//!   order, each once (the ledger stays the source of truth; `guardianctl audit verify` reads
-//!   the ledger).
+//! - The audit mirror is the same: entries are inserted in seq order, each once; after a
+//!   failure and at start the chunk's `(seq, hash)` pairs ClickHouse holds are left out (the
+//!   ledger stays the source of truth; `guardianctl audit verify` reads the ledger).
 //! - Batches normally reach the sink from memory (the committer hands each committed batch
 //!   on, linked to the outbox id before it); the outbox table is read only when memory does
 //!   not hold the batch right after the sink's cursor. Either way the outbox row is the
@@ -135,10 +135,15 @@ pub async fn run(
     let mut breaker = CircuitBreaker::default();
     let mut store: Option<ClickHouseStore> = None;
     let mut high: Option<HighWater> = None;
-    // Highest outbox id delivered to every table (valid while `high` is).
+    // Highest outbox id whose batch, and every one before it, every table holds. It starts
+    // at 0: the outbox keeps each batch until ClickHouse holds it, so whatever it still holds
+    // is read again, and `insert` leaves out the rows that had landed.
     let mut cursor = 0u64;
-    // Highest audit seq mirrored (None = ask ClickHouse).
+    // Highest audit seq mirrored with every entry before it (None = ask ClickHouse).
     let mut audit_cursor: Option<u64> = None;
+    // Whether ClickHouse may hold some entries above `audit_cursor` (at start, after a
+    // failed INSERT): those are read back and left out.
+    let mut audit_recheck = true;
     let mut last_retention: Option<Instant> = None;
     let mut last_progress = Instant::now();
     let mut replaying = false;
@@ -177,11 +182,7 @@ pub async fn run(
             };
             let known = match &mut high {
                 Some(known) => known,
-                None => {
-                    let fresh = current.high_water().await?;
-                    cursor = fresh.min();
-                    high.insert(fresh)
-                }
+                None => high.insert(current.high_water().await?),
             };
             if last_retention.is_none_or(|at| at.elapsed() >= RETENTION_EVERY) {
                 last_retention = Some(Instant::now());
@@ -193,20 +194,35 @@ pub async fn run(
                     tracing::info!(?dropped, "RetentionDroppedPartitions");
                 }
             }
-            // The audit chain is mirrored in seq order, each entry once: after any failure
-            // the mark is read again (a failed INSERT may have landed).
+            // The audit chain is mirrored in seq order, each entry once. An INSERT that
+            // failed may have landed in part (one part per month, per shard), so the chunk
+            // after a failure, and the first after start, leave out what ClickHouse holds.
             let mirrored = match audit_cursor {
                 Some(seq) => seq,
-                None => *audit_cursor.insert(audit_mirror_cursor(&ledger, &current).await?),
+                None => {
+                    audit_recheck = true;
+                    // A part lost at the last crash lies within one chunk of the mark.
+                    let common = audit_mirror_cursor(&ledger, &current).await?;
+                    *audit_cursor.insert(common.saturating_sub(AUDIT_CHUNK as u64))
+                }
             };
-            let entries = ledger
+            let mut entries = ledger
                 .audit_entries(mirrored, AUDIT_CHUNK)
                 .await
                 .map_err(SinkError::Ledger)?;
-            if let Some(last) = entries.last() {
+            if let (Some(first), Some(last)) = (entries.first(), entries.last()) {
                 let last_seq = last.seq;
-                audit_cursor = None;
+                if audit_recheck {
+                    let held: std::collections::HashSet<(u64, String)> = current
+                        .audit_hashes(first.seq, last_seq)
+                        .await?
+                        .into_iter()
+                        .collect();
+                    entries.retain(|e| !held.contains(&(e.seq, e.hash.clone())));
+                }
+                audit_recheck = true;
                 current.insert_audit(&entries).await?;
+                audit_recheck = false;
                 audit_cursor = Some(last_seq);
                 metrics.clickhouse_rows.inc_by(entries.len() as u64);
             }
