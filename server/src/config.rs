@@ -59,6 +59,8 @@ pub struct ServerConfig {
     pub audit_anchor_every_seconds: u64,
     /// Limits of the gRPC listener (`[connections]`).
     pub connections: crate::listen::ConnectionLimits,
+    /// Kubernetes clusters the server may remediate in (`[kubernetes]`); none = off.
+    pub kubernetes: crate::actuate::kubernetes::KubeSettings,
     /// TLS material.
     pub tls: ServerTls,
 }
@@ -93,6 +95,7 @@ impl Default for ServerConfig {
             detect: crate::detect::DetectPolicy::default(),
             reconcile: crate::reconcile::ReconcileSettings::default(),
             alerts: crate::actuate::alert::AlertSettings::default(),
+            kubernetes: crate::actuate::kubernetes::KubeSettings::default(),
             audit_anchor_file: PathBuf::new(),
             audit_anchor_every_seconds: 60,
             connections: crate::listen::ConnectionLimits::default(),
@@ -308,6 +311,13 @@ impl ServerConfig {
                 "use the default 60",
             ));
         }
+        self.kubernetes.validate().map_err(|problem| {
+            ConfigError::new(
+                "kubernetes",
+                problem,
+                "fix the [kubernetes] section (README: Kubernetes), or remove it",
+            )
+        })?;
         if let Some((field, problem, fix)) = self.connections.problem() {
             return Err(ConfigError::new(field, problem, fix));
         }

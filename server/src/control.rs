@@ -19,6 +19,7 @@ use tracing::Instrument;
 
 use crate::actuate::Actuator;
 use crate::actuate::alert::Alert;
+use crate::actuate::kubernetes::NodeFigures;
 use crate::detect::fleet::{self, NodeHealth};
 use crate::detect::{self, DetectPolicy, Finding, FindingKind, FleetContext, Severity};
 use crate::identity::NodeId;
@@ -381,7 +382,7 @@ struct Pass {
     /// States to adopt once written.
     states: Vec<(NodeId, NodeState)>,
     /// Figures to show on nodes.
-    figures: Vec<(NodeId, ReconcileFigures)>,
+    figures: Vec<(NodeId, ReconcileFigures, u64)>,
 }
 
 impl Runner {
@@ -436,14 +437,28 @@ impl Runner {
     fn policy(&mut self, id: &NodeId) -> Arc<(SyncPolicy, DetectPolicy)> {
         let settings = &self.parts.settings;
         let base = &self.parts.detect;
-        Arc::clone(self.policies.entry(id.clone()).or_insert_with(|| {
-            let sync = settings.policy_for(id.as_str());
+        let make = |sync: SyncPolicy| {
             let detect = DetectPolicy {
                 max_block_lag: sync.max_block_lag,
                 ..base.clone()
             };
             Arc::new((sync, detect))
-        }))
+        };
+        // A TaoNode's syncPolicy wins over [reconcile.nodes.NODE]; it may change at any
+        // time, so it is not cached.
+        if let Some(over) = self
+            .parts
+            .actuator
+            .kubernetes()
+            .and_then(|k| k.policy_override(id))
+        {
+            return make(over.apply(&settings.policy_for(id.as_str())));
+        }
+        Arc::clone(
+            self.policies
+                .entry(id.clone())
+                .or_insert_with(|| make(settings.policy_for(id.as_str()))),
+        )
     }
 
     /// Detects and plans for one node, staging what it decides into `pass`.
@@ -509,7 +524,7 @@ impl Runner {
             .actions
             .iter()
             .any(|a| matches!(a, PlannedAction::Command { .. }));
-        if wants_command && !self.parts.actuator.commands_on() && !self.parts.settings.dry_run {
+        if wants_command && !self.parts.actuator.can_remediate(id) && !self.parts.settings.dry_run {
             plan = observe::without_commands(&before, plan, now);
         }
         let figures = ReconcileFigures {
@@ -522,7 +537,7 @@ impl Runner {
         };
         self.current.insert(id.clone(), findings);
         self.stage_plan(id, &network, before, plan, arrived, pass);
-        pass.figures.push((id.clone(), figures));
+        pass.figures.push((id.clone(), figures, chain.block_lag));
     }
 
     /// Stages a plan: the decision (or a plain state save), then its actions.
@@ -662,7 +677,20 @@ impl Runner {
         for (id, state) in states {
             self.states.insert(id, state);
         }
-        for (id, figures) in figures {
+        let kube = self.parts.actuator.kubernetes();
+        for (id, figures, block_lag) in figures {
+            if let Some(kube) = kube {
+                kube.observe(
+                    &id,
+                    NodeFigures {
+                        phase: figures.phase.clone(),
+                        block_lag,
+                        risk: figures.risk,
+                        open_findings: figures.open_findings,
+                        attempts: figures.attempts,
+                    },
+                );
+            }
             self.parts.registry.set_reconcile(&id, &figures);
         }
     }

@@ -78,8 +78,9 @@ pub enum ServerError {
     /// The gRPC server failed.
     #[error("gRPC server failed: {0}")]
     Grpc(#[from] tonic::transport::Error),
-    /// The command signing key could not be loaded.
-    #[error("command signing key: {0}")]
+    /// The actuator could not start: the command signing key or a Kubernetes cluster's
+    /// client.
+    #[error("actuator: {0}")]
     Command(String),
     /// The TLS material is unusable.
     #[error(transparent)]
@@ -136,7 +137,8 @@ pub async fn run(
         &shutdown,
         &tasks,
     )
-    .map_err(|e| ServerError::Command(e.to_string()))?;
+    .await
+    .map_err(ServerError::Command)?;
     let reconcile = control::start(
         &config, &registry, &ledger, &actuator, &metrics, &shutdown, &tasks,
     )

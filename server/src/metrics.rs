@@ -15,6 +15,22 @@ pub struct Reason {
     pub reason: &'static str,
 }
 
+/// A label naming a configured Kubernetes cluster (bounded by the config).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClusterLabel {
+    /// The cluster's name in `[kubernetes.clusters.NAME]`.
+    pub cluster: String,
+}
+
+/// A Kubernetes write or failure: cluster and a bounded kind.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClusterReason {
+    /// The cluster.
+    pub cluster: String,
+    /// Stable, bounded reason or verb.
+    pub reason: &'static str,
+}
+
 /// Every metric the server exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -79,6 +95,16 @@ pub struct Metrics {
     pub security_events_suppressed: Counter,
     /// gRPC connections closed before or instead of serving, by reason.
     pub connections_refused: Family<Reason, Counter>,
+    /// 1 while a Kubernetes cluster's last call reached its API server.
+    pub kube_cluster_up: Family<ClusterLabel, Gauge>,
+    /// Permissions the last check found missing, per cluster.
+    pub kube_missing_permissions: Family<ClusterLabel, Gauge>,
+    /// TaoNodes seen in the last list, per cluster.
+    pub kube_taonodes: Family<ClusterLabel, Gauge>,
+    /// Kubernetes writes made, by cluster and what (`delete_pod`, `status`, `event`).
+    pub kube_writes: Family<ClusterReason, Counter>,
+    /// Kubernetes calls that failed, by cluster and kind.
+    pub kube_errors: Family<ClusterReason, Counter>,
 }
 
 impl Default for Metrics {
@@ -115,6 +141,11 @@ impl Default for Metrics {
             connections_open: Gauge::default(),
             security_events_suppressed: Counter::default(),
             connections_refused: Family::default(),
+            kube_cluster_up: Family::default(),
+            kube_missing_permissions: Family::default(),
+            kube_taonodes: Family::default(),
+            kube_writes: Family::default(),
+            kube_errors: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -266,6 +297,31 @@ impl Default for Metrics {
             "connections_refused",
             "gRPC connections closed unserved: at_capacity, handshake_timeout, handshake_failed, evicted (oldest pending handshake), out_of_descriptors (accept failed)",
             metrics.connections_refused.clone(),
+        );
+        registry.register(
+            "kube_cluster_up",
+            "1 while the cluster's last call reached its API server",
+            metrics.kube_cluster_up.clone(),
+        );
+        registry.register(
+            "kube_missing_permissions",
+            "Permissions the last SelfSubjectAccessReview check found missing",
+            metrics.kube_missing_permissions.clone(),
+        );
+        registry.register(
+            "kube_taonodes",
+            "TaoNodes seen in the cluster's last list",
+            metrics.kube_taonodes.clone(),
+        );
+        registry.register(
+            "kube_writes",
+            "Kubernetes writes made: delete_pod, status, event",
+            metrics.kube_writes.clone(),
+        );
+        registry.register(
+            "kube_errors",
+            "Kubernetes calls that failed: timeout, forbidden, not_found, failed",
+            metrics.kube_errors.clone(),
         );
         Self {
             registry,

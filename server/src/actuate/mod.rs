@@ -5,11 +5,12 @@
 //! Both the Fleet API (`IssueCommand`, `CancelCommand`) and the control loop come here: the
 //! API through [`Actuator::issue`] and [`Actuator::cancel`], the loop by staging a pass
 //! ([`Actuator::stage_command`], [`Pass`]) and handing it to [`Actuator::carry_out`], which
-//! writes the whole pass in one transaction before anything leaves. The Kubernetes actuator
-//! will sit beside the agent one here.
+//! writes the whole pass in one transaction before anything leaves. For a node a `TaoNode`
+//! manages, the loop's restarts go to the Kubernetes actuator ([`kubernetes`]) instead of
+//! the agent.
 //!
 //! Modules: [`sign`] (Ed25519 command envelopes), [`live`] (the live-session table),
-//! [`alert`] (the webhook).
+//! [`alert`] (the webhook), [`kubernetes`] (TaoNodes, clusters, pod deletion, status).
 //!
 //! # Guarantees
 //! - A command is written to the ledger and the audit chain before it is sent; one that
@@ -17,6 +18,7 @@
 //! - Commands are never queued for later: only a node with a live stream gets one.
 
 pub mod alert;
+pub mod kubernetes;
 pub mod live;
 pub mod sign;
 
@@ -125,6 +127,8 @@ pub struct Pass {
     sends: Vec<(Signed, Option<Instant>)>,
     /// Commands a dry run would have sent.
     dry_runs: Vec<(NodeId, Action, BTreeMap<String, String>)>,
+    /// Restarts for the Kubernetes actuator, queued once written.
+    kube_restarts: Vec<(NodeId, kubernetes::Managed, String, Option<Instant>)>,
     /// Alerts to raise once written.
     pub alerts: Vec<Alert>,
     /// Decisions to log once written: node, from, to, attempts, reason.
@@ -141,6 +145,8 @@ pub struct Actuator {
     metrics: Arc<Metrics>,
     alerts: Alerts,
     dry_run: bool,
+    /// The Kubernetes actuator, when clusters are configured.
+    kube: Option<Arc<kubernetes::Kubernetes>>,
 }
 
 impl std::fmt::Debug for Actuator {
@@ -153,28 +159,45 @@ impl std::fmt::Debug for Actuator {
 }
 
 /// Starts the actuator from the server's config: loads the command signing key (none: commands
-/// off) and starts the webhook sender on `tasks` (ending on `shutdown`).
+/// off), starts the webhook sender and, with `[kubernetes]` clusters, the Kubernetes actuator
+/// on `tasks` (ending on `shutdown`).
 ///
 /// # Errors
-/// [`CommandError`] when `command_signing_key_file` cannot be read or is not an Ed25519 key.
-pub fn start(
+/// A message when `command_signing_key_file` cannot be read or is not an Ed25519 key, or a
+/// cluster's kubeconfig cannot make a client.
+pub async fn start(
     config: &crate::config::ServerConfig,
     sessions: Arc<SessionTable>,
     ledger: Ledger,
     metrics: &Arc<Metrics>,
     shutdown: &tokio_util::sync::CancellationToken,
     tasks: &tokio_util::task::TaskTracker,
-) -> Result<Actuator, CommandError> {
-    let signer = CommandSigner::from_config(&config.command_signing_key_file)?.map(Arc::new);
+) -> Result<Actuator, String> {
+    let signer = CommandSigner::from_config(&config.command_signing_key_file)
+        .map_err(|e| e.to_string())?
+        .map(Arc::new);
     let alerts = Alerts::spawn(&config.alerts, Arc::clone(metrics), shutdown.clone(), tasks);
-    Ok(Actuator::new(
+    let kube = kubernetes::Kubernetes::start(
+        &config.kubernetes,
+        ledger.clone(),
+        Arc::clone(metrics),
+        alerts.clone(),
+        config.reconcile.dry_run,
+        shutdown,
+        tasks,
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    let mut actuator = Actuator::new(
         signer,
         sessions,
         ledger,
         Arc::clone(metrics),
         alerts,
         config.reconcile.dry_run,
-    ))
+    );
+    actuator.kube = kube;
+    Ok(actuator)
 }
 
 impl Actuator {
@@ -196,12 +219,29 @@ impl Actuator {
             metrics,
             alerts,
             dry_run,
+            kube: None,
         }
     }
 
     /// Whether commands can be signed (a signing key is configured).
     pub fn commands_on(&self) -> bool {
         self.signer.is_some()
+    }
+
+    /// Whether the loop's remediations of `node` can be carried out: a TaoNode manages it
+    /// (the Kubernetes actuator acts), or commands can be signed for its agent.
+    pub fn can_remediate(&self, node: &NodeId) -> bool {
+        self.signer.is_some() || self.managed(node).is_some()
+    }
+
+    /// The TaoNode managing `node`, when Kubernetes is on and one names it.
+    pub fn managed(&self, node: &NodeId) -> Option<kubernetes::Managed> {
+        self.kube.as_ref()?.managed(node)
+    }
+
+    /// The Kubernetes actuator, when clusters are configured.
+    pub fn kubernetes(&self) -> Option<&Arc<kubernetes::Kubernetes>> {
+        self.kube.as_ref()
     }
 
     /// Whether the control loop's commands are only logged.
@@ -340,6 +380,10 @@ impl Actuator {
         parameters: BTreeMap<String, String>,
         arrived: Option<Instant>,
     ) {
+        if let Some(managed) = self.managed(node) {
+            self.stage_kubernetes(pass, node, managed, action, parameters, arrived);
+            return;
+        }
         if self.dry_run {
             pass.dry_runs.push((node.clone(), action, parameters));
             return;
@@ -360,6 +404,52 @@ impl Actuator {
                 tracing::warn!(node = %node, action = action.as_str(), "RemediationImpossible: remote commands are off (command_signing_key_file)");
             }
             Err(error) => tracing::error!(node = %node, %error, "RemediationNotSigned"),
+        }
+    }
+
+    /// Stages a loop action for a Kubernetes-managed node: a restart deletes its pod (after
+    /// the pass is written); what Kubernetes cannot do yet is alerted, never sent to the agent.
+    fn stage_kubernetes(
+        &self,
+        pass: &mut Pass,
+        node: &NodeId,
+        managed: kubernetes::Managed,
+        action: Action,
+        parameters: BTreeMap<String, String>,
+        arrived: Option<Instant>,
+    ) {
+        let reason = format!(
+            "the reconciler decided {} ({parameters:?})",
+            action.as_str()
+        );
+        match action {
+            Action::RestartUnit | Action::RestartContainer if self.dry_run => {
+                tracing::info!(
+                    node = %node,
+                    cluster = managed.cluster,
+                    taonode = managed.name,
+                    action = "delete-pod",
+                    "RemediationDryRun: nothing written to Kubernetes"
+                );
+            }
+            Action::RestartUnit | Action::RestartContainer => {
+                pass.kube_restarts.push((node.clone(), managed, reason, arrived));
+            }
+            other => pass.alerts.push(Alert {
+                event: "remediation_alert",
+                node_id: node.to_string(),
+                network: managed.spec.network.clone(),
+                kind: "kubernetes_unsupported".to_owned(),
+                severity: "critical",
+                summary: format!(
+                    "{node}: {} is not carried out through Kubernetes yet (TaoNode {}/{} in cluster {}); nothing was done",
+                    other.as_str(),
+                    managed.namespace,
+                    managed.name,
+                    managed.cluster
+                ),
+                at_unix_ms: unix_ms(),
+            }),
         }
     }
 
@@ -441,6 +531,11 @@ impl Actuator {
                 Err(why) => {
                     tracing::warn!(node = %node, command_id, why, "RemediationNotDelivered");
                 }
+            }
+        }
+        if let Some(kube) = &self.kube {
+            for (node, managed, reason, arrived) in pass.kube_restarts {
+                kube.restart(&node, managed, reason, arrived);
             }
         }
         for alert in pass.alerts {

@@ -118,6 +118,18 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Kubernetes: the TaoNode custom resource definition.
+    Kube {
+        #[command(subcommand)]
+        command: KubeCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum KubeCommand {
+    /// Print the TaoNode CRD (YAML) generated from the server's types: what
+    /// `deploy/crds/taonodes.yaml` and the Helm chart hold. `kubectl apply -f -` it.
+    Crd,
 }
 
 #[derive(Debug, Subcommand)]
@@ -614,6 +626,12 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                 }
                 seen += 1;
             }
+            Ok(())
+        }
+        Command::Kube {
+            command: KubeCommand::Crd,
+        } => {
+            print!("{}", guardian_server::actuate::kubernetes::crd::crd_yaml());
             Ok(())
         }
         Command::Audit {

@@ -1,0 +1,249 @@
+//! The `TaoNode` custom resource (`guardian.taonode.io/v1alpha1`, namespaced): which agent a
+//! validator is, which workload runs its subtensor node, and (written by the server) how it
+//! stands. The CRD YAML under `deploy/` is generated from these types
+//! (`guardianctl kube crd`).
+
+use kube::CustomResource;
+use kube::CustomResourceExt;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::reconcile::{RecoveryStrategy, SyncPolicyOverride};
+
+/// The field manager of every status the server applies.
+pub const FIELD_MANAGER: &str = "taonode-guardian";
+
+/// What a `TaoNode` declares.
+#[derive(CustomResource, Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "guardian.taonode.io",
+    version = "v1alpha1",
+    kind = "TaoNode",
+    plural = "taonodes",
+    shortname = "tn",
+    namespaced,
+    status = "TaoNodeStatus",
+    printcolumn = r#"{"name":"NODE","type":"string","jsonPath":".spec.nodeId"}"#,
+    printcolumn = r#"{"name":"PHASE","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"LAG","type":"integer","jsonPath":".status.blockLag"}"#,
+    printcolumn = r#"{"name":"RISK","type":"number","jsonPath":".status.risk"}"#,
+    printcolumn = r#"{"name":"LAST-ACTION","type":"string","jsonPath":".status.lastRemediation.action"}"#,
+    printcolumn = r#"{"name":"AGE","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct TaoNodeSpec {
+    /// The agent's node id (its certificate's identity).
+    pub node_id: String,
+    /// The workload that runs the validator's subtensor node.
+    pub workload: Workload,
+    /// The Bittensor network (`finney`, `test`, ...).
+    #[serde(default)]
+    pub network: String,
+    /// The subnet the validator serves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netuid: Option<u16>,
+    /// The validator's hotkey, public ss58 address (never a secret).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hotkey: Option<String>,
+    /// Overrides of single fields of the server's `[reconcile.policy]` for this node (they
+    /// win over `[reconcile.nodes.NODE]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sync_policy: Option<TaoNodeSyncPolicy>,
+}
+
+/// The validator's workload.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Workload {
+    /// `StatefulSet` or `Deployment`.
+    pub kind: WorkloadKind,
+    /// Its name, in the TaoNode's namespace.
+    pub name: String,
+    /// The subtensor container in its pods.
+    pub container: String,
+}
+
+/// Which kind of workload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum WorkloadKind {
+    /// `apps/v1` StatefulSet.
+    StatefulSet,
+    /// `apps/v1` Deployment.
+    Deployment,
+}
+
+impl WorkloadKind {
+    /// The kind's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkloadKind::StatefulSet => "StatefulSet",
+            WorkloadKind::Deployment => "Deployment",
+        }
+    }
+}
+
+/// The per-node policy fields a TaoNode may set (those of `[reconcile.nodes.NODE]` that mean
+/// something in Kubernetes).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TaoNodeSyncPolicy {
+    /// Blocks behind the reference tip that count as out of sync.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_block_lag: Option<u64>,
+    /// `restart` or `cordon-and-alert`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovery_strategy: Option<TaoNodeStrategy>,
+    /// Remediations before the node is `failed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_restart_attempts: Option<u32>,
+    /// Seconds after a remediation before judging it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probe_interval_seconds: Option<u32>,
+    /// Minutes a node may stay syncing/recovering while catching up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sync_timeout_minutes: Option<u32>,
+}
+
+/// The strategies a TaoNode may choose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum TaoNodeStrategy {
+    /// Delete the validator's pod; its controller makes a new one.
+    Restart,
+    /// Alert only (the node is marked, nothing restarted).
+    CordonAndAlert,
+}
+
+impl TaoNodeSyncPolicy {
+    /// As a `[reconcile.nodes.NODE]` override.
+    pub fn to_override(&self) -> SyncPolicyOverride {
+        SyncPolicyOverride {
+            max_block_lag: self.max_block_lag,
+            recovery_strategy: self.recovery_strategy.map(|s| match s {
+                TaoNodeStrategy::Restart => RecoveryStrategy::Restart,
+                TaoNodeStrategy::CordonAndAlert => RecoveryStrategy::CordonAndAlert,
+            }),
+            max_restart_attempts: self.max_restart_attempts,
+            probe_interval_seconds: self.probe_interval_seconds,
+            sync_timeout_minutes: self.sync_timeout_minutes,
+            ..SyncPolicyOverride::default()
+        }
+    }
+}
+
+/// How the node stands, written by the server (server-side apply, field manager
+/// [`FIELD_MANAGER`]).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TaoNodeStatus {
+    /// The reconciler's phase (`pending`, `synced`, `syncing`, `degraded`, `recovering`,
+    /// `failed`, `paused`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+    /// Blocks behind the network's tip.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block_lag: Option<u64>,
+    /// Composite risk, 0 to 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub risk: Option<f64>,
+    /// Open findings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub open_findings: Option<u32>,
+    /// Remediations in the current budget.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempts: Option<u32>,
+    /// The last remediation carried out through Kubernetes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_remediation: Option<LastRemediation>,
+    /// `Ready` (the node is synced) and `Remediating`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// The spec generation this status was written for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// One remediation and how it ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LastRemediation {
+    /// What was done (`delete-pod`).
+    pub action: String,
+    /// When, RFC 3339 UTC.
+    pub time: String,
+    /// `succeeded`, `failed: ...`, `dry-run`.
+    pub outcome: String,
+}
+
+/// A status condition, as Kubernetes conventions have it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    /// `Ready` or `Remediating`.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// `True`, `False` or `Unknown`.
+    pub status: String,
+    /// A CamelCase reason.
+    pub reason: String,
+    /// For humans.
+    pub message: String,
+    /// When the status last changed, RFC 3339 UTC.
+    pub last_transition_time: String,
+}
+
+/// The CRD as YAML, what `deploy/crds/taonodes.yaml` holds.
+///
+/// # Panics
+/// Never in practice: the CRD is plain data that always serializes.
+pub fn crd_yaml() -> String {
+    let crd = TaoNode::crd();
+    let body = serde_yaml::to_string(&crd).unwrap_or_else(|e| panic!("the CRD serializes: {e}"));
+    format!(
+        "# Generated by `guardianctl kube crd` from server/src/actuate/kubernetes/crd.rs; do not edit.\n{body}"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_checked_in_crd_is_the_generated_one() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/crds/taonodes.yaml");
+        let checked_in = std::fs::read_to_string(path).unwrap_or_default();
+        assert!(
+            checked_in == crd_yaml(),
+            "{path} differs from the types in crd.rs: regenerate it with \
+             `cargo run -p guardian-server --bin guardianctl -- kube crd > deploy/crds/taonodes.yaml`"
+        );
+    }
+
+    #[test]
+    fn kubectl_get_shows_node_phase_lag_risk_last_action_and_age() {
+        let crd = TaoNode::crd();
+        let columns: Vec<String> = crd.spec.versions[0]
+            .additional_printer_columns
+            .iter()
+            .flatten()
+            .map(|c| format!("{}={}", c.name, c.json_path))
+            .collect();
+        assert_eq!(
+            columns,
+            [
+                "NODE=.spec.nodeId",
+                "PHASE=.status.phase",
+                "LAG=.status.blockLag",
+                "RISK=.status.risk",
+                "LAST-ACTION=.status.lastRemediation.action",
+                "AGE=.metadata.creationTimestamp"
+            ]
+        );
+        assert!(
+            crd.spec.versions[0]
+                .subresources
+                .as_ref()
+                .is_some_and(|s| s.status.is_some())
+        );
+    }
+}

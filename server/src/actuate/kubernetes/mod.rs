@@ -1,0 +1,984 @@
+//! The Kubernetes actuator: remediation through the Kubernetes API of each configured
+//! cluster, beside the agent actuator. A node is Kubernetes-managed when a `TaoNode` in one
+//! of the clusters names its node id; its restarts then delete the validator's pod (its
+//! controller makes a new one) instead of asking the agent.
+//!
+//! Per cluster, three tasks: a poller that lists every TaoNode (the index of managed
+//! nodes), a health check at start and every minute (reachable; each permission of
+//! [`cluster::PERMISSIONS`] allowed), and one worker that makes the cluster's writes in
+//! order. A slow or unreachable cluster never blocks another cluster, the control loop or
+//! ingest: every call has a timeout and each cluster has its own queue.
+//!
+//! This is the only module that imports `kube` and `k8s_openapi`.
+//!
+//! # Guarantees
+//! - Every write that remediates (a pod deletion) is in the ledger's audit chain before it
+//!   is made, and its outcome after; one that cannot be audited is not made.
+//! - One remediation deletes at most one pod, the one chosen when it was decided (a
+//!   precondition on its uid): a retry never deletes a second pod.
+//! - In a dry run nothing is written to any cluster (no deletion, event or status).
+//! - A node whose cluster is unreachable is alerted, never acted on some other way.
+
+pub mod cluster;
+pub mod crd;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::core::v1::{Event, Pod};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::actuate::alert::{Alert, Alerts};
+use crate::identity::NodeId;
+use crate::metrics::{ClusterLabel, ClusterReason, Metrics, Reason};
+use crate::reconcile::SyncPolicyOverride;
+use crate::store::Ledger;
+use crate::store::audit::AuditKind;
+use crate::unix_ms;
+use cluster::{Cluster, ClusterSettings, Health, KubeError, Permission};
+use crd::{Condition, FIELD_MANAGER, LastRemediation, TaoNode, TaoNodeStatus, WorkloadKind};
+
+/// Writes queued per cluster before new ones are refused (and alerted).
+const QUEUE: usize = 1024;
+
+/// `[kubernetes]`: the clusters the server may act in.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KubeSettings {
+    /// `[kubernetes.clusters.NAME]`, one per cluster; none = Kubernetes off.
+    pub clusters: BTreeMap<String, ClusterSettings>,
+    /// Bound on every call to an API server, ms. Default 5000.
+    pub request_timeout_ms: u64,
+    /// How often each cluster's TaoNodes are listed, ms. Default 5000.
+    pub poll_interval_ms: u64,
+    /// How often each cluster's reachability and permissions are checked, s. Default 60.
+    pub health_interval_seconds: u64,
+}
+
+impl Default for KubeSettings {
+    fn default() -> Self {
+        Self {
+            clusters: BTreeMap::new(),
+            request_timeout_ms: 5000,
+            poll_interval_ms: 5000,
+            health_interval_seconds: 60,
+        }
+    }
+}
+
+impl KubeSettings {
+    /// Checks every cluster's settings and the intervals.
+    ///
+    /// # Errors
+    /// A message naming the field and the fix.
+    pub fn validate(&self) -> Result<(), String> {
+        for (name, cluster) in &self.clusters {
+            cluster.validate(name)?;
+        }
+        if self.request_timeout_ms < 100 {
+            return Err("kubernetes.request_timeout_ms must be at least 100 (default 5000)".into());
+        }
+        if self.poll_interval_ms < 100 {
+            return Err("kubernetes.poll_interval_ms must be at least 100 (default 5000)".into());
+        }
+        if self.health_interval_seconds == 0 {
+            return Err(
+                "kubernetes.health_interval_seconds must be at least 1 (default 60)".into(),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// A node some TaoNode manages.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Managed {
+    /// The cluster the TaoNode is in.
+    pub cluster: String,
+    /// Its namespace.
+    pub namespace: String,
+    /// Its name.
+    pub name: String,
+    /// Its uid (events refer to it).
+    pub uid: String,
+    /// Its `metadata.generation`.
+    pub generation: Option<i64>,
+    /// What it declares.
+    pub spec: crd::TaoNodeSpec,
+}
+
+/// What a cluster's worker does next.
+#[derive(Debug)]
+enum Job {
+    /// Delete the validator's pod.
+    Restart {
+        node: NodeId,
+        managed: Managed,
+        reason: String,
+        arrived: Option<Instant>,
+    },
+    /// Apply the TaoNode's status.
+    Status { node: NodeId, managed: Managed },
+}
+
+/// What the reconciler last said of a node, for its TaoNode's status.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct NodeFigures {
+    /// Phase name.
+    pub phase: String,
+    /// Blocks behind the tip.
+    pub block_lag: u64,
+    /// Risk 0..1.
+    pub risk: f64,
+    /// Open findings.
+    pub open_findings: u32,
+    /// Attempts in the budget.
+    pub attempts: u32,
+}
+
+/// Per node: the figures its status was last written with, its last remediation, and when
+/// (Unix ms) the status was last queued.
+type Standing = (NodeFigures, Option<LastRemediation>, i64);
+
+/// The Kubernetes actuator. Cheap to share (`Arc`).
+pub struct Kubernetes {
+    clusters: BTreeMap<String, Arc<Cluster>>,
+    queues: BTreeMap<String, mpsc::Sender<Job>>,
+    index: RwLock<HashMap<String, Managed>>,
+    figures: Mutex<HashMap<String, Standing>>,
+    ledger: Ledger,
+    metrics: Arc<Metrics>,
+    alerts: Alerts,
+    dry_run: bool,
+    poll: Duration,
+    health_every: Duration,
+}
+
+impl std::fmt::Debug for Kubernetes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Kubernetes")
+            .field("clusters", &self.clusters.keys().collect::<Vec<_>>())
+            .field("dry_run", &self.dry_run)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One cluster as `guardianctl clusters` shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClusterView {
+    /// Its name.
+    pub name: String,
+    /// Its health.
+    pub health: Health,
+}
+
+impl Kubernetes {
+    /// Builds a client per configured cluster and starts each cluster's poller, health
+    /// check and worker on `tasks`; `None` when no cluster is configured.
+    ///
+    /// # Errors
+    /// When a cluster's kubeconfig cannot make a client (the message names the cluster).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn start(
+        settings: &KubeSettings,
+        ledger: Ledger,
+        metrics: Arc<Metrics>,
+        alerts: Alerts,
+        dry_run: bool,
+        shutdown: &CancellationToken,
+        tasks: &TaskTracker,
+    ) -> Result<Option<Arc<Self>>, KubeError> {
+        if settings.clusters.is_empty() {
+            return Ok(None);
+        }
+        let timeout = Duration::from_millis(settings.request_timeout_ms);
+        let mut clusters = BTreeMap::new();
+        let mut receivers = Vec::new();
+        let mut queues = BTreeMap::new();
+        for (name, cluster) in &settings.clusters {
+            let connected = Cluster::connect(name, cluster, timeout).await?;
+            clusters.insert(name.clone(), Arc::new(connected));
+            let (tx, rx) = mpsc::channel(QUEUE);
+            queues.insert(name.clone(), tx);
+            receivers.push((name.clone(), rx));
+        }
+        let this = Arc::new(Self {
+            clusters,
+            queues,
+            index: RwLock::new(HashMap::new()),
+            figures: Mutex::new(HashMap::new()),
+            ledger,
+            metrics,
+            alerts,
+            dry_run,
+            poll: Duration::from_millis(settings.poll_interval_ms),
+            health_every: Duration::from_secs(settings.health_interval_seconds),
+        });
+        for (name, rx) in receivers {
+            let Some(cluster) = this.clusters.get(&name).cloned() else {
+                continue;
+            };
+            tasks.spawn(Arc::clone(&this).poll(Arc::clone(&cluster), shutdown.clone()));
+            tasks.spawn(Arc::clone(&this).check_health(Arc::clone(&cluster), shutdown.clone()));
+            tasks.spawn(Arc::clone(&this).work(cluster, rx, shutdown.clone()));
+        }
+        tracing::info!(
+            clusters = ?this.clusters.keys().collect::<Vec<_>>(),
+            dry_run,
+            "KubernetesActuatorStarted"
+        );
+        Ok(Some(this))
+    }
+
+    /// The TaoNode that manages `node`, if any.
+    pub fn managed(&self, node: &NodeId) -> Option<Managed> {
+        self.index
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(node.as_str())
+            .cloned()
+    }
+
+    /// The policy override `node`'s TaoNode declares, if any.
+    pub fn policy_override(&self, node: &NodeId) -> Option<SyncPolicyOverride> {
+        self.managed(node)?
+            .spec
+            .sync_policy
+            .as_ref()
+            .map(crd::TaoNodeSyncPolicy::to_override)
+    }
+
+    /// Every cluster and its last health.
+    pub fn clusters(&self) -> Vec<ClusterView> {
+        self.clusters
+            .values()
+            .map(|c| ClusterView {
+                name: c.name.clone(),
+                health: c.health(),
+            })
+            .collect()
+    }
+
+    /// Queues a restart of `managed` (already decided and written to the ledger): its pod is
+    /// deleted by the cluster's worker. A cluster known unreachable, or a full queue, is
+    /// alerted instead: the node is never acted on some other way.
+    pub fn restart(
+        &self,
+        node: &NodeId,
+        managed: Managed,
+        reason: String,
+        arrived: Option<Instant>,
+    ) {
+        let cluster = managed.cluster.clone();
+        let unreachable = self.clusters.get(&cluster).is_none_or(|c| {
+            let h = c.health();
+            h.checked_unix_ms > 0 && !h.reachable
+        });
+        if unreachable {
+            self.alert(
+                node,
+                "kubernetes_unreachable",
+                format!(
+                    "{node}: not restarted: cluster {cluster} is unreachable ({}); nothing else is tried",
+                    self.clusters
+                        .get(&cluster)
+                        .map(|c| c.health().last_error)
+                        .unwrap_or_default()
+                ),
+            );
+            return;
+        }
+        self.enqueue(
+            &cluster,
+            Job::Restart {
+                node: node.clone(),
+                managed,
+                reason,
+                arrived,
+            },
+        );
+    }
+
+    /// Takes the reconciler's figures for `node`; when they changed (a phase, the attempts,
+    /// the findings) or the lag moved and 10 s passed, its TaoNode's status is applied.
+    pub fn observe(&self, node: &NodeId, figures: NodeFigures) {
+        if self.dry_run {
+            return;
+        }
+        let Some(managed) = self.managed(node) else {
+            return;
+        };
+        let now = unix_ms();
+        let changed = {
+            let mut all = self
+                .figures
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let entry = all
+                .entry(node.to_string())
+                .or_insert_with(|| (NodeFigures::default(), None, 0));
+            let (last, _, written) = &*entry;
+            let moved = last.phase != figures.phase
+                || last.attempts != figures.attempts
+                || last.open_findings != figures.open_findings
+                || (last.risk - figures.risk).abs() >= 0.1
+                || (last.block_lag != figures.block_lag && now - *written >= 10_000);
+            if moved {
+                entry.0 = figures;
+                entry.2 = now;
+            }
+            moved
+        };
+        if changed {
+            self.enqueue(
+                &managed.cluster.clone(),
+                Job::Status {
+                    node: node.clone(),
+                    managed,
+                },
+            );
+        }
+    }
+
+    fn enqueue(&self, cluster: &str, job: Job) {
+        let Some(queue) = self.queues.get(cluster) else {
+            return;
+        };
+        if let Err(error) = queue.try_send(job) {
+            let job = match error {
+                mpsc::error::TrySendError::Full(job) | mpsc::error::TrySendError::Closed(job) => {
+                    job
+                }
+            };
+            if let Job::Restart { node, .. } = job {
+                self.alert(
+                    &node,
+                    "kubernetes_backlog",
+                    format!("{node}: not restarted: cluster {cluster}'s write queue is full ({QUEUE}); it is slow or down"),
+                );
+            }
+        }
+    }
+
+    fn alert(&self, node: &NodeId, kind: &str, summary: String) {
+        self.metrics.remediation_alerts.inc();
+        tracing::warn!(node = %node, kind, summary, "RemediationAlert");
+        self.alerts.send(Alert {
+            event: "remediation_alert",
+            node_id: node.to_string(),
+            network: String::new(),
+            kind: kind.to_owned(),
+            severity: "critical",
+            summary,
+            at_unix_ms: unix_ms(),
+        });
+    }
+
+    fn failed(&self, cluster: &Cluster, error: &KubeError) {
+        self.metrics
+            .kube_errors
+            .get_or_create(&ClusterReason {
+                cluster: cluster.name.clone(),
+                reason: error.kind(),
+            })
+            .inc();
+        cluster.note(Err(error));
+        self.set_cluster_gauges(cluster);
+    }
+
+    fn wrote(&self, cluster: &Cluster, what: &'static str) {
+        self.metrics
+            .kube_writes
+            .get_or_create(&ClusterReason {
+                cluster: cluster.name.clone(),
+                reason: what,
+            })
+            .inc();
+    }
+
+    fn set_cluster_gauges(&self, cluster: &Cluster) {
+        let health = cluster.health();
+        let label = ClusterLabel {
+            cluster: cluster.name.clone(),
+        };
+        self.metrics
+            .kube_cluster_up
+            .get_or_create(&label)
+            .set(i64::from(health.reachable));
+        self.metrics
+            .kube_missing_permissions
+            .get_or_create(&label)
+            .set(i64::try_from(health.missing.len()).unwrap_or(i64::MAX));
+        self.metrics
+            .kube_taonodes
+            .get_or_create(&label)
+            .set(i64::try_from(health.taonodes).unwrap_or(i64::MAX));
+    }
+
+    /// Lists the cluster's TaoNodes every `poll` and keeps the index of managed nodes.
+    async fn poll(self: Arc<Self>, cluster: Arc<Cluster>, shutdown: CancellationToken) {
+        let api: Api<TaoNode> = Api::all(cluster.client.clone());
+        let list = Permission {
+            verb: "list",
+            group: "guardian.taonode.io",
+            resource: "taonodes",
+            subresource: "",
+        };
+        loop {
+            match cluster
+                .call(
+                    "list taonodes",
+                    Some(list),
+                    api.list(&ListParams::default()),
+                )
+                .await
+            {
+                Ok(found) => {
+                    let mut managed = Vec::new();
+                    for tn in found.items {
+                        let Some(name) = tn.metadata.name.clone() else {
+                            continue;
+                        };
+                        managed.push(Managed {
+                            cluster: cluster.name.clone(),
+                            namespace: tn.metadata.namespace.clone().unwrap_or_default(),
+                            name,
+                            uid: tn.metadata.uid.clone().unwrap_or_default(),
+                            generation: tn.metadata.generation,
+                            spec: tn.spec,
+                        });
+                    }
+                    cluster.note(Ok(Some(managed.len())));
+                    self.replace_index(&cluster.name, managed);
+                }
+                Err(error) => {
+                    tracing::warn!(cluster = cluster.name, %error, "TaoNodesNotListed");
+                    self.failed(&cluster, &error);
+                }
+            }
+            self.set_cluster_gauges(&cluster);
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(self.poll) => {}
+            }
+        }
+    }
+
+    /// Puts `managed` in place of the cluster's entries; a node id another cluster already
+    /// claims stays with that one (logged).
+    fn replace_index(&self, cluster: &str, managed: Vec<Managed>) {
+        let mut index = self
+            .index
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        index.retain(|_, m| m.cluster != cluster);
+        for m in managed {
+            let node = m.spec.node_id.clone();
+            match index.get(&node) {
+                Some(other) => tracing::warn!(
+                    node,
+                    cluster,
+                    taonode = m.name,
+                    claimed_by = other.cluster,
+                    "TaoNodeDuplicate: another cluster's TaoNode names this node; ignoring this one"
+                ),
+                None => {
+                    index.insert(node, m);
+                }
+            }
+        }
+    }
+
+    /// Checks reachability and permissions at start and every `health_every`.
+    async fn check_health(self: Arc<Self>, cluster: Arc<Cluster>, shutdown: CancellationToken) {
+        loop {
+            let health = cluster.check(unix_ms()).await;
+            if !health.reachable {
+                tracing::warn!(
+                    cluster = cluster.name,
+                    error = health.last_error,
+                    "KubernetesClusterUnreachable"
+                );
+            } else if !health.missing.is_empty() {
+                tracing::warn!(cluster = cluster.name, missing = ?health.missing, "KubernetesPermissionsMissing: grant these to the server's service account");
+            } else {
+                tracing::debug!(cluster = cluster.name, "KubernetesClusterHealthy");
+            }
+            self.set_cluster_gauges(&cluster);
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(self.health_every) => {}
+            }
+        }
+    }
+
+    /// Makes the cluster's writes, one at a time, in the order they were queued.
+    async fn work(
+        self: Arc<Self>,
+        cluster: Arc<Cluster>,
+        mut queue: mpsc::Receiver<Job>,
+        shutdown: CancellationToken,
+    ) {
+        loop {
+            let job = tokio::select! {
+                () = shutdown.cancelled() => return,
+                job = queue.recv() => match job {
+                    Some(job) => job,
+                    None => return,
+                },
+            };
+            match job {
+                Job::Restart {
+                    node,
+                    managed,
+                    reason,
+                    arrived,
+                } => {
+                    self.delete_pod(&cluster, &node, &managed, &reason, arrived)
+                        .await
+                }
+                Job::Status { node, managed } => self.apply_status(&cluster, &node, &managed).await,
+            }
+        }
+    }
+
+    /// Restart: finds the workload's one pod, audits the deletion, deletes it under a uid
+    /// precondition, audits the outcome, writes an Event and the status.
+    async fn delete_pod(
+        &self,
+        cluster: &Cluster,
+        node: &NodeId,
+        managed: &Managed,
+        reason: &str,
+        arrived: Option<Instant>,
+    ) {
+        let outcome = match self.pick_pod(cluster, managed).await {
+            Err(error) => Err(error.to_string()),
+            Ok(pod) => {
+                let body = serde_json::json!({
+                    "actuator": "kubernetes",
+                    "cluster": cluster.name,
+                    "namespace": managed.namespace,
+                    "taonode": managed.name,
+                    "verb": "delete",
+                    "resource": "pods",
+                    "name": pod.0,
+                    "uid": pod.1,
+                    "reason": reason,
+                });
+                // Audited before it is made: a write the ledger did not take is not made.
+                match self
+                    .ledger
+                    .audit_append(AuditKind::Command, node.as_str(), &body, unix_ms())
+                    .await
+                {
+                    Err(error) => Err(format!("not audited, so not made: {error}")),
+                    Ok(_) => {
+                        let pods: Api<Pod> =
+                            Api::namespaced(cluster.client.clone(), &managed.namespace);
+                        let params = DeleteParams {
+                            preconditions: Some(Preconditions {
+                                uid: Some(pod.1.clone()),
+                                resource_version: None,
+                            }),
+                            ..DeleteParams::default()
+                        };
+                        let delete = Permission {
+                            verb: "delete",
+                            group: "",
+                            resource: "pods",
+                            subresource: "",
+                        };
+                        let what = format!("delete pod {}/{}", managed.namespace, pod.0);
+                        let result = cluster
+                            .call(&what, Some(delete), pods.delete(&pod.0, &params))
+                            .await;
+                        if let Some(arrived) = arrived {
+                            self.metrics
+                                .decision_latency_seconds
+                                .observe(arrived.elapsed().as_secs_f64());
+                        }
+                        let outcome = match &result {
+                            Ok(_) => Ok(pod.0.clone()),
+                            Err(error) => Err(error.to_string()),
+                        };
+                        let mut after = body.clone();
+                        after["outcome"] = serde_json::Value::String(match &outcome {
+                            Ok(_) => "succeeded".to_owned(),
+                            Err(why) => format!("failed: {why}"),
+                        });
+                        if let Err(error) = self
+                            .ledger
+                            .audit_append(AuditKind::Outcome, node.as_str(), &after, unix_ms())
+                            .await
+                        {
+                            tracing::error!(node = %node, %error, "KubernetesOutcomeNotAudited");
+                        }
+                        match result {
+                            Ok(_) => self.wrote(cluster, "delete_pod"),
+                            Err(error) => self.failed(cluster, &error),
+                        }
+                        outcome
+                    }
+                }
+            }
+        };
+        let (event_reason, message, outcome_text) = match &outcome {
+            Ok(pod) => {
+                self.metrics
+                    .remediations_issued
+                    .get_or_create(&Reason {
+                        reason: "delete-pod",
+                    })
+                    .inc();
+                tracing::info!(node = %node, cluster = cluster.name, pod, reason, "RemediationIssued: pod deleted");
+                (
+                    "PodDeleted",
+                    format!("deleted pod {pod} to restart the validator's node: {reason}"),
+                    "succeeded".to_owned(),
+                )
+            }
+            Err(why) => {
+                self.alert(
+                    node,
+                    "kubernetes_remediation_failed",
+                    format!(
+                        "{node}: restart through cluster {} failed: {why}",
+                        cluster.name
+                    ),
+                );
+                (
+                    "RemediationFailed",
+                    format!("could not restart the validator's node: {why}"),
+                    format!("failed: {why}"),
+                )
+            }
+        };
+        self.event(cluster, managed, event_reason, &message, outcome.is_ok())
+            .await;
+        {
+            let mut all = self
+                .figures
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let entry = all
+                .entry(node.to_string())
+                .or_insert_with(|| (NodeFigures::default(), None, 0));
+            entry.1 = Some(LastRemediation {
+                action: "delete-pod".to_owned(),
+                time: rfc3339(unix_ms()),
+                outcome: outcome_text,
+            });
+        }
+        self.apply_status(cluster, node, managed).await;
+    }
+
+    /// The workload's pod to delete: `(name, uid)`. Exactly one pod must match the
+    /// workload's selector and carry the declared container; anything else is refused with
+    /// the reason (never a guess).
+    async fn pick_pod(
+        &self,
+        cluster: &Cluster,
+        managed: &Managed,
+    ) -> Result<(String, String), KubeError> {
+        let ns = &managed.namespace;
+        let workload = &managed.spec.workload;
+        let get = |resource: &'static str| Permission {
+            verb: "get",
+            group: "apps",
+            resource,
+            subresource: "",
+        };
+        let what = format!("get {} {ns}/{}", workload.kind.as_str(), workload.name);
+        let selector = match workload.kind {
+            WorkloadKind::StatefulSet => {
+                let api: Api<StatefulSet> = Api::namespaced(cluster.client.clone(), ns);
+                let set = cluster
+                    .call(&what, Some(get("statefulsets")), api.get(&workload.name))
+                    .await?;
+                set.spec
+                    .map(|s| s.selector.match_labels.unwrap_or_default())
+            }
+            WorkloadKind::Deployment => {
+                let api: Api<Deployment> = Api::namespaced(cluster.client.clone(), ns);
+                let set = cluster
+                    .call(&what, Some(get("deployments")), api.get(&workload.name))
+                    .await?;
+                set.spec
+                    .map(|s| s.selector.match_labels.unwrap_or_default())
+            }
+        }
+        .unwrap_or_default();
+        let refuse = |why: String| KubeError::Failed {
+            cluster: cluster.name.clone(),
+            what: what.clone(),
+            why,
+        };
+        if selector.is_empty() {
+            return Err(refuse(
+                "the workload has no matchLabels selector; its pods cannot be found".into(),
+            ));
+        }
+        let labels = selector
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), ns);
+        let list = Permission {
+            verb: "list",
+            group: "",
+            resource: "pods",
+            subresource: "",
+        };
+        let found = cluster
+            .call(
+                &format!("list pods {ns} -l {labels}"),
+                Some(list),
+                pods.list(&ListParams::default().labels(&labels)),
+            )
+            .await?;
+        let live: Vec<&Pod> = found
+            .items
+            .iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .filter(|p| {
+                p.spec
+                    .as_ref()
+                    .is_some_and(|s| s.containers.iter().any(|c| c.name == workload.container))
+            })
+            .collect();
+        match live.as_slice() {
+            [pod] => Ok((
+                pod.metadata.name.clone().unwrap_or_default(),
+                pod.metadata.uid.clone().unwrap_or_default(),
+            )),
+            [] => Err(refuse(format!(
+                "no running pod of {} {} has container {:?} (selector {labels}); nothing deleted",
+                workload.kind.as_str(),
+                workload.name,
+                workload.container
+            ))),
+            many => Err(refuse(format!(
+                "{} pods of {} {} match (selector {labels}); deleting one would be a guess, nothing deleted",
+                many.len(),
+                workload.kind.as_str(),
+                workload.name
+            ))),
+        }
+    }
+
+    /// A Kubernetes Event on the TaoNode (best effort: a failure is counted and logged).
+    async fn event(
+        &self,
+        cluster: &Cluster,
+        managed: &Managed,
+        reason: &str,
+        message: &str,
+        normal: bool,
+    ) {
+        let now = rfc3339(unix_ms());
+        let event = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {
+                "generateName": format!("{}.", managed.name),
+                "namespace": managed.namespace,
+            },
+            "involvedObject": {
+                "apiVersion": "guardian.taonode.io/v1alpha1",
+                "kind": "TaoNode",
+                "name": managed.name,
+                "namespace": managed.namespace,
+                "uid": managed.uid,
+            },
+            "reason": reason,
+            "message": message,
+            "type": if normal { "Normal" } else { "Warning" },
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+            "source": { "component": FIELD_MANAGER },
+            "reportingComponent": FIELD_MANAGER,
+        });
+        let event: Event = match serde_json::from_value(event) {
+            Ok(event) => event,
+            Err(error) => {
+                tracing::error!(%error, "KubernetesEventNotBuilt");
+                return;
+            }
+        };
+        let api: Api<Event> = Api::namespaced(cluster.client.clone(), &managed.namespace);
+        let create = Permission {
+            verb: "create",
+            group: "",
+            resource: "events",
+            subresource: "",
+        };
+        match cluster
+            .call(
+                &format!(
+                    "create event on taonode {}/{}",
+                    managed.namespace, managed.name
+                ),
+                Some(create),
+                api.create(&PostParams::default(), &event),
+            )
+            .await
+        {
+            Ok(_) => self.wrote(cluster, "event"),
+            Err(error) => {
+                tracing::warn!(%error, "KubernetesEventNotWritten");
+                self.failed(cluster, &error);
+            }
+        }
+    }
+
+    /// Applies the TaoNode's whole status (server-side apply, field manager
+    /// `taonode-guardian`, forced: the server owns status).
+    async fn apply_status(&self, cluster: &Cluster, node: &NodeId, managed: &Managed) {
+        let (figures, last, _) = self
+            .figures
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(node.as_str())
+            .cloned()
+            .unwrap_or_default();
+        let status = status_of(&figures, last, managed.generation, unix_ms());
+        let patch = serde_json::json!({
+            "apiVersion": "guardian.taonode.io/v1alpha1",
+            "kind": "TaoNode",
+            "metadata": { "name": managed.name, "namespace": managed.namespace },
+            "status": status,
+        });
+        let api: Api<TaoNode> = Api::namespaced(cluster.client.clone(), &managed.namespace);
+        let permission = Permission {
+            verb: "patch",
+            group: "guardian.taonode.io",
+            resource: "taonodes",
+            subresource: "status",
+        };
+        match cluster
+            .call(
+                &format!(
+                    "apply status of taonode {}/{}",
+                    managed.namespace, managed.name
+                ),
+                Some(permission),
+                api.patch_status(
+                    &managed.name,
+                    &PatchParams::apply(FIELD_MANAGER).force(),
+                    &Patch::Apply(&patch),
+                ),
+            )
+            .await
+        {
+            Ok(_) => self.wrote(cluster, "status"),
+            Err(error) => {
+                tracing::warn!(node = %node, %error, "TaoNodeStatusNotWritten");
+                self.failed(cluster, &error);
+            }
+        }
+    }
+}
+
+/// The status a TaoNode gets for `figures`.
+fn status_of(
+    figures: &NodeFigures,
+    last: Option<LastRemediation>,
+    generation: Option<i64>,
+    now_unix_ms: i64,
+) -> TaoNodeStatus {
+    let now = rfc3339(now_unix_ms);
+    let ready = figures.phase == "synced";
+    let remediating = figures.phase == "recovering";
+    let condition = |type_: &str, on: bool, reason: &str, message: String| Condition {
+        type_: type_.to_owned(),
+        status: if on { "True" } else { "False" }.to_owned(),
+        reason: reason.to_owned(),
+        message,
+        last_transition_time: now.clone(),
+    };
+    TaoNodeStatus {
+        phase: (!figures.phase.is_empty()).then(|| figures.phase.clone()),
+        block_lag: Some(figures.block_lag),
+        risk: Some((figures.risk * 100.0).round() / 100.0),
+        open_findings: Some(figures.open_findings),
+        attempts: Some(figures.attempts),
+        last_remediation: last,
+        conditions: vec![
+            condition(
+                "Ready",
+                ready,
+                if ready { "Synced" } else { "NotSynced" },
+                format!(
+                    "phase {}, {} blocks behind",
+                    figures.phase, figures.block_lag
+                ),
+            ),
+            condition(
+                "Remediating",
+                remediating,
+                if remediating { "Recovering" } else { "Idle" },
+                format!("{} remediation(s) in the current budget", figures.attempts),
+            ),
+        ],
+        observed_generation: generation,
+    }
+}
+
+/// RFC 3339 UTC with second precision.
+fn rfc3339(unix_ms: i64) -> String {
+    format!("{}Z", crate::utc(unix_ms).replacen(' ', "T", 1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_says_ready_only_when_synced_and_keeps_the_last_remediation() {
+        let figures = NodeFigures {
+            phase: "recovering".into(),
+            block_lag: 42,
+            risk: 0.734,
+            open_findings: 1,
+            attempts: 1,
+        };
+        let last = LastRemediation {
+            action: "delete-pod".into(),
+            time: "2026-12-06T10:00:00Z".into(),
+            outcome: "succeeded".into(),
+        };
+        let status = status_of(&figures, Some(last.clone()), Some(3), 0);
+        assert_eq!(status.phase.as_deref(), Some("recovering"));
+        assert_eq!(status.risk, Some(0.73));
+        assert_eq!(status.observed_generation, Some(3));
+        assert_eq!(status.last_remediation, Some(last));
+        assert_eq!(status.conditions[0].status, "False");
+        assert_eq!(status.conditions[1].status, "True");
+        assert_eq!(
+            status.conditions[0].last_transition_time,
+            "1970-01-01T00:00:00Z"
+        );
+    }
+
+    #[test]
+    fn settings_refuse_what_cannot_work() {
+        let mut settings = KubeSettings::default();
+        assert!(settings.validate().is_ok());
+        settings.poll_interval_ms = 0;
+        assert!(
+            settings
+                .validate()
+                .expect_err("refused")
+                .contains("poll_interval_ms")
+        );
+    }
+}
