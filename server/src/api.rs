@@ -9,10 +9,10 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use guardian_proto::v1::fleet_server::Fleet;
 use guardian_proto::v1::{
-    CancelCommandRequest, CommandRecord, GetCommandRequest, GetNodeRequest, HistoryPoint,
-    HistoryRequest, HistoryResponse, IssueCommandRequest, ListFindingsRequest,
-    ListFindingsResponse, ListNodesRequest, ListNodesResponse, Node, NodeEvent, PauseNodeRequest,
-    ResumeNodeRequest, WatchNodesRequest,
+    CancelCommandRequest, ClusterHealth, CommandRecord, GetCommandRequest, GetNodeRequest,
+    HistoryPoint, HistoryRequest, HistoryResponse, IssueCommandRequest, ListClustersRequest,
+    ListClustersResponse, ListFindingsRequest, ListFindingsResponse, ListNodesRequest,
+    ListNodesResponse, Node, NodeEvent, PauseNodeRequest, ResumeNodeRequest, WatchNodesRequest,
 };
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
@@ -333,6 +333,29 @@ impl Fleet for FleetApi {
             .await
             .map_err(Status::failed_precondition)?;
         self.node_or_status(&request.node_id).map(Response::new)
+    }
+
+    async fn list_clusters(
+        &self,
+        request: Request<ListClustersRequest>,
+    ) -> Result<Response<ListClustersResponse>, Status> {
+        self.authorize(&request, "ListClusters").await?;
+        let clusters = self
+            .actuator
+            .kubernetes()
+            .map(|k| k.clusters())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|c| ClusterHealth {
+                name: c.name,
+                reachable: c.health.reachable,
+                missing_permissions: c.health.missing,
+                taonodes: u32::try_from(c.health.taonodes).unwrap_or(u32::MAX),
+                last_error: c.health.last_error,
+                checked_unix_ms: c.health.checked_unix_ms,
+            })
+            .collect();
+        Ok(Response::new(ListClustersResponse { clusters }))
     }
 
     async fn get_command(

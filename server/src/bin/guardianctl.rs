@@ -118,6 +118,15 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// The Kubernetes clusters the server may act in: name, reachable, missing
+    /// permissions, TaoNodes, last error.
+    Clusters {
+        #[command(flatten)]
+        connection: Connection,
+        /// Output format.
+        #[arg(long, short, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
     /// Kubernetes: the TaoNode custom resource definition.
     Kube {
         #[command(subcommand)]
@@ -628,6 +637,35 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Clusters { connection, output } => {
+            let mut client = connection.client().await?;
+            let clusters = client
+                .list_clusters(guardian_proto::v1::ListClustersRequest {})
+                .await
+                .map_err(status_error)?
+                .into_inner()
+                .clusters;
+            match output {
+                Output::Table => print!("{}", clusters_table(&clusters)),
+                Output::Json => {
+                    let rows: Vec<_> = clusters
+                        .iter()
+                        .map(|c| {
+                            serde_json::json!({
+                                "name": c.name,
+                                "reachable": c.reachable,
+                                "missing_permissions": c.missing_permissions,
+                                "taonodes": c.taonodes,
+                                "last_error": c.last_error,
+                                "checked_unix_ms": c.checked_unix_ms,
+                            })
+                        })
+                        .collect();
+                    println!("{}", serde_json::to_string_pretty(&rows)?);
+                }
+            }
+            Ok(())
+        }
         Command::Kube {
             command: KubeCommand::Crd,
         } => {
@@ -1074,6 +1112,39 @@ fn chrono_like(unix_ms: i64) -> String {
         day_ms / 1000 % 60,
         day_ms % 1000
     )
+}
+
+/// `guardianctl clusters` as a table.
+fn clusters_table(clusters: &[guardian_proto::v1::ClusterHealth]) -> String {
+    if clusters.is_empty() {
+        return "no Kubernetes clusters configured ([kubernetes.clusters.NAME] in the server config)\n"
+            .to_owned();
+    }
+    let mut out = format!(
+        "{:<20} {:<10} {:>8}  {:<40} {}\n",
+        "CLUSTER", "REACHABLE", "TAONODES", "MISSING PERMISSIONS", "LAST ERROR"
+    );
+    for c in clusters {
+        let missing = if c.missing_permissions.is_empty() {
+            "-".to_owned()
+        } else {
+            c.missing_permissions.join(", ")
+        };
+        let error = if c.last_error.is_empty() {
+            "-"
+        } else {
+            &c.last_error
+        };
+        out.push_str(&format!(
+            "{:<20} {:<10} {:>8}  {:<40} {}\n",
+            c.name,
+            if c.reachable { "yes" } else { "NO" },
+            c.taonodes,
+            missing,
+            error
+        ));
+    }
+    out
 }
 
 #[cfg(test)]
