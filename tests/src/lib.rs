@@ -6,6 +6,7 @@
 //! them first (`cargo build --workspace --bins`).
 
 pub mod clickhouse;
+pub mod fake_kube;
 pub mod fake_node;
 pub mod proxy;
 
