@@ -688,6 +688,7 @@ impl Runner {
                         risk: figures.risk,
                         open_findings: figures.open_findings,
                         attempts: figures.attempts,
+                        phase_since_unix_ms: figures.phase_since_unix_ms,
                     },
                 );
             }

@@ -140,6 +140,8 @@ pub struct NodeFigures {
     pub open_findings: u32,
     /// Attempts in the budget.
     pub attempts: u32,
+    /// When the phase was entered, Unix ms (the conditions' lastTransitionTime).
+    pub phase_since_unix_ms: i64,
 }
 
 /// Per node: the figures its status was last written with, its last remediation, and when
@@ -850,7 +852,7 @@ impl Kubernetes {
             .get(node.as_str())
             .cloned()
             .unwrap_or_default();
-        let status = status_of(&figures, last, managed.generation, unix_ms());
+        let status = status_of(&figures, last, managed.generation);
         let patch = serde_json::json!({
             "apiVersion": "guardian.taonode.io/v1alpha1",
             "kind": "TaoNode",
@@ -893,9 +895,9 @@ fn status_of(
     figures: &NodeFigures,
     last: Option<LastRemediation>,
     generation: Option<i64>,
-    now_unix_ms: i64,
 ) -> TaoNodeStatus {
-    let now = rfc3339(now_unix_ms);
+    // Both conditions change only with the phase.
+    let since = rfc3339(figures.phase_since_unix_ms);
     let ready = figures.phase == "synced";
     let remediating = figures.phase == "recovering";
     let condition = |type_: &str, on: bool, reason: &str, message: String| Condition {
@@ -903,7 +905,7 @@ fn status_of(
         status: if on { "True" } else { "False" }.to_owned(),
         reason: reason.to_owned(),
         message,
-        last_transition_time: now.clone(),
+        last_transition_time: since.clone(),
     };
     TaoNodeStatus {
         phase: (!figures.phase.is_empty()).then(|| figures.phase.clone()),
@@ -950,13 +952,14 @@ mod tests {
             risk: 0.734,
             open_findings: 1,
             attempts: 1,
+            phase_since_unix_ms: 1_000,
         };
         let last = LastRemediation {
             action: "delete-pod".into(),
             time: "2026-12-06T10:00:00Z".into(),
             outcome: "succeeded".into(),
         };
-        let status = status_of(&figures, Some(last.clone()), Some(3), 0);
+        let status = status_of(&figures, Some(last.clone()), Some(3));
         assert_eq!(status.phase.as_deref(), Some("recovering"));
         assert_eq!(status.risk, Some(0.73));
         assert_eq!(status.observed_generation, Some(3));

@@ -1,0 +1,451 @@
+//! Remediation through the Kubernetes API of two clusters, end to end with real processes:
+//! fake subtensor nodes sampled by real agents, the server with `[kubernetes.clusters.a]` and
+//! `[kubernetes.clusters.b]`, each a fake Kubernetes API server (real HTTP, the real `kube`
+//! client through a kubeconfig) that records every request. The assertions count the writes
+//! each cluster received.
+
+use std::time::{Duration, Instant};
+
+use guardian_proto::v1::fleet_client::FleetClient;
+use guardian_proto::v1::{GetNodeRequest, Node};
+use guardian_tests::fake_kube::{FakeKube, Recorded};
+use guardian_tests::fake_node::{FakeNode, FakeNodeConfig};
+use guardian_tests::{Proc, Scratch, Server, binary, eventually, start_agent};
+use serde_json::{Value, json};
+use tonic::transport::Channel;
+
+type TestResult = anyhow::Result<()>;
+
+const INTERVAL_MS: u64 = 400;
+const WAIT: Duration = Duration::from_secs(40);
+const TAONODES: &str = "/apis/guardian.taonode.io/v1alpha1/namespaces/validators/taonodes";
+const PODS: &str = "/api/v1/namespaces/validators/pods";
+const SETS: &str = "/apis/apps/v1/namespaces/validators/statefulsets";
+
+/// Two clusters, one validator in each: `val-a` in cluster a, `val-b` in cluster b.
+struct Rig {
+    scratch: Scratch,
+    server: Server,
+    nodes: Vec<FakeNode>,
+    agents: Vec<Proc>,
+    clusters: [FakeKube; 2],
+    operator: FleetClient<Channel>,
+}
+
+/// A validator's workload in `kube`: a TaoNode naming `node`, its StatefulSet and one pod.
+fn declare(kube: &FakeKube, node: &str) {
+    let set = format!("subtensor-{node}");
+    kube.put(
+        TAONODES,
+        json!({
+            "apiVersion": "guardian.taonode.io/v1alpha1",
+            "kind": "TaoNode",
+            "metadata": { "name": node },
+            "spec": {
+                "nodeId": node,
+                "network": "local",
+                "workload": { "kind": "StatefulSet", "name": set, "container": "subtensor" }
+            }
+        }),
+    );
+    kube.put(
+        SETS,
+        json!({
+            "apiVersion": "apps/v1",
+            "kind": "StatefulSet",
+            "metadata": { "name": set },
+            "spec": {
+                "selector": { "matchLabels": { "app": set } },
+                "serviceName": set,
+                "template": {
+                    "metadata": { "labels": { "app": set } },
+                    "spec": { "containers": [{ "name": "subtensor", "image": "subtensor" }] }
+                }
+            }
+        }),
+    );
+    pod(kube, node);
+}
+
+/// The workload's pod `subtensor-NODE-0` (a new uid each time, as its controller makes it).
+fn pod(kube: &FakeKube, node: &str) {
+    let set = format!("subtensor-{node}");
+    kube.put(
+        PODS,
+        json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": { "name": format!("{set}-0"), "labels": { "app": set } },
+            "spec": { "containers": [{ "name": "subtensor", "image": "subtensor" }] }
+        }),
+    );
+}
+
+fn is_write_of(r: &Recorded, method: &str, path_part: &str) -> bool {
+    r.method == method && r.path.contains(path_part)
+}
+
+impl Rig {
+    async fn start(reconcile: &str) -> anyhow::Result<Rig> {
+        let names = ["val-a", "val-b"];
+        let clusters = [FakeKube::start("a").await?, FakeKube::start("b").await?];
+        declare(&clusters[0], "val-a");
+        declare(&clusters[1], "val-b");
+        Self::start_with(&names, clusters, reconcile).await
+    }
+
+    async fn start_with(
+        names: &[&str],
+        clusters: [FakeKube; 2],
+        reconcile: &str,
+    ) -> anyhow::Result<Rig> {
+        let scratch = Scratch::new(names)?;
+        // No command signing key: Kubernetes-managed nodes need none.
+        let server_extra = format!(
+            "[detect]\nfrozen_head_ms = 2500\n\
+             [reconcile]\nevaluate_interval_ms = 200\n{reconcile}\n[reconcile.policy]\nmax_block_lag = 5\n\
+             recovery_strategy = \"restart\"\nprobe_interval_seconds = 2\nconfirm_samples = 2\nrecover_samples = 2\n\
+             [kubernetes]\npoll_interval_ms = 200\nrequest_timeout_ms = 1000\nhealth_interval_seconds = 1\n\
+             [kubernetes.clusters.a]\nkubeconfig = \"{}\"\n\
+             [kubernetes.clusters.b]\nkubeconfig = \"{}\"\n",
+            clusters[0].kubeconfig().display(),
+            clusters[1].kubeconfig().display(),
+        );
+        let server = Server::start(
+            &scratch.server_config(&scratch.sqlite_url(), &server_extra)?,
+            scratch.path("server.log"),
+        )?;
+        let mut nodes = Vec::new();
+        let mut agents = Vec::new();
+        for name in names {
+            let node = FakeNode::start(FakeNodeConfig::default()).await?;
+            let agent_extra = format!(
+                "[chain]\nendpoint = \"{}\"\ncall_timeout_ms = 300\n",
+                node.ws_url()
+            );
+            agents.push(start_agent(
+                &scratch.agent_config_with(name, server.grpc, INTERVAL_MS, &agent_extra)?,
+                scratch.path(&format!("agent-{name}.log")),
+            )?);
+            nodes.push(node);
+        }
+        let operator = scratch.operator(server.grpc).await?;
+        let rig = Rig {
+            scratch,
+            server,
+            nodes,
+            agents,
+            clusters,
+            operator,
+        };
+        for name in names {
+            rig.wait_phase(name, "synced").await?;
+        }
+        Ok(rig)
+    }
+
+    async fn node(&self, name: &str) -> Option<Node> {
+        let mut operator = self.operator.clone();
+        Some(
+            operator
+                .get_node(GetNodeRequest {
+                    node_id: name.into(),
+                })
+                .await
+                .ok()?
+                .into_inner(),
+        )
+    }
+
+    async fn wait_phase(&self, name: &str, phase: &str) -> anyhow::Result<Node> {
+        eventually(WAIT, &format!("{name} to be {phase}"), || async {
+            self.node(name).await.filter(|n| n.phase == phase)
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}; server log:\n{}", self.server_log_tail()))
+    }
+
+    /// The TaoNode's status as the cluster holds it.
+    fn status(&self, cluster: usize, node: &str) -> Value {
+        self.clusters[cluster]
+            .get(TAONODES, node)
+            .and_then(|t| t.get("status").cloned())
+            .unwrap_or(Value::Null)
+    }
+
+    async fn wait_status_phase(
+        &self,
+        cluster: usize,
+        node: &str,
+        phase: &str,
+    ) -> anyhow::Result<Duration> {
+        let started = Instant::now();
+        eventually(
+            Duration::from_secs(10),
+            &format!("{node}'s TaoNode status to say {phase}"),
+            || async { (self.status(cluster, node)["phase"] == phase).then_some(()) },
+        )
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "{e}; status {}; server log:\n{}",
+                self.status(cluster, node),
+                self.server_log_tail()
+            )
+        })?;
+        Ok(started.elapsed())
+    }
+
+    fn deletions(&self, cluster: usize) -> Vec<Recorded> {
+        self.clusters[cluster]
+            .writes()
+            .into_iter()
+            .filter(|r| r.method == "DELETE" || r.path.ends_with("/eviction"))
+            .collect()
+    }
+
+    fn guardianctl(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = std::process::Command::new(binary("guardianctl")?)
+            .args(args)
+            .arg("--server")
+            .arg(format!("https://{}", self.server.grpc))
+            .arg("--pki-dir")
+            .arg(&self.scratch.pki.dir)
+            .output()?;
+        Ok(format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+
+    fn audit_list(&self) -> anyhow::Result<String> {
+        let out = std::process::Command::new(binary("guardianctl")?)
+            .args(["audit", "list", "--limit", "10000", "--ledger-url"])
+            .arg(self.scratch.sqlite_url())
+            .output()?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn server_log_tail(&self) -> String {
+        let text = self.server.proc.log_text();
+        let lines: Vec<&str> = text.lines().filter(|l| !l.contains("BatchAcked")).collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    async fn stop(mut self) -> TestResult {
+        for agent in &mut self.agents {
+            agent.terminate()?;
+        }
+        for node in &self.nodes {
+            node.shutdown().await?;
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_lagging_node_in_cluster_a_gets_exactly_one_pod_deleted_there_and_nothing_in_b()
+-> TestResult {
+    let rig = Rig::start("").await?;
+    // The status follows the node: synced, written by server-side apply.
+    rig.wait_status_phase(0, "val-a", "synced").await?;
+    rig.wait_status_phase(1, "val-b", "synced").await?;
+    let apply = rig.clusters[0]
+        .writes()
+        .into_iter()
+        .find(|r| r.path.ends_with("/taonodes/val-a/status"))
+        .ok_or_else(|| anyhow::anyhow!("no status write"))?;
+    assert_eq!(apply.method, "PATCH");
+    assert_eq!(apply.content_type, "application/apply-patch+yaml");
+    assert_eq!(
+        apply.param("fieldManager").as_deref(),
+        Some("taonode-guardian")
+    );
+
+    let pod_uid = rig.clusters[0]
+        .get(PODS, "subtensor-val-a-0")
+        .and_then(|p| p["metadata"]["uid"].as_str().map(str::to_owned))
+        .ok_or_else(|| anyhow::anyhow!("no pod"))?;
+    rig.nodes[0].lag(40);
+    eventually(WAIT, "val-a's pod to be deleted", || async {
+        rig.clusters[0]
+            .get(PODS, "subtensor-val-a-0")
+            .is_none()
+            .then_some(())
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}; server log:\n{}", rig.server_log_tail()))?;
+    // Its StatefulSet makes a new pod; the restart healed the node.
+    pod(&rig.clusters[0], "val-a");
+    rig.nodes[0].heal();
+    rig.wait_phase("val-a", "synced").await?;
+    let followed = rig.wait_status_phase(0, "val-a", "synced").await?;
+    assert!(
+        followed <= Duration::from_secs(2),
+        "status followed after {followed:?}"
+    );
+
+    let deleted = rig.deletions(0);
+    assert_eq!(deleted.len(), 1, "exactly one deletion in a: {deleted:?}");
+    assert_eq!(deleted[0].path, format!("{PODS}/subtensor-val-a-0"));
+    let body = deleted[0].json().unwrap_or(Value::Null);
+    assert_eq!(body["preconditions"]["uid"], pod_uid.as_str(), "{body}");
+    assert!(
+        rig.deletions(1).is_empty(),
+        "nothing deleted in b: {:?}",
+        rig.deletions(1)
+    );
+    assert!(
+        rig.clusters[1]
+            .writes()
+            .iter()
+            .all(|r| r.path.ends_with("/taonodes/val-b/status")),
+        "b got only val-b's status: {:?}",
+        rig.clusters[1].writes()
+    );
+    let events: Vec<Value> = rig.clusters[0]
+        .writes()
+        .iter()
+        .filter(|r| is_write_of(r, "POST", "/namespaces/validators/events"))
+        .filter_map(Recorded::json)
+        .collect();
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0]["reason"], "PodDeleted");
+    assert_eq!(events[0]["involvedObject"]["kind"], "TaoNode");
+    assert_eq!(events[0]["involvedObject"]["name"], "val-a");
+    let status = rig.status(0, "val-a");
+    assert_eq!(
+        status["lastRemediation"]["action"], "delete-pod",
+        "{status}"
+    );
+    assert_eq!(
+        status["lastRemediation"]["outcome"], "succeeded",
+        "{status}"
+    );
+
+    // The deletion is audited before it is made (command, then outcome), and the chain holds.
+    let audit = rig.audit_list()?;
+    let command = audit
+        .find("\"verb\":\"delete\"")
+        .ok_or_else(|| anyhow::anyhow!("no audited deletion: {audit}"))?;
+    let outcome = audit
+        .find("\"outcome\":\"succeeded\"")
+        .ok_or_else(|| anyhow::anyhow!("no audited outcome: {audit}"))?;
+    assert!(command < outcome, "{audit}");
+    let clusters = rig.guardianctl(&["clusters"])?;
+    assert!(
+        clusters
+            .lines()
+            .any(|l| l.starts_with("a ") && l.contains("yes")),
+        "{clusters}"
+    );
+    rig.stop().await
+}
+
+#[tokio::test]
+async fn a_dry_run_writes_nothing_to_any_cluster() -> TestResult {
+    let rig = Rig::start("dry_run = true").await?;
+    rig.nodes[0].lag(40);
+    rig.wait_phase("val-a", "recovering").await?;
+    // Time for a worker to (wrongly) act: several evaluations and polls.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for (i, cluster) in rig.clusters.iter().enumerate() {
+        assert!(
+            cluster.writes().is_empty(),
+            "cluster {i} got writes: {:?}",
+            cluster.writes()
+        );
+    }
+    assert!(rig.server.proc.log_text().contains("RemediationDryRun"));
+    rig.stop().await
+}
+
+#[tokio::test]
+async fn a_refused_deletion_is_alerted_with_the_permission_to_grant() -> TestResult {
+    let clusters = [FakeKube::start("a").await?, FakeKube::start("b").await?];
+    declare(&clusters[0], "val-a");
+    declare(&clusters[1], "val-b");
+    clusters[0].deny("delete", "", "pods");
+    clusters[0].fail(Some("DELETE"), PODS, 403, u32::MAX);
+    let rig = Rig::start_with(&["val-a", "val-b"], clusters, "").await?;
+    let listed = eventually(
+        Duration::from_secs(10),
+        "guardianctl clusters to show the missing permission",
+        || async {
+            rig.guardianctl(&["clusters"])
+                .ok()
+                .filter(|t| t.contains("delete pods"))
+        },
+    )
+    .await?;
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.starts_with("b ") && l.contains(" -")),
+        "{listed}"
+    );
+    rig.nodes[0].lag(40);
+    let log = eventually(WAIT, "an alert naming the permission", || async {
+        let log = rig.server.proc.log_text();
+        log.lines()
+            .any(|l| {
+                l.contains("RemediationAlert")
+                    && l.contains("grant the server's service account `delete pods`")
+            })
+            .then_some(log)
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}; server log:\n{}", rig.server_log_tail()))?;
+    assert!(rig.clusters[0].get(PODS, "subtensor-val-a-0").is_some());
+    assert!(!log.contains("panicked"));
+    let metrics = guardian_tests::admin_metrics(rig.server.admin)?;
+    assert_eq!(
+        guardian_tests::metric_value(&metrics, "guardian_kube_missing_permissions{cluster=\"a\"}"),
+        Some(1.0),
+        "{metrics}"
+    );
+    rig.stop().await
+}
+
+#[tokio::test]
+async fn cluster_b_unreachable_still_remediates_a_and_only_alerts_for_b() -> TestResult {
+    let rig = Rig::start("").await?;
+    rig.wait_status_phase(1, "val-b", "synced").await?;
+    rig.clusters[1].down().await;
+    eventually(
+        Duration::from_secs(10),
+        "b to be seen unreachable",
+        || async {
+            rig.guardianctl(&["clusters"])
+                .ok()
+                .filter(|t| t.lines().any(|l| l.starts_with("b ") && l.contains("NO")))
+        },
+    )
+    .await?;
+    rig.nodes[0].lag(40);
+    rig.nodes[1].lag(40);
+    eventually(WAIT, "val-a's pod to be deleted", || async {
+        rig.clusters[0]
+            .get(PODS, "subtensor-val-a-0")
+            .is_none()
+            .then_some(())
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}; server log:\n{}", rig.server_log_tail()))?;
+    eventually(WAIT, "an alert for val-b", || async {
+        rig.server
+            .proc
+            .log_text()
+            .lines()
+            .any(|l| l.contains("RemediationAlert") && l.contains("cluster b is unreachable"))
+            .then_some(())
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}; server log:\n{}", rig.server_log_tail()))?;
+    rig.clusters[1].up()?;
+    assert!(rig.clusters[1].get(PODS, "subtensor-val-b-0").is_some());
+    assert!(rig.deletions(1).is_empty());
+    assert_eq!(rig.deletions(0).len(), 1);
+    rig.stop().await
+}
