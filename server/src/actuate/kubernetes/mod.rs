@@ -968,7 +968,7 @@ mod tests {
         assert_eq!(status.conditions[1].status, "True");
         assert_eq!(
             status.conditions[0].last_transition_time,
-            "1970-01-01T00:00:00Z"
+            "1970-01-01T00:00:01Z"
         );
     }
 
