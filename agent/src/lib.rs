@@ -78,6 +78,9 @@ pub async fn run(
         hostname: read_trimmed("/proc/sys/kernel/hostname"),
         network: config.network.clone(),
         kernel_release: read_trimmed("/proc/sys/kernel/osrelease"),
+        kubernetes_node: downward("NODE_NAME"),
+        pod_name: downward("POD_NAME"),
+        pod_namespace: downward("POD_NAMESPACE"),
     };
     let shared = Arc::new(Shared {
         spool: Mutex::new(spool),
@@ -153,4 +156,18 @@ pub fn unix_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
     i64::try_from(now.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// A Kubernetes downward-API value from the environment (a DaemonSet sets `NODE_NAME`,
+/// `POD_NAME` and `POD_NAMESPACE` from fieldRefs); empty when unset or not a plausible
+/// Kubernetes name (at most 253 characters of a-z, 0-9, '-' and '.').
+fn downward(var: &str) -> String {
+    std::env::var(var)
+        .ok()
+        .filter(|v| {
+            v.len() <= 253
+                && v.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+        })
+        .unwrap_or_default()
 }

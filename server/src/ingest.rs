@@ -297,6 +297,9 @@ impl Ingest {
             ("node.hostname", descriptor.hostname.len()),
             ("node.network", descriptor.network.len()),
             ("node.kernel_release", descriptor.kernel_release.len()),
+            ("node.kubernetes_node", descriptor.kubernetes_node.len()),
+            ("node.pod_name", descriptor.pod_name.len()),
+            ("node.pod_namespace", descriptor.pod_namespace.len()),
         ];
         if let Some((field, len)) = fields.iter().find(|(_, len)| *len > MAX_HELLO_TEXT) {
             return Err(Status::invalid_argument(format!(

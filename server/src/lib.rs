@@ -132,6 +132,7 @@ pub async fn run(
     let actuator = actuate::start(
         &config,
         ingest.sessions(),
+        Arc::clone(&registry),
         ledger.clone(),
         &metrics,
         &shutdown,

@@ -228,6 +228,12 @@ impl Registry {
             node.connected = true;
             node.hostname.clone_from(&descriptor.hostname);
             node.network.clone_from(&descriptor.network);
+            node.kubernetes_node.clone_from(&descriptor.kubernetes_node);
+            node.agent_pod = if descriptor.pod_name.is_empty() {
+                String::new()
+            } else {
+                format!("{}/{}", descriptor.pod_namespace, descriptor.pod_name)
+            };
             node.agent_version = agent_version.to_owned();
             node.last_stored_seq = node.last_stored_seq.max(last_stored_seq);
         });

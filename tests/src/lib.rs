@@ -325,9 +325,23 @@ impl Server {
 /// # Errors
 /// When the binary is missing or cannot start.
 pub fn start_agent(config: &Path, log: PathBuf) -> anyhow::Result<Proc> {
+    start_agent_with_env(config, log, &[])
+}
+
+/// Starts `guardian-agent --config config` with `env` added to its environment (e.g. the
+/// downward-API variables a DaemonSet sets).
+///
+/// # Errors
+/// When the binary is missing or cannot start.
+pub fn start_agent_with_env(
+    config: &Path,
+    log: PathBuf,
+    env: &[(&str, &str)],
+) -> anyhow::Result<Proc> {
     let child = Command::new(binary("guardian-agent")?)
         .arg("--config")
         .arg(config)
+        .envs(env.iter().copied())
         .env("GUARDIAN_LOG", "info,guardian_agent=debug")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log)?)

@@ -10,7 +10,7 @@ use guardian_proto::v1::fleet_client::FleetClient;
 use guardian_proto::v1::{GetNodeRequest, Node};
 use guardian_tests::fake_kube::{FakeKube, Recorded};
 use guardian_tests::fake_node::{FakeNode, FakeNodeConfig};
-use guardian_tests::{Proc, Scratch, Server, binary, eventually, start_agent};
+use guardian_tests::{Proc, Scratch, Server, binary, eventually, start_agent_with_env};
 use serde_json::{Value, json};
 use tonic::transport::Channel;
 
@@ -91,13 +91,15 @@ impl Rig {
         let clusters = [FakeKube::start("a").await?, FakeKube::start("b").await?];
         declare(&clusters[0], "val-a");
         declare(&clusters[1], "val-b");
-        Self::start_with(&names, clusters, reconcile).await
+        Self::start_with(&names, clusters, reconcile, &[]).await
     }
 
+    /// As [`Rig::start`] with the clusters given, and `env` in every agent's environment.
     async fn start_with(
         names: &[&str],
         clusters: [FakeKube; 2],
         reconcile: &str,
+        env: &[(&str, &str)],
     ) -> anyhow::Result<Rig> {
         let scratch = Scratch::new(names)?;
         // No command signing key: Kubernetes-managed nodes need none.
@@ -123,9 +125,10 @@ impl Rig {
                 "[chain]\nendpoint = \"{}\"\ncall_timeout_ms = 300\n",
                 node.ws_url()
             );
-            agents.push(start_agent(
+            agents.push(start_agent_with_env(
                 &scratch.agent_config_with(name, server.grpc, INTERVAL_MS, &agent_extra)?,
                 scratch.path(&format!("agent-{name}.log")),
+                env,
             )?);
             nodes.push(node);
         }
@@ -368,7 +371,7 @@ async fn a_refused_deletion_is_alerted_with_the_permission_to_grant() -> TestRes
     declare(&clusters[1], "val-b");
     clusters[0].deny("delete", "", "pods");
     clusters[0].fail(Some("DELETE"), PODS, 403, u32::MAX);
-    let rig = Rig::start_with(&["val-a", "val-b"], clusters, "").await?;
+    let rig = Rig::start_with(&["val-a", "val-b"], clusters, "", &[]).await?;
     let listed = eventually(
         Duration::from_secs(10),
         "guardianctl clusters to show the missing permission",
@@ -447,5 +450,54 @@ async fn cluster_b_unreachable_still_remediates_a_and_only_alerts_for_b() -> Tes
     assert!(rig.clusters[1].get(PODS, "subtensor-val-b-0").is_some());
     assert!(rig.deletions(1).is_empty());
     assert_eq!(rig.deletions(0).len(), 1);
+    rig.stop().await
+}
+
+#[tokio::test]
+async fn the_agents_kubernetes_node_tells_which_of_several_pods_to_delete() -> TestResult {
+    let clusters = [FakeKube::start("a").await?, FakeKube::start("b").await?];
+    declare(&clusters[0], "val-a");
+    declare(&clusters[1], "val-b");
+    // Two pods of val-a's StatefulSet on two Kubernetes nodes; its agent runs on worker-2.
+    for (index, host) in [(0, "worker-1"), (1, "worker-2")] {
+        clusters[0].put(
+            PODS,
+            json!({
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {
+                    "name": format!("subtensor-val-a-{index}"),
+                    "labels": { "app": "subtensor-val-a" }
+                },
+                "spec": {
+                    "nodeName": host,
+                    "containers": [{ "name": "subtensor", "image": "subtensor" }]
+                }
+            }),
+        );
+    }
+    let env = [
+        ("NODE_NAME", "worker-2"),
+        ("POD_NAME", "guardian-agent-x7k2p"),
+        ("POD_NAMESPACE", "guardian"),
+    ];
+    let rig = Rig::start_with(&["val-a", "val-b"], clusters, "", &env).await?;
+    let node = rig
+        .node("val-a")
+        .await
+        .ok_or_else(|| anyhow::anyhow!("no node"))?;
+    assert_eq!(node.kubernetes_node, "worker-2");
+    assert_eq!(node.agent_pod, "guardian/guardian-agent-x7k2p");
+    rig.nodes[0].lag(40);
+    eventually(WAIT, "the pod on worker-2 to be deleted", || async {
+        rig.clusters[0]
+            .get(PODS, "subtensor-val-a-1")
+            .is_none()
+            .then_some(())
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}; server log:\n{}", rig.server_log_tail()))?;
+    assert!(rig.clusters[0].get(PODS, "subtensor-val-a-0").is_some());
+    assert_eq!(rig.deletions(0).len(), 1, "{:?}", rig.deletions(0));
     rig.stop().await
 }

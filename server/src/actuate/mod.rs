@@ -168,6 +168,7 @@ impl std::fmt::Debug for Actuator {
 pub async fn start(
     config: &crate::config::ServerConfig,
     sessions: Arc<SessionTable>,
+    registry: Arc<crate::registry::Registry>,
     ledger: Ledger,
     metrics: &Arc<Metrics>,
     shutdown: &tokio_util::sync::CancellationToken,
@@ -180,6 +181,7 @@ pub async fn start(
     let kube = kubernetes::Kubernetes::start(
         &config.kubernetes,
         ledger.clone(),
+        registry,
         Arc::clone(metrics),
         alerts.clone(),
         config.reconcile.dry_run,

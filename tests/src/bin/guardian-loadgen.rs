@@ -1190,6 +1190,7 @@ async fn agent(
         hostname: format!("{}.bench.internal", spec.node),
         network: fleet.network.clone(),
         kernel_release: "6.8.0-45-generic".into(),
+        ..NodeDescriptor::default()
     };
     let hello = |acked: u64| Hello {
         agent_version: concat!("guardian-loadgen/", env!("CARGO_PKG_VERSION")).to_owned(),

@@ -122,6 +122,8 @@ enum Job {
         managed: Managed,
         reason: String,
         arrived: Option<Instant>,
+        /// The Kubernetes node the agent reported (downward API), if any.
+        host: String,
     },
     /// Apply the TaoNode's status.
     Status { node: NodeId, managed: Managed },
@@ -155,6 +157,7 @@ pub struct Kubernetes {
     index: RwLock<HashMap<String, Managed>>,
     figures: Mutex<HashMap<String, Standing>>,
     ledger: Ledger,
+    registry: Arc<crate::registry::Registry>,
     metrics: Arc<Metrics>,
     alerts: Alerts,
     dry_run: bool,
@@ -190,6 +193,7 @@ impl Kubernetes {
     pub async fn start(
         settings: &KubeSettings,
         ledger: Ledger,
+        registry: Arc<crate::registry::Registry>,
         metrics: Arc<Metrics>,
         alerts: Alerts,
         dry_run: bool,
@@ -216,6 +220,7 @@ impl Kubernetes {
             index: RwLock::new(HashMap::new()),
             figures: Mutex::new(HashMap::new()),
             ledger,
+            registry,
             metrics,
             alerts,
             dry_run,
@@ -296,6 +301,11 @@ impl Kubernetes {
             );
             return;
         }
+        let host = self
+            .registry
+            .get(node)
+            .map(|n| n.kubernetes_node)
+            .unwrap_or_default();
         self.enqueue(
             &cluster,
             Job::Restart {
@@ -303,6 +313,7 @@ impl Kubernetes {
                 managed,
                 reason,
                 arrived,
+                host,
             },
         );
     }
@@ -541,9 +552,10 @@ impl Kubernetes {
                     managed,
                     reason,
                     arrived,
+                    host,
                 } => {
-                    self.delete_pod(&cluster, &node, &managed, &reason, arrived)
-                        .await
+                    self.delete_pod(&cluster, &node, &managed, &reason, &host, arrived)
+                        .await;
                 }
                 Job::Status { node, managed } => self.apply_status(&cluster, &node, &managed).await,
             }
@@ -558,9 +570,10 @@ impl Kubernetes {
         node: &NodeId,
         managed: &Managed,
         reason: &str,
+        host: &str,
         arrived: Option<Instant>,
     ) {
-        let outcome = match self.pick_pod(cluster, managed).await {
+        let outcome = match self.pick_pod(cluster, managed, host).await {
             Err(error) => Err(error.to_string()),
             Ok(pod) => {
                 let body = serde_json::json!({
@@ -681,13 +694,13 @@ impl Kubernetes {
         self.apply_status(cluster, node, managed).await;
     }
 
-    /// The workload's pod to delete: `(name, uid)`. Exactly one pod must match the
-    /// workload's selector and carry the declared container; anything else is refused with
-    /// the reason (never a guess).
+    /// The workload's pod to delete: `(name, uid)`, chosen by [`choose_pod`] among the pods
+    /// its selector matches; anything but one clear choice is refused with the reason.
     async fn pick_pod(
         &self,
         cluster: &Cluster,
         managed: &Managed,
+        host: &str,
     ) -> Result<(String, String), KubeError> {
         let ns = &managed.namespace;
         let workload = &managed.spec.workload;
@@ -746,34 +759,8 @@ impl Kubernetes {
                 pods.list(&ListParams::default().labels(&labels)),
             )
             .await?;
-        let live: Vec<&Pod> = found
-            .items
-            .iter()
-            .filter(|p| p.metadata.deletion_timestamp.is_none())
-            .filter(|p| {
-                p.spec
-                    .as_ref()
-                    .is_some_and(|s| s.containers.iter().any(|c| c.name == workload.container))
-            })
-            .collect();
-        match live.as_slice() {
-            [pod] => Ok((
-                pod.metadata.name.clone().unwrap_or_default(),
-                pod.metadata.uid.clone().unwrap_or_default(),
-            )),
-            [] => Err(refuse(format!(
-                "no running pod of {} {} has container {:?} (selector {labels}); nothing deleted",
-                workload.kind.as_str(),
-                workload.name,
-                workload.container
-            ))),
-            many => Err(refuse(format!(
-                "{} pods of {} {} match (selector {labels}); deleting one would be a guess, nothing deleted",
-                many.len(),
-                workload.kind.as_str(),
-                workload.name
-            ))),
-        }
+        choose_pod(&found.items, &workload.container, host)
+            .map_err(|why| refuse(format!("{why} (selector {labels}); nothing deleted")))
     }
 
     /// A Kubernetes Event on the TaoNode (best effort: a failure is counted and logged).
@@ -890,6 +877,48 @@ impl Kubernetes {
     }
 }
 
+/// The pod to delete among `pods` (those the workload's selector matches): not already
+/// terminating, with `container`; when several remain, the one on `host` (the Kubernetes node
+/// the agent reported), if exactly one is. Anything else is refused with the reason: deleting
+/// one of several pods would be a guess.
+fn choose_pod(pods: &[Pod], container: &str, host: &str) -> Result<(String, String), String> {
+    let live: Vec<&Pod> = pods
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter(|p| {
+            p.spec
+                .as_ref()
+                .is_some_and(|s| s.containers.iter().any(|c| c.name == container))
+        })
+        .collect();
+    let on_host: Vec<&Pod> = if live.len() > 1 && !host.is_empty() {
+        live.iter()
+            .copied()
+            .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(host))
+            .collect()
+    } else {
+        live.clone()
+    };
+    let named = |pod: &Pod| {
+        (
+            pod.metadata.name.clone().unwrap_or_default(),
+            pod.metadata.uid.clone().unwrap_or_default(),
+        )
+    };
+    match (live.as_slice(), on_host.as_slice()) {
+        ([pod], _) | (_, [pod]) => Ok(named(pod)),
+        ([], _) => Err(format!("no running pod has container {container:?}")),
+        (many, []) if !host.is_empty() => Err(format!(
+            "{} pods match and none runs on the agent's node {host}",
+            many.len()
+        )),
+        (many, _) => Err(format!(
+            "{} pods match and the agent reported no Kubernetes node to tell them apart",
+            many.len()
+        )),
+    }
+}
+
 /// The status a TaoNode gets for `figures`.
 fn status_of(
     figures: &NodeFigures,
@@ -970,6 +999,46 @@ mod tests {
             status.conditions[0].last_transition_time,
             "1970-01-01T00:00:01Z"
         );
+    }
+
+    fn pod(name: &str, node: &str, container: &str, terminating: bool) -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {
+                "name": name,
+                "uid": format!("uid-{name}"),
+                "deletionTimestamp": terminating.then_some("2026-12-06T10:00:00Z"),
+            },
+            "spec": { "nodeName": node, "containers": [{ "name": container }] }
+        }))
+        .unwrap_or_default()
+    }
+
+    #[test]
+    fn the_pod_to_delete_is_one_clear_choice_or_none() {
+        let one = [pod("s-0", "n1", "subtensor", false)];
+        assert_eq!(
+            choose_pod(&one, "subtensor", ""),
+            Ok(("s-0".into(), "uid-s-0".into()))
+        );
+        assert!(choose_pod(&one, "other", "").is_err_and(|e| e.contains("container")));
+        let rolling = [
+            pod("s-0", "n1", "subtensor", true),
+            pod("s-1", "n2", "subtensor", false),
+        ];
+        assert_eq!(
+            choose_pod(&rolling, "subtensor", "").map(|p| p.0),
+            Ok("s-1".into())
+        );
+        let two = [
+            pod("a", "n1", "subtensor", false),
+            pod("b", "n2", "subtensor", false),
+        ];
+        assert_eq!(
+            choose_pod(&two, "subtensor", "n2").map(|p| p.0),
+            Ok("b".into())
+        );
+        assert!(choose_pod(&two, "subtensor", "").is_err_and(|e| e.contains("no Kubernetes node")));
+        assert!(choose_pod(&two, "subtensor", "n9").is_err_and(|e| e.contains("n9")));
     }
 
     #[test]
