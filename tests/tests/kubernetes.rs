@@ -91,20 +91,22 @@ impl Rig {
         let clusters = [FakeKube::start("a").await?, FakeKube::start("b").await?];
         declare(&clusters[0], "val-a");
         declare(&clusters[1], "val-b");
-        Self::start_with(&names, clusters, reconcile, &[]).await
+        Self::start_with(&names, clusters, reconcile, "", &[]).await
     }
 
-    /// As [`Rig::start`] with the clusters given, and `env` in every agent's environment.
+    /// As [`Rig::start`] with the clusters given, `detect` lines in `[detect]`, and `env` in
+    /// every agent's environment.
     async fn start_with(
         names: &[&str],
         clusters: [FakeKube; 2],
         reconcile: &str,
+        detect: &str,
         env: &[(&str, &str)],
     ) -> anyhow::Result<Rig> {
         let scratch = Scratch::new(names)?;
         // No command signing key: Kubernetes-managed nodes need none.
         let server_extra = format!(
-            "[detect]\nfrozen_head_ms = 2500\n\
+            "[detect]\nfrozen_head_ms = 2500\n{detect}\n\
              [reconcile]\nevaluate_interval_ms = 200\n{reconcile}\n[reconcile.policy]\nmax_block_lag = 5\n\
              recovery_strategy = \"restart\"\nprobe_interval_seconds = 2\nconfirm_samples = 2\nrecover_samples = 2\n\
              [kubernetes]\npoll_interval_ms = 200\nrequest_timeout_ms = 1000\nhealth_interval_seconds = 1\n\
@@ -197,6 +199,24 @@ impl Rig {
             )
         })?;
         Ok(started.elapsed())
+    }
+
+    /// Waits until the reconciler has evaluated `per_node` more times per node, so that
+    /// "nothing was done" is checked after it had that many chances to act.
+    async fn wait_evaluations(&self, per_node: u64) -> anyhow::Result<()> {
+        let count = || {
+            guardian_tests::admin_metrics(self.server.admin)
+                .ok()
+                .and_then(|m| {
+                    guardian_tests::metric_value(&m, "guardian_reconcile_evaluations_total")
+                })
+        };
+        let start = count().ok_or_else(|| anyhow::anyhow!("no evaluations metric"))?;
+        let more = (per_node * self.nodes.len() as u64) as f64;
+        eventually(WAIT, "more evaluations", || async {
+            count().filter(|now| *now >= start + more).map(|_| ())
+        })
+        .await
     }
 
     fn deletions(&self, cluster: usize) -> Vec<Recorded> {
@@ -371,7 +391,7 @@ async fn a_refused_deletion_is_alerted_with_the_permission_to_grant() -> TestRes
     declare(&clusters[1], "val-b");
     clusters[0].deny("delete", "", "pods");
     clusters[0].fail(Some("DELETE"), PODS, 403, u32::MAX);
-    let rig = Rig::start_with(&["val-a", "val-b"], clusters, "", &[]).await?;
+    let rig = Rig::start_with(&["val-a", "val-b"], clusters, "", "", &[]).await?;
     let listed = eventually(
         Duration::from_secs(10),
         "guardianctl clusters to show the missing permission",
@@ -481,7 +501,7 @@ async fn the_agents_kubernetes_node_tells_which_of_several_pods_to_delete() -> T
         ("POD_NAME", "guardian-agent-x7k2p"),
         ("POD_NAMESPACE", "guardian"),
     ];
-    let rig = Rig::start_with(&["val-a", "val-b"], clusters, "", &env).await?;
+    let rig = Rig::start_with(&["val-a", "val-b"], clusters, "", "", &env).await?;
     let node = rig
         .node("val-a")
         .await
@@ -499,5 +519,50 @@ async fn the_agents_kubernetes_node_tells_which_of_several_pods_to_delete() -> T
     .map_err(|e| anyhow::anyhow!("{e}; server log:\n{}", rig.server_log_tail()))?;
     assert!(rig.clusters[0].get(PODS, "subtensor-val-a-0").is_some());
     assert_eq!(rig.deletions(0).len(), 1, "{:?}", rig.deletions(0));
+    rig.stop().await
+}
+
+#[tokio::test]
+async fn a_fleet_wide_stall_deletes_nothing_anywhere() -> TestResult {
+    let clusters = [FakeKube::start("a").await?, FakeKube::start("b").await?];
+    declare(&clusters[0], "val-a");
+    declare(&clusters[1], "val-b");
+    // Two nodes are this test's whole network: both lagging is the network, not the nodes.
+    let rig = Rig::start_with(
+        &["val-a", "val-b"],
+        clusters,
+        "",
+        "fleet_min_nodes = 2",
+        &[],
+    )
+    .await?;
+    for node in &rig.nodes {
+        node.lag(40);
+    }
+    eventually(WAIT, "a fleet_degraded finding", || async {
+        let mut operator = rig.operator.clone();
+        operator
+            .list_findings(guardian_proto::v1::ListFindingsRequest {
+                node_id: String::new(),
+                include_cleared: false,
+                limit: 100,
+            })
+            .await
+            .ok()?
+            .into_inner()
+            .findings
+            .into_iter()
+            .find(|f| f.kind == "fleet_degraded")
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}; server log:\n{}", rig.server_log_tail()))?;
+    rig.wait_evaluations(10).await?;
+    for cluster in 0..2 {
+        assert!(
+            rig.deletions(cluster).is_empty(),
+            "cluster {cluster}: {:?}",
+            rig.deletions(cluster)
+        );
+    }
     rig.stop().await
 }
