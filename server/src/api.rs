@@ -437,6 +437,29 @@ pub fn admin_router(state: AdminState) -> Router {
         .with_state(state)
 }
 
+/// The admin router of a standby (waiting for the ledger): alive, not ready, and one gauge,
+/// so that probes keep it running and no traffic is routed to it.
+pub fn standby_router() -> Router {
+    Router::new()
+        .route(
+            "/metrics",
+            get(|| async {
+                "# HELP guardian_standby 1 while this server waits for the ledger held by another\n\
+                 # TYPE guardian_standby gauge\nguardian_standby 1\n"
+            }),
+        )
+        .route("/healthz", get(|| async { "ok (standby)\n" }))
+        .route(
+            "/readyz",
+            get(|| async {
+                (
+                    axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                    "standby: another server holds the ledger\n",
+                )
+            }),
+        )
+}
+
 async fn metrics(
     State(state): State<AdminState>,
 ) -> ([(axum::http::HeaderName, &'static str); 1], String) {

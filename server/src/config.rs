@@ -59,6 +59,10 @@ pub struct ServerConfig {
     pub audit_anchor_every_seconds: u64,
     /// Limits of the gRPC listener (`[connections]`).
     pub connections: crate::listen::ConnectionLimits,
+    /// Wait as a standby while another server holds the ledger (instead of refusing to start),
+    /// and take over when it stops: active/passive failover on one PostgreSQL ledger (or one
+    /// SQLite file on shared storage). The standby neither listens nor acts until then.
+    pub standby: bool,
     /// Kubernetes clusters the server may remediate in (`[kubernetes]`); none = off.
     pub kubernetes: crate::actuate::kubernetes::KubeSettings,
     /// TLS material.
@@ -96,6 +100,7 @@ impl Default for ServerConfig {
             reconcile: crate::reconcile::ReconcileSettings::default(),
             alerts: crate::actuate::alert::AlertSettings::default(),
             kubernetes: crate::actuate::kubernetes::KubeSettings::default(),
+            standby: false,
             audit_anchor_file: PathBuf::new(),
             audit_anchor_every_seconds: 60,
             connections: crate::listen::ConnectionLimits::default(),

@@ -20,6 +20,7 @@ pub mod batch;
 pub mod config;
 pub mod control;
 pub mod detect;
+pub mod fence;
 pub mod identity;
 pub mod ingest;
 pub mod listen;

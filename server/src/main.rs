@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
@@ -140,8 +141,19 @@ fn main() -> ExitCode {
 async fn serve(config: ServerConfig) -> anyhow::Result<()> {
     // Migrations first: "listening" means ready.
     let ledger = Ledger::open(&config.ledger_url).await?;
-    // One server per ledger: a second one stops here, naming the holder, before it listens.
-    let _ledger_lock = ledger.lock_for_server().await?;
+    // One server per ledger: a second one stops here, naming the holder, before it listens;
+    // with `standby = true` it waits here instead and takes over when the holder stops.
+    let Some(mut ledger_lock) = take_ledger(&ledger, &config).await? else {
+        return Ok(());
+    };
+    guardian_server::fence::acquired(guardian_server::unix_ms());
+    if let Some(term) = guardian_server::fence::term() {
+        tracing::info!(
+            leader = term.leader,
+            term = term.term,
+            "LedgerTaken: this server acts on the ledger"
+        );
+    }
     let grpc = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot bind listen = {}", config.listen))?;
@@ -157,6 +169,20 @@ async fn serve(config: ServerConfig) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let server = run(Listeners { grpc, admin }, config, ledger, shutdown.clone());
     tokio::pin!(server);
+    // Fencing: the lock is checked every second; once lost, nothing more is acted on
+    // (`fence::deposed`) and the server stops, so that its supervisor starts it as a standby.
+    let fencing = async {
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if !ledger_lock.still_held(Duration::from_secs(2)).await {
+                guardian_server::fence::deposed();
+                tracing::error!(
+                    "LedgerLockLost: another server may act now; this one stops acting and shuts down"
+                );
+                return;
+            }
+        }
+    };
     tokio::select! {
         outcome = &mut server => outcome?,
         () = wait_for_signal() => {
@@ -164,8 +190,74 @@ async fn serve(config: ServerConfig) -> anyhow::Result<()> {
             shutdown.cancel();
             server.await?;
         }
+        () = fencing => {
+            // No draining: a deposed server must stop ingesting and serving at once (its
+            // agents reconnect to the new leader).
+            shutdown.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
+            anyhow::bail!("lost the ledger's lock (another server took over): stopped");
+        }
     }
     Ok(())
+}
+
+/// Takes the ledger's lock. As a `standby`, waits while another server holds it, with the
+/// admin port answering (alive, not ready); `None` when a stop signal came first.
+async fn take_ledger(
+    ledger: &Ledger,
+    config: &ServerConfig,
+) -> anyhow::Result<Option<guardian_server::store::lock::ServerLock>> {
+    if !config.standby {
+        return Ok(Some(ledger.lock_for_server().await?));
+    }
+    let holder = match ledger.lock_for_server().await {
+        Ok(lock) => return Ok(Some(lock)),
+        Err(guardian_server::store::StoreError::Locked { holder, .. }) => holder,
+        Err(error) => return Err(error.into()),
+    };
+    tracing::info!(
+        holder,
+        "Standby: another server holds the ledger; taking over when it stops"
+    );
+    let admin = tokio::net::TcpListener::bind(config.admin_listen)
+        .await
+        .with_context(|| format!("cannot bind admin_listen = {}", config.admin_listen))?;
+    let stop_admin = CancellationToken::new();
+    let standby_admin = tokio::spawn(
+        axum::serve(admin, guardian_server::api::standby_router())
+            .with_graceful_shutdown(stop_admin.clone().cancelled_owned())
+            .into_future(),
+    );
+    let taken = wait_for_ledger(ledger).await;
+    stop_admin.cancel();
+    let _ = standby_admin.await;
+    taken
+}
+
+/// Tries the ledger's lock every second until it is taken (`None`: a stop signal came
+/// first), logging `Standby` every minute.
+async fn wait_for_ledger(
+    ledger: &Ledger,
+) -> anyhow::Result<Option<guardian_server::store::lock::ServerLock>> {
+    let signal = wait_for_signal();
+    tokio::pin!(signal);
+    let mut logged = std::time::Instant::now();
+    loop {
+        tokio::select! {
+            () = &mut signal => return Ok(None),
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        match ledger.lock_for_server().await {
+            Ok(lock) => return Ok(Some(lock)),
+            Err(guardian_server::store::StoreError::Locked { holder, .. }) => {
+                if logged.elapsed() >= Duration::from_secs(60) {
+                    logged = std::time::Instant::now();
+                    tracing::info!(holder, "Standby: still waiting for the ledger");
+                }
+            }
+            Err(error) => return Err(error.into()),
+        }
+    }
 }
 
 async fn wait_for_signal() {

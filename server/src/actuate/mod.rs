@@ -464,6 +464,17 @@ impl Actuator {
     /// `DecisionNotRecorded`), and the next evaluation decides again.
     pub async fn carry_out(&self, pass: Pass) -> Result<Vec<u64>, StoreError> {
         let now = unix_ms();
+        if !crate::fence::may_act() {
+            // Deposed: another server may hold the ledger now. Nothing is written or sent.
+            tracing::warn!(
+                decisions = pass.writes.decisions.len(),
+                "PassDropped: this server lost the ledger's lock"
+            );
+            return Err(StoreError::Locked {
+                ledger: "the ledger".into(),
+                holder: "another server (this one lost the lock)".into(),
+            });
+        }
         let ids = if pass.writes.is_empty() {
             Vec::new()
         } else {

@@ -26,6 +26,28 @@ pub struct ServerLock {
     _connection: Option<sqlx::pool::PoolConnection<sqlx::Any>>,
 }
 
+impl ServerLock {
+    /// Whether the lock is still this process's. A file lock lasts as long as the process;
+    /// the PostgreSQL advisory lock lasts as long as its session, so the session is asked
+    /// (within `timeout`): a session that does not answer counts as lost, since PostgreSQL
+    /// releases the lock to a standby once it notices the session is gone.
+    pub async fn still_held(&mut self, timeout: std::time::Duration) -> bool {
+        let Some(connection) = self._connection.as_mut() else {
+            return true;
+        };
+        let check = sqlx::query(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted \
+             AND pid = pg_backend_pid() AND ((classid::bigint << 32) | objid::bigint) = $1",
+        )
+        .bind(ADVISORY_KEY)
+        .fetch_one(&mut **connection);
+        match tokio::time::timeout(timeout, check).await {
+            Ok(Ok(row)) => row.try_get::<i64, _>(0).is_ok_and(|n| n > 0),
+            _ => false,
+        }
+    }
+}
+
 impl Ledger {
     /// Takes the ledger for this server.
     ///

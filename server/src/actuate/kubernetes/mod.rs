@@ -546,6 +546,14 @@ impl Kubernetes {
                     None => return,
                 },
             };
+            // Fencing: a server that lost the ledger's lock writes nothing more.
+            if !crate::fence::may_act() {
+                tracing::warn!(
+                    cluster = cluster.name,
+                    "KubernetesWriteDropped: this server lost the ledger's lock"
+                );
+                continue;
+            }
             match job {
                 Job::Restart {
                     node,
@@ -586,6 +594,7 @@ impl Kubernetes {
                     "name": pod.0,
                     "uid": pod.1,
                     "reason": reason,
+                    "leader": crate::fence::term(),
                 });
                 // Audited before it is made: a write the ledger did not take is not made.
                 match self
@@ -594,6 +603,9 @@ impl Kubernetes {
                     .await
                 {
                     Err(error) => Err(format!("not audited, so not made: {error}")),
+                    Ok(_) if !crate::fence::may_act() => {
+                        Err("not made: this server lost the ledger's lock".to_owned())
+                    }
                     Ok(_) => {
                         let pods: Api<Pod> =
                             Api::namespaced(cluster.client.clone(), &managed.namespace);
