@@ -10,9 +10,11 @@ Kubernetes 1.30 OpenAPI schemas). Steps:
 3. validate every rendered object and the chart's CRD with `kubernetes-validate -k 1.30.0
    --strict` (cert-manager Issuer/Certificate have no bundled schema: they are checked
    here in Python instead, and the summary says so);
-4. assert the hardening, RBAC, agent, server, NetworkPolicy and cert-manager rules on the
-   rendered objects, check the generated TOML with the real binaries when they are built,
-   and compare crds/taonodes.yaml with deploy/crds/taonodes.yaml byte for byte;
+4. assert the hardening, RBAC (no Role/RoleBinding: failover is the ledger's lock, not a
+   Lease), agent, server (standby = true and the rollout strategy by replica count),
+   NetworkPolicy and cert-manager rules on the rendered objects, check the generated TOML
+   with the real binaries when they are built, and compare crds/taonodes.yaml with
+   deploy/crds/taonodes.yaml byte for byte;
 5. prove the assertions can fail: known-bad mutations of the rendered objects must each be
    caught, and a known-bad object must fail kubernetes-validate.
 
@@ -111,7 +113,6 @@ CLUSTER_RULES = {
     ("", "events", "create"),
     ("authorization.k8s.io", "selfsubjectaccessreviews", "create"),
 }
-LEASE_RULES = {("coordination.k8s.io", "leases", v) for v in ("get", "create", "update")}
 STANDARD_LABELS = [
     "app.kubernetes.io/name",
     "app.kubernetes.io/instance",
@@ -334,14 +335,11 @@ def check_rbac(objs: list[dict[str, Any]], f: Failures) -> None:
                 "ClusterRole must grant exactly the server's verbs",
                 f"extra {sorted(got - CLUSTER_RULES)}, missing {sorted(CLUSTER_RULES - got)}",
             )
-    roles = of_kind(objs, "Role")
-    if len(roles) != 1:
-        f.add("Role", "exactly one Role (leader election) expected", str(len(roles)))
-    for role in roles:
-        if triples(role) != LEASE_RULES:
-            f.add(ident(role), "Role must grant exactly leases get/create/update", str(sorted(triples(role))))
-        if role["metadata"].get("namespace") != NAMESPACE:
-            f.add(ident(role), "Role must be in the release namespace")
+    # The server needs nothing namespaced: replicas fail over on the ledger's lock (standby =
+    # true), not on a Lease. A RoleBinding grants too (also to a ClusterRole), so none at all.
+    for obj in of_kind(objs, "Role") + of_kind(objs, "RoleBinding"):
+        granted = sorted(triples(obj)) if obj.get("kind") == "Role" else (obj.get("roleRef") or {})
+        f.add(ident(obj), "no Role or RoleBinding: the server needs no namespaced permission", str(granted))
 
     server_sa = [o for o in of_kind(objs, "ServiceAccount") if component(o) == "server"]
     agent_sa = [o for o in of_kind(objs, "ServiceAccount") if component(o) == "agent"]
@@ -522,8 +520,7 @@ def check_server(objs: list[dict[str, Any]], values: dict[str, Any], f: Failures
     server = values["server"]
     if dep["spec"].get("replicas") != server["replicas"]:
         f.add(where, "replicas must follow server.replicas")
-    if dig(dep, "spec", "strategy", "type") != "Recreate":
-        f.add(where, "strategy must be Recreate (a server holds its ledger exclusively)")
+    check_strategy(dep, server["replicas"], f)
     spec = pod_spec(dep) or {}
     container = (spec.get("containers") or [{}])[0]
     if container.get("command", [])[:1] + container.get("args", []) != [
@@ -560,6 +557,12 @@ def check_server(objs: list[dict[str, Any]], values: dict[str, Any], f: Failures
         return
     if conf.get("listen") != "0.0.0.0:7443" or conf.get("admin_listen") != "0.0.0.0:7444":
         f.add("ConfigMap server", "listen must be 0.0.0.0:7443 and admin_listen 0.0.0.0:7444 in the pod")
+    # Several replicas: one active server, the others standbys waiting for the ledger's lock
+    # (without standby = true they would exit "locked" and crash-loop). One replica: no standby.
+    if server["replicas"] > 1 and conf.get("standby") is not True:
+        f.add("ConfigMap server", "server.toml must set standby = true when server.replicas > 1", repr(conf.get("standby")))
+    if server["replicas"] <= 1 and conf.get("standby", False) is not False:
+        f.add("ConfigMap server", "server.toml must not set standby = true with one replica", repr(conf.get("standby")))
     if server["ledger"]["existingSecret"]:
         env = {e.get("name"): e for e in container.get("env") or []}
         if not dig(env.get("GUARDIAN_SERVER_LEDGER_URL"), "valueFrom", "secretKeyRef"):
@@ -581,6 +584,48 @@ def check_server(objs: list[dict[str, Any]], values: dict[str, Any], f: Failures
         volume = find_volume(spec, "signing")
         if not dig(volume, "secret", "secretName") or str(Path(signing).parent) not in mounts:
             f.add(where, "the command-signing key must be a Secret volume mounted as a file")
+
+
+def resolve_int_or_percent(value: Any, replicas: int, round_up: bool) -> int | None:
+    """A Deployment's maxSurge (rounded up) or maxUnavailable (rounded down) in pods."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    match = re.fullmatch(r"(\d+)%", str(value))
+    if not match:
+        return None
+    scaled = int(match.group(1)) * replicas
+    return -(-scaled // 100) if round_up else scaled // 100
+
+
+def check_strategy(dep: dict[str, Any], replicas: int, f: Failures) -> None:
+    """One replica: Recreate. Several (one active, the rest standbys that are never Ready while
+    the active one lives): RollingUpdate with maxSurge 0 and maxUnavailable covering every
+    replica. The Deployment controller scales old pods down only while
+    available > replicas - maxUnavailable; with standbys at most one pod is ever available, and
+    no new pod can become Ready before the old active one stops, so any smaller maxUnavailable
+    (1 included) stalls the rollout with the old leader still running."""
+    where = ident(dep)
+    strategy = dig(dep, "spec", "strategy") or {}
+    kind = strategy.get("type", "RollingUpdate")
+    if replicas <= 1:
+        if kind != "Recreate":
+            f.add(where, "strategy must be Recreate with one replica (the old pod must let go of "
+                  "the ledger before the new one starts)", kind)
+        return
+    if kind != "RollingUpdate":
+        f.add(where, "strategy must be RollingUpdate with several replicas (new pods wait as standbys)", kind)
+        return
+    rolling = strategy.get("rollingUpdate") or {}
+    surge = resolve_int_or_percent(rolling.get("maxSurge", "25%"), replicas, round_up=True)
+    unavailable = resolve_int_or_percent(rolling.get("maxUnavailable", "25%"), replicas, round_up=False)
+    if surge != 0:
+        f.add(where, "rollingUpdate.maxSurge must be 0 with standbys", repr(rolling.get("maxSurge")))
+    if unavailable is None or unavailable < replicas:
+        f.add(where, "rollingUpdate.maxUnavailable must be 100% with standbys: below it the rollout "
+              "waits forever for a standby to become Ready while the old leader holds the lock",
+              f"{rolling.get('maxUnavailable')!r} = {unavailable} of {replicas} pods")
 
 
 def check_network_policies(objs: list[dict[str, Any]], values: dict[str, Any], f: Failures) -> None:
@@ -740,7 +785,9 @@ def check_with_binaries(objs: list[dict[str, Any]], label: str, tmp: Path, f: Fa
 # Proof that the assertions can fail
 
 
-def mutations() -> list[tuple[str, str, Callable[[list[dict[str, Any]]], None]]]:
+def mutations() -> list[tuple[str, str, str, Callable[[list[dict[str, Any]]], None]]]:
+    """(value set, name, text the finding must contain, mutation of the rendered objects)."""
+
     def container(objs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
         return pod_spec(of_kind(objs, kind)[0])["containers"][0]
 
@@ -752,7 +799,23 @@ def mutations() -> list[tuple[str, str, Callable[[list[dict[str, Any]]], None]]]
             if m["name"] == "host-proc":
                 m["readOnly"] = False
 
-    return [
+    def server_toml(objs: list[dict[str, Any]], old: str, new: str) -> None:
+        for cm in of_kind(objs, "ConfigMap"):
+            if "server.toml" in cm["data"]:
+                if old not in cm["data"]["server.toml"]:
+                    raise KeyError(f"{old!r} not in server.toml")
+                cm["data"]["server.toml"] = cm["data"]["server.toml"].replace(old, new)
+
+    def namespaced(objs: list[dict[str, Any]], kind: str, **body: Any) -> None:
+        meta = copy.deepcopy(of_kind(objs, "ClusterRole")[0]["metadata"])
+        meta.update(name=meta["name"] + "-leader-election", namespace=NAMESPACE)
+        objs.append({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": kind, "metadata": meta, **body})
+
+    def rolling(objs: list[dict[str, Any]], **fields: Any) -> None:
+        of_kind(objs, "Deployment")[0]["spec"]["strategy"]["rollingUpdate"].update(fields)
+
+    server_sa = {"kind": "ServiceAccount", "name": f"{RELEASE}-taonode-guardian-server", "namespace": NAMESPACE}
+    checks = [
         ("writable root filesystem", "readOnlyRootFilesystem",
          lambda o: container(o, "Deployment")["securityContext"].update(readOnlyRootFilesystem=False)),
         ("privilege escalation", "allowPrivilegeEscalation",
@@ -781,21 +844,55 @@ def mutations() -> list[tuple[str, str, Callable[[list[dict[str, Any]]], None]]]
         ("agent token mounted", "automountServiceAccountToken",
          lambda o: pod_spec(of_kind(o, "DaemonSet")[0]).update(automountServiceAccountToken=True)),
         ("admin port loopback", "admin_listen",
-         lambda o: [cm["data"].update({"server.toml": cm["data"]["server.toml"].replace('0.0.0.0:7444', '127.0.0.1:7444')})
-                    for cm in of_kind(o, "ConfigMap") if "server.toml" in cm["data"]]),
+         lambda o: server_toml(o, '0.0.0.0:7444', '127.0.0.1:7444')),
+        # Failover is the ledger's lock: no namespaced RBAC at all.
+        ("a Role granting leases", "no Role or RoleBinding",
+         lambda o: namespaced(o, "Role", rules=[{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+                                                 "verbs": ["get", "create", "update"]}])),
+        ("a RoleBinding to a ClusterRole", "no Role or RoleBinding",
+         lambda o: namespaced(o, "RoleBinding", subjects=[server_sa], roleRef={
+             "apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "view"})),
+        ("standby with one replica", "must not set standby = true",
+         lambda o: server_toml(o, "standby = false", "standby = true")),
+        ("RollingUpdate with one replica", "must be Recreate with one replica",
+         lambda o: of_kind(o, "Deployment")[0]["spec"].update(strategy={"type": "RollingUpdate"})),
     ]
+    # The production set: 3 replicas on PostgreSQL, one active and two standbys.
+    standbys = [
+        ("no standby with 3 replicas", "standby = true when server.replicas > 1",
+         lambda o: server_toml(o, "standby = true", "standby = false")),
+        ("maxUnavailable 1 with standbys", "maxUnavailable must be 100%",
+         lambda o: rolling(o, maxUnavailable=1)),
+        ("maxSurge 1 with standbys", "maxSurge must be 0",
+         lambda o: rolling(o, maxSurge=1)),
+        ("RollingUpdate with the defaults (25%/25%)", "maxUnavailable must be 100%",
+         lambda o: of_kind(o, "Deployment")[0]["spec"].update(strategy={"type": "RollingUpdate"})),
+        ("standby Ready on /healthz", "readinessProbe must be HTTP GET /readyz",
+         lambda o: container(o, "Deployment")["readinessProbe"]["httpGet"].update(path="/healthz")),
+    ]
+    return [("default", *c) for c in checks] + [("production", *c) for c in standbys]
 
 
-def prove_assertions_fail(objs: list[dict[str, Any]], values: dict[str, Any], tmp: Path, f: Failures) -> int:
+def prove_assertions_fail(
+    objs: list[dict[str, Any]], values: dict[str, Any], label: str, tmp: Path, f: Failures
+) -> int:
     proven = 0
-    for name, expect, mutate in mutations():
+    for value_set, name, expect, mutate in mutations():
+        if value_set != label:
+            continue
         broken = copy.deepcopy(objs)
-        mutate(broken)
+        try:
+            mutate(broken)
+        except (IndexError, KeyError, TypeError) as error:
+            f.add("check_chart.py self-test", f"mutation {name!r} [{label}] no longer applies (update it)", repr(error))
+            continue
         caught = check_all(broken, values).items
         if any(expect in item for item in caught):
             proven += 1
         else:
-            f.add("check_chart.py self-test", f"mutation {name!r} was not caught (expected a failure about {expect})", str(caught))
+            f.add("check_chart.py self-test", f"mutation {name!r} [{label}] was not caught (expected a failure about {expect})", str(caught))
+    if label != "default":
+        return proven
     # The schema check must reject an unknown field too.
     bad = copy.deepcopy(of_kind(objs, "Deployment")[0])
     bad["spec"]["template"]["spec"]["containers"][0]["badField"] = True
@@ -812,6 +909,24 @@ def prove_assertions_fail(objs: list[dict[str, Any]], values: dict[str, Any], tm
 # ---------------------------------------------------------------------------------------
 
 
+def failover_summary(objs: list[dict[str, Any]], label: str) -> str:
+    dep = (of_kind(objs, "Deployment") or [{}])[0]
+    strategy = dig(dep, "spec", "strategy") or {}
+    shape = strategy.get("type", "?")
+    if strategy.get("rollingUpdate"):
+        shape += " " + "/".join(f"{k} {v}" for k, v in strategy["rollingUpdate"].items())
+    standby = None
+    for cm in of_kind(objs, "ConfigMap"):
+        if "server.toml" in (cm.get("data") or {}):
+            try:
+                standby = tomllib.loads(cm["data"]["server.toml"]).get("standby")
+            except tomllib.TOMLDecodeError:
+                pass
+    namespaced = len(of_kind(objs, "Role") + of_kind(objs, "RoleBinding"))
+    rbac = f"{namespaced} Role/RoleBinding" if namespaced else "no Role/RoleBinding"
+    return f"{label}: {dig(dep, 'spec', 'replicas')} replica(s), {shape}, standby = {str(standby).lower()}, {rbac}"
+
+
 def main() -> int:
     started = time.monotonic()
     failures = Failures()
@@ -822,6 +937,7 @@ def main() -> int:
     binaries_note = ""
     lint_warnings = lint_messages = 0
     proven = 0
+    failover: list[str] = []
     with tempfile.TemporaryDirectory(prefix="check-chart-") as tmpdir:
         tmp = Path(tmpdir)
         files: list[Path] = []
@@ -845,8 +961,9 @@ def main() -> int:
             for item in check_all(objs, merged).items:
                 failures.items.append(f"[{label}] {item}")
             binaries_note = check_with_binaries(objs, label, tmp, failures)
-            if label == "default":
-                proven = prove_assertions_fail(objs, merged, tmp, failures)
+            failover.append(failover_summary(objs, label))
+            if label in ("default", "production"):
+                proven += prove_assertions_fail(objs, merged, label, tmp, failures)
         # The chart's CRD (crds/ is not rendered by templates) goes through the schemas too.
         crd_files, _ = write_objects([yaml.safe_load(c["data"]) for c in chart.crds], tmp / "crds")
         files += crd_files
@@ -873,6 +990,7 @@ def main() -> int:
     print(f"  not schema-validated (no bundled schema; checked in Python): {len(skipped_all)} cert-manager objects")
     print(f"  helm lint: {lint_messages} messages, {lint_warnings} warnings")
     print(f"  ClusterRole covers the {permissions} permissions in server/src/actuate/kubernetes/cluster.rs")
+    print(f"  failover: {'; '.join(failover)}")
     print(f"  binaries: {binaries_note}")
     print(f"  self-test: {proven} known-bad variants caught; {len(MUST_FAIL)} bad value sets refused")
     print(f"  {time.monotonic() - started:.1f} s")
