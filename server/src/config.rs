@@ -435,6 +435,12 @@ impl ServerConfig {
             "audit_anchor_every_seconds",
             to_value(self.audit_anchor_every_seconds),
         );
+        line(
+            &mut out,
+            "Wait as a standby while another server holds the ledger, and take over when it stops (default false: refuse to start).",
+            "standby",
+            self.standby.into(),
+        );
         let limits = &self.connections;
         out.push_str("\n# Limits of the gRPC listener: a connection flood cannot lock agents out.\n[connections]\n");
         line(
@@ -561,18 +567,21 @@ impl ServerConfig {
             detect: &'a crate::detect::DetectPolicy,
             reconcile: &'a crate::reconcile::ReconcileSettings,
             alerts: &'a crate::actuate::alert::AlertSettings,
+            kubernetes: &'a crate::actuate::kubernetes::KubeSettings,
         }
         match toml::to_string(&Sections {
             detect: &self.detect,
             reconcile: &self.reconcile,
             alerts: &self.alerts,
+            kubernetes: &self.kubernetes,
         }) {
             Ok(tables) => {
                 out.push_str(
                     "\n# Detector thresholds ([detect]: server/src/detect/mod.rs DetectPolicy), the reconciler and the\n\
                      # fleet's sync policy ([reconcile], [reconcile.policy], per node [reconcile.nodes.NODE]:\n\
-                     # server/src/reconcile/mod.rs), alerts ([alerts]: server/src/actuate/alert.rs); README\n\
-                     # \"Detection and remediation\" says what each does.\n",
+                     # server/src/reconcile/mod.rs), alerts ([alerts]: server/src/actuate/alert.rs), Kubernetes\n\
+                     # clusters ([kubernetes]: server/src/actuate/kubernetes/mod.rs); README \"Detection and\n\
+                     # remediation\" and \"Kubernetes\" say what each does.\n",
                 );
                 out.push_str(&tables);
             }

@@ -46,6 +46,8 @@ use crd::{Condition, FIELD_MANAGER, LastRemediation, TaoNode, TaoNodeStatus, Wor
 
 /// Writes queued per cluster before new ones are refused (and alerted).
 const QUEUE: usize = 1024;
+/// Nodes whose writes one cluster makes at once.
+const WORKERS: usize = 16;
 
 /// `[kubernetes]`: the clusters the server may act in.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -532,41 +534,100 @@ impl Kubernetes {
     }
 
     /// Makes the cluster's writes, one at a time, in the order they were queued.
+    /// Makes the cluster's writes: up to [`WORKERS`] at once, each node's in the order they
+    /// were queued (a status never overtakes the restart before it): every node with work
+    /// has one task that runs its jobs one by one.
     async fn work(
         self: Arc<Self>,
         cluster: Arc<Cluster>,
         mut queue: mpsc::Receiver<Job>,
         shutdown: CancellationToken,
     ) {
+        let slots = Arc::new(tokio::sync::Semaphore::new(WORKERS));
+        let mut per_node: HashMap<String, mpsc::UnboundedSender<Job>> = HashMap::new();
+        let mut running = tokio::task::JoinSet::new();
         loop {
             let job = tokio::select! {
-                () = shutdown.cancelled() => return,
+                () = shutdown.cancelled() => break,
                 job = queue.recv() => match job {
                     Some(job) => job,
-                    None => return,
+                    None => break,
                 },
+                Some(_) = running.join_next(), if !running.is_empty() => continue,
             };
-            // Fencing: a server that lost the ledger's lock writes nothing more.
-            if !crate::fence::may_act() {
-                tracing::warn!(
-                    cluster = cluster.name,
-                    "KubernetesWriteDropped: this server lost the ledger's lock"
-                );
-                continue;
-            }
-            match job {
-                Job::Restart {
-                    node,
-                    managed,
-                    reason,
-                    arrived,
-                    host,
-                } => {
-                    self.delete_pod(&cluster, &node, &managed, &reason, &host, arrived)
-                        .await;
+            let node = match &job {
+                Job::Restart { node, .. } | Job::Status { node, .. } => node.to_string(),
+            };
+            per_node.retain(|_, tx| !tx.is_closed());
+            let job = match per_node.get(&node) {
+                Some(tx) => match tx.send(job) {
+                    Ok(()) => continue,
+                    Err(mpsc::error::SendError(job)) => job,
+                },
+                None => job,
+            };
+            let (tx, rx) = mpsc::unbounded_channel();
+            // A new channel always takes its first job.
+            let _ = tx.send(job);
+            per_node.insert(node, tx);
+            running.spawn(Arc::clone(&self).node_jobs(
+                Arc::clone(&cluster),
+                rx,
+                Arc::clone(&slots),
+            ));
+        }
+        running.abort_all();
+        while running.join_next().await.is_some() {}
+    }
+
+    /// Runs one node's jobs in order, each with a slot of the cluster's [`WORKERS`]; ends
+    /// after a second without work (closing its channel first, so nothing sent is lost).
+    async fn node_jobs(
+        self: Arc<Self>,
+        cluster: Arc<Cluster>,
+        mut jobs: mpsc::UnboundedReceiver<Job>,
+        slots: Arc<tokio::sync::Semaphore>,
+    ) {
+        loop {
+            let job = match tokio::time::timeout(Duration::from_secs(1), jobs.recv()).await {
+                Ok(Some(job)) => job,
+                Ok(None) => return,
+                Err(_) => {
+                    jobs.close();
+                    match jobs.try_recv() {
+                        Ok(job) => job,
+                        Err(_) => return,
+                    }
                 }
-                Job::Status { node, managed } => self.apply_status(&cluster, &node, &managed).await,
+            };
+            let Ok(_slot) = slots.acquire().await else {
+                return;
+            };
+            self.run_job(&cluster, job).await;
+        }
+    }
+
+    async fn run_job(&self, cluster: &Cluster, job: Job) {
+        // Fencing: a server that lost the ledger's lock writes nothing more.
+        if !crate::fence::may_act() {
+            tracing::warn!(
+                cluster = cluster.name,
+                "KubernetesWriteDropped: this server lost the ledger's lock"
+            );
+            return;
+        }
+        match job {
+            Job::Restart {
+                node,
+                managed,
+                reason,
+                arrived,
+                host,
+            } => {
+                self.delete_pod(cluster, &node, &managed, &reason, &host, arrived)
+                    .await;
             }
+            Job::Status { node, managed } => self.apply_status(cluster, &node, &managed).await,
         }
     }
 
