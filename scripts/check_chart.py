@@ -109,6 +109,8 @@ CLUSTER_RULES = {
     *(("guardian.taonode.io", "taonodes/status", v) for v in ("patch", "get")),
     ("apps", "statefulsets", "get"),
     ("apps", "deployments", "get"),
+    ("apps", "statefulsets", "patch"),
+    ("apps", "deployments", "patch"),
     *(("", "pods", v) for v in ("get", "list", "delete")),
     ("", "events", "create"),
     ("authorization.k8s.io", "selfsubjectaccessreviews", "create"),

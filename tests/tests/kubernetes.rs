@@ -566,3 +566,194 @@ async fn a_fleet_wide_stall_deletes_nothing_anywhere() -> TestResult {
     }
     rig.stop().await
 }
+
+/// A TaoNode with a memory ceiling, its StatefulSet (memory limit `limit`) and one pod.
+fn declare_with_memory(kube: &FakeKube, node: &str, limit: &str, ceiling: &str) {
+    let set = format!("subtensor-{node}");
+    kube.put(
+        TAONODES,
+        json!({
+            "apiVersion": "guardian.taonode.io/v1alpha1",
+            "kind": "TaoNode",
+            "metadata": { "name": node },
+            "spec": {
+                "nodeId": node,
+                "workload": { "kind": "StatefulSet", "name": set, "container": "subtensor" },
+                "memoryCeiling": ceiling,
+                "oomRemediation": { "kills": 3, "windowMinutes": 60, "factor": 1.5 }
+            }
+        }),
+    );
+    kube.put(
+        SETS,
+        json!({
+            "apiVersion": "apps/v1",
+            "kind": "StatefulSet",
+            "metadata": { "name": set },
+            "spec": {
+                "selector": { "matchLabels": { "app": set } },
+                "template": {
+                    "metadata": { "labels": { "app": set } },
+                    "spec": { "containers": [{
+                        "name": "subtensor",
+                        "image": "subtensor",
+                        "resources": { "limits": { "memory": limit } }
+                    }] }
+                }
+            }
+        }),
+    );
+    oom_killed(kube, node, 0);
+}
+
+/// The node's pod as its container was last OOM-killed `kills` times (none: running).
+fn oom_killed(kube: &FakeKube, node: &str, kills: u32) {
+    let set = format!("subtensor-{node}");
+    let last = if kills == 0 {
+        json!({})
+    } else {
+        json!({ "terminated": {
+            "reason": "OOMKilled",
+            "exitCode": 137,
+            "finishedAt": format!("{}Z", guardian_server::utc(guardian_server::unix_ms() - 60_000 + i64::from(kills) * 1000).replacen(' ', "T", 1))
+        } })
+    };
+    kube.put(
+        PODS,
+        json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": { "name": format!("{set}-0"), "labels": { "app": set } },
+            "spec": { "containers": [{ "name": "subtensor", "image": "subtensor" }] },
+            "status": { "containerStatuses": [{
+                "name": "subtensor", "ready": true, "restartCount": kills, "image": "subtensor",
+                "imageID": "", "lastState": last, "state": { "running": {} }
+            }] }
+        }),
+    );
+}
+
+fn memory_patches(kube: &FakeKube, node: &str) -> Vec<Value> {
+    kube.writes()
+        .iter()
+        .filter(|r| r.method == "PATCH" && r.path == format!("{SETS}/subtensor-{node}"))
+        .filter_map(|r| {
+            assert_eq!(r.content_type, "application/strategic-merge-patch+json");
+            r.json()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn oom_kills_raise_the_memory_limit_once_per_window_and_never_above_the_ceiling() -> TestResult
+{
+    let kube = FakeKube::start("a").await?;
+    declare_with_memory(&kube, "val-p", "4Gi", "64Gi");
+    declare_with_memory(&kube, "val-o", "4Gi", "5Gi");
+    declare_with_memory(&kube, "val-q", "8Gi", "8Gi");
+    let scratch = Scratch::new(&["val-p"])?;
+    let server = Server::start(
+        &scratch.server_config(
+            &scratch.sqlite_url(),
+            &format!(
+                "[kubernetes]\npoll_interval_ms = 200\noom_check_interval_ms = 200\nrequest_timeout_ms = 1000\n\
+                 [kubernetes.clusters.a]\nkubeconfig = \"{}\"\n",
+                kube.kubeconfig().display()
+            ),
+        )?,
+        scratch.path("server.log"),
+    )?;
+    let log_tail = || {
+        let text = server.proc.log_text();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    };
+    // Two kills: not yet.
+    for kills in 1..=2 {
+        for node in ["val-p", "val-o", "val-q"] {
+            oom_killed(&kube, node, kills);
+        }
+        tokio::time::sleep(Duration::from_millis(600)).await;
+    }
+    assert!(
+        memory_patches(&kube, "val-p").is_empty(),
+        "{:?}",
+        kube.writes()
+    );
+    // The third kill within the window: one raise by 1.5, capped at the ceiling.
+    for node in ["val-p", "val-o", "val-q"] {
+        oom_killed(&kube, node, 3);
+    }
+    eventually(Duration::from_secs(10), "both raises", || async {
+        (memory_patches(&kube, "val-p").len() == 1 && memory_patches(&kube, "val-o").len() == 1)
+            .then_some(())
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}; writes {:?}\nlog:\n{}", kube.writes(), log_tail()))?;
+    let limit = |patch: &Value| {
+        patch["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"].clone()
+    };
+    assert_eq!(limit(&memory_patches(&kube, "val-p")[0]), "6144Mi");
+    assert_eq!(
+        limit(&memory_patches(&kube, "val-o")[0]),
+        "5120Mi",
+        "capped at the 5Gi ceiling"
+    );
+    assert!(memory_patches(&kube, "val-p")[0]["metadata"]["resourceVersion"].is_string());
+    // At its ceiling already: alerted, an Event, no patch.
+    eventually(Duration::from_secs(10), "the ceiling alert", || async {
+        server
+            .proc
+            .log_text()
+            .lines()
+            .any(|l| {
+                l.contains("RemediationAlert")
+                    && l.contains("val-q")
+                    && l.contains("memoryCeiling 8Gi")
+            })
+            .then_some(())
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}; log:\n{}", log_tail()))?;
+    assert!(memory_patches(&kube, "val-q").is_empty());
+    let reasons: Vec<String> = kube
+        .writes()
+        .iter()
+        .filter(|r| r.path.ends_with("/events"))
+        .filter_map(|r| r.json())
+        .map(|e| {
+            format!(
+                "{}:{}",
+                e["involvedObject"]["name"].as_str().unwrap_or(""),
+                e["reason"].as_str().unwrap_or("")
+            )
+        })
+        .collect();
+    for want in [
+        "val-p:MemoryLimitRaised",
+        "val-o:MemoryLimitRaised",
+        "val-q:MemoryLimitNotRaised",
+    ] {
+        assert!(
+            reasons.iter().any(|r| r == want),
+            "{want} missing: {reasons:?}"
+        );
+    }
+    // A fourth kill in the same window: no second raise.
+    oom_killed(&kube, "val-p", 4);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(memory_patches(&kube, "val-p").len(), 1);
+    // Audited before and after.
+    let audit = std::process::Command::new(binary("guardianctl")?)
+        .args(["audit", "list", "--limit", "1000", "--ledger-url"])
+        .arg(scratch.sqlite_url())
+        .output()?;
+    let audit = String::from_utf8_lossy(&audit.stdout);
+    assert!(audit.contains("\"to\":\"6144Mi\""), "{audit}");
+    assert_eq!(
+        audit.matches("\"outcome\":\"succeeded\"").count(),
+        2,
+        "{audit}"
+    );
+    Ok(())
+}

@@ -99,7 +99,7 @@ const fn permission(verb: &'static str, group: &'static str, resource: &'static 
 
 /// Every permission the server uses, checked at start and every minute per cluster. The
 /// Helm chart's ClusterRole grants exactly these.
-pub const PERMISSIONS: [Permission; 8] = [
+pub const PERMISSIONS: [Permission; 10] = [
     permission("list", "guardian.taonode.io", "taonodes"),
     Permission {
         verb: "patch",
@@ -113,6 +113,8 @@ pub const PERMISSIONS: [Permission; 8] = [
     permission("delete", "", "pods"),
     permission("create", "", "events"),
     permission("get", "", "pods"),
+    permission("patch", "apps", "statefulsets"),
+    permission("patch", "apps", "deployments"),
 ];
 
 /// How one cluster stands, as `guardianctl clusters` and `/metrics` show it.

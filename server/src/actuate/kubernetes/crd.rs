@@ -49,6 +49,40 @@ pub struct TaoNodeSpec {
     /// win over `[reconcile.nodes.NODE]`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sync_policy: Option<TaoNodeSyncPolicy>,
+    /// The highest memory limit the server may give the container (a quantity, e.g. `64Gi`);
+    /// unset = OOMKilled remediation off for this node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_ceiling: Option<String>,
+    /// When OOMKilled remediation raises the memory limit (defaults: 3 kills in 60 minutes,
+    /// times 1.5).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oom_remediation: Option<OomRemediation>,
+}
+
+/// OOMKilled remediation thresholds.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OomRemediation {
+    /// OOM kills of the container within the window that call for a raise. Default 3.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kills: Option<u32>,
+    /// The window, minutes; also the least time between two raises. Default 60.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window_minutes: Option<u32>,
+    /// The limit is multiplied by this (at most up to `memoryCeiling`). Default 1.5.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub factor: Option<f64>,
+}
+
+impl OomRemediation {
+    /// `(kills, window in ms, factor)` with the defaults filled in and bounded (kills >= 1,
+    /// window >= 1 minute, factor in 1.05..=4).
+    pub fn effective(&self) -> (usize, i64, f64) {
+        let kills = usize::try_from(self.kills.unwrap_or(3).max(1)).unwrap_or(3);
+        let window = i64::from(self.window_minutes.unwrap_or(60).max(1)) * 60_000;
+        let factor = self.factor.unwrap_or(1.5).clamp(1.05, 4.0);
+        (kills, window, factor)
+    }
 }
 
 /// The validator's workload.
