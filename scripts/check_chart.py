@@ -113,6 +113,8 @@ CLUSTER_RULES = {
     ("apps", "deployments", "patch"),
     *(("", "pods", v) for v in ("get", "list", "delete")),
     ("", "events", "create"),
+    *(("", "persistentvolumeclaims", v) for v in ("get", "patch")),
+    ("storage.k8s.io", "storageclasses", "get"),
     ("authorization.k8s.io", "selfsubjectaccessreviews", "create"),
 }
 STANDARD_LABELS = [

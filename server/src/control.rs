@@ -680,6 +680,19 @@ impl Runner {
         let kube = self.parts.actuator.kubernetes();
         for (id, figures, block_lag) in figures {
             if let Some(kube) = kube {
+                let filling = self.current.get(&id).and_then(|findings| {
+                    findings
+                        .iter()
+                        .find(|f| f.kind == FindingKind::StorageFull)
+                        .map(|f| {
+                            f.evidence
+                                .get("hours_to_full")
+                                .and_then(|h| h.parse::<f64>().ok())
+                        })
+                });
+                if let Some(hours_to_full) = filling {
+                    kube.storage_filling(&id, hours_to_full);
+                }
                 kube.observe(
                     &id,
                     NodeFigures {

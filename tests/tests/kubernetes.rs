@@ -757,3 +757,207 @@ async fn oom_kills_raise_the_memory_limit_once_per_window_and_never_above_the_ce
     );
     Ok(())
 }
+
+const CLAIMS: &str = "/api/v1/namespaces/validators/persistentvolumeclaims";
+const CLASSES: &str = "/apis/storage.k8s.io/v1/storageclasses";
+
+/// A TaoNode whose chain data lives on claim `chain-NODE` of StorageClass `class`.
+fn declare_with_volume(kube: &FakeKube, node: &str, class: &str, resizing: bool) {
+    kube.put(
+        TAONODES,
+        json!({
+            "apiVersion": "guardian.taonode.io/v1alpha1",
+            "kind": "TaoNode",
+            "metadata": { "name": node },
+            "spec": {
+                "nodeId": node,
+                "workload": { "kind": "StatefulSet", "name": format!("subtensor-{node}"), "container": "subtensor" },
+                "chainVolume": { "claimName": format!("chain-{node}"), "maximum": "200Gi", "factor": 1.5 }
+            }
+        }),
+    );
+    let conditions = if resizing {
+        json!([{ "type": "FileSystemResizePending", "status": "True" }])
+    } else {
+        json!([])
+    };
+    kube.put(
+        CLAIMS,
+        json!({
+            "apiVersion": "v1",
+            "kind": "PersistentVolumeClaim",
+            "metadata": { "name": format!("chain-{node}") },
+            "spec": {
+                "accessModes": ["ReadWriteOnce"],
+                "storageClassName": class,
+                "resources": { "requests": { "storage": "100Gi" } }
+            },
+            "status": { "phase": "Bound", "capacity": { "storage": "100Gi" }, "conditions": conditions }
+        }),
+    );
+}
+
+/// Streams `node`'s chain data filling at 1 GiB a minute over the last ten minutes (as a
+/// spool replay would deliver it): the forecast says full in about 1.5 hours.
+async fn stream_filling_disk(scratch: &Scratch, server: &Server, node: &str) -> anyhow::Result<()> {
+    use guardian_proto::v1::{
+        AgentFrame, Filesystem, HostSample, Sample, SampleBatch, agent_frame, sample, server_frame,
+    };
+    let (cert, key) = scratch.pki.node(node);
+    let channel = scratch.channel(server.grpc, &cert, &key).await?;
+    let (tx, mut replies) =
+        guardian_tests::raw_uplink(channel, vec![guardian_tests::hello_frame(node, "local")])
+            .await
+            .map_err(|s| anyhow::anyhow!("{node} refused: {s:?}"))?;
+    let now = guardian_server::unix_ms();
+    for seq in 1..=10u64 {
+        let minutes_ago = 10 - i64::try_from(seq)?;
+        let available = (100u64 - (seq - 1)) << 30;
+        let frame = AgentFrame {
+            frame: Some(agent_frame::Frame::Batch(SampleBatch {
+                seq,
+                samples: vec![Sample {
+                    observed_at_unix_ms: now - minutes_ago * 60_000 - 1000,
+                    kind: Some(sample::Kind::Host(HostSample {
+                        cpu_busy_percent: 5.0,
+                        chain_data: Some(Filesystem {
+                            path: "/var/lib/subtensor".into(),
+                            total_bytes: 1000 << 30,
+                            available_bytes: available,
+                            used_percent: 100.0
+                                - (available as f64 / (1000u64 << 30) as f64) * 100.0,
+                            ..Filesystem::default()
+                        }),
+                        ..HostSample::default()
+                    })),
+                }],
+                spool_dropped_batches_total: 0,
+            })),
+        };
+        tx.send(guardian_tests::encode(&frame)).await?;
+        loop {
+            let reply = replies
+                .message()
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("stream ended"))?;
+            if let Some(server_frame::Frame::Ack(ack)) = reply.frame
+                && ack.through_seq >= seq
+            {
+                break;
+            }
+        }
+    }
+    // Keep the stream open a moment so the last evaluation runs while the node is live.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    Ok(())
+}
+
+fn claim_patches(kube: &FakeKube, node: &str) -> Vec<Value> {
+    kube.writes()
+        .iter()
+        .filter(|r| r.method == "PATCH" && r.path == format!("{CLAIMS}/chain-{node}"))
+        .filter_map(Recorded::json)
+        .collect()
+}
+
+#[tokio::test]
+async fn a_filling_chain_volume_grows_once_never_while_resizing_and_only_where_expansion_is_allowed()
+-> TestResult {
+    let kube = FakeKube::start("a").await?;
+    kube.put(CLASSES, json!({ "apiVersion": "storage.k8s.io/v1", "kind": "StorageClass", "metadata": { "name": "fast" }, "provisioner": "csi.example.com", "allowVolumeExpansion": true }));
+    kube.put(CLASSES, json!({ "apiVersion": "storage.k8s.io/v1", "kind": "StorageClass", "metadata": { "name": "fixed" }, "provisioner": "csi.example.com", "allowVolumeExpansion": false }));
+    declare_with_volume(&kube, "val-s", "fast", false);
+    declare_with_volume(&kube, "val-t", "fast", true);
+    declare_with_volume(&kube, "val-u", "fixed", false);
+    let scratch = Scratch::new(&["val-s", "val-t", "val-u"])?;
+    let server = Server::start(
+        &scratch.server_config(
+            &scratch.sqlite_url(),
+            &format!(
+                "[reconcile]\nevaluate_interval_ms = 200\n\
+                 [kubernetes]\npoll_interval_ms = 200\nrequest_timeout_ms = 1000\n\
+                 [kubernetes.clusters.a]\nkubeconfig = \"{}\"\n",
+                kube.kubeconfig().display()
+            ),
+        )?,
+        scratch.path("server.log"),
+    )?;
+    let log_tail = || {
+        let text = server.proc.log_text();
+        let lines: Vec<&str> = text.lines().filter(|l| !l.contains("BatchAcked")).collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    };
+    // The TaoNodes must be indexed before the forecast arrives.
+    eventually(Duration::from_secs(10), "the TaoNodes listed", || async {
+        let metrics = guardian_tests::admin_metrics(server.admin).ok()?;
+        (guardian_tests::metric_value(&metrics, "guardian_kube_taonodes{cluster=\"a\"}")? >= 3.0)
+            .then_some(())
+    })
+    .await?;
+    for node in ["val-s", "val-t", "val-u"] {
+        stream_filling_disk(&scratch, &server, node).await?;
+    }
+    eventually(Duration::from_secs(15), "val-s's claim to grow", || async {
+        (claim_patches(&kube, "val-s").len() == 1).then_some(())
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}; writes {:?}\nlog:\n{}", kube.writes(), log_tail()))?;
+    let patch = &claim_patches(&kube, "val-s")[0];
+    assert_eq!(
+        patch["spec"]["resources"]["requests"]["storage"], "153600Mi",
+        "{patch}"
+    );
+    assert!(patch["metadata"]["resourceVersion"].is_string(), "{patch}");
+    for (node, why) in [
+        ("val-t", "still being resized"),
+        ("val-u", "does not allow volume expansion"),
+    ] {
+        eventually(
+            Duration::from_secs(10),
+            &format!("{node}'s alert"),
+            || async {
+                server
+                    .proc
+                    .log_text()
+                    .lines()
+                    .any(|l| l.contains("RemediationAlert") && l.contains(node) && l.contains(why))
+                    .then_some(())
+            },
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}; log:\n{}", log_tail()))?;
+        assert!(
+            claim_patches(&kube, node).is_empty(),
+            "{node}: {:?}",
+            claim_patches(&kube, node)
+        );
+    }
+    // More filling forecasts within the cooldown: no second grow.
+    stream_filling_disk(&scratch, &server, "val-s").await.ok();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(claim_patches(&kube, "val-s").len(), 1);
+    let events: Vec<String> = kube
+        .writes()
+        .iter()
+        .filter(|r| r.path.ends_with("/events"))
+        .filter_map(Recorded::json)
+        .map(|e| {
+            format!(
+                "{}:{}",
+                e["involvedObject"]["name"].as_str().unwrap_or(""),
+                e["reason"].as_str().unwrap_or("")
+            )
+        })
+        .collect();
+    for want in [
+        "val-s:VolumeExpanded",
+        "val-t:VolumeNotExpanded",
+        "val-u:VolumeNotExpanded",
+    ] {
+        assert!(
+            events.iter().any(|e| e == want),
+            "{want} missing: {events:?}"
+        );
+    }
+    Ok(())
+}

@@ -99,7 +99,7 @@ const fn permission(verb: &'static str, group: &'static str, resource: &'static 
 
 /// Every permission the server uses, checked at start and every minute per cluster. The
 /// Helm chart's ClusterRole grants exactly these.
-pub const PERMISSIONS: [Permission; 10] = [
+pub const PERMISSIONS: [Permission; 13] = [
     permission("list", "guardian.taonode.io", "taonodes"),
     Permission {
         verb: "patch",
@@ -115,6 +115,9 @@ pub const PERMISSIONS: [Permission; 10] = [
     permission("get", "", "pods"),
     permission("patch", "apps", "statefulsets"),
     permission("patch", "apps", "deployments"),
+    permission("get", "", "persistentvolumeclaims"),
+    permission("patch", "", "persistentvolumeclaims"),
+    permission("get", "storage.k8s.io", "storageclasses"),
 ];
 
 /// How one cluster stands, as `guardianctl clusters` and `/metrics` show it.

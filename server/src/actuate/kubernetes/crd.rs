@@ -57,6 +57,41 @@ pub struct TaoNodeSpec {
     /// times 1.5).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub oom_remediation: Option<OomRemediation>,
+    /// The chain-data volume the server may grow when it is filling (unset = never).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chain_volume: Option<ChainVolume>,
+}
+
+/// Chain storage auto-expansion: the PersistentVolumeClaim that holds the chain data.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ChainVolume {
+    /// The claim, in the TaoNode's namespace.
+    pub claim_name: String,
+    /// The largest size the server may request (a quantity, e.g. `4Ti`).
+    pub maximum: String,
+    /// The requested size is multiplied by this (at most up to `maximum`). Default 1.5.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub factor: Option<f64>,
+    /// Grow when the `storage_full` forecast says the volume fills within this many hours.
+    /// Default 72 (acted on once the server's `[detect] storage_full_within_hours`, default
+    /// 24, raises the finding: set it to at least this).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub horizon_hours: Option<f64>,
+    /// Least minutes between two expansions (and never while a resize is pending). Default 60.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cooldown_minutes: Option<u32>,
+}
+
+impl ChainVolume {
+    /// `(factor, horizon hours, cooldown ms)` with defaults, bounded (factor 1.05..=4).
+    pub fn effective(&self) -> (f64, f64, i64) {
+        (
+            self.factor.unwrap_or(1.5).clamp(1.05, 4.0),
+            self.horizon_hours.unwrap_or(72.0).max(0.0),
+            i64::from(self.cooldown_minutes.unwrap_or(60).max(1)) * 60_000,
+        )
+    }
 }
 
 /// OOMKilled remediation thresholds.
