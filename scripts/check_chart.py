@@ -115,6 +115,7 @@ CLUSTER_RULES = {
     ("", "events", "create"),
     *(("", "persistentvolumeclaims", v) for v in ("get", "patch")),
     ("storage.k8s.io", "storageclasses", "get"),
+    *(("", "nodes", v) for v in ("get", "patch")),
     ("authorization.k8s.io", "selfsubjectaccessreviews", "create"),
 }
 STANDARD_LABELS = [

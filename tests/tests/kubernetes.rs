@@ -961,3 +961,60 @@ async fn a_filling_chain_volume_grows_once_never_while_resizing_and_only_where_e
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn cordon_and_alert_marks_the_pods_kubernetes_node_unschedulable_once() -> TestResult {
+    let clusters = [FakeKube::start("a").await?, FakeKube::start("b").await?];
+    declare(&clusters[0], "val-a");
+    declare(&clusters[1], "val-b");
+    clusters[0].put(
+        PODS,
+        json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": { "name": "subtensor-val-a-0", "labels": { "app": "subtensor-val-a" } },
+            "spec": { "nodeName": "worker-7", "containers": [{ "name": "subtensor", "image": "subtensor" }] }
+        }),
+    );
+    clusters[0].put(
+        "/api/v1/nodes",
+        json!({ "apiVersion": "v1", "kind": "Node", "metadata": { "name": "worker-7" }, "spec": {} }),
+    );
+    let rig = Rig::start_with(
+        &["val-a", "val-b"],
+        clusters,
+        "[reconcile.nodes.val-a]\nrecovery_strategy = \"cordon-and-alert\"",
+        "",
+        &[],
+    )
+    .await?;
+    rig.nodes[0].lag(40);
+    rig.wait_phase("val-a", "cordoned").await?;
+    eventually(
+        Duration::from_secs(10),
+        "worker-7 to be unschedulable",
+        || async {
+            (rig.clusters[0].get("/api/v1/nodes", "worker-7")?["spec"]["unschedulable"] == true)
+                .then_some(())
+        },
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}; log:\n{}", rig.server_log_tail()))?;
+    rig.wait_evaluations(5).await?;
+    let node_patches: Vec<Recorded> = rig.clusters[0]
+        .writes()
+        .into_iter()
+        .filter(|r| r.path == "/api/v1/nodes/worker-7")
+        .collect();
+    assert_eq!(node_patches.len(), 1, "{node_patches:?}");
+    assert!(
+        rig.deletions(0).is_empty(),
+        "cordon-and-alert deletes nothing"
+    );
+    assert!(
+        rig.clusters[1]
+            .writes()
+            .iter()
+            .all(|r| r.path.contains("/taonodes/"))
+    );
+    rig.stop().await
+}

@@ -519,6 +519,18 @@ impl Actuator {
         }
         for (node, from, to, attempts, reason) in &pass.decided {
             tracing::info!(node = %node, from, to, attempts, reason, "PhaseDecided");
+            // Cordon-and-alert through Kubernetes: the node of a managed validator's pod.
+            if *to == "cordoned"
+                && *from != "cordoned"
+                && let Some(kube) = &self.kube
+                && let Some(managed) = kube.managed(node)
+            {
+                if self.dry_run {
+                    tracing::info!(node = %node, cluster = managed.cluster, "RemediationDryRun: the Kubernetes node would be cordoned; nothing written");
+                } else {
+                    kube.cordon(node, managed, reason.clone());
+                }
+            }
         }
         for (id, action, parameters) in &pass.dry_runs {
             tracing::info!(node = %id, action = action.as_str(), ?parameters, "RemediationDryRun");
