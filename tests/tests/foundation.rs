@@ -99,7 +99,17 @@ async fn assert_stored_what_the_agent_sent(
     node: &str,
 ) -> anyhow::Result<u64> {
     let (sent, waiting, dropped) = spool_account(&scratch.path(&format!("spool-{node}")))?;
-    let stored = stored_seqs(url, node).await?;
+    // A batch the agent sent just before it left may still be committing in a server that
+    // runs on: read until two reads of the ledger agree (bounded), then check them.
+    let mut stored = stored_seqs(url, node).await?;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let again = stored_seqs(url, node).await?;
+        if again == stored {
+            break;
+        }
+        stored = again;
+    }
     assert_eq!(dropped, 0, "the agent dropped no batch");
     // A batch sent but not acked before the agent stopped may or may not be stored yet.
     let acked = sent.saturating_sub(waiting.len() as u64);
