@@ -116,6 +116,7 @@ CLUSTER_RULES = {
     *(("", "persistentvolumeclaims", v) for v in ("get", "patch")),
     ("storage.k8s.io", "storageclasses", "get"),
     *(("", "nodes", v) for v in ("get", "patch")),
+    *(("batch", "jobs", v) for v in ("get", "create")),
     ("authorization.k8s.io", "selfsubjectaccessreviews", "create"),
 }
 STANDARD_LABELS = [

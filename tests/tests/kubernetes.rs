@@ -25,6 +25,7 @@ const SETS: &str = "/apis/apps/v1/namespaces/validators/statefulsets";
 /// Two clusters, one validator in each: `val-a` in cluster a, `val-b` in cluster b.
 struct Rig {
     scratch: Scratch,
+    config: std::path::PathBuf,
     server: Server,
     nodes: Vec<FakeNode>,
     agents: Vec<Proc>,
@@ -115,10 +116,8 @@ impl Rig {
             clusters[0].kubeconfig().display(),
             clusters[1].kubeconfig().display(),
         );
-        let server = Server::start(
-            &scratch.server_config(&scratch.sqlite_url(), &server_extra)?,
-            scratch.path("server.log"),
-        )?;
+        let config = scratch.server_config(&scratch.sqlite_url(), &server_extra)?;
+        let server = Server::start(&config, scratch.path("server.log"))?;
         let mut nodes = Vec::new();
         let mut agents = Vec::new();
         for name in names {
@@ -137,6 +136,7 @@ impl Rig {
         let operator = scratch.operator(server.grpc).await?;
         let rig = Rig {
             scratch,
+            config,
             server,
             nodes,
             agents,
@@ -1015,6 +1015,185 @@ async fn cordon_and_alert_marks_the_pods_kubernetes_node_unschedulable_once() ->
             .writes()
             .iter()
             .all(|r| r.path.contains("/taonodes/"))
+    );
+    rig.stop().await
+}
+
+const JOBS: &str = "/apis/batch/v1/namespaces/validators/jobs";
+
+/// val-a restores by snapshot: a TaoNode with `snapshotRestore` and a 1-replica StatefulSet.
+fn declare_restorable(kube: &FakeKube) {
+    declare(kube, "val-a");
+    let mut taonode = kube.get(TAONODES, "val-a").unwrap_or_default();
+    taonode["spec"]["snapshotRestore"] = json!({
+        "job": { "template": { "spec": {
+            "restartPolicy": "Never",
+            "containers": [{ "name": "restore", "image": "restore:1", "args": ["--from", "latest"] }]
+        } } },
+        "timeoutMinutes": 5
+    });
+    kube.put(TAONODES, taonode);
+    let mut set = kube.get(SETS, "subtensor-val-a").unwrap_or_default();
+    set["spec"]["replicas"] = json!(1);
+    kube.put(SETS, set);
+}
+
+/// What the StatefulSet controller and the Job controller would do: pods follow the replicas;
+/// a restore Job completes when `complete_jobs`.
+fn controllers(kube: &FakeKube, complete_jobs: bool) {
+    let replicas = kube
+        .get(SETS, "subtensor-val-a")
+        .and_then(|s| s["spec"]["replicas"].as_i64())
+        .unwrap_or(1);
+    let pod_there = kube.get(PODS, "subtensor-val-a-0").is_some();
+    if replicas == 0 && pod_there {
+        kube.remove(PODS, "subtensor-val-a-0");
+    }
+    if replicas > 0 && !pod_there {
+        pod(kube, "val-a");
+    }
+    if complete_jobs {
+        for mut job in kube.list(JOBS) {
+            if job["status"]["conditions"].is_null() {
+                job["status"] = json!({ "succeeded": 1, "conditions": [{ "type": "Complete", "status": "True" }] });
+                kube.put(JOBS, job);
+            }
+        }
+    }
+}
+
+fn replica_patches(kube: &FakeKube) -> Vec<i64> {
+    kube.writes()
+        .iter()
+        .filter(|r| r.method == "PATCH" && r.path == format!("{SETS}/subtensor-val-a"))
+        .filter_map(|r| r.json()?["spec"]["replicas"].as_i64())
+        .collect()
+}
+
+async fn drive_until(
+    rig: &Rig,
+    complete_jobs: bool,
+    what: &str,
+    done: impl Fn(&Rig) -> bool,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + WAIT;
+    while !done(rig) {
+        controllers(&rig.clusters[0], complete_jobs);
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}; writes {:?}\nlog:\n{}",
+            rig.clusters[0].writes(),
+            rig.server_log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn snapshot_restore_scales_to_zero_runs_the_job_and_scales_back() -> TestResult {
+    let clusters = [FakeKube::start("a").await?, FakeKube::start("b").await?];
+    declare_restorable(&clusters[0]);
+    declare(&clusters[1], "val-b");
+    let rig = Rig::start_with(
+        &["val-a", "val-b"],
+        clusters,
+        "[reconcile.nodes.val-a]\nrecovery_strategy = \"snapshot-restore\"",
+        "",
+        &[],
+    )
+    .await?;
+    rig.nodes[0].lag(40);
+    drive_until(&rig, true, "the restore to finish", |rig| {
+        rig.status(0, "val-a")["restore"]["step"] == "done"
+    })
+    .await?;
+    rig.nodes[0].heal();
+    assert_eq!(
+        replica_patches(&rig.clusters[0]),
+        [0, 1],
+        "scaled to 0, then back to 1"
+    );
+    let jobs = rig.clusters[0].list(JOBS);
+    assert_eq!(jobs.len(), 1, "{jobs:?}");
+    assert_eq!(
+        jobs[0]["spec"]["template"]["spec"]["containers"][0]["image"],
+        "restore:1"
+    );
+    // Order of the writes: scale down, then the Job, then scale up.
+    let order: Vec<String> = rig.clusters[0]
+        .writes()
+        .iter()
+        .filter(|r| r.path.contains("/statefulsets/") || r.path.ends_with("/jobs"))
+        .map(|r| format!("{} {}", r.method, r.path.rsplit('/').next().unwrap_or("")))
+        .collect();
+    assert_eq!(
+        order,
+        [
+            "PATCH subtensor-val-a",
+            "POST jobs",
+            "PATCH subtensor-val-a"
+        ]
+    );
+    assert!(
+        rig.deletions(0).is_empty(),
+        "a restore deletes no pod itself"
+    );
+    let events: Vec<Value> = rig.clusters[0]
+        .writes()
+        .iter()
+        .filter(|r| r.path.ends_with("/events"))
+        .filter_map(Recorded::json)
+        .collect();
+    assert!(
+        events.iter().any(|e| e["reason"] == "RestoreCompleted"),
+        "{events:?}"
+    );
+    let audit = rig.audit_list()?;
+    assert!(audit.contains("\"resource\":\"jobs\""), "{audit}");
+    assert_eq!(
+        audit.matches("\"replicas\":{").count(),
+        4,
+        "two scales, each audited before and after: {audit}"
+    );
+    rig.stop().await
+}
+
+#[tokio::test]
+async fn a_snapshot_restore_resumes_after_the_server_is_killed() -> TestResult {
+    let clusters = [FakeKube::start("a").await?, FakeKube::start("b").await?];
+    declare_restorable(&clusters[0]);
+    declare(&clusters[1], "val-b");
+    let mut rig = Rig::start_with(
+        &["val-a", "val-b"],
+        clusters,
+        "[reconcile.nodes.val-a]\nrecovery_strategy = \"snapshot-restore\"",
+        "",
+        &[],
+    )
+    .await?;
+    rig.nodes[0].lag(40);
+    // Up to the Job, which the Job controller does not finish yet.
+    drive_until(&rig, false, "the restore Job", |rig| {
+        !rig.clusters[0].list(JOBS).is_empty()
+            && rig.status(0, "val-a")["restore"]["step"] == "restoring"
+    })
+    .await?;
+    rig.server.proc.child.kill()?;
+    rig.server.proc.child.wait()?;
+    rig.server = Server::start(&rig.config, rig.scratch.path("server-2.log"))?;
+    // The new server reads status.restore and goes on: waits for the Job, scales back.
+    drive_until(&rig, true, "the resumed restore to finish", |rig| {
+        rig.status(0, "val-a")["restore"]["step"] == "done"
+    })
+    .await?;
+    assert_eq!(replica_patches(&rig.clusters[0]), [0, 1]);
+    assert_eq!(rig.clusters[0].list(JOBS).len(), 1, "no second Job");
+    assert!(
+        rig.server
+            .proc
+            .log_text()
+            .contains("SnapshotRestoreResumed")
     );
     rig.stop().await
 }

@@ -129,6 +129,8 @@ pub struct Pass {
     dry_runs: Vec<(NodeId, Action, BTreeMap<String, String>)>,
     /// Restarts for the Kubernetes actuator, queued once written.
     kube_restarts: Vec<(NodeId, kubernetes::Managed, String, Option<Instant>)>,
+    /// Snapshot-restores for the Kubernetes actuator, started once written.
+    kube_restores: Vec<(NodeId, kubernetes::Managed, String)>,
     /// Alerts to raise once written.
     pub alerts: Vec<Alert>,
     /// Decisions to log once written: node, from, to, attempts, reason.
@@ -437,6 +439,18 @@ impl Actuator {
             Action::RestartUnit | Action::RestartContainer => {
                 pass.kube_restarts.push((node.clone(), managed, reason, arrived));
             }
+            Action::RunHook if managed.spec.snapshot_restore.is_some() && self.dry_run => {
+                tracing::info!(
+                    node = %node,
+                    cluster = managed.cluster,
+                    taonode = managed.name,
+                    action = "snapshot-restore",
+                    "RemediationDryRun: nothing written to Kubernetes"
+                );
+            }
+            Action::RunHook if managed.spec.snapshot_restore.is_some() => {
+                pass.kube_restores.push((node.clone(), managed, reason));
+            }
             other => pass.alerts.push(Alert {
                 event: "remediation_alert",
                 node_id: node.to_string(),
@@ -561,6 +575,9 @@ impl Actuator {
         if let Some(kube) = &self.kube {
             for (node, managed, reason, arrived) in pass.kube_restarts {
                 kube.restart(&node, managed, reason, arrived);
+            }
+            for (node, managed, reason) in pass.kube_restores {
+                Arc::clone(kube).snapshot_restore(node, managed, reason);
             }
         }
         for alert in pass.alerts {

@@ -99,7 +99,7 @@ const fn permission(verb: &'static str, group: &'static str, resource: &'static 
 
 /// Every permission the server uses, checked at start and every minute per cluster. The
 /// Helm chart's ClusterRole grants exactly these.
-pub const PERMISSIONS: [Permission; 15] = [
+pub const PERMISSIONS: [Permission; 17] = [
     permission("list", "guardian.taonode.io", "taonodes"),
     Permission {
         verb: "patch",
@@ -120,6 +120,8 @@ pub const PERMISSIONS: [Permission; 15] = [
     permission("get", "storage.k8s.io", "storageclasses"),
     permission("get", "", "nodes"),
     permission("patch", "", "nodes"),
+    permission("create", "batch", "jobs"),
+    permission("get", "batch", "jobs"),
 ];
 
 /// How one cluster stands, as `guardianctl clusters` and `/metrics` show it.

@@ -60,6 +60,53 @@ pub struct TaoNodeSpec {
     /// The chain-data volume the server may grow when it is filling (unset = never).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chain_volume: Option<ChainVolume>,
+    /// How the `snapshot-restore` strategy restores this node's chain data (unset: that
+    /// strategy is alerted, not carried out).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_restore: Option<SnapshotRestore>,
+}
+
+/// Snapshot-restore: scale the workload to 0, run this Job, wait for it, scale back.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SnapshotRestore {
+    /// The restore Job's `spec` (`batch/v1` JobSpec: its pod template mounts the chain
+    /// volume and fills it from a snapshot). Run in the TaoNode's namespace.
+    #[schemars(schema_with = "preserve_unknown_fields")]
+    pub job: serde_json::Value,
+    /// Longest the scale-down and the Job may each take, minutes. Default 120.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_minutes: Option<u32>,
+}
+
+/// An object schema Kubernetes keeps whole (`x-kubernetes-preserve-unknown-fields`).
+fn preserve_unknown_fields(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "object",
+        "x-kubernetes-preserve-unknown-fields": true
+    })
+}
+
+/// Where a snapshot-restore stands, in the TaoNode's status so that a restarted server
+/// resumes it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RestoreProgress {
+    /// `scaling-down`, `restoring`, `scaling-up`, `done` or `failed`.
+    pub step: String,
+    /// The workload's replicas before it was scaled to 0 (what it gets back).
+    pub replicas: i32,
+    /// The restore Job's name (set from `restoring`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub job: String,
+    /// When the restore started, RFC 3339 UTC.
+    pub started: String,
+    /// For humans: the last thing that happened.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+    /// The restore Job failed or ran out of time (the workload is scaled back regardless).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub job_failed: bool,
 }
 
 /// Chain storage auto-expansion: the PersistentVolumeClaim that holds the chain data.
@@ -230,6 +277,9 @@ pub struct TaoNodeStatus {
     /// The spec generation this status was written for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// The snapshot-restore in progress (or the last one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore: Option<RestoreProgress>,
 }
 
 /// One remediation and how it ended.
