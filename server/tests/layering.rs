@@ -10,6 +10,7 @@
 //! 5. Only `server/src/actuate/**` names `CommandSigner` or `send_command`.
 //! 6. `server/src/reconcile/**` does no I/O: no `tokio`, `sqlx`, `std::fs`, `std::net`, `reqwest`,
 //!    `hyper`, `clickhouse` paths and no `.await`, outside `#[cfg(test)]` items.
+//! 7. Only `server/src/actuate/kubernetes/**` uses `kube` or `k8s_openapi`.
 //!
 //! The checker is a lexer, not a parser: it blanks comments and literals (keeping line numbers),
 //! splits the rest into identifiers, `::` and punctuation, expands every `use` tree into its leaf
@@ -40,6 +41,8 @@ const ACTUATE_ONLY_IDENTS: &[&str] = &["CommandSigner", "send_command"];
 const IO_CRATES: &[&str] = &["tokio", "sqlx", "reqwest", "hyper", "clickhouse"];
 /// `std` modules whose use is I/O (rule 6).
 const IO_STD_MODULES: &[&str] = &["fs", "net"];
+/// The Kubernetes client crates, reserved to `actuate/kubernetes/` (rule 7).
+const KUBE_CRATES: &[&str] = &["kube", "k8s_openapi"];
 /// Names proto must never mention (rule 3).
 const SIDE_CRATES: &[&str] = &[
     "guardian_server",
@@ -57,6 +60,7 @@ enum Rule {
     SamplersKnowNoUplink,
     OnlyActuateSigns,
     ReconcileHasNoIo,
+    KubeOnlyInActuate,
 }
 
 impl Rule {
@@ -68,6 +72,7 @@ impl Rule {
             Rule::SamplersKnowNoUplink => 4,
             Rule::OnlyActuateSigns => 5,
             Rule::ReconcileHasNoIo => 6,
+            Rule::KubeOnlyInActuate => 7,
         }
     }
 
@@ -94,6 +99,9 @@ impl Rule {
             Rule::ReconcileHasNoIo => {
                 "reconcile/ does no I/O (tokio, sqlx, std::fs, std::net, reqwest, hyper, \
                  clickhouse, .await outside #[cfg(test)])"
+            }
+            Rule::KubeOnlyInActuate => {
+                "only server/src/actuate/kubernetes/ uses the Kubernetes client (kube, k8s_openapi)"
             }
         }
     }
@@ -124,6 +132,10 @@ impl Rule {
                 "do the I/O in control/ or actuate/ and pass the result in; reconcile stays a pure \
                  function"
             }
+            Rule::KubeOnlyInActuate => {
+                "call a function of actuate::kubernetes (or add one) and pass plain types across; \
+                 Kubernetes types stay inside actuate/kubernetes/"
+            }
         }
     }
 }
@@ -151,6 +163,8 @@ struct Scope {
     reserved_idents: bool,
     no_io: bool,
     proto: bool,
+    /// Whether the file may use the Kubernetes client crates.
+    kube_allowed: bool,
 }
 
 fn scope_of(path: &str) -> Option<Scope> {
@@ -174,6 +188,7 @@ fn scope_of(path: &str) -> Option<Scope> {
         reserved_idents: false,
         no_io: false,
         proto: false,
+        kube_allowed: false,
     };
     match crate_dir {
         "server" => {
@@ -184,6 +199,9 @@ fn scope_of(path: &str) -> Option<Scope> {
             };
             scope.reserved_idents = stage != Some("actuate");
             scope.no_io = stage == Some("reconcile");
+            scope.kube_allowed = scope
+                .module
+                .starts_with(&["actuate".to_owned(), "kubernetes".to_owned()]);
         }
         "agent" => {
             if stage == Some("sample") {
@@ -268,6 +286,10 @@ fn check_source(path: &str, source: &str) -> Vec<Violation> {
                 } else {
                     None
                 };
+                if KUBE_CRATES.contains(&first) && !scope.kube_allowed {
+                    let line = path_ref.segments[0].line;
+                    report(line, Rule::KubeOnlyInActuate, first, written.clone());
+                }
                 if let Some(target) = io
                     && scope.no_io
                     && !layout.in_test[path_ref.at]
@@ -1204,6 +1226,27 @@ fn report_lists_place_import_rule_and_fix() {
         text.contains("fix: move the type to a module both may use"),
         "{text}"
     );
+}
+
+#[test]
+fn only_actuate_kubernetes_uses_the_kubernetes_client() {
+    let outside = check_source(
+        "server/src/control.rs",
+        "use kube::Api;\nfn f() { let _ = k8s_openapi::api::core::v1::Pod::default(); }\n",
+    );
+    assert_eq!(
+        outside.iter().map(|v| (v.line, v.rule)).collect::<Vec<_>>(),
+        [(1, Rule::KubeOnlyInActuate), (2, Rule::KubeOnlyInActuate)],
+        "{outside:?}"
+    );
+    assert!(render(&outside).contains("breaks rule 7"));
+    let inside = check_source(
+        "server/src/actuate/kubernetes/cluster.rs",
+        "use kube::Api;\nuse k8s_openapi::api::core::v1::Pod;\n",
+    );
+    assert!(inside.is_empty(), "{inside:?}");
+    let beside = check_source("server/src/actuate/mod.rs", "use kube::Client;\n");
+    assert_eq!(beside.len(), 1, "{beside:?}");
 }
 
 #[test]
