@@ -112,7 +112,7 @@ impl Rig {
         let extra = format!(
             "standby = true\n[detect]\nfrozen_head_ms = 2500\n[reconcile]\nevaluate_interval_ms = 200\n\
              [reconcile.policy]\nmax_block_lag = 5\nprobe_interval_seconds = 2\nconfirm_samples = 2\nrecover_samples = 2\n\
-             [kubernetes]\npoll_interval_ms = 200\nrequest_timeout_ms = 1000\n\
+             [kubernetes]\nrequest_timeout_ms = 1000\n\
              [kubernetes.clusters.a]\nkubeconfig = \"{}\"\n",
             kube.kubeconfig().display()
         );

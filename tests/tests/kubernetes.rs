@@ -110,7 +110,7 @@ impl Rig {
             "[detect]\nfrozen_head_ms = 2500\n{detect}\n\
              [reconcile]\nevaluate_interval_ms = 200\n{reconcile}\n[reconcile.policy]\nmax_block_lag = 5\n\
              recovery_strategy = \"restart\"\nprobe_interval_seconds = 2\nconfirm_samples = 2\nrecover_samples = 2\n\
-             [kubernetes]\npoll_interval_ms = 200\nrequest_timeout_ms = 1000\nhealth_interval_seconds = 1\n\
+             [kubernetes]\nrequest_timeout_ms = 1000\nhealth_interval_seconds = 1\n\
              [kubernetes.clusters.a]\nkubeconfig = \"{}\"\n\
              [kubernetes.clusters.b]\nkubeconfig = \"{}\"\n",
             clusters[0].kubeconfig().display(),
@@ -656,7 +656,7 @@ async fn oom_kills_raise_the_memory_limit_once_per_window_and_never_above_the_ce
         &scratch.server_config(
             &scratch.sqlite_url(),
             &format!(
-                "[kubernetes]\npoll_interval_ms = 200\noom_check_interval_ms = 200\nrequest_timeout_ms = 1000\n\
+                "[kubernetes]\noom_check_interval_ms = 200\nrequest_timeout_ms = 1000\n\
                  [kubernetes.clusters.a]\nkubeconfig = \"{}\"\n",
                 kube.kubeconfig().display()
             ),
@@ -875,7 +875,7 @@ async fn a_filling_chain_volume_grows_once_never_while_resizing_and_only_where_e
             &scratch.sqlite_url(),
             &format!(
                 "[reconcile]\nevaluate_interval_ms = 200\n\
-                 [kubernetes]\npoll_interval_ms = 200\nrequest_timeout_ms = 1000\n\
+                 [kubernetes]\nrequest_timeout_ms = 1000\n\
                  [kubernetes.clusters.a]\nkubeconfig = \"{}\"\n",
                 kube.kubeconfig().display()
             ),
@@ -1196,4 +1196,70 @@ async fn a_snapshot_restore_resumes_after_the_server_is_killed() -> TestResult {
             .contains("SnapshotRestoreResumed")
     );
     rig.stop().await
+}
+
+#[tokio::test]
+async fn taonodes_are_watched_and_a_dropped_watch_is_resumed() -> TestResult {
+    let kube = FakeKube::start("a").await?;
+    declare(&kube, "val-a");
+    let scratch = Scratch::new(&["val-a"])?;
+    let server = Server::start(
+        &scratch.server_config(
+            &scratch.sqlite_url(),
+            &format!(
+                "[kubernetes]\nrequest_timeout_ms = 1000\n[kubernetes.clusters.a]\nkubeconfig = \"{}\"\n",
+                kube.kubeconfig().display()
+            ),
+        )?,
+        scratch.path("server.log"),
+    )?;
+    let taonodes = || {
+        guardian_tests::admin_metrics(server.admin)
+            .ok()
+            .and_then(|m| guardian_tests::metric_value(&m, "guardian_kube_taonodes{cluster=\"a\"}"))
+    };
+    eventually(Duration::from_secs(10), "the first TaoNode", || async {
+        (taonodes()? == 1.0).then_some(())
+    })
+    .await?;
+    // Added while the watch is open: seen from the watch event, without a new list.
+    let lists_before = kube
+        .requests()
+        .iter()
+        .filter(|r| {
+            r.method == "GET" && r.path.ends_with("/taonodes") && r.param("watch").is_none()
+        })
+        .count();
+    declare(&kube, "val-c");
+    let seen = Instant::now();
+    eventually(Duration::from_secs(5), "the second TaoNode", || async {
+        (taonodes()? == 2.0).then_some(())
+    })
+    .await?;
+    assert!(
+        seen.elapsed() < Duration::from_secs(2),
+        "seen after {:?}",
+        seen.elapsed()
+    );
+    let lists_after = kube
+        .requests()
+        .iter()
+        .filter(|r| {
+            r.method == "GET" && r.path.ends_with("/taonodes") && r.param("watch").is_none()
+        })
+        .count();
+    assert_eq!(lists_before, lists_after, "no re-list for a watch event");
+    // The API server goes away (the watch drops); a TaoNode is removed meanwhile.
+    kube.down().await;
+    kube.remove(TAONODES, "val-c");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    kube.up()?;
+    eventually(
+        Duration::from_secs(20),
+        "the watch to resume and see the removal",
+        || async { (taonodes()? == 1.0).then_some(()) },
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}; log:\n{}", server.proc.log_text()))?;
+    Ok(())
 }

@@ -145,6 +145,9 @@ pub struct Cluster {
     pub name: String,
     /// The client (its own timeouts on connect, read and write).
     pub client: Client,
+    /// The client for watches: no read timeout (a watch is quiet while nothing changes; the
+    /// server ends it after `watch_timeout_seconds`), the same connect and write timeouts.
+    pub watch_client: Client,
     /// The bound on every call.
     pub timeout: Duration,
     health: Mutex<Health>,
@@ -252,12 +255,16 @@ impl Cluster {
                 .map_err(|e| config_error(format!("{}: {e}", settings.kubeconfig.display())))?
         };
         config.connect_timeout = Some(timeout);
-        config.read_timeout = Some(timeout);
         config.write_timeout = Some(timeout);
+        let mut watching = config.clone();
+        watching.read_timeout = None;
+        config.read_timeout = Some(timeout);
         let client = Client::try_from(config).map_err(|e| config_error(e.to_string()))?;
+        let watch_client = Client::try_from(watching).map_err(|e| config_error(e.to_string()))?;
         Ok(Self {
             name: name.to_owned(),
             client,
+            watch_client,
             timeout,
             health: Mutex::new(Health::default()),
         })

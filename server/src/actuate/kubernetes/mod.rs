@@ -60,8 +60,9 @@ pub struct KubeSettings {
     pub clusters: BTreeMap<String, ClusterSettings>,
     /// Bound on every call to an API server, ms. Default 5000.
     pub request_timeout_ms: u64,
-    /// How often each cluster's TaoNodes are listed, ms. Default 5000.
-    pub poll_interval_ms: u64,
+    /// How long one watch of TaoNodes stays open before it is renewed (from where it was),
+    /// s. Default 290.
+    pub watch_timeout_seconds: u32,
     /// How often each cluster's reachability and permissions are checked, s. Default 60.
     pub health_interval_seconds: u64,
     /// How often the pods of TaoNodes with a `memoryCeiling` are read for OOM kills, ms.
@@ -74,7 +75,7 @@ impl Default for KubeSettings {
         Self {
             clusters: BTreeMap::new(),
             request_timeout_ms: 5000,
-            poll_interval_ms: 5000,
+            watch_timeout_seconds: 290,
             health_interval_seconds: 60,
             oom_check_interval_ms: 10_000,
         }
@@ -93,8 +94,10 @@ impl KubeSettings {
         if self.request_timeout_ms < 100 {
             return Err("kubernetes.request_timeout_ms must be at least 100 (default 5000)".into());
         }
-        if self.poll_interval_ms < 100 {
-            return Err("kubernetes.poll_interval_ms must be at least 100 (default 5000)".into());
+        if !(1..=3600).contains(&self.watch_timeout_seconds) {
+            return Err(
+                "kubernetes.watch_timeout_seconds must be within 1..=3600 (default 290)".into(),
+            );
         }
         if self.oom_check_interval_ms < 100 {
             return Err(
@@ -202,7 +205,7 @@ pub struct Kubernetes {
     metrics: Arc<Metrics>,
     alerts: Alerts,
     dry_run: bool,
-    poll: Duration,
+    watch_timeout_seconds: u32,
     health_every: Duration,
     oom_every: Duration,
     oom: Mutex<oom::OomTracker>,
@@ -273,7 +276,7 @@ impl Kubernetes {
             metrics,
             alerts,
             dry_run,
-            poll: Duration::from_millis(settings.poll_interval_ms),
+            watch_timeout_seconds: settings.watch_timeout_seconds,
             health_every: Duration::from_secs(settings.health_interval_seconds),
             oom_every: Duration::from_millis(settings.oom_check_interval_ms),
             oom: Mutex::new(oom::OomTracker::default()),
@@ -285,7 +288,7 @@ impl Kubernetes {
             let Some(cluster) = this.clusters.get(&name).cloned() else {
                 continue;
             };
-            tasks.spawn(Arc::clone(&this).poll(Arc::clone(&cluster), shutdown.clone()));
+            tasks.spawn(Arc::clone(&this).watch(Arc::clone(&cluster), shutdown.clone()));
             tasks.spawn(Arc::clone(&this).check_health(Arc::clone(&cluster), shutdown.clone()));
             tasks.spawn(Arc::clone(&this).check_oom(Arc::clone(&cluster), shutdown.clone()));
             tasks.spawn(Arc::clone(&this).work(cluster, rx, shutdown.clone()));
@@ -586,62 +589,81 @@ impl Kubernetes {
             .set(i64::try_from(health.taonodes).unwrap_or(i64::MAX));
     }
 
-    /// Lists the cluster's TaoNodes every `poll` and keeps the index of managed nodes.
-    async fn poll(self: Arc<Self>, cluster: Arc<Cluster>, shutdown: CancellationToken) {
-        let api: Api<TaoNode> = Api::all(cluster.client.clone());
-        let list = Permission {
-            verb: "list",
-            group: "guardian.taonode.io",
-            resource: "taonodes",
-            subresource: "",
-        };
+    /// Watches the cluster's TaoNodes (a kube-runtime watcher: list, then watch from its
+    /// resourceVersion, re-listing with backoff when a watch drops) and keeps the index of
+    /// managed nodes. A TaoNode whose status records an unfinished snapshot-restore has it
+    /// resumed.
+    async fn watch(self: Arc<Self>, cluster: Arc<Cluster>, shutdown: CancellationToken) {
+        use kube::runtime::WatchStreamExt;
+        use kube::runtime::watcher::{self, Event as Watched};
+        use tokio_stream::StreamExt;
+        let api: Api<TaoNode> = Api::all(cluster.watch_client.clone());
+        let config = watcher::Config::default().timeout(self.watch_timeout_seconds);
+        let stream = watcher::watcher(api, config).default_backoff();
+        tokio::pin!(stream);
+        let mut current: BTreeMap<(String, String), Managed> = BTreeMap::new();
+        let mut listing: BTreeMap<(String, String), Managed> = BTreeMap::new();
         loop {
-            match cluster
-                .call(
-                    "list taonodes",
-                    Some(list),
-                    api.list(&ListParams::default()),
-                )
-                .await
-            {
-                Ok(found) => {
-                    let mut managed = Vec::new();
-                    for tn in found.items {
-                        let Some(name) = tn.metadata.name.clone() else {
-                            continue;
-                        };
-                        managed.push(Managed {
-                            cluster: cluster.name.clone(),
-                            namespace: tn.metadata.namespace.clone().unwrap_or_default(),
-                            name,
-                            uid: tn.metadata.uid.clone().unwrap_or_default(),
-                            generation: tn.metadata.generation,
-                            restore: tn.status.and_then(|s| s.restore),
-                            spec: tn.spec,
-                        });
+            let event = tokio::select! {
+                () = shutdown.cancelled() => return,
+                event = stream.next() => match event {
+                    Some(event) => event,
+                    None => return,
+                },
+            };
+            let changed = match event {
+                Ok(Watched::Init) => {
+                    listing.clear();
+                    None
+                }
+                Ok(Watched::InitApply(tn)) => {
+                    if let Some(m) = managed_of(&cluster.name, tn) {
+                        listing.insert((m.namespace.clone(), m.name.clone()), m);
                     }
-                    cluster.note(Ok(Some(managed.len())));
-                    for m in &managed {
-                        if m.restore.as_ref().is_some_and(|r| {
-                            matches!(r.step.as_str(), "scaling-down" | "restoring" | "scaling-up")
-                        }) && let Ok(node) = NodeId::parse(&m.spec.node_id)
-                        {
-                            let reason = "resumed after a server restart".to_owned();
-                            Arc::clone(&self).snapshot_restore(node, m.clone(), reason);
-                        }
-                    }
-                    self.replace_index(&cluster.name, managed);
+                    None
+                }
+                Ok(Watched::InitDone) => {
+                    current = std::mem::take(&mut listing);
+                    Some(current.values().cloned().collect::<Vec<_>>())
+                }
+                Ok(Watched::Apply(tn)) => managed_of(&cluster.name, tn).map(|m| {
+                    current.insert((m.namespace.clone(), m.name.clone()), m.clone());
+                    vec![m]
+                }),
+                Ok(Watched::Delete(tn)) => {
+                    let key = (
+                        tn.metadata.namespace.clone().unwrap_or_default(),
+                        tn.metadata.name.clone().unwrap_or_default(),
+                    );
+                    current.remove(&key);
+                    Some(Vec::new())
                 }
                 Err(error) => {
-                    tracing::warn!(cluster = cluster.name, %error, "TaoNodesNotListed");
+                    let error = KubeError::Failed {
+                        cluster: cluster.name.clone(),
+                        what: "watch taonodes".into(),
+                        why: error.to_string(),
+                    };
+                    tracing::warn!(cluster = cluster.name, %error, "TaoNodeWatchFailed: retrying with backoff");
                     self.failed(&cluster, &error);
+                    None
+                }
+            };
+            let Some(touched) = changed else {
+                continue;
+            };
+            cluster.note(Ok(Some(current.len())));
+            for m in &touched {
+                if m.restore.as_ref().is_some_and(|r| {
+                    matches!(r.step.as_str(), "scaling-down" | "restoring" | "scaling-up")
+                }) && let Ok(node) = NodeId::parse(&m.spec.node_id)
+                {
+                    let reason = "resumed after a server restart".to_owned();
+                    Arc::clone(&self).snapshot_restore(node, m.clone(), reason);
                 }
             }
+            self.replace_index(&cluster.name, current.values().cloned().collect());
             self.set_cluster_gauges(&cluster);
-            tokio::select! {
-                () = shutdown.cancelled() => return,
-                () = tokio::time::sleep(self.poll) => {}
-            }
         }
     }
 
@@ -2143,6 +2165,19 @@ impl Kubernetes {
     }
 }
 
+/// A watched TaoNode as the index keeps it (`None` without a name).
+fn managed_of(cluster: &str, tn: TaoNode) -> Option<Managed> {
+    Some(Managed {
+        cluster: cluster.to_owned(),
+        namespace: tn.metadata.namespace.clone().unwrap_or_default(),
+        name: tn.metadata.name.clone()?,
+        uid: tn.metadata.uid.clone().unwrap_or_default(),
+        generation: tn.metadata.generation,
+        restore: tn.status.and_then(|s| s.restore),
+        spec: tn.spec,
+    })
+}
+
 /// The pod to delete among `pods` (those the workload's selector matches): not already
 /// terminating, with `container`; when several remain, the one on `host` (the Kubernetes node
 /// the agent reported), if exactly one is. Anything else is refused with the reason: deleting
@@ -2312,12 +2347,12 @@ mod tests {
     fn settings_refuse_what_cannot_work() {
         let mut settings = KubeSettings::default();
         assert!(settings.validate().is_ok());
-        settings.poll_interval_ms = 0;
+        settings.watch_timeout_seconds = 0;
         assert!(
             settings
                 .validate()
                 .expect_err("refused")
-                .contains("poll_interval_ms")
+                .contains("watch_timeout_seconds")
         );
     }
 }
