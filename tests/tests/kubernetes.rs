@@ -508,6 +508,11 @@ async fn the_agents_kubernetes_node_tells_which_of_several_pods_to_delete() -> T
         .ok_or_else(|| anyhow::anyhow!("no node"))?;
     assert_eq!(node.kubernetes_node, "worker-2");
     assert_eq!(node.agent_pod, "guardian/guardian-agent-x7k2p");
+    let status = rig.guardianctl(&["status", "-o", "json"])?;
+    assert!(
+        status.contains("\"kubernetes_node\": \"worker-2\""),
+        "{status}"
+    );
     rig.nodes[0].lag(40);
     eventually(WAIT, "the pod on worker-2 to be deleted", || async {
         rig.clusters[0]

@@ -1000,6 +1000,8 @@ fn json(node: &Node, now: i64) -> serde_json::Value {
         "open_findings": node.open_findings,
         "remediation_attempts": node.remediation_attempts,
         "paused": node.paused,
+        "kubernetes_node": node.kubernetes_node,
+        "agent_pod": node.agent_pod,
         "last_sample_unix_ms": node.last_host_observed_unix_ms,
         "last_sample_age_ms": (node.last_host_observed_unix_ms > 0).then(|| now - node.last_host_observed_unix_ms),
         "chain": node.last_chain.as_ref().map(|c| serde_json::json!({

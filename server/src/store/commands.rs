@@ -167,6 +167,8 @@ pub(crate) async fn record_issued_in(
         "issued_at_unix_ms": envelope.issued_at_unix_ms,
         "expires_at_unix_ms": envelope.expires_at_unix_ms,
         "issued_by": issued_by,
+        // Which server acted, in which term (absent in tools that hold no ledger lock).
+        "leader": crate::fence::term(),
     });
     tx.append(
         AuditKind::Command,

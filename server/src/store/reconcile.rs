@@ -367,5 +367,6 @@ fn decision_body(before: &NodeState, plan: &Plan, dry_run: bool) -> serde_json::
         "attempts": plan.next.attempts,
         "actions": actions,
         "dry_run": dry_run,
+        "leader": crate::fence::term(),
     })
 }
