@@ -37,27 +37,12 @@ impl Kubernetes {
         host: &str,
     ) {
         let outcome: Result<String, String> = async {
-            let (selector, _) = self
-                .workload(cluster, managed)
+            let (pods, _) = self
+                .pods_of(cluster, managed)
                 .await
                 .map_err(|e| e.to_string())?;
-            let labels = selector
-                .iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect::<Vec<_>>()
-                .join(",");
-            let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), &managed.namespace);
-            let found = cluster
-                .call(
-                    &format!("list pods {} -l {labels}", managed.namespace),
-                    Some(cluster::PERMISSIONS[4]),
-                    pods.list(&ListParams::default().labels(&labels)),
-                )
-                .await
-                .map_err(|e| e.to_string())?;
-            let (pod, _) = choose_pod(&found.items, &managed.spec.workload.container, host)?;
-            let kube_node = found
-                .items
+            let (pod, _) = choose_pod(&pods, &managed.spec.workload.container, host)?;
+            let kube_node = pods
                 .iter()
                 .find(|p| p.metadata.name.as_deref() == Some(pod.as_str()))
                 .and_then(|p| p.spec.as_ref()?.node_name.clone())
@@ -75,8 +60,6 @@ impl Kubernetes {
                 return Ok(format!("{kube_node} (already unschedulable)"));
             }
             let body = serde_json::json!({
-                "actuator": "kubernetes",
-                "cluster": cluster.name,
                 "taonode": managed.name,
                 "namespace": managed.namespace,
                 "verb": "patch",
@@ -84,46 +67,22 @@ impl Kubernetes {
                 "name": kube_node,
                 "change": "unschedulable",
                 "reason": reason,
-                "leader": crate::fence::term(),
             });
-            self.ledger
-                .audit_append(AuditKind::Command, node.as_str(), &body, unix_ms())
-                .await
-                .map_err(|e| format!("not audited, so not made: {e}"))?;
-            if !crate::fence::may_act() {
-                return Err("not made: this server lost the ledger's lock".into());
-            }
             let patch = serde_json::json!({ "spec": { "unschedulable": true } });
-            let result = cluster
-                .call(
+            self.audited(
+                cluster,
+                node,
+                body,
+                "cordon",
+                None,
+                cluster.call(
                     &format!("patch node {kube_node}"),
                     Some(cluster::PERMISSIONS[14]),
                     nodes.patch(&kube_node, &PatchParams::default(), &Patch::Merge(&patch)),
-                )
-                .await
-                .map(|_| ());
-            let mut after = body.clone();
-            after["outcome"] = serde_json::Value::String(match &result {
-                Ok(()) => "succeeded".to_owned(),
-                Err(error) => format!("failed: {error}"),
-            });
-            if let Err(error) = self
-                .ledger
-                .audit_append(AuditKind::Outcome, node.as_str(), &after, unix_ms())
-                .await
-            {
-                tracing::error!(node = %node, %error, "KubernetesOutcomeNotAudited");
-            }
-            match result {
-                Ok(()) => {
-                    self.wrote(cluster, "cordon");
-                    Ok(kube_node)
-                }
-                Err(error) => {
-                    self.failed(cluster, &error);
-                    Err(error.to_string())
-                }
-            }
+                ),
+            )
+            .await
+            .map(|_| kube_node)
         }
         .await;
         match outcome {

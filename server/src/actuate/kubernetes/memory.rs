@@ -87,29 +87,9 @@ impl Kubernetes {
         cluster: &Cluster,
         managed: &Managed,
     ) -> Result<Vec<String>, KubeError> {
-        let (selector, _) = self.workload(cluster, managed).await?;
-        let labels = selector
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect::<Vec<_>>()
-            .join(",");
-        let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), &managed.namespace);
-        let list = Permission {
-            verb: "list",
-            group: "",
-            resource: "pods",
-            subresource: "",
-        };
-        let found = cluster
-            .call(
-                &format!("list pods {} -l {labels}", managed.namespace),
-                Some(list),
-                pods.list(&ListParams::default().labels(&labels)),
-            )
-            .await?;
+        let (pods, _) = self.pods_of(cluster, managed).await?;
         let container = &managed.spec.workload.container;
-        Ok(found
-            .items
+        Ok(pods
             .iter()
             .filter_map(|p| p.status.as_ref()?.container_statuses.as_ref())
             .flatten()
@@ -175,8 +155,6 @@ impl Kubernetes {
                 oom::Raise::To(bytes) => oom::mebibytes(bytes),
             };
             let body = serde_json::json!({
-                "actuator": "kubernetes",
-                "cluster": cluster.name,
                 "namespace": managed.namespace,
                 "taonode": managed.name,
                 "verb": "patch",
@@ -185,15 +163,7 @@ impl Kubernetes {
                 "container": workload.container,
                 "memory_limit": { "from": current_text, "to": new, "ceiling": ceiling_text },
                 "reason": format!("{kills} OOM kills within the window"),
-                "leader": crate::fence::term(),
             });
-            self.ledger
-                .audit_append(AuditKind::Command, node.as_str(), &body, unix_ms())
-                .await
-                .map_err(|e| format!("not audited, so not made: {e}"))?;
-            if !crate::fence::may_act() {
-                return Err("not made: this server lost the ledger's lock".into());
-            }
             let patch = serde_json::json!({
                 "metadata": { "resourceVersion": object["metadata"]["resourceVersion"] },
                 "spec": { "template": { "spec": { "containers": [{
@@ -201,46 +171,16 @@ impl Kubernetes {
                     "resources": { "limits": { "memory": new } }
                 }] } } }
             });
-            let params = PatchParams::default();
-            let what = format!("patch {} {}/{}", workload.kind.as_str(), managed.namespace, workload.name);
-            let result = match workload.kind {
-                WorkloadKind::StatefulSet => {
-                    let api: Api<StatefulSet> = Api::namespaced(cluster.client.clone(), &managed.namespace);
-                    cluster
-                        .call(&what, Some(cluster::PERMISSIONS[8]), api.patch(&workload.name, &params, &Patch::Strategic(&patch)))
-                        .await
-                        .map(|_| ())
-                }
-                WorkloadKind::Deployment => {
-                    let api: Api<Deployment> = Api::namespaced(cluster.client.clone(), &managed.namespace);
-                    cluster
-                        .call(&what, Some(cluster::PERMISSIONS[9]), api.patch(&workload.name, &params, &Patch::Strategic(&patch)))
-                        .await
-                        .map(|_| ())
-                }
-            };
-            let mut after = body.clone();
-            after["outcome"] = serde_json::Value::String(match &result {
-                Ok(()) => "succeeded".to_owned(),
-                Err(error) => format!("failed: {error}"),
-            });
-            if let Err(error) = self
-                .ledger
-                .audit_append(AuditKind::Outcome, node.as_str(), &after, unix_ms())
-                .await
-            {
-                tracing::error!(node = %node, %error, "KubernetesOutcomeNotAudited");
-            }
-            match result {
-                Ok(()) => {
-                    self.wrote(cluster, "raise_memory");
-                    Ok((current_text, new))
-                }
-                Err(error) => {
-                    self.failed(cluster, &error);
-                    Err(error.to_string())
-                }
-            }
+            self.audited(
+                cluster,
+                node,
+                body,
+                "raise_memory",
+                None,
+                self.patch_workload(cluster, managed, &Patch::Strategic(patch)),
+            )
+            .await
+            .map(|()| (current_text, new))
         }
         .await;
         match outcome {

@@ -708,6 +708,121 @@ impl Kubernetes {
         Ok((selector, object))
     }
 
+    /// The pods the workload's selector matches now (and the selector, for messages).
+    pub(super) async fn pods_of(
+        &self,
+        cluster: &Cluster,
+        managed: &Managed,
+    ) -> Result<(Vec<Pod>, String), KubeError> {
+        let (selector, _) = self.workload(cluster, managed).await?;
+        let labels = selector
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), &managed.namespace);
+        let found = cluster
+            .call(
+                &format!("list pods {} -l {labels}", managed.namespace),
+                Some(cluster::PERMISSIONS[4]),
+                pods.list(&ListParams::default().labels(&labels)),
+            )
+            .await?;
+        Ok((found.items, labels))
+    }
+
+    /// Makes one remediating write the audited way: `body` (what and why; the actuator,
+    /// cluster and leader are added) goes into the audit chain first, and a write the ledger
+    /// did not take is not made; nothing is made once the ledger's lock is lost; then `call`
+    /// runs (its answer observed against `arrived` for the decision latency), and its outcome
+    /// is audited and counted (`written` in `guardian_kube_writes_total`). `Err` says why in
+    /// words.
+    pub(super) async fn audited<T>(
+        &self,
+        cluster: &Cluster,
+        node: &NodeId,
+        mut body: serde_json::Value,
+        written: &'static str,
+        arrived: Option<Instant>,
+        call: impl std::future::Future<Output = Result<T, KubeError>>,
+    ) -> Result<T, String> {
+        body["actuator"] = "kubernetes".into();
+        body["cluster"] = cluster.name.clone().into();
+        body["leader"] = serde_json::to_value(crate::fence::term()).unwrap_or_default();
+        self.ledger
+            .audit_append(AuditKind::Command, node.as_str(), &body, unix_ms())
+            .await
+            .map_err(|e| format!("not audited, so not made: {e}"))?;
+        if !crate::fence::may_act() {
+            return Err("not made: this server lost the ledger's lock".into());
+        }
+        let result = call.await;
+        if let Some(arrived) = arrived {
+            self.metrics
+                .decision_latency_seconds
+                .observe(arrived.elapsed().as_secs_f64());
+        }
+        body["outcome"] = match &result {
+            Ok(_) => "succeeded".to_owned(),
+            Err(error) => format!("failed: {error}"),
+        }
+        .into();
+        if let Err(error) = self
+            .ledger
+            .audit_append(AuditKind::Outcome, node.as_str(), &body, unix_ms())
+            .await
+        {
+            tracing::error!(node = %node, %error, "KubernetesOutcomeNotAudited");
+        }
+        match result {
+            Ok(value) => {
+                self.wrote(cluster, written);
+                Ok(value)
+            }
+            Err(error) => {
+                self.failed(cluster, &error);
+                Err(error.to_string())
+            }
+        }
+    }
+
+    /// Patches the TaoNode's workload (StatefulSet or Deployment) with `patch`.
+    pub(super) async fn patch_workload(
+        &self,
+        cluster: &Cluster,
+        managed: &Managed,
+        patch: &Patch<serde_json::Value>,
+    ) -> Result<(), KubeError> {
+        let workload = &managed.spec.workload;
+        let ns = &managed.namespace;
+        let what = format!("patch {} {ns}/{}", workload.kind.as_str(), workload.name);
+        let params = PatchParams::default();
+        match workload.kind {
+            WorkloadKind::StatefulSet => {
+                let api: Api<StatefulSet> = Api::namespaced(cluster.client.clone(), ns);
+                cluster
+                    .call(
+                        &what,
+                        Some(cluster::PERMISSIONS[8]),
+                        api.patch(&workload.name, &params, patch),
+                    )
+                    .await
+                    .map(|_| ())
+            }
+            WorkloadKind::Deployment => {
+                let api: Api<Deployment> = Api::namespaced(cluster.client.clone(), ns);
+                cluster
+                    .call(
+                        &what,
+                        Some(cluster::PERMISSIONS[9]),
+                        api.patch(&workload.name, &params, patch),
+                    )
+                    .await
+                    .map(|_| ())
+            }
+        }
+    }
+
     /// A Kubernetes Event on the TaoNode (best effort: a failure is counted and logged).
     async fn event(
         &self,

@@ -63,77 +63,39 @@ impl Kubernetes {
     ) {
         let outcome = match self.pick_pod(cluster, managed, host).await {
             Err(error) => Err(error.to_string()),
-            Ok(pod) => {
+            Ok((name, uid)) => {
                 let body = serde_json::json!({
-                    "actuator": "kubernetes",
-                    "cluster": cluster.name,
                     "namespace": managed.namespace,
                     "taonode": managed.name,
                     "verb": "delete",
                     "resource": "pods",
-                    "name": pod.0,
-                    "uid": pod.1,
+                    "name": name,
+                    "uid": uid,
                     "reason": reason,
-                    "leader": crate::fence::term(),
                 });
-                // Audited before it is made: a write the ledger did not take is not made.
-                match self
-                    .ledger
-                    .audit_append(AuditKind::Command, node.as_str(), &body, unix_ms())
-                    .await
-                {
-                    Err(error) => Err(format!("not audited, so not made: {error}")),
-                    Ok(_) if !crate::fence::may_act() => {
-                        Err("not made: this server lost the ledger's lock".to_owned())
-                    }
-                    Ok(_) => {
-                        let pods: Api<Pod> =
-                            Api::namespaced(cluster.client.clone(), &managed.namespace);
-                        let params = DeleteParams {
-                            preconditions: Some(Preconditions {
-                                uid: Some(pod.1.clone()),
-                                resource_version: None,
-                            }),
-                            ..DeleteParams::default()
-                        };
-                        let delete = Permission {
-                            verb: "delete",
-                            group: "",
-                            resource: "pods",
-                            subresource: "",
-                        };
-                        let what = format!("delete pod {}/{}", managed.namespace, pod.0);
-                        let result = cluster
-                            .call(&what, Some(delete), pods.delete(&pod.0, &params))
-                            .await;
-                        if let Some(arrived) = arrived {
-                            self.metrics
-                                .decision_latency_seconds
-                                .observe(arrived.elapsed().as_secs_f64());
-                        }
-                        let outcome = match &result {
-                            Ok(_) => Ok(pod.0.clone()),
-                            Err(error) => Err(error.to_string()),
-                        };
-                        let mut after = body.clone();
-                        after["outcome"] = serde_json::Value::String(match &outcome {
-                            Ok(_) => "succeeded".to_owned(),
-                            Err(why) => format!("failed: {why}"),
-                        });
-                        if let Err(error) = self
-                            .ledger
-                            .audit_append(AuditKind::Outcome, node.as_str(), &after, unix_ms())
-                            .await
-                        {
-                            tracing::error!(node = %node, %error, "KubernetesOutcomeNotAudited");
-                        }
-                        match result {
-                            Ok(_) => self.wrote(cluster, "delete_pod"),
-                            Err(error) => self.failed(cluster, &error),
-                        }
-                        outcome
-                    }
-                }
+                let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), &managed.namespace);
+                let params = DeleteParams {
+                    preconditions: Some(Preconditions {
+                        uid: Some(uid.clone()),
+                        resource_version: None,
+                    }),
+                    ..DeleteParams::default()
+                };
+                let what = format!("delete pod {}/{name}", managed.namespace);
+                self.audited(
+                    cluster,
+                    node,
+                    body,
+                    "delete_pod",
+                    arrived,
+                    cluster.call(
+                        &what,
+                        Some(cluster::PERMISSIONS[5]),
+                        pods.delete(&name, &params),
+                    ),
+                )
+                .await
+                .map(|_| name)
             }
         };
         let (event_reason, message, outcome_text) = match &outcome {
@@ -192,65 +154,18 @@ impl Kubernetes {
         managed: &Managed,
         host: &str,
     ) -> Result<(String, String), KubeError> {
-        let ns = &managed.namespace;
+        let (pods, labels) = self.pods_of(cluster, managed).await?;
         let workload = &managed.spec.workload;
-        let get = |resource: &'static str| Permission {
-            verb: "get",
-            group: "apps",
-            resource,
-            subresource: "",
-        };
-        let what = format!("get {} {ns}/{}", workload.kind.as_str(), workload.name);
-        let selector = match workload.kind {
-            WorkloadKind::StatefulSet => {
-                let api: Api<StatefulSet> = Api::namespaced(cluster.client.clone(), ns);
-                let set = cluster
-                    .call(&what, Some(get("statefulsets")), api.get(&workload.name))
-                    .await?;
-                set.spec
-                    .map(|s| s.selector.match_labels.unwrap_or_default())
-            }
-            WorkloadKind::Deployment => {
-                let api: Api<Deployment> = Api::namespaced(cluster.client.clone(), ns);
-                let set = cluster
-                    .call(&what, Some(get("deployments")), api.get(&workload.name))
-                    .await?;
-                set.spec
-                    .map(|s| s.selector.match_labels.unwrap_or_default())
-            }
-        }
-        .unwrap_or_default();
-        let refuse = |why: String| KubeError::Failed {
+        choose_pod(&pods, &workload.container, host).map_err(|why| KubeError::Failed {
             cluster: cluster.name.clone(),
-            what: what.clone(),
-            why,
-        };
-        if selector.is_empty() {
-            return Err(refuse(
-                "the workload has no matchLabels selector; its pods cannot be found".into(),
-            ));
-        }
-        let labels = selector
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect::<Vec<_>>()
-            .join(",");
-        let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), ns);
-        let list = Permission {
-            verb: "list",
-            group: "",
-            resource: "pods",
-            subresource: "",
-        };
-        let found = cluster
-            .call(
-                &format!("list pods {ns} -l {labels}"),
-                Some(list),
-                pods.list(&ListParams::default().labels(&labels)),
-            )
-            .await?;
-        choose_pod(&found.items, &workload.container, host)
-            .map_err(|why| refuse(format!("{why} (selector {labels}); nothing deleted")))
+            what: format!(
+                "find the pod of {} {}/{}",
+                workload.kind.as_str(),
+                managed.namespace,
+                workload.name
+            ),
+            why: format!("{why} (selector {labels}); nothing deleted"),
+        })
     }
 }
 

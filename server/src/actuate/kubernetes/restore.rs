@@ -236,8 +236,6 @@ impl Kubernetes {
             return Ok(());
         }
         let body = serde_json::json!({
-            "actuator": "kubernetes",
-            "cluster": cluster.name,
             "namespace": managed.namespace,
             "taonode": managed.name,
             "verb": "patch",
@@ -245,78 +243,17 @@ impl Kubernetes {
             "name": workload.name,
             "replicas": { "from": now, "to": to },
             "reason": format!("snapshot-restore: {reason}"),
-            "leader": crate::fence::term(),
         });
-        self.ledger
-            .audit_append(AuditKind::Command, node.as_str(), &body, unix_ms())
-            .await
-            .map_err(|e| format!("not audited, so not made: {e}"))?;
-        if !crate::fence::may_act() {
-            return Err("not made: this server lost the ledger's lock".into());
-        }
-        let patch = serde_json::json!({ "spec": { "replicas": to } });
-        let what = format!(
-            "scale {} {}/{} to {to}",
-            workload.kind.as_str(),
-            managed.namespace,
-            workload.name
-        );
-        let result = match workload.kind {
-            WorkloadKind::StatefulSet => {
-                let api: Api<StatefulSet> =
-                    Api::namespaced(cluster.client.clone(), &managed.namespace);
-                cluster
-                    .call(
-                        &what,
-                        Some(cluster::PERMISSIONS[8]),
-                        api.patch(
-                            &workload.name,
-                            &PatchParams::default(),
-                            &Patch::Merge(&patch),
-                        ),
-                    )
-                    .await
-                    .map(|_| ())
-            }
-            WorkloadKind::Deployment => {
-                let api: Api<Deployment> =
-                    Api::namespaced(cluster.client.clone(), &managed.namespace);
-                cluster
-                    .call(
-                        &what,
-                        Some(cluster::PERMISSIONS[9]),
-                        api.patch(
-                            &workload.name,
-                            &PatchParams::default(),
-                            &Patch::Merge(&patch),
-                        ),
-                    )
-                    .await
-                    .map(|_| ())
-            }
-        };
-        let mut after = body.clone();
-        after["outcome"] = serde_json::Value::String(match &result {
-            Ok(()) => "succeeded".to_owned(),
-            Err(error) => format!("failed: {error}"),
-        });
-        if let Err(error) = self
-            .ledger
-            .audit_append(AuditKind::Outcome, node.as_str(), &after, unix_ms())
-            .await
-        {
-            tracing::error!(node = %node, %error, "KubernetesOutcomeNotAudited");
-        }
-        match result {
-            Ok(()) => {
-                self.wrote(cluster, "scale");
-                Ok(())
-            }
-            Err(error) => {
-                self.failed(cluster, &error);
-                Err(error.to_string())
-            }
-        }
+        let patch = Patch::Merge(serde_json::json!({ "spec": { "replicas": to } }));
+        self.audited(
+            cluster,
+            node,
+            body,
+            "scale",
+            None,
+            self.patch_workload(cluster, managed, &patch),
+        )
+        .await
     }
 
     /// Waits (every 2 s, up to `timeout`) until no pod of the workload is left.
@@ -326,33 +263,19 @@ impl Kubernetes {
         managed: &Managed,
         timeout: Duration,
     ) -> Result<(), String> {
-        let (selector, _) = self
-            .workload(cluster, managed)
-            .await
-            .map_err(|e| e.to_string())?;
-        let labels = selector
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect::<Vec<_>>()
-            .join(",");
-        let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), &managed.namespace);
         let deadline = Instant::now() + timeout;
         loop {
-            let found = cluster
-                .call(
-                    &format!("list pods {} -l {labels}", managed.namespace),
-                    Some(cluster::PERMISSIONS[4]),
-                    pods.list(&ListParams::default().labels(&labels)),
-                )
+            let (pods, _) = self
+                .pods_of(cluster, managed)
                 .await
                 .map_err(|e| e.to_string())?;
-            if found.items.is_empty() {
+            if pods.is_empty() {
                 return Ok(());
             }
             if Instant::now() >= deadline {
                 return Err(format!(
                     "{} pod(s) still there after {} minutes",
-                    found.items.len(),
+                    pods.len(),
                     timeout.as_secs() / 60
                 ));
             }
@@ -385,21 +308,7 @@ impl Kubernetes {
             Err(error) => return Err(error.to_string()),
         };
         if !exists {
-            let body = serde_json::json!({
-                "actuator": "kubernetes",
-                "cluster": cluster.name,
-                "namespace": managed.namespace,
-                "taonode": managed.name,
-                "verb": "create",
-                "resource": "jobs",
-                "name": name,
-                "reason": "snapshot-restore",
-                "leader": crate::fence::term(),
-            });
-            self.ledger
-                .audit_append(AuditKind::Command, node.as_str(), &body, unix_ms())
-                .await
-                .map_err(|e| format!("not audited, so not made: {e}"))?;
+            // Built first: a template that is not a Job spec is refused before anything.
             let job: BatchJob = serde_json::from_value(serde_json::json!({
                 "apiVersion": "batch/v1",
                 "kind": "Job",
@@ -411,15 +320,27 @@ impl Kubernetes {
                 "spec": spec.job,
             }))
             .map_err(|e| format!("snapshotRestore.job is not a Job spec: {e}"))?;
-            cluster
-                .call(
+            let body = serde_json::json!({
+                "namespace": managed.namespace,
+                "taonode": managed.name,
+                "verb": "create",
+                "resource": "jobs",
+                "name": name,
+                "reason": "snapshot-restore",
+            });
+            self.audited(
+                cluster,
+                node,
+                body,
+                "job",
+                None,
+                cluster.call(
                     &format!("create job {}/{name}", managed.namespace),
                     Some(cluster::PERMISSIONS[15]),
                     jobs.create(&PostParams::default(), &job),
-                )
-                .await
-                .map_err(|e| e.to_string())?;
-            self.wrote(cluster, "job");
+                ),
+            )
+            .await?;
         }
         let deadline = Instant::now() + timeout;
         loop {

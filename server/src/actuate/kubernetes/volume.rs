@@ -137,8 +137,6 @@ impl Kubernetes {
                 oom::Raise::To(bytes) => oom::mebibytes(bytes),
             };
             let body = serde_json::json!({
-                "actuator": "kubernetes",
-                "cluster": cluster.name,
                 "namespace": ns,
                 "taonode": managed.name,
                 "verb": "patch",
@@ -146,49 +144,26 @@ impl Kubernetes {
                 "name": claim,
                 "storage": { "from": requested_text, "to": new, "maximum": volume.maximum },
                 "reason": why,
-                "leader": crate::fence::term(),
             });
-            self.ledger
-                .audit_append(AuditKind::Command, node.as_str(), &body, unix_ms())
-                .await
-                .map_err(|e| format!("not audited, so not made: {e}"))?;
-            if !crate::fence::may_act() {
-                return Err("not made: this server lost the ledger's lock".into());
-            }
             let patch = serde_json::json!({
                 "metadata": { "resourceVersion": json["metadata"]["resourceVersion"] },
                 "spec": { "resources": { "requests": { "storage": new } } }
             });
-            let result = cluster
+            self.audited(
+                cluster,
+                node,
+                body,
+                "expand_volume",
+                None,
+                cluster
                 .call(
                     &format!("patch persistentvolumeclaim {ns}/{claim}"),
                     Some(cluster::PERMISSIONS[11]),
                     claims.patch(claim, &PatchParams::default(), &Patch::Merge(&patch)),
-                )
-                .await
-                .map(|_| ());
-            let mut after = body.clone();
-            after["outcome"] = serde_json::Value::String(match &result {
-                Ok(()) => "succeeded".to_owned(),
-                Err(error) => format!("failed: {error}"),
-            });
-            if let Err(error) = self
-                .ledger
-                .audit_append(AuditKind::Outcome, node.as_str(), &after, unix_ms())
-                .await
-            {
-                tracing::error!(node = %node, %error, "KubernetesOutcomeNotAudited");
-            }
-            match result {
-                Ok(()) => {
-                    self.wrote(cluster, "expand_volume");
-                    Ok((requested_text, new))
-                }
-                Err(error) => {
-                    self.failed(cluster, &error);
-                    Err(error.to_string())
-                }
-            }
+                ),
+            )
+            .await
+            .map(|_| (requested_text, new))
         }
         .await;
         match outcome {
