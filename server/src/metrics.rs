@@ -315,7 +315,7 @@ impl Default for Metrics {
         );
         registry.register(
             "kube_writes",
-            "Kubernetes writes made: delete_pod, status, event",
+            "Kubernetes writes made: delete_pod, raise_memory, expand_volume, cordon, scale, job, status, event",
             metrics.kube_writes.clone(),
         );
         registry.register(
