@@ -1844,3 +1844,67 @@ async fn follow(
         }
     }
 }
+
+/// Where the validator fixtures live: namespace `validators`.
+pub mod validators {
+    /// TaoNodes.
+    pub const TAONODES: &str = "/apis/guardian.taonode.io/v1alpha1/namespaces/validators/taonodes";
+    /// StatefulSets.
+    pub const SETS: &str = "/apis/apps/v1/namespaces/validators/statefulsets";
+    /// Pods.
+    pub const PODS: &str = "/api/v1/namespaces/validators/pods";
+}
+
+impl FakeKube {
+    /// A validator's workload in namespace `validators`: a TaoNode naming `node`, its
+    /// StatefulSet `subtensor-NODE` (container `subtensor`, selector `app=subtensor-NODE`) and
+    /// its pod (see [`FakeKube::put_validator_pod`]).
+    pub fn put_validator(&self, node: &str) {
+        let set = format!("subtensor-{node}");
+        self.put(
+            validators::TAONODES,
+            json!({
+                "apiVersion": "guardian.taonode.io/v1alpha1",
+                "kind": "TaoNode",
+                "metadata": { "name": node },
+                "spec": {
+                    "nodeId": node,
+                    "network": "local",
+                    "workload": { "kind": "StatefulSet", "name": set, "container": "subtensor" }
+                }
+            }),
+        );
+        self.put(
+            validators::SETS,
+            json!({
+                "apiVersion": "apps/v1",
+                "kind": "StatefulSet",
+                "metadata": { "name": set },
+                "spec": {
+                    "selector": { "matchLabels": { "app": set } },
+                    "serviceName": set,
+                    "template": {
+                        "metadata": { "labels": { "app": set } },
+                        "spec": { "containers": [{ "name": "subtensor", "image": "subtensor" }] }
+                    }
+                }
+            }),
+        );
+        self.put_validator_pod(node);
+    }
+
+    /// The validator's pod `subtensor-NODE-0` (a new uid each time, as its StatefulSet
+    /// controller would make it).
+    pub fn put_validator_pod(&self, node: &str) {
+        let set = format!("subtensor-{node}");
+        self.put(
+            validators::PODS,
+            json!({
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": { "name": format!("{set}-0"), "labels": { "app": set } },
+                "spec": { "containers": [{ "name": "subtensor", "image": "subtensor" }] }
+            }),
+        );
+    }
+}

@@ -578,6 +578,27 @@ pub async fn raw_uplink(
     Ok((tx, response.into_inner()))
 }
 
+/// Reads `replies` (a raw uplink's answers) until an ack covers batch `seq`.
+///
+/// # Errors
+/// When the stream fails or ends first.
+pub async fn wait_for_ack(
+    replies: &mut tonic::Streaming<ServerFrame>,
+    seq: u64,
+) -> anyhow::Result<()> {
+    loop {
+        let frame = replies
+            .message()
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("the stream ended before batch {seq} was acked"))?;
+        if let Some(guardian_proto::v1::server_frame::Frame::Ack(ack)) = frame.frame
+            && ack.through_seq >= seq
+        {
+            return Ok(());
+        }
+    }
+}
+
 /// Encodes an agent frame.
 pub fn encode(frame: &AgentFrame) -> Vec<u8> {
     frame.encode_to_vec()

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use guardian_proto::v1::{ListFindingsRequest, server_frame};
+use guardian_proto::v1::ListFindingsRequest;
 use guardian_tests::{Scratch, Server, eventually, hello_frame, host_batch_frame, raw_uplink};
 
 type TestResult = anyhow::Result<()>;
@@ -33,17 +33,7 @@ async fn stream(
             guardian_server::unix_ms() + skew_ms
         };
         tx.send(host_batch_frame(seq, observed)).await?;
-        loop {
-            let frame = replies
-                .message()
-                .await?
-                .ok_or_else(|| anyhow::anyhow!("stream ended"))?;
-            if let Some(server_frame::Frame::Ack(ack)) = frame.frame
-                && ack.through_seq >= seq
-            {
-                break;
-            }
-        }
+        guardian_tests::wait_for_ack(&mut replies, seq).await?;
     }
     Ok(())
 }

@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use guardian_proto::v1::{GetNodeRequest, server_frame};
+use guardian_proto::v1::GetNodeRequest;
 use guardian_tests::{
     Scratch, Server, admin_metrics, eventually, hello_frame, host_batch_frame, metric_value,
     raw_uplink, start_agent,
@@ -57,18 +57,13 @@ async fn ack_latencies(
         let sent = Instant::now();
         tx.send(host_batch_frame(seq, guardian_server::unix_ms()))
             .await?;
-        loop {
-            let frame = tokio::time::timeout(Duration::from_secs(5), replies.message())
-                .await
-                .map_err(|_| anyhow::anyhow!("batch {seq} not acked within 5 s"))??
-                .ok_or_else(|| anyhow::anyhow!("stream ended"))?;
-            if let Some(server_frame::Frame::Ack(ack)) = frame.frame
-                && ack.through_seq >= seq
-            {
-                latencies.push(sent.elapsed());
-                break;
-            }
-        }
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            guardian_tests::wait_for_ack(&mut replies, seq),
+        )
+        .await
+        .map_err(|_| anyhow::anyhow!("batch {seq} not acked within 5 s"))??;
+        latencies.push(sent.elapsed());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     Ok(latencies)

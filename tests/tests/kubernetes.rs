@@ -35,51 +35,12 @@ struct Rig {
 
 /// A validator's workload in `kube`: a TaoNode naming `node`, its StatefulSet and one pod.
 fn declare(kube: &FakeKube, node: &str) {
-    let set = format!("subtensor-{node}");
-    kube.put(
-        TAONODES,
-        json!({
-            "apiVersion": "guardian.taonode.io/v1alpha1",
-            "kind": "TaoNode",
-            "metadata": { "name": node },
-            "spec": {
-                "nodeId": node,
-                "network": "local",
-                "workload": { "kind": "StatefulSet", "name": set, "container": "subtensor" }
-            }
-        }),
-    );
-    kube.put(
-        SETS,
-        json!({
-            "apiVersion": "apps/v1",
-            "kind": "StatefulSet",
-            "metadata": { "name": set },
-            "spec": {
-                "selector": { "matchLabels": { "app": set } },
-                "serviceName": set,
-                "template": {
-                    "metadata": { "labels": { "app": set } },
-                    "spec": { "containers": [{ "name": "subtensor", "image": "subtensor" }] }
-                }
-            }
-        }),
-    );
-    pod(kube, node);
+    kube.put_validator(node);
 }
 
 /// The workload's pod `subtensor-NODE-0` (a new uid each time, as its controller makes it).
 fn pod(kube: &FakeKube, node: &str) {
-    let set = format!("subtensor-{node}");
-    kube.put(
-        PODS,
-        json!({
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": { "name": format!("{set}-0"), "labels": { "app": set } },
-            "spec": { "containers": [{ "name": "subtensor", "image": "subtensor" }] }
-        }),
-    );
+    kube.put_validator_pod(node);
 }
 
 fn is_write_of(r: &Recorded, method: &str, path_part: &str) -> bool {
@@ -806,7 +767,7 @@ fn declare_with_volume(kube: &FakeKube, node: &str, class: &str, resizing: bool)
 /// spool replay would deliver it): the forecast says full in about 1.5 hours.
 async fn stream_filling_disk(scratch: &Scratch, server: &Server, node: &str) -> anyhow::Result<()> {
     use guardian_proto::v1::{
-        AgentFrame, Filesystem, HostSample, Sample, SampleBatch, agent_frame, sample, server_frame,
+        AgentFrame, Filesystem, HostSample, Sample, SampleBatch, agent_frame, sample,
     };
     let (cert, key) = scratch.pki.node(node);
     let channel = scratch.channel(server.grpc, &cert, &key).await?;
@@ -840,17 +801,7 @@ async fn stream_filling_disk(scratch: &Scratch, server: &Server, node: &str) -> 
             })),
         };
         tx.send(guardian_tests::encode(&frame)).await?;
-        loop {
-            let reply = replies
-                .message()
-                .await?
-                .ok_or_else(|| anyhow::anyhow!("stream ended"))?;
-            if let Some(server_frame::Frame::Ack(ack)) = reply.frame
-                && ack.through_seq >= seq
-            {
-                break;
-            }
-        }
+        guardian_tests::wait_for_ack(&mut replies, seq).await?;
     }
     // Keep the stream open a moment so the last evaluation runs while the node is live.
     tokio::time::sleep(Duration::from_millis(500)).await;

@@ -407,7 +407,6 @@ async fn stream_two_day_batches(
     node: &str,
     count: u64,
 ) -> anyhow::Result<()> {
-    use guardian_proto::v1::server_frame;
     let (cert, key) = scratch.pki.node(node);
     let channel = scratch.channel(server, &cert, &key).await?;
     let (tx, mut replies) = raw_uplink(channel, vec![hello_frame(node, "local")])
@@ -415,17 +414,7 @@ async fn stream_two_day_batches(
         .map_err(|s| anyhow::anyhow!("{node} refused: {s:?}"))?;
     for seq in 1..=count {
         tx.send(two_day_batch(seq)?).await?;
-        loop {
-            let frame = replies
-                .message()
-                .await?
-                .ok_or_else(|| anyhow::anyhow!("{node}: stream ended at seq {seq}"))?;
-            if let Some(server_frame::Frame::Ack(ack)) = frame.frame
-                && ack.through_seq >= seq
-            {
-                break;
-            }
-        }
+        guardian_tests::wait_for_ack(&mut replies, seq).await?;
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     Ok(())

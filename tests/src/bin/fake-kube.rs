@@ -15,9 +15,7 @@ use clap::Parser;
 use guardian_tests::fake_kube::FakeKube;
 use serde_json::json;
 
-const TAONODES: &str = "/apis/guardian.taonode.io/v1alpha1/namespaces/validators/taonodes";
-const SETS: &str = "/apis/apps/v1/namespaces/validators/statefulsets";
-const PODS: &str = "/api/v1/namespaces/validators/pods";
+use guardian_tests::fake_kube::validators::PODS;
 
 /// Fake Kubernetes API servers with one TaoNode per node.
 #[derive(Debug, Parser)]
@@ -40,15 +38,6 @@ struct Args {
 fn node_name(prefix: &str, index: u32, agents: u32) -> String {
     let width = agents.to_string().len().max(4);
     format!("{prefix}{index:0width$}")
-}
-
-fn pod(node: &str) -> serde_json::Value {
-    json!({
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": { "name": format!("subtensor-{node}-0"), "labels": { "app": format!("subtensor-{node}") } },
-        "spec": { "containers": [{ "name": "subtensor", "image": "subtensor" }] }
-    })
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -78,28 +67,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let node = node_name(&args.prefix, i, args.agents);
         let c = (i as usize - 1) % args.clusters;
         let kube = &clusters[c];
-        kube.put(
-            TAONODES,
-            json!({
-                "apiVersion": "guardian.taonode.io/v1alpha1",
-                "kind": "TaoNode",
-                "metadata": { "name": node },
-                "spec": {
-                    "nodeId": node,
-                    "workload": { "kind": "StatefulSet", "name": format!("subtensor-{node}"), "container": "subtensor" }
-                }
-            }),
-        );
-        kube.put(
-            SETS,
-            json!({
-                "apiVersion": "apps/v1",
-                "kind": "StatefulSet",
-                "metadata": { "name": format!("subtensor-{node}") },
-                "spec": { "selector": { "matchLabels": { "app": format!("subtensor-{node}") } } }
-            }),
-        );
-        kube.put(PODS, pod(&node));
+        kube.put_validator(&node);
         assigned.insert(node, c);
     }
     println!("fake-kube ready {}", args.clusters);
@@ -114,7 +82,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 // The StatefulSet controller: a deleted pod is made again.
                 for (node, c) in &assigned {
                     if clusters[*c].get(PODS, &format!("subtensor-{node}-0")).is_none() {
-                        clusters[*c].put(PODS, pod(node));
+                        clusters[*c].put_validator_pod(node);
                     }
                 }
             }
