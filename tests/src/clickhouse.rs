@@ -25,6 +25,9 @@ pub struct ClickHouse {
     pub http_port: u16,
     /// The native TCP port (what `clickhouse-client` uses).
     pub tcp_port: u16,
+    /// Config for a cluster member (interserver port, `<remote_servers>`, `<zookeeper>`,
+    /// `<macros>`); empty for a lone server.
+    member_config: String,
     child: Option<Child>,
 }
 
@@ -45,11 +48,12 @@ impl ClickHouse {
         // with new ports then.
         let mut last_error = None;
         for _ in 0..3 {
-            let (http_port, tcp_port) = two_ports()?;
+            let [http_port, tcp_port] = free_ports::<2>()?;
             let mut server = Self {
                 dir,
                 http_port,
                 tcp_port,
+                member_config: String::new(),
                 child: None,
             };
             server.write_config()?;
@@ -169,9 +173,11 @@ impl ClickHouse {
              <default_profile>default</default_profile><default_database>default</default_database>\n\
              <mark_cache_size>67108864</mark_cache_size>\n\
              <keep_alive_timeout>3</keep_alive_timeout>\n\
+             {member}\
              </yandex>\n",
             http = self.http_port,
             tcp = self.tcp_port,
+            member = self.member_config,
         );
         std::fs::write(self.config_path(), config)?;
         Ok(())
@@ -185,16 +191,7 @@ impl ClickHouse {
             .context("clickhouse-server is missing: apt-get install clickhouse-server")?;
         let config = format!("--config-file={}", self.config_path().display());
         let stderr = std::fs::File::create(self.dir.path().join("stderr.log"))?;
-        // setpriv (util-linux) sets the parent-death signal and execs the server, so a
-        // test that dies without unwinding still takes its server with it.
-        let mut command = if Path::new("/usr/bin/setpriv").exists() {
-            let mut c = Command::new("/usr/bin/setpriv");
-            c.args(["--pdeathsig", "KILL", "--"]).arg(server);
-            c
-        } else {
-            Command::new(server)
-        };
-        let child = command
+        let child = with_parent_death_signal(server)
             .arg(config)
             .current_dir(self.dir.path())
             .stdin(Stdio::null())
@@ -220,7 +217,9 @@ impl ClickHouse {
         }
     }
 
-    fn kill(&mut self) {
+    /// Kills the server with SIGKILL (no shutdown of any kind); [`Self::start_again`]
+    /// brings it back on the same folder and ports.
+    pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
@@ -240,6 +239,19 @@ impl ClickHouse {
 impl Drop for ClickHouse {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// A command that runs `program` with the parent-death signal set: setpriv (util-linux)
+/// sets it and execs the program, so a test that dies without unwinding still takes its
+/// servers with it.
+fn with_parent_death_signal(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    if Path::new("/usr/bin/setpriv").exists() {
+        let mut command = Command::new("/usr/bin/setpriv");
+        command.args(["--pdeathsig", "KILL", "--"]).arg(program);
+        command
+    } else {
+        Command::new(program)
     }
 }
 
@@ -263,10 +275,10 @@ fn ping(port: u16) -> bool {
     answer.starts_with("HTTP/1.") && answer.contains(" 200 ") && answer.ends_with("Ok.\n")
 }
 
-/// Two distinct ports free on 127.0.0.1 now, below the kernel's ephemeral range (so no
-/// outgoing connection takes them while a test restarts the server), spread by process id
-/// so that parallel test processes start their search at different places.
-fn two_ports() -> anyhow::Result<(u16, u16)> {
+/// `N` distinct ports free on 127.0.0.1 now, below the kernel's ephemeral range (so no
+/// outgoing connection takes them while a test restarts a server), spread by process id so
+/// that parallel test processes start their search at different places.
+fn free_ports<const N: usize>() -> anyhow::Result<[u16; N]> {
     let span = 12_000u32;
     let start = (std::process::id().wrapping_mul(7919)) % span;
     let mut held: Vec<TcpListener> = Vec::new();
@@ -274,12 +286,236 @@ fn two_ports() -> anyhow::Result<(u16, u16)> {
         let port = u16::try_from(20_000 + (start + offset) % span)?;
         if let Ok(listener) = TcpListener::bind(("127.0.0.1", port)) {
             held.push(listener);
-            if held.len() == 2 {
-                let a = held[0].local_addr()?.port();
-                let b = held[1].local_addr()?.port();
-                return Ok((a, b));
+            if held.len() == N {
+                let mut ports = [0; N];
+                for (port, listener) in ports.iter_mut().zip(&held) {
+                    *port = listener.local_addr()?.port();
+                }
+                return Ok(ports);
             }
         }
     }
-    bail!("no two free ports in 20000..32000")
+    bail!("no {N} free ports in 20000..32000")
+}
+
+// ------------------------------------------------------------------ cluster
+
+/// Where Debian's `zookeeper` package puts the server and what it needs beside its own
+/// manifest's class path (logging).
+const ZOOKEEPER_CLASSPATH: &str =
+    "/usr/share/java/zookeeper.jar:/usr/share/java/slf4j-log4j12.jar:/usr/share/java/log4j-1.2.jar";
+
+/// A private standalone ZooKeeper (Debian `zookeeper`, run with `java` directly): its own
+/// folder and client port on 127.0.0.1, no admin server, killed on drop.
+pub struct ZooKeeper {
+    /// Config, data and log.
+    pub dir: tempfile::TempDir,
+    /// The client port.
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl ZooKeeper {
+    /// Starts ZooKeeper on `port` and waits until it answers `ruok` with `imok`.
+    ///
+    /// # Errors
+    /// When the package or `java` is missing, or it does not answer within 30 s.
+    pub fn start(port: u16) -> anyhow::Result<Self> {
+        if !Path::new("/usr/share/java/zookeeper.jar").exists() {
+            bail!("ZooKeeper is missing: apt-get install zookeeper (Debian's package)");
+        }
+        let dir = tempfile::tempdir()?;
+        let path = dir.path();
+        std::fs::create_dir_all(path.join("data"))?;
+        std::fs::write(
+            path.join("zoo.cfg"),
+            format!(
+                "tickTime=2000\ndataDir={data}\nclientPort={port}\nclientPortAddress=127.0.0.1\n\
+                 maxClientCnxns=0\nadmin.enableServer=false\n4lw.commands.whitelist=ruok,srvr\n",
+                data = path.join("data").display()
+            ),
+        )?;
+        std::fs::write(
+            path.join("log4j.properties"),
+            format!(
+                "log4j.rootLogger=WARN,FILE\nlog4j.appender.FILE=org.apache.log4j.FileAppender\n\
+                 log4j.appender.FILE.File={}\nlog4j.appender.FILE.layout=org.apache.log4j.PatternLayout\n\
+                 log4j.appender.FILE.layout.ConversionPattern=%d %-5p %m%n\n",
+                path.join("zookeeper.log").display()
+            ),
+        )?;
+        let stderr = std::fs::File::create(path.join("stderr.log"))?;
+        let child = with_parent_death_signal("java")
+            .args(["-Xms32m", "-Xmx256m"])
+            .arg(format!(
+                "-Dlog4j.configuration=file:{}",
+                path.join("log4j.properties").display()
+            ))
+            .args(["-cp", ZOOKEEPER_CLASSPATH])
+            .arg("org.apache.zookeeper.server.ZooKeeperServerMain")
+            .arg(path.join("zoo.cfg"))
+            .current_dir(path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .context("cannot run java for ZooKeeper: apt-get install zookeeper")?;
+        let mut zookeeper = Self {
+            dir,
+            port,
+            child: Some(child),
+        };
+        let deadline = Instant::now() + START_TIMEOUT;
+        while four_letters(port, "ruok").as_deref() != Some("imok") {
+            if let Some(child) = zookeeper.child.as_mut()
+                && let Some(status) = child.try_wait()?
+            {
+                zookeeper.child = None;
+                bail!("ZooKeeper exited with {status}: {}", zookeeper.log_text());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "ZooKeeper did not answer ruok within {START_TIMEOUT:?}: {}",
+                    zookeeper.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(zookeeper)
+    }
+
+    /// Its log and standard error.
+    pub fn log_text(&self) -> String {
+        let log =
+            |name: &str| std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default();
+        format!("{}{}", log("zookeeper.log"), log("stderr.log"))
+    }
+}
+
+impl Drop for ZooKeeper {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Sends a ZooKeeper four-letter command; its answer, if any.
+fn four_letters(port: u16, word: &str) -> Option<String> {
+    let mut stream = TcpStream::connect_timeout(
+        &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        Duration::from_millis(500),
+    )
+    .ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    stream.write_all(word.as_bytes()).ok()?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).ok()?;
+    Some(answer)
+}
+
+/// A real ClickHouse cluster on loopback: ZooKeeper plus `shards` x `replicas` servers, each
+/// with its own folder and ports, in cluster [`ClickHouseCluster::NAME`] (`internal_replication`
+/// true, macros `{shard}` = `01`.. and `{replica}` = `r1`.. unique in the cluster).
+pub struct ClickHouseCluster {
+    /// Server `shard * replicas + replica` (0-based): `servers[0]` and `servers[1]` are
+    /// shard 01's replicas when `replicas` is 2.
+    pub servers: Vec<ClickHouse>,
+    /// Dropped after the servers (field order).
+    pub zookeeper: ZooKeeper,
+    /// Replicas per shard.
+    pub replicas: usize,
+}
+
+impl ClickHouseCluster {
+    /// The cluster's name in `<remote_servers>`.
+    pub const NAME: &'static str = "fleet";
+
+    /// Starts ZooKeeper and every server, and waits until each answers `/ping`.
+    ///
+    /// # Errors
+    /// When a package is missing or a process does not come up within 30 s.
+    pub fn start(shards: usize, replicas: usize) -> anyhow::Result<Self> {
+        let count = shards * replicas;
+        // ZooKeeper, then http, tcp and interserver per server.
+        let ports = free_ports::<13>()?;
+        if count > 4 {
+            bail!("at most 4 servers (2 x 2) in a test cluster");
+        }
+        let zookeeper = ZooKeeper::start(ports[0])?;
+        let port = |server: usize, which: usize| ports[1 + server * 3 + which];
+        let mut remote = String::new();
+        for shard in 0..shards {
+            remote.push_str("<shard><internal_replication>true</internal_replication>");
+            for replica in 0..replicas {
+                let tcp = port(shard * replicas + replica, 1);
+                remote.push_str(&format!(
+                    "<replica><host>127.0.0.1</host><port>{tcp}</port></replica>"
+                ));
+            }
+            remote.push_str("</shard>");
+        }
+        let mut servers = Vec::with_capacity(count);
+        for index in 0..count {
+            let dir = tempfile::tempdir()?;
+            for sub in ["data", "tmp", "log"] {
+                std::fs::create_dir_all(dir.path().join(sub))?;
+            }
+            // session_timeout_ms 5 s: a replica killed with -9 and started again waits for
+            // its old ZooKeeper session to expire before it rejoins (30 s by default).
+            let member_config = format!(
+                "<interserver_http_port>{interserver}</interserver_http_port>\
+                 <interserver_http_host>127.0.0.1</interserver_http_host>\n\
+                 <remote_servers><{name}>{remote}</{name}></remote_servers>\n\
+                 <zookeeper><node><host>127.0.0.1</host><port>{zk}</port></node>\
+                 <session_timeout_ms>5000</session_timeout_ms></zookeeper>\n\
+                 <macros><shard>{shard:02}</shard><replica>r{replica}</replica></macros>\n\
+                 <distributed_ddl><path>/clickhouse/task_queue/ddl</path></distributed_ddl>\n\
+                 <timezone>UTC</timezone>\n",
+                interserver = port(index, 2),
+                name = Self::NAME,
+                zk = zookeeper.port,
+                shard = index / replicas + 1,
+                replica = index + 1,
+            );
+            let server = ClickHouse {
+                dir,
+                http_port: port(index, 0),
+                tcp_port: port(index, 1),
+                member_config,
+                child: None,
+            };
+            server.write_config()?;
+            servers.push(server);
+        }
+        let mut cluster = Self {
+            servers,
+            zookeeper,
+            replicas,
+        };
+        for server in &mut cluster.servers {
+            server
+                .spawn_and_wait()
+                .with_context(|| format!("clickhouse-server log:\n{}", server.log_text()))?;
+        }
+        Ok(cluster)
+    }
+
+    /// Every server's `query(sql)` answer, in server order.
+    ///
+    /// # Errors
+    /// When one fails.
+    pub fn query_each(&self, sql: &str) -> anyhow::Result<Vec<String>> {
+        self.servers.iter().map(|s| s.query(sql)).collect()
+    }
+
+    /// Every server's error log, labelled.
+    pub fn log_text(&self) -> String {
+        let mut text = String::new();
+        for (i, server) in self.servers.iter().enumerate() {
+            text.push_str(&format!("--- server {i}\n{}", server.log_text()));
+        }
+        text
+    }
 }

@@ -686,3 +686,57 @@ pub fn metric_value(metrics: &str, name: &str) -> Option<f64> {
         .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
         .and_then(|value| value.trim().parse().ok())
 }
+
+/// Batch `seq`: two host samples observed two days ago and two observed now, so each batch
+/// (and each chunk the sink inserts) has rows in two day partitions.
+///
+/// # Errors
+/// Only when `seq` does not fit an `i64`.
+pub fn two_day_batch(seq: u64) -> anyhow::Result<Vec<u8>> {
+    use guardian_proto::v1::{AgentFrame, HostSample, Sample, SampleBatch, agent_frame, sample};
+    let now = guardian_server::unix_ms();
+    let host = |observed_at_unix_ms: i64, cpu: f64| Sample {
+        observed_at_unix_ms,
+        kind: Some(sample::Kind::Host(HostSample {
+            cpu_busy_percent: cpu,
+            ..HostSample::default()
+        })),
+    };
+    let old = now - 2 * 86_400_000 + i64::try_from(seq)? * 10;
+    Ok(encode(&AgentFrame {
+        frame: Some(agent_frame::Frame::Batch(SampleBatch {
+            seq,
+            samples: vec![
+                host(old, 1.0),
+                host(old + 1, 2.0),
+                host(now, 3.0),
+                host(now, 4.0),
+            ],
+            spool_dropped_batches_total: 0,
+        })),
+    }))
+}
+
+/// Streams batches 1..=`count` of [`two_day_batch`] as `node`, 10 ms apart, each acked
+/// before the next is sent.
+///
+/// # Errors
+/// When the node is refused, a send fails or an ack does not come.
+pub async fn stream_two_day_batches(
+    scratch: &Scratch,
+    server: SocketAddr,
+    node: &str,
+    count: u64,
+) -> anyhow::Result<()> {
+    let (cert, key) = scratch.pki.node(node);
+    let channel = scratch.channel(server, &cert, &key).await?;
+    let (tx, mut replies) = raw_uplink(channel, vec![hello_frame(node, "local")])
+        .await
+        .map_err(|s| anyhow::anyhow!("{node} refused: {s:?}"))?;
+    for seq in 1..=count {
+        tx.send(two_day_batch(seq)?).await?;
+        wait_for_ack(&mut replies, seq).await?;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(())
+}

@@ -12,9 +12,7 @@ use guardian_proto::v1::GetNodeRequest;
 use guardian_server::store::clickhouse::{ClickHouseSettings, ClickHouseStore};
 use guardian_tests::clickhouse::ClickHouse;
 use guardian_tests::proxy::Proxy;
-use guardian_tests::{
-    Proc, Scratch, Server, encode, eventually, hello_frame, raw_uplink, start_agent,
-};
+use guardian_tests::{Proc, Scratch, Server, eventually, start_agent};
 
 type TestResult = anyhow::Result<()>;
 
@@ -372,54 +370,6 @@ async fn a_move_from_sqlite_to_postgresql_loses_nothing_in_clickhouse() -> TestR
     Ok(())
 }
 
-/// Batch `seq`: two host samples observed two days ago and two observed now, so each batch
-/// (and each chunk the sink inserts) has rows in two day partitions.
-fn two_day_batch(seq: u64) -> anyhow::Result<Vec<u8>> {
-    use guardian_proto::v1::{AgentFrame, HostSample, Sample, SampleBatch, agent_frame, sample};
-    let now = guardian_server::unix_ms();
-    let host = |observed_at_unix_ms: i64, cpu: f64| Sample {
-        observed_at_unix_ms,
-        kind: Some(sample::Kind::Host(HostSample {
-            cpu_busy_percent: cpu,
-            ..HostSample::default()
-        })),
-    };
-    let old = now - 2 * 86_400_000 + i64::try_from(seq)? * 10;
-    Ok(encode(&AgentFrame {
-        frame: Some(agent_frame::Frame::Batch(SampleBatch {
-            seq,
-            samples: vec![
-                host(old, 1.0),
-                host(old + 1, 2.0),
-                host(now, 3.0),
-                host(now, 4.0),
-            ],
-            spool_dropped_batches_total: 0,
-        })),
-    }))
-}
-
-/// Streams batches 1..=`count` of [`two_day_batch`] as `node`, 10 ms apart, each acked
-/// before the next is sent.
-async fn stream_two_day_batches(
-    scratch: &Scratch,
-    server: SocketAddr,
-    node: &str,
-    count: u64,
-) -> anyhow::Result<()> {
-    let (cert, key) = scratch.pki.node(node);
-    let channel = scratch.channel(server, &cert, &key).await?;
-    let (tx, mut replies) = raw_uplink(channel, vec![hello_frame(node, "local")])
-        .await
-        .map_err(|s| anyhow::anyhow!("{node} refused: {s:?}"))?;
-    for seq in 1..=count {
-        tx.send(two_day_batch(seq)?).await?;
-        guardian_tests::wait_for_ack(&mut replies, seq).await?;
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    Ok(())
-}
-
 #[tokio::test]
 async fn clickhouse_killed_mid_insert_under_several_nodes_and_two_days_loses_and_doubles_nothing()
 -> TestResult {
@@ -435,7 +385,8 @@ async fn clickhouse_killed_mid_insert_under_several_nodes_and_two_days_loses_and
         ),
     )?;
     let server = Server::start(&config, scratch.path("server.log"))?;
-    let stream = |node| stream_two_day_batches(&scratch, server.grpc, node, BATCHES);
+    let stream =
+        |node| guardian_tests::stream_two_day_batches(&scratch, server.grpc, node, BATCHES);
     let streams = async { tokio::try_join!(stream(NODES[0]), stream(NODES[1]), stream(NODES[2])) };
     // Five times while the nodes stream: let inserts run, then kill ClickHouse with -9
     // wherever it is and start it again. Before the read-back fix, 2 runs in 8 (three kills)

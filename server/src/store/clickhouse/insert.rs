@@ -154,7 +154,7 @@ impl ClickHouseStore {
             high.ids[i] = self
                 .run(
                     "read the high-water mark",
-                    self.client.query(&sql).fetch_one::<u64>(),
+                    self.exact_query(&sql).fetch_one::<u64>(),
                 )
                 .await?;
         }
@@ -357,8 +357,7 @@ impl ClickHouseStore {
             let keys = self
                 .run(
                     "read back the rows of a chunk already stored",
-                    self.client
-                        .query(&sql)
+                    self.exact_query(&sql)
                         .bind(chunk_min)
                         .bind(chunk_max)
                         .bind(datetime(first))
@@ -451,8 +450,7 @@ impl ClickHouseStore {
     pub async fn audit_high_water(&self) -> Result<u64, ClickHouseError> {
         self.run(
             "read the audit mirror's high-water mark",
-            self.client
-                .query("SELECT max(seq) FROM audit")
+            self.exact_query("SELECT max(seq) FROM audit")
                 .fetch_one::<u64>(),
         )
         .await
@@ -470,8 +468,7 @@ impl ClickHouseStore {
     ) -> Result<Vec<(u64, String)>, ClickHouseError> {
         self.run(
             "read the audit mirror's hashes",
-            self.client
-                .query("SELECT seq, hash FROM audit WHERE seq >= ? AND seq <= ?")
+            self.exact_query("SELECT seq, hash FROM audit WHERE seq >= ? AND seq <= ?")
                 .bind(from)
                 .bind(to)
                 .fetch_all::<(u64, String)>(),

@@ -41,16 +41,20 @@
 //! complete there. Materialized views read `*_samples_local` and write `rollup_*_local` on
 //! each shard. Inserts and queries use the Distributed names; inserts set
 //! `insert_distributed_sync=1` so that a successful INSERT is on the shards (the high-water
-//! read depends on it). `schema_migrations` is one ReplicatedMergeTree replicated to every
-//! server. The operator must provide:
+//! read depends on it). The reads that decide what is stored (the sink's and the audit
+//! mirror's marks and read-backs, [`ClickHouseStore::exact_query`]) skip a replica that is
+//! catching up: a Distributed read asks one replica per shard, and one just restarted after
+//! a crash answers with what it held before it. Replicated inserts deduplicate a piece
+//! (one shard's rows of one day) written again whole, which is what a retried chunk writes.
+//! `schema_migrations` is one ReplicatedMergeTree replicated to every server. The operator must provide:
 //! - the cluster in `<remote_servers>` on every server, with `internal_replication` true;
 //! - the macros `{shard}` and `{replica}` in `<macros>` on every server (`{replica}`
 //!   unique in the whole cluster, e.g. the host name);
 //! - ZooKeeper (or ClickHouse Keeper) in `<zookeeper>`, which replication and `ON CLUSTER`
 //!   DDL need.
 //!
-//! Partition drops read the `system.parts` of the server in the URL and run `ON CLUSTER`;
-//! a shard that lacks a partition ignores the drop.
+//! Partition drops read the parts of every shard (`cluster(NAME, system, parts)`) and run
+//! `ON CLUSTER`; a shard that lacks a partition ignores the drop.
 
 use std::collections::BTreeSet;
 use std::future::Future;
@@ -429,6 +433,21 @@ impl ClickHouseStore {
             );
         }
         Ok(store)
+    }
+
+    /// A read whose answer must include every row acknowledged so far. In a cluster a
+    /// Distributed read asks one replica per shard; a replica more than a second behind (one
+    /// restarted after a crash reports a huge delay until it rejoins) is skipped, and when
+    /// every replica of a shard is behind the read fails and is retried, rather than answer
+    /// "not stored" for rows that are.
+    pub(super) fn exact_query(&self, sql: &str) -> ::clickhouse::query::Query {
+        let query = self.client.query(sql);
+        if self.settings.cluster.is_empty() {
+            return query;
+        }
+        query
+            .with_setting("max_replica_delay_for_distributed_queries", "1")
+            .with_setting("fallback_to_stale_replicas_for_distributed_queries", "0")
     }
 
     fn timeout(&self) -> Duration {

@@ -355,16 +355,22 @@ impl ClickHouseStore {
         for (table, days) in plan {
             let cutoff = datetime((now_s - i64::from(days) * 86_400) * 1000);
             let local = ddl.local(table);
+            // In a cluster, every shard's parts: one shard may hold a day the others lack.
+            let parts = if self.settings.cluster.is_empty() {
+                "system.parts".to_owned()
+            } else {
+                format!("cluster({}, system, parts)", self.settings.cluster)
+            };
             let partitions = self
                 .run(
                     "list expired partitions",
                     self.client
-                        .query(
-                            "SELECT partition_id FROM system.parts \
+                        .query(&format!(
+                            "SELECT partition_id FROM {parts} \
                              WHERE database = ? AND table = ? AND active \
                              GROUP BY partition_id HAVING max(max_time) < toDateTime(?) \
-                             ORDER BY partition_id",
-                        )
+                             ORDER BY partition_id"
+                        ))
                         .bind(self.settings.database.as_str())
                         .bind(local.as_str())
                         .bind(cutoff)
