@@ -242,6 +242,31 @@ impl Drop for ClickHouse {
     }
 }
 
+/// Runs `sql` through the HTTP interface on `port` (no `clickhouse-client` process, no
+/// borrow of the server's handle) and returns the body (TabSeparated).
+///
+/// # Errors
+/// When the server cannot be reached or answers with an error.
+pub fn http_query(port: u16, sql: &str) -> anyhow::Result<String> {
+    let mut stream = TcpStream::connect_timeout(
+        &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        Duration::from_secs(2),
+    )?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        stream,
+        "POST / HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Length: {}\r\n\r\n{sql}",
+        sql.len()
+    )?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer)?;
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+    if !head.contains(" 200 ") {
+        bail!("ClickHouse answered {sql:?} with {}", answer.trim());
+    }
+    Ok(body.to_owned())
+}
+
 /// A command that runs `program` with the parent-death signal set: setpriv (util-linux)
 /// sets it and execs the program, so a test that dies without unwinding still takes its
 /// servers with it.

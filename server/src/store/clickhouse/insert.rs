@@ -4,6 +4,7 @@
 
 use ::clickhouse::RowWrite;
 
+use super::repair::ChunkSpan;
 use super::rows::*;
 use super::schema::RAW_TABLES;
 use super::{ClickHouseError, ClickHouseStore};
@@ -59,6 +60,8 @@ pub struct InsertStats {
     pub rows: usize,
     /// Rows left out because their table already held their batch (a replay).
     pub skipped_rows: usize,
+    /// Rollup buckets given rows whose raw rows had landed without them (a replay).
+    pub rollup_buckets_repaired: usize,
 }
 
 /// A batch as [`ClickHouseStore::insert`] takes it: decoded ([`OutboxBatch`]: read back from
@@ -139,6 +142,23 @@ pub(super) struct ChunkRows<'a> {
     unavailable: Vec<UnavailableRow<'a>>,
 }
 
+/// The earliest and latest observed time of the chunk's samples (`(MAX, MIN)` when empty).
+fn time_span<B: InsertBatch>(batches: &[B]) -> Result<(i64, i64), ClickHouseError> {
+    let (mut first, mut last) = (i64::MAX, i64::MIN);
+    for b in batches {
+        b.visit(&mut |_, _, at, _| {
+            first = first.min(at);
+            last = last.max(at);
+        })
+        .map_err(|source| ClickHouseError::Outbox {
+            node: b.node_id().to_owned(),
+            outbox_id: b.outbox_id(),
+            source,
+        })?;
+    }
+    Ok((first, last))
+}
+
 // ------------------------------------------------------------------ DDL
 
 impl ClickHouseStore {
@@ -167,7 +187,8 @@ impl ClickHouseStore {
     ///
     /// # Guarantees
     /// With `high` from [`Self::high_water`] (or kept from earlier successful calls), a chunk
-    /// replayed after a crash or a failed call stores each row once per table.
+    /// replayed after a crash or a failed call stores each row once per table, and once in
+    /// each rollup (see `repair` for raw rows that landed without their rollup).
     ///
     /// # Errors
     /// When an INSERT fails: the marks of tables written before it stay raised; read
@@ -196,6 +217,22 @@ impl ClickHouseStore {
         let held = self
             .held_rows(batches, chunk_min, chunk_max, &high_ids)
             .await?;
+        // Of a chunk that may have landed in part, the raw tables hold just the parts that
+        // landed: a rollup bucket short by exactly those rows lost them with the server
+        // (see `repair`) and gets them now, before the rest goes through the views.
+        if held.iter().any(Option::is_some) {
+            let (first_unix_ms, last_unix_ms) = time_span(batches)?;
+            let nodes = batches.iter().map(|b| b.node_id().to_owned()).collect();
+            stats.rollup_buckets_repaired = self
+                .repair_rollups(&ChunkSpan {
+                    outbox_min: chunk_min,
+                    outbox_max: chunk_max,
+                    first_unix_ms,
+                    last_unix_ms,
+                    nodes: &nodes,
+                })
+                .await?;
+        }
         let fresh = |table: usize, outbox_id: u64, node: &str, seq: u64, idx: u32| {
             outbox_id > high_ids[table]
                 || held[table]
@@ -331,18 +368,7 @@ impl ClickHouseStore {
         if high.iter().all(|&mark| mark < chunk_min) {
             return Ok(held);
         }
-        let (mut first, mut last) = (i64::MAX, i64::MIN);
-        for b in batches {
-            b.visit(&mut |_, _, at, _| {
-                first = first.min(at);
-                last = last.max(at);
-            })
-            .map_err(|source| ClickHouseError::Outbox {
-                node: b.node_id().to_owned(),
-                outbox_id: b.outbox_id(),
-                source,
-            })?;
-        }
+        let (first, last) = time_span(batches)?;
         if first > last {
             return Ok(held);
         }

@@ -68,6 +68,7 @@ use super::redact;
 
 mod insert;
 mod read;
+mod repair;
 mod rows;
 mod schema;
 
@@ -294,7 +295,7 @@ pub enum ClickHouseError {
         source: ChError,
     },
     /// A schema migration failed; later ones were not tried.
-    #[error("ClickHouse at {url}: migration {version} ({name}) failed: {source}")]
+    #[error("ClickHouse at {url}: migration {version} ({name}) failed: {source}{hint}")]
     Migration {
         /// Server URL, password removed.
         url: String,
@@ -304,6 +305,8 @@ pub enum ClickHouseError {
         name: &'static str,
         /// What failed.
         source: Box<ClickHouseError>,
+        /// How to get past a failure the store cannot mend itself ("" when none is known).
+        hint: &'static str,
     },
     /// A request this store cannot serve (unknown metric or source).
     #[error("invalid ClickHouse request: {0}")]
@@ -354,6 +357,21 @@ impl std::fmt::Debug for ClickHouseStore {
             .field("cluster", &self.settings.cluster)
             .field("version", &self.version)
             .finish_non_exhaustive()
+    }
+}
+
+/// What an operator can do about a migration error the store cannot mend by retrying.
+fn migration_hint(error: &str) -> &'static str {
+    // Code 253 (REPLICA_IS_ALREADY_EXIST): a server was stopped while it created a Replicated
+    // table; ZooKeeper registered the replica, the server never wrote the table, and every
+    // retry of the CREATE meets the registration.
+    if error.contains("Code: 253") {
+        " (a ClickHouse server was stopped while it created this table: ZooKeeper holds its \
+         replica, the server has no table. Remove that replica's ZooKeeper path named above, \
+         e.g. `zkCli.sh deleteall /clickhouse/tables/02/guardian/host_samples_local/replicas/r3`, \
+         and guardian-server creates the table again on its next try)"
+    } else {
+        ""
     }
 }
 
@@ -423,6 +441,7 @@ impl ClickHouseStore {
                     url: store.url.clone(),
                     version: migration.version,
                     name: migration.name,
+                    hint: migration_hint(&source.to_string()),
                     source: Box::new(source),
                 })?;
             tracing::info!(

@@ -148,6 +148,35 @@ pub(super) const ROLLUPS: [(&str, &str); 2] = [
     ("rollup_1h", "toStartOfHour"),
 ];
 
+/// The raw tables whose metrics the rollups aggregate.
+pub(super) const ROLLED_UP: [Table; 3] = [Table::Host, Table::Chain, Table::Gpu];
+
+/// What a rollup view computes from `source` (one row per node, metric and `bucket` of time),
+/// rows limited by `filter` (a `WHERE` clause, or ""). The views and the rollup repair
+/// ([`super::repair`]) share it, so a repaired bucket holds what the view would have written.
+pub(super) fn rollup_select(table: Table, bucket: &str, source: &str, filter: &str) -> String {
+    let names = metrics_of(table)
+        .map(|m| format!("'{}'", m.name))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let values = metrics_of(table)
+        .map(|m| format!("toFloat64({})", m.name))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let filter = if filter.is_empty() {
+        String::new()
+    } else {
+        format!("{filter} ")
+    };
+    format!(
+        "SELECT node_id, metric, {bucket}(ts) AS t, avgState(value) AS avg_state, \
+         minState(value) AS min_state, maxState(value) AS max_state, \
+         countState() AS count_state \
+         FROM {source} ARRAY JOIN [{names}] AS metric, [{values}] AS value \
+         {filter}GROUP BY node_id, metric, t"
+    )
+}
+
 /// The schema, as versioned migrations. `supports_ttl` adds `TTL` clauses (servers >= 19.6).
 pub fn migrations(settings: &ClickHouseSettings, supports_ttl: bool) -> Vec<Migration> {
     let ddl = Ddl {
@@ -197,27 +226,19 @@ pub fn migrations(settings: &ClickHouseSettings, supports_ttl: bool) -> Vec<Migr
             order_by: "node_id, metric, t",
             ttl: ttl("t", days),
         }));
-        for table in [Table::Host, Table::Chain, Table::Gpu] {
-            let names = metrics_of(table)
-                .map(|m| format!("'{}'", m.name))
-                .collect::<Vec<_>>()
-                .join(", ");
-            let values = metrics_of(table)
-                .map(|m| format!("toFloat64({})", m.name))
-                .collect::<Vec<_>>()
-                .join(", ");
+        for table in ROLLED_UP {
             rollups.push(format!(
-                "CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.mv_{raw}_{rollup}{on} TO {db}.{target} AS \
-                 SELECT node_id, metric, {bucket}(ts) AS t, avgState(value) AS avg_state, \
-                 minState(value) AS min_state, maxState(value) AS max_state, \
-                 countState() AS count_state \
-                 FROM {db}.{source} ARRAY JOIN [{names}] AS metric, [{values}] AS value \
-                 GROUP BY node_id, metric, t",
+                "CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.mv_{raw}_{rollup}{on} TO {db}.{target} AS {select}",
                 db = settings.database,
                 raw = table.name(),
                 on = ddl.on_cluster(),
                 target = ddl.local(rollup),
-                source = ddl.local(table.name()),
+                select = rollup_select(
+                    table,
+                    bucket,
+                    &format!("{}.{}", settings.database, ddl.local(table.name())),
+                    ""
+                ),
             ));
         }
     }
