@@ -303,15 +303,26 @@ pub async fn run(
     }
 }
 
-/// Full-jitter-ish backoff: a random delay in [d/2, d] with d = min(max, initial * 2^failures).
+/// The reconnect delay after `failures` consecutive failures, from the config.
 fn backoff(config: &AgentConfig, failures: u32) -> Duration {
-    let exp = config
-        .reconnect
-        .initial_ms
+    reconnect_delay(
+        config.reconnect.initial_ms,
+        config.reconnect.max_ms,
+        failures,
+        rand::rng().random_range(0.0..=1.0),
+    )
+}
+
+/// Full-jitter exponential backoff: `jitter` (0..=1, uniform) times
+/// d = min(`max_ms`, `initial_ms` x 2^`failures`), at least 1 ms. Full jitter (not [d/2, d])
+/// spreads a fleet that lost its server at the same instant over the whole window, so a
+/// restarted server meets a stream of handshakes instead of one wave per doubling.
+pub fn reconnect_delay(initial_ms: u64, max_ms: u64, failures: u32, jitter: f64) -> Duration {
+    let window = initial_ms
         .saturating_mul(1u64 << failures.min(20))
-        .min(config.reconnect.max_ms);
-    let jittered = rand::rng().random_range(exp / 2..=exp);
-    Duration::from_millis(jittered.max(1))
+        .min(max_ms);
+    let delay = (jitter.clamp(0.0, 1.0) * window as f64) as u64;
+    Duration::from_millis(delay.max(1))
 }
 
 async fn channel(config: &AgentConfig) -> Result<Channel, UplinkError> {
@@ -471,6 +482,24 @@ fn error_chain(error: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reconnect_delay_is_full_jitter_over_a_doubling_capped_window() {
+        let ms = |failures, jitter| reconnect_delay(500, 30_000, failures, jitter).as_millis();
+        // The whole window, from (almost) nothing to its top.
+        assert_eq!(ms(0, 0.0), 1);
+        assert_eq!(ms(0, 0.5), 250);
+        assert_eq!(ms(0, 1.0), 500);
+        assert_eq!(ms(3, 1.0), 4_000);
+        assert_eq!(ms(3, 0.25), 1_000);
+        // Capped, however many failures.
+        assert_eq!(ms(6, 1.0), 30_000);
+        assert_eq!(ms(u32::MAX, 1.0), 30_000);
+        assert_eq!(ms(u32::MAX, 0.5), 15_000);
+        // Out-of-range jitter is clamped.
+        assert_eq!(ms(1, 7.0), 1_000);
+        assert_eq!(ms(1, -1.0), 1);
+    }
 
     fn outcome(id: &str) -> CommandOutcome {
         CommandOutcome {

@@ -60,9 +60,10 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 const JOIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Progress line cadence.
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
-/// Reconnect backoff: first delay and cap, in milliseconds.
-const BACKOFF_INITIAL_MS: u64 = 100;
-const BACKOFF_MAX_MS: u64 = 2_000;
+/// Reconnect backoff: first window and cap, in milliseconds (the agent's defaults,
+/// `reconnect.initial_ms` and `reconnect.max_ms`).
+const BACKOFF_INITIAL_MS: u64 = 500;
+const BACKOFF_MAX_MS: u64 = 30_000;
 /// sysexits EX_USAGE, for invalid arguments.
 const EXIT_USAGE: u8 = 64;
 /// Blocks a lagging agent's node stays behind the tip (`--lag-agents`).
@@ -839,15 +840,6 @@ fn error_chain(error: &dyn std::error::Error) -> String {
     text
 }
 
-/// Reconnect delay after `failures` consecutive failures: uniformly in [d/2, d] with
-/// d = min(2 s, 100 ms x 2^failures); `jitter` is in 0..=1.
-fn backoff_ms(failures: u32, jitter: f64) -> u64 {
-    let full = BACKOFF_INITIAL_MS
-        .saturating_mul(1 << failures.min(16))
-        .min(BACKOFF_MAX_MS);
-    full / 2 + (jitter.clamp(0.0, 1.0) * (full / 2) as f64) as u64
-}
-
 /// The send time after `previous`; send times already past `now` are skipped, not made up
 /// in a burst. Returns the time and how many were skipped.
 fn next_tick(previous: Instant, period: Duration, now: Instant) -> (Instant, u64) {
@@ -1361,11 +1353,14 @@ async fn agent(
     done(state)
 }
 
+/// The real agent's reconnect backoff (full jitter), with its default window.
 fn backoff(failures: u32) -> Duration {
-    Duration::from_millis(backoff_ms(
+    guardian_agent::uplink::reconnect_delay(
+        BACKOFF_INITIAL_MS,
+        BACKOFF_MAX_MS,
         failures.saturating_sub(1),
         rand::rng().random_range(0.0..=1.0),
-    ))
+    )
 }
 
 // ---------------------------------------------------------------- the run
@@ -2192,15 +2187,6 @@ mod tests {
         let generator = SampleGen::new(42, 10, Duration::from_millis(100));
         assert_eq!(generator.batch(30, 123), generator.batch(30, 123));
         assert_ne!(generator.batch(30, 123), generator.batch(31, 123));
-    }
-
-    #[test]
-    fn backoff_starts_at_100ms_and_caps_at_2s() {
-        assert_eq!(backoff_ms(0, 1.0), 100);
-        assert_eq!(backoff_ms(0, 0.0), 50);
-        assert_eq!(backoff_ms(3, 1.0), 800);
-        assert_eq!(backoff_ms(10, 1.0), 2_000);
-        assert_eq!(backoff_ms(u32::MAX, 0.0), 1_000);
     }
 
     #[test]
