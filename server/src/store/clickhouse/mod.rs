@@ -44,9 +44,10 @@
 //! read depends on it). The reads that decide what is stored (the sink's and the audit
 //! mirror's marks and read-backs, [`ClickHouseStore::exact_query`]) skip a replica that is
 //! catching up: a Distributed read asks one replica per shard, and one just restarted after
-//! a crash answers with what it held before it. Replicated inserts deduplicate a piece
-//! (one shard's rows of one day) written again whole, which is what a retried chunk writes.
-//! `schema_migrations` is one ReplicatedMergeTree replicated to every server. The operator must provide:
+//! a crash answers with what it held before it. A replayed chunk writes only the rows the
+//! read-back misses, which are whole parts (one shard's rows of one day); one written twice
+//! anyway would be dropped by Replicated insert deduplication. `schema_migrations` is one
+//! ReplicatedMergeTree replicated to every server. The operator must provide:
 //! - the cluster in `<remote_servers>` on every server, with `internal_replication` true;
 //! - the macros `{shard}` and `{replica}` in `<macros>` on every server (`{replica}`
 //!   unique in the whole cluster, e.g. the host name);
