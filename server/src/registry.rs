@@ -382,8 +382,17 @@ impl Registry {
     pub fn network_contexts(&self, tip_agreement: usize) -> HashMap<String, FleetContext> {
         let map = self.read();
         let mut by_network: HashMap<&str, (Vec<u64>, Vec<u32>)> = HashMap::new();
+        let mut clocks: HashMap<&str, Vec<i64>> = HashMap::new();
         for entry in map.values() {
             let node = &entry.node;
+            if node.connected
+                && let Some(offset) = entry.clock.offset_ms()
+            {
+                clocks
+                    .entry(node.network.as_str())
+                    .or_default()
+                    .push(offset);
+            }
             if let Some(chain) = &node.last_chain
                 && chain.responsive
                 && node.connected
@@ -392,6 +401,9 @@ impl Registry {
                 slot.0.push(chain.best_block);
                 slot.1.push(chain.peers);
             }
+        }
+        for network in clocks.keys() {
+            by_network.entry(network).or_default();
         }
         by_network
             .into_iter()
@@ -412,6 +424,9 @@ impl Registry {
                     FleetContext {
                         network_best_block: best,
                         network_median_peers: median,
+                        network_clock_delay_ms: clocks
+                            .get_mut(network)
+                            .and_then(|offsets| shared_clock_delay(offsets)),
                     },
                 )
             })
@@ -523,6 +538,18 @@ impl Registry {
     }
 }
 
+/// The median of a network's clock offsets when it says every clock looks behind: the
+/// server's own delay ([`FleetContext::network_clock_delay_ms`]). None with fewer than
+/// [`crate::detect::CLOCK_FLEET_MIN`] offsets or a median at or ahead of zero.
+fn shared_clock_delay(offsets: &mut [i64]) -> Option<i64> {
+    if offsets.len() < crate::detect::CLOCK_FLEET_MIN {
+        return None;
+    }
+    offsets.sort_unstable();
+    let median = offsets[offsets.len() / 2];
+    (median < 0).then_some(median)
+}
+
 /// The highest block at least `agreement` nodes reached: the `agreement`-th highest of
 /// `bests_descending` (0 when fewer nodes report). One node alone, lying or forked, cannot set
 /// a network's tip; its honest peers are then judged by the rest of the fleet, their own view
@@ -551,6 +578,19 @@ mod tests {
             clock.record(2_044_000 + i * 1_000, 2_004_000 + i * 1_000);
         }
         assert_eq!(clock.offset_ms(), Some(40_000));
+    }
+
+    #[test]
+    fn a_networks_shared_clock_delay_is_its_median_behind() {
+        assert_eq!(
+            shared_clock_delay(&mut [-9_000, -12_000, -11_000, -40_000]),
+            None
+        );
+        assert_eq!(
+            shared_clock_delay(&mut [-9_000, -12_000, -11_000, -40_000, 60_000]),
+            Some(-11_000)
+        );
+        assert_eq!(shared_clock_delay(&mut [-100, 0, 0, 0, 30_000]), None);
     }
 
     #[test]

@@ -240,6 +240,7 @@ pub(crate) mod tests {
         let fleet = FleetContext {
             network_best_block: 1_020,
             network_median_peers: None,
+            network_clock_delay_ms: None,
         };
         let findings = run(&input, &fleet);
         assert_eq!(findings.len(), 1, "{findings:?}");

@@ -9,14 +9,21 @@
 //!   to be refused.
 //!
 //! No estimate yet (fewer than three live batches) means no finding.
+//!
+//! A node is judged against its network's shared delay
+//! ([`FleetContext::network_clock_delay_ms`]): when this server falls behind its agents'
+//! batches, every clock looks behind by the time they waited, and that is not the agents'
+//! fault. Seen at 10 000 agents on a saturated server: 2 850 `clock_skew` findings, none real.
 
-use super::{DetectPolicy, Finding, FindingKind, NodeInput, Severity};
+use super::{DetectPolicy, Finding, FindingKind, FleetContext, NodeInput, Severity};
 
 /// `clock_skew` findings for one node (at most one).
-pub fn detect(input: &NodeInput<'_>, policy: &DetectPolicy) -> Vec<Finding> {
-    let Some(offset) = input.clock_offset_ms else {
+pub fn detect(input: &NodeInput<'_>, fleet: &FleetContext, policy: &DetectPolicy) -> Vec<Finding> {
+    let Some(measured) = input.clock_offset_ms else {
         return Vec::new();
     };
+    let shared_delay = fleet.network_clock_delay_ms.unwrap_or(0).min(0);
+    let offset = measured - shared_delay;
     let skew = offset.unsigned_abs();
     let warn = policy.clock_skew_warn_ms.max(1);
     if skew <= warn {
@@ -42,6 +49,8 @@ pub fn detect(input: &NodeInput<'_>, policy: &DetectPolicy) -> Vec<Finding> {
         ),
         [
             ("offset_ms", offset.to_string()),
+            ("measured_offset_ms", measured.to_string()),
+            ("server_delay_ms", (-shared_delay).to_string()),
             ("warn_ms", warn.to_string()),
             ("critical_ms", critical.to_string()),
         ],
@@ -54,6 +63,10 @@ mod tests {
     use crate::window::Window;
 
     fn finding(offset: Option<i64>) -> Vec<Finding> {
+        finding_in(offset, &FleetContext::default())
+    }
+
+    fn finding_in(offset: Option<i64>, fleet: &FleetContext) -> Vec<Finding> {
         let window = Window::new(1_800_000);
         let input = NodeInput {
             now_unix_ms: 0,
@@ -70,7 +83,7 @@ mod tests {
             syncing_since_unix_ms: None,
             clock_offset_ms: offset,
         };
-        detect(&input, &DetectPolicy::default())
+        detect(&input, fleet, &DetectPolicy::default())
     }
 
     #[test]
@@ -84,5 +97,40 @@ mod tests {
         assert_eq!(critical[0].severity, Severity::Critical);
         assert!(critical[0].summary.contains("ahead of"));
         assert_eq!(critical[0].evidence["offset_ms"], "40000");
+    }
+
+    #[test]
+    fn a_delay_every_node_of_the_network_shows_is_the_servers_not_the_agents() {
+        // The server queues batches ~12 s: every clock looks 12 s behind.
+        let slow = FleetContext {
+            network_clock_delay_ms: Some(-12_000),
+            ..FleetContext::default()
+        };
+        assert!(
+            finding_in(Some(-14_000), &slow).is_empty(),
+            "2 s of real skew"
+        );
+        assert!(
+            !finding(Some(-14_000)).is_empty(),
+            "without the fleet: a warning"
+        );
+        // A clock really 40 s behind still stands out, by its own 40 s.
+        let behind = finding_in(Some(-52_000), &slow);
+        assert_eq!(behind[0].severity, Severity::Critical);
+        assert_eq!(behind[0].evidence["offset_ms"], "-40000");
+        assert_eq!(behind[0].evidence["measured_offset_ms"], "-52000");
+        assert_eq!(behind[0].evidence["server_delay_ms"], "12000");
+        // So does one 30 s ahead, measured as 18 s ahead through the delay.
+        let ahead = finding_in(Some(18_000), &slow);
+        assert_eq!(ahead[0].evidence["offset_ms"], "30000");
+        // A fleet ahead is never taken out: queueing cannot make samples newer.
+        let ahead_fleet = FleetContext {
+            network_clock_delay_ms: Some(20_000),
+            ..FleetContext::default()
+        };
+        assert_eq!(
+            finding_in(Some(20_000), &ahead_fleet)[0].evidence["offset_ms"],
+            "20000"
+        );
     }
 }

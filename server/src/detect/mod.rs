@@ -211,7 +211,18 @@ pub struct FleetContext {
     pub network_best_block: u64,
     /// Median peer count of the other responsive nodes of the same network (None = fewer than 2).
     pub network_median_peers: Option<f64>,
+    /// This server's own delay as every agent's clock sees it: the median clock offset of the
+    /// network's connected nodes, when at least [`CLOCK_FLEET_MIN`] have an estimate and the
+    /// median is behind (negative). A batch queued in this server (an overloaded ingest, a
+    /// slow store) looks older on arrival, so every node's clock looks behind by about the
+    /// same amount; `clock_skew` judges a node against this, not against zero. A median
+    /// ahead is not taken out: queueing cannot make samples look newer. None otherwise.
+    pub network_clock_delay_ms: Option<i64>,
 }
+
+/// Nodes of a network with a clock estimate needed before their median counts as the
+/// server's own delay ([`FleetContext::network_clock_delay_ms`]).
+pub const CLOCK_FLEET_MIN: usize = 5;
 
 /// Detector thresholds. Every default is documented here and in README.md (`[detect]`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -316,7 +327,7 @@ pub fn detect(input: &NodeInput<'_>, fleet: &FleetContext, policy: &DetectPolicy
     findings.extend(storage::detect(input, policy));
     findings.extend(p2p::detect(input, fleet, policy));
     findings.extend(keystore::detect(input, policy));
-    findings.extend(clock::detect(input, policy));
+    findings.extend(clock::detect(input, fleet, policy));
     findings.sort_by_key(|f| f.kind);
     findings
 }

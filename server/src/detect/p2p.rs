@@ -151,6 +151,7 @@ mod tests {
         let fleet = FleetContext {
             network_best_block: 0,
             network_median_peers: median,
+            network_clock_delay_ms: None,
         };
         detect(&input, &fleet, &DetectPolicy::default())
     }
