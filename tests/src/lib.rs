@@ -717,8 +717,8 @@ pub fn two_day_batch(seq: u64) -> anyhow::Result<Vec<u8>> {
     }))
 }
 
-/// Streams batches 1..=`count` of [`two_day_batch`] as `node`, 10 ms apart, each acked
-/// before the next is sent.
+/// Streams batches `seqs` of [`two_day_batch`] as `node` on a new connection, 10 ms apart,
+/// each acked before the next is sent (the batches before `seqs` must have been acked).
 ///
 /// # Errors
 /// When the node is refused, a send fails or an ack does not come.
@@ -726,14 +726,14 @@ pub async fn stream_two_day_batches(
     scratch: &Scratch,
     server: SocketAddr,
     node: &str,
-    count: u64,
+    seqs: std::ops::RangeInclusive<u64>,
 ) -> anyhow::Result<()> {
     let (cert, key) = scratch.pki.node(node);
     let channel = scratch.channel(server, &cert, &key).await?;
     let (tx, mut replies) = raw_uplink(channel, vec![hello_frame(node, "local")])
         .await
         .map_err(|s| anyhow::anyhow!("{node} refused: {s:?}"))?;
-    for seq in 1..=count {
+    for seq in seqs {
         tx.send(two_day_batch(seq)?).await?;
         wait_for_ack(&mut replies, seq).await?;
         tokio::time::sleep(Duration::from_millis(10)).await;

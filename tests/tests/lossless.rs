@@ -386,7 +386,7 @@ async fn clickhouse_killed_mid_insert_under_several_nodes_and_two_days_loses_and
     )?;
     let server = Server::start(&config, scratch.path("server.log"))?;
     let stream =
-        |node| guardian_tests::stream_two_day_batches(&scratch, server.grpc, node, BATCHES);
+        |node| guardian_tests::stream_two_day_batches(&scratch, server.grpc, node, 1..=BATCHES);
     let streams = async { tokio::try_join!(stream(NODES[0]), stream(NODES[1]), stream(NODES[2])) };
     // Five times while the nodes stream: let inserts run, then kill ClickHouse with -9
     // wherever it is and start it again. Before the read-back fix, 2 runs in 8 (three kills)

@@ -358,6 +358,9 @@ impl ClickHouseStore {
     /// Drops every partition whose newest row is older than its table's retention at
     /// `now_unix_ms`. Returns the `table:partition_id` pairs dropped.
     ///
+    /// In a cluster, one replica of each shard runs the drop and the others apply it from
+    /// the replication log moments later (`SYSTEM SYNC REPLICA` waits for that).
+    ///
     /// # Errors
     /// When a query or a drop fails (partitions dropped before it stay dropped).
     pub async fn drop_expired(&self, now_unix_ms: i64) -> Result<Vec<String>, ClickHouseError> {
