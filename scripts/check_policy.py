@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import base64
 import copy
+import hashlib
 import importlib.metadata
 import json
 import re
@@ -151,26 +152,30 @@ def crd_to_json_schema(crd: dict[str, Any], version: str, source: str) -> dict[s
     """
     schema = next(v for v in crd["spec"]["versions"] if v["name"] == version)["schema"]["openAPIV3Schema"]
 
-    def convert(node: Any) -> Any:
-        if isinstance(node, list):
-            return [convert(n) for n in node]
-        if not isinstance(node, dict):
-            return node
-        out = {k: convert(v) for k, v in node.items() if k != "description" and not k.startswith("x-kubernetes-")}
+    def convert(node: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            if key == "description" or key.startswith("x-kubernetes-"):
+                continue
+            if key == "properties":  # a map of name -> schema
+                out[key] = {name: convert(sub) for name, sub in value.items()}
+            elif key in ("items", "not") or (key == "additionalProperties" and isinstance(value, dict)):
+                out[key] = convert(value)
+            elif key in ("allOf", "anyOf", "oneOf"):
+                out[key] = [convert(sub) for sub in value]
+            else:
+                out[key] = copy.deepcopy(value)
         if node.get("x-kubernetes-int-or-string"):
             out.pop("type", None)
             out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
-        if node.get("nullable"):
-            out.pop("nullable")
-            if "type" in out:
-                out["type"] = [out["type"], "null"]
+        if out.pop("nullable", False) and "type" in out:
+            out["type"] = [out["type"], "null"]
         if (
             "properties" in node
             and not node.get("x-kubernetes-preserve-unknown-fields")
             and "additionalProperties" not in node
         ):
             out["additionalProperties"] = False
-        # "properties" and "items" hold schemas by name/position: convert() saw them as nodes.
         return out
 
     out = convert(schema)
@@ -914,8 +919,10 @@ def main() -> int:
     args = parser.parse_args()
 
     if args.regenerate_schema:
-        crd = yaml.safe_load(Path(args.regenerate_schema).read_text())
-        schema = crd_to_json_schema(crd, "v1", args.source or args.regenerate_schema)
+        raw_crd = Path(args.regenerate_schema).read_bytes()
+        crd = yaml.safe_load(raw_crd)
+        source = f"{args.source or args.regenerate_schema} (sha256 {hashlib.sha256(raw_crd).hexdigest()})"
+        schema = crd_to_json_schema(crd, "v1", source)
         SCHEMA_FILE.write_text(json.dumps(schema, indent=1, sort_keys=True) + "\n")
         print(f"check-policy: wrote {SCHEMA_FILE.relative_to(ROOT)} ({SCHEMA_FILE.stat().st_size} bytes)")
         return 0

@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BINARIES = ("guardian-server", "guardianctl", "guardian-agent")
 # Which binaries each image carries (scripts/build-images builds them).
 IMAGES = {"guardian-server": ("guardian-server", "guardianctl"), "guardian-agent": ("guardian-agent",)}
-ARTIFACT_DIRS = ("bin", "images", "chart", "sbom")
+ARTIFACT_DIRS = ("bin", "images", "chart", "sbom", "policy")
 PAYLOAD_TYPE = "application/vnd.in-toto+json"
 BUILD_TYPE = "https://github.com/taonode/guardian/blob/main/RELEASING.md#make-release"
 NAMESPACE = uuid.UUID("5b0c1b5e-4f3a-5d2e-9a61-7d1c0e6a2b10")
