@@ -424,6 +424,8 @@ impl Fleet for FleetApi {
 pub struct AdminState {
     /// Metrics to render.
     pub metrics: Arc<Metrics>,
+    /// The fleet, for the per-node series (`guardian_node_*`).
+    pub registry: Arc<crate::registry::Registry>,
     /// Checked by `/readyz`.
     pub ledger: Ledger,
 }
@@ -468,7 +470,7 @@ async fn metrics(
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        state.metrics.render(),
+        crate::metrics::with_node_series(state.metrics.render(), &state.registry.metric_rows()),
     )
 }
 

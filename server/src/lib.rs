@@ -188,6 +188,7 @@ pub async fn run(
         listeners.admin,
         api::admin_router(api::AdminState {
             metrics,
+            registry: Arc::clone(&registry),
             ledger: ledger.clone(),
         }),
     )

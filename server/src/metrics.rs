@@ -345,9 +345,138 @@ impl Metrics {
     }
 }
 
+/// Phases a node can be in: `guardian_node_phase` has one series per phase (1 for the
+/// node's, 0 for the rest), so a rule can select on the phase without a regex.
+const PHASES: [crate::reconcile::Phase; 8] = {
+    use crate::reconcile::Phase;
+    [
+        Phase::Pending,
+        Phase::Syncing,
+        Phase::Synced,
+        Phase::Degraded,
+        Phase::Recovering,
+        Phase::Failed,
+        Phase::Cordoned,
+        Phase::Paused,
+    ]
+};
+
+/// `text` (the registry's exposition) with the per-node gauges added before its `# EOF`:
+/// `guardian_node_risk`, `guardian_node_open_findings`, `guardian_node_connected`,
+/// `guardian_node_last_seen_timestamp_seconds` and `guardian_node_phase`, each labelled with
+/// `node` and `network`. Made at scrape time from the registry, so no ingest path pays for them.
+#[must_use]
+pub fn with_node_series(mut text: String, rows: &[crate::registry::NodeMetricRow]) -> String {
+    use std::fmt::Write as _;
+    let eof = text.rfind("# EOF").unwrap_or(text.len());
+    let tail = text.split_off(eof);
+    let label = |v: &str| {
+        v.replace('\\', "\\\\")
+            .replace('"', "\\\"")
+            .replace('\n', "\\n")
+    };
+    let mut family =
+        |name: &str, help: &str, value: &dyn Fn(&crate::registry::NodeMetricRow) -> String| {
+            let _ = writeln!(text, "# HELP {name} {help}\n# TYPE {name} gauge");
+            for row in rows {
+                let _ = writeln!(
+                    text,
+                    "{name}{{node=\"{}\",network=\"{}\"}} {}",
+                    label(&row.node),
+                    label(&row.network),
+                    value(row)
+                );
+            }
+        };
+    family(
+        "guardian_node_risk",
+        "Composite risk 0..1 of the node at its last evaluation.",
+        &|r| format!("{}", r.risk),
+    );
+    family(
+        "guardian_node_open_findings",
+        "Open findings of the node.",
+        &|r| r.open_findings.to_string(),
+    );
+    family(
+        "guardian_node_connected",
+        "1 while the node's agent has a stream open.",
+        &|r| u8::from(r.connected).to_string(),
+    );
+    family(
+        "guardian_node_last_seen_timestamp_seconds",
+        "When the node's agent last sent a batch or connected (Unix seconds).",
+        &|r| format!("{:.3}", r.last_seen_unix_ms as f64 / 1000.0),
+    );
+    let _ = writeln!(
+        text,
+        "# HELP guardian_node_phase 1 for the node's reconciler phase, 0 for the others.\n\
+         # TYPE guardian_node_phase gauge"
+    );
+    for row in rows {
+        // Before its first evaluation a node is pending.
+        let phase = if row.phase.is_empty() {
+            "pending"
+        } else {
+            row.phase.as_str()
+        };
+        for p in PHASES.map(crate::reconcile::Phase::as_str) {
+            let _ = writeln!(
+                text,
+                "guardian_node_phase{{node=\"{}\",network=\"{}\",phase=\"{p}\"}} {}",
+                label(&row.node),
+                label(&row.network),
+                u8::from(p == phase)
+            );
+        }
+    }
+    text.push_str(&tail);
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn node_series_come_before_the_end_marker_with_escaped_labels_and_one_phase_set() {
+        let row =
+            |node: &str, phase: &str, risk: f64, connected: bool| crate::registry::NodeMetricRow {
+                node: node.to_owned(),
+                network: "finney".to_owned(),
+                connected,
+                last_seen_unix_ms: 1_700_000_000_250,
+                phase: phase.to_owned(),
+                risk,
+                open_findings: 2,
+                paused: false,
+            };
+        let text = with_node_series(
+            Metrics::default().render(),
+            &[
+                row("val-a", "degraded", 0.75, true),
+                row("odd\"name", "", 0.0, false),
+            ],
+        );
+        assert!(text.ends_with("# EOF\n"), "{text}");
+        for line in [
+            "guardian_node_risk{node=\"val-a\",network=\"finney\"} 0.75",
+            "guardian_node_open_findings{node=\"val-a\",network=\"finney\"} 2",
+            "guardian_node_connected{node=\"val-a\",network=\"finney\"} 1",
+            "guardian_node_connected{node=\"odd\\\"name\",network=\"finney\"} 0",
+            "guardian_node_last_seen_timestamp_seconds{node=\"val-a\",network=\"finney\"} 1700000000.250",
+            "guardian_node_phase{node=\"val-a\",network=\"finney\",phase=\"degraded\"} 1",
+            "guardian_node_phase{node=\"val-a\",network=\"finney\",phase=\"synced\"} 0",
+            "guardian_node_phase{node=\"odd\\\"name\",network=\"finney\",phase=\"pending\"} 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no {line} in\n{text}");
+        }
+        let ones = text
+            .lines()
+            .filter(|l| l.starts_with("guardian_node_phase{node=\"val-a\"") && l.ends_with(" 1"))
+            .count();
+        assert_eq!(ones, 1, "{text}");
+    }
 
     #[test]
     fn counters_render_with_prefix_and_total_suffix() {

@@ -91,6 +91,27 @@ impl ClockEstimate {
     }
 }
 
+/// One node's figures as `/metrics` shows them ([`Registry::metric_rows`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeMetricRow {
+    /// Node id.
+    pub node: String,
+    /// Its network.
+    pub network: String,
+    /// An agent stream is open.
+    pub connected: bool,
+    /// Its last batch (or connect), Unix ms.
+    pub last_seen_unix_ms: i64,
+    /// Reconciler phase ("" before the first evaluation).
+    pub phase: String,
+    /// Composite risk 0..1.
+    pub risk: f64,
+    /// Open findings.
+    pub open_findings: u32,
+    /// Paused by an operator.
+    pub paused: bool,
+}
+
 /// The reconciler's figures shown on a node (see [`Registry::set_reconcile`]).
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct ReconcileFigures {
@@ -481,6 +502,27 @@ impl Registry {
     /// One node.
     pub fn get(&self, id: &NodeId) -> Option<Node> {
         self.read().get(id).map(Entry::snapshot)
+    }
+
+    /// Each node's figures for `/metrics`, sorted by id: read in place, without the
+    /// whole-node copies [`Registry::list`] makes.
+    pub fn metric_rows(&self) -> Vec<NodeMetricRow> {
+        let map = self.read();
+        let mut rows: Vec<NodeMetricRow> = map
+            .values()
+            .map(|e| NodeMetricRow {
+                node: e.node.node_id.clone(),
+                network: e.node.network.clone(),
+                connected: e.node.connected,
+                last_seen_unix_ms: e.node.last_seen_unix_ms,
+                phase: e.node.phase.clone(),
+                risk: e.node.risk,
+                open_findings: e.node.open_findings,
+                paused: e.node.paused,
+            })
+            .collect();
+        rows.sort_by(|a, b| a.node.cmp(&b.node));
+        rows
     }
 
     /// Number of nodes known.

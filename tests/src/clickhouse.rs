@@ -270,7 +270,7 @@ pub fn http_query(port: u16, sql: &str) -> anyhow::Result<String> {
 /// A command that runs `program` with the parent-death signal set: setpriv (util-linux)
 /// sets it and execs the program, so a test that dies without unwinding still takes its
 /// servers with it.
-fn with_parent_death_signal(program: impl AsRef<std::ffi::OsStr>) -> Command {
+pub fn with_parent_death_signal(program: impl AsRef<std::ffi::OsStr>) -> Command {
     if Path::new("/usr/bin/setpriv").exists() {
         let mut command = Command::new("/usr/bin/setpriv");
         command.args(["--pdeathsig", "KILL", "--"]).arg(program);
@@ -303,7 +303,7 @@ fn ping(port: u16) -> bool {
 /// `N` distinct ports free on 127.0.0.1 now, below the kernel's ephemeral range (so no
 /// outgoing connection takes them while a test restarts a server), spread by process id so
 /// that parallel test processes start their search at different places.
-fn free_ports<const N: usize>() -> anyhow::Result<[u16; N]> {
+pub fn free_ports<const N: usize>() -> anyhow::Result<[u16; N]> {
     let span = 12_000u32;
     let start = (std::process::id().wrapping_mul(7919)) % span;
     let mut held: Vec<TcpListener> = Vec::new();

@@ -8,6 +8,7 @@
 pub mod clickhouse;
 pub mod fake_kube;
 pub mod fake_node;
+pub mod prometheus;
 pub mod proxy;
 
 use std::io::{BufRead, BufReader};
