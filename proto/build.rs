@@ -8,7 +8,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if std::env::var_os("PROTOC").is_none() {
         config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
     }
+    // The descriptors, for gRPC server reflection (grpcurl lists and calls the Fleet API).
+    let descriptors =
+        std::path::PathBuf::from(std::env::var("OUT_DIR")?).join("guardian_descriptor.bin");
     tonic_prost_build::configure()
+        .file_descriptor_set_path(&descriptors)
         // The rpc `Uplink.Connect` would clash with the generated `connect` constructor;
         // channels are built by the callers (they need mTLS settings anyway).
         .build_transport(false)

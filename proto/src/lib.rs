@@ -9,6 +9,10 @@ pub mod v1 {
     tonic::include_proto!("guardian.v1");
 }
 
+/// The encoded `FileDescriptorSet` of `guardian.v1`, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/guardian_descriptor.bin"));
+
 /// The server's view of the agent stream: wire-compatible with [`v1::AgentFrame`] (same
 /// route, same field numbers), but a batch stays the bytes the agent encoded, so the server
 /// decodes them with its own lean decoder (and keeps host samples' bytes zero-copy).

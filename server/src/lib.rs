@@ -21,6 +21,7 @@ pub mod config;
 pub mod control;
 pub mod detect;
 pub mod fence;
+mod health;
 pub mod identity;
 pub mod ingest;
 pub mod listen;
@@ -156,6 +157,20 @@ pub async fn run(
         actuator,
         reconcile,
     );
+    // grpc.health.v1 on both listeners (the admin one is plain HTTP/2 for Kubernetes gRPC
+    // probes, which speak no TLS), and server reflection on the mTLS one (grpcurl).
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health::watch_ledger(health, ledger.clone(), shutdown.clone(), &tasks);
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(guardian_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ServerError::Command(format!("gRPC reflection: {e}")))?;
+    let reflection_alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(guardian_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|e| ServerError::Command(format!("gRPC reflection: {e}")))?;
     let limits = &config.connections;
     let incoming = listen::incoming(
         listeners.grpc,
@@ -178,6 +193,9 @@ pub async fn run(
                 .max_decoding_message_size(config.max_frame_bytes)
                 .max_encoding_message_size(config.max_frame_bytes),
         )
+        .add_service(health_service.clone())
+        .add_service(reflection)
+        .add_service(reflection_alpha)
         .add_service(
             FleetServer::new(fleet)
                 .max_decoding_message_size(config.max_frame_bytes)
@@ -190,7 +208,8 @@ pub async fn run(
             metrics,
             registry: Arc::clone(&registry),
             ledger: ledger.clone(),
-        }),
+        })
+        .merge(tonic::service::Routes::new(health_service).into_axum_router()),
     )
     .with_graceful_shutdown(shutdown.clone().cancelled_owned());
 
