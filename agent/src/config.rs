@@ -409,6 +409,18 @@ impl AgentConfig {
         );
         line(
             &mut out,
+            "The hotkey keystore folder to audit (mode, owner, tmpfs, fingerprints; never key bytes); empty disables the keystore sampler (default empty).",
+            "keystore_path",
+            path(&self.keystore_path),
+        );
+        line(
+            &mut out,
+            "Sample NVIDIA GPUs through NVML; reports \"unavailable\" with the reason on hosts without a driver (default true).",
+            "gpu",
+            self.gpu.into(),
+        );
+        line(
+            &mut out,
             "Folder of the on-disk spool of batches awaiting the server's ack; one agent per folder (default /var/lib/guardian-agent/spool).",
             "spool_dir",
             path(&self.spool_dir),
@@ -603,6 +615,8 @@ mod tests {
         let config = AgentConfig {
             node_id: "n1".into(),
             sample_interval_ms: 250,
+            keystore_path: PathBuf::from("/run/validator/keys"),
+            gpu: false,
             spool_dir: dir.path().join("spool"),
             spool_max_bytes: 2 << 20,
             commands: CommandsConfig {
@@ -627,5 +641,57 @@ mod tests {
             AgentConfig::load(Some(&file), Figment::new()).expect("load"),
             config
         );
+    }
+
+    /// Every leaf key of `value`, dotted (`detect.max_block_lag`).
+    fn leaf_keys(value: &toml::Value, prefix: &str, out: &mut Vec<String>) {
+        if let toml::Value::Table(table) = value {
+            for (key, value) in table {
+                let path = if prefix.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{prefix}.{key}")
+                };
+                match value {
+                    toml::Value::Table(t) if !t.is_empty() => leaf_keys(value, &path, out),
+                    _ => out.push(path),
+                }
+            }
+        }
+    }
+
+    /// A new field cannot be left out of `--print-config`: every field of the config types
+    /// (as serde sees them, with the defaults) is printed, with a comment above it.
+    #[test]
+    fn print_config_prints_every_field_with_a_comment() {
+        let config = AgentConfig::default();
+        let mut want = Vec::new();
+        leaf_keys(
+            &toml::Value::try_from(&config).expect("serializes"),
+            "",
+            &mut want,
+        );
+        let printed = config.documented_toml();
+        let mut got = Vec::new();
+        leaf_keys(
+            &toml::from_str(&printed).expect("printed TOML parses"),
+            "",
+            &mut got,
+        );
+        let missing: Vec<&String> = want.iter().filter(|k| !got.contains(k)).collect();
+        assert!(
+            missing.is_empty(),
+            "guardian-agent --print-config leaves out {missing:?}"
+        );
+        let lines: Vec<&str> = printed.lines().collect();
+        for (i, line) in lines.iter().enumerate() {
+            let is_key = line.contains(" = ") && !line.starts_with('#') && !line.starts_with(' ');
+            if is_key {
+                assert!(
+                    i > 0 && lines[i - 1].starts_with('#'),
+                    "no comment above {line:?}"
+                );
+            }
+        }
     }
 }

@@ -178,6 +178,246 @@ impl ConfigError {
     }
 }
 
+/// The comment printed above each field of the serialized sections of `--print-config`
+/// (taken from the fields' doc comments); a test fails for a field without one.
+const FIELD_DOCS: &[(&str, &str)] = &[
+    (
+        "detect.max_block_lag",
+        "Absolute block lag at which `block_lag` fires (warning; critical at 3x). Default 10 (two minutes of 12 s blocks). The reconciler's `max_block_lag` overrides it per node.",
+    ),
+    (
+        "detect.lag_z_threshold",
+        "z-score of the current lag against the window above which `block_lag` fires even below `max_block_lag` (needs >= 6 window points and lag >= 3). Default 3.0.",
+    ),
+    (
+        "detect.frozen_head_ms",
+        "Head age (ms) beyond which a non-syncing node's head counts as frozen. Default 60 000 (5 blocks).",
+    ),
+    (
+        "detect.max_finality_lag",
+        "best - finalized (blocks) beyond which finality counts as stalled. Default 30.",
+    ),
+    (
+        "detect.syncing_too_long_minutes",
+        "Minutes of continuous syncing before `syncing_too_long`. Default 120.",
+    ),
+    (
+        "detect.silent_after_ms",
+        "No sample for this long (ms) -> `agent_silent`. Default 30 000.",
+    ),
+    (
+        "detect.gpu_temperature_celsius",
+        "GPU temperature (Celsius) for `gpu_thermal` warning (critical at +10). Default 85.",
+    ),
+    (
+        "detect.gpu_idle_percent",
+        "GPU utilisation (%) under which, after a window mean above `gpu_busy_percent`, it counts as collapsed. Default 5.",
+    ),
+    (
+        "detect.gpu_busy_percent",
+        "See `gpu_idle_percent`. Default 40.",
+    ),
+    (
+        "detect.cpu_psi_percent",
+        "CPU PSI some avg10 (%) for `host_pressure`. Default 40.",
+    ),
+    (
+        "detect.memory_psi_percent",
+        "Memory PSI full avg10 (%) for `host_pressure`. Default 10.",
+    ),
+    (
+        "detect.min_memory_available_percent",
+        "Available memory share (%) under which memory counts as nearly exhausted. Default 5.",
+    ),
+    (
+        "detect.disk_latency_ms",
+        "Disk read/write latency (ms) for `storage_slow`. Default 50.",
+    ),
+    (
+        "detect.disk_utilisation_percent",
+        "Disk utilisation (%) for `storage_slow`. Default 95.",
+    ),
+    (
+        "detect.storage_full_within_hours",
+        "Forecast time-to-full (hours) under which `storage_full` fires. Default 24.",
+    ),
+    (
+        "detect.storage_used_percent",
+        "Used share (%) of the chain data filesystem for `storage_full` regardless of trend. Default 95.",
+    ),
+    (
+        "detect.min_peers",
+        "Peer count at or under which the node counts as isolated. Default 3.",
+    ),
+    (
+        "detect.peers_median_share",
+        "Share of the network's median peer count under which the node counts as isolated. Default 0.25.",
+    ),
+    (
+        "detect.fleet_degraded_share",
+        "Fraction of nodes of one network degraded together for a fleet finding. Default 0.5.",
+    ),
+    (
+        "detect.fleet_min_nodes",
+        "Fewest nodes of a network for fleet correlation to apply. Default 3.",
+    ),
+    (
+        "detect.fleet_tip_agreement",
+        "How many connected nodes of a network must have reached a block for it to count as the network's tip (the k-th highest best block). Default 2: one agent that lies about its best block (or a node on a fork racing ahead) cannot make the others look behind. With fewer nodes than this the fleet sets no tip (each node's own `highestBlock` and its reference endpoints still do).",
+    ),
+    (
+        "detect.keystore_rotation_hold_ms",
+        "How long a changed key fingerprint stays a finding (ms). Default 600 000.",
+    ),
+    (
+        "detect.clock_skew_warn_ms",
+        "Agent clock offset (ms) over which `clock_skew` warns. Default 10 000.",
+    ),
+    (
+        "detect.clock_skew_critical_ms",
+        "Agent clock offset (ms) at which `clock_skew` is critical (agents refuse commands beyond 30 s). Default 25 000.",
+    ),
+    (
+        "reconcile.enabled",
+        "Run detectors and the reconciler. Default true.",
+    ),
+    (
+        "reconcile.dry_run",
+        "Decide and record everything, send no command. Default false.",
+    ),
+    (
+        "reconcile.max_concurrent_remediations",
+        "Most nodes in `recovering` at once across the fleet. Default 5.",
+    ),
+    (
+        "reconcile.evaluate_interval_ms",
+        "How often every node is evaluated even without a new sample (silent agents, cooldowns, budget resets), ms. Default 1000.",
+    ),
+    ("reconcile.policy", "Fleet defaults."),
+    (
+        "reconcile.nodes",
+        "Per-node overrides of single fields: `[reconcile.nodes.NODE_ID]`.",
+    ),
+    (
+        "reconcile.policy.max_block_lag",
+        "Blocks behind the reference tip that count as out of sync. Default 10.",
+    ),
+    (
+        "reconcile.policy.recovery_strategy",
+        "`restart` | `snapshot-restore` | `cordon-and-alert`. Default `restart`.",
+    ),
+    (
+        "reconcile.policy.max_restart_attempts",
+        "Remediations before the node is `failed`. Default 3.",
+    ),
+    (
+        "reconcile.policy.probe_interval_seconds",
+        "Seconds after a remediation before judging it (and the per-node cooldown between attempts). Default 30.",
+    ),
+    (
+        "reconcile.policy.sync_timeout_minutes",
+        "Minutes a node may stay syncing/recovering while catching up. Default 120.",
+    ),
+    (
+        "reconcile.policy.stable_reset_seconds",
+        "Seconds of `synced` after which the attempt budget resets. Default 1800.",
+    ),
+    (
+        "reconcile.policy.confirm_samples",
+        "Consecutive bad evaluations before `degraded` (hysteresis). Default 2.",
+    ),
+    (
+        "reconcile.policy.recover_samples",
+        "Consecutive good evaluations before `synced` again (hysteresis). Default 3.",
+    ),
+    (
+        "reconcile.policy.restart_unit",
+        "systemd unit the `restart` strategy restarts. Default `subtensor.service`.",
+    ),
+    (
+        "reconcile.policy.restart_container",
+        "Container the `restart` strategy restarts instead of a unit, when set. Default empty.",
+    ),
+    (
+        "reconcile.policy.snapshot_hook",
+        "Agent hook the `snapshot-restore` strategy runs. Default `snapshot-restore`.",
+    ),
+    (
+        "alerts.webhook_url",
+        "Where alerts are POSTed (`http://` or `https://`); empty = log and metric only.",
+    ),
+    (
+        "alerts.min_severity",
+        "Findings at or over this severity alert too (`info`, `warning`, `critical`). Default critical.",
+    ),
+    (
+        "alerts.timeout_ms",
+        "Per-request timeout, ms. Default 5000.",
+    ),
+    (
+        "alerts.attempts",
+        "Tries per alert before it is given up (counted). Default 3.",
+    ),
+    (
+        "alerts.queue",
+        "Alerts that may wait; beyond it new ones are dropped (counted). Default 1000.",
+    ),
+    (
+        "kubernetes.clusters",
+        "`[kubernetes.clusters.NAME]`, one per cluster; none = Kubernetes off.",
+    ),
+    (
+        "kubernetes.request_timeout_ms",
+        "Bound on every call to an API server, ms. Default 5000.",
+    ),
+    (
+        "kubernetes.watch_timeout_seconds",
+        "How long one watch of TaoNodes stays open before it is renewed (from where it was), s. Default 290.",
+    ),
+    (
+        "kubernetes.health_interval_seconds",
+        "How often each cluster's reachability and permissions are checked, s. Default 60.",
+    ),
+    (
+        "kubernetes.oom_check_interval_ms",
+        "How often the pods of TaoNodes with a `memoryCeiling` are read for OOM kills, ms. Default 10000.",
+    ),
+];
+
+/// Comments above the tables that are maps of the operator's own entries (empty by default).
+const TABLE_DOCS: &[(&str, &str)] = &[
+    (
+        "reconcile.nodes",
+        "Per-node overrides of [reconcile.policy]: [reconcile.nodes.NODE_ID] with any of its fields.",
+    ),
+    (
+        "kubernetes.clusters",
+        "Clusters to act through: [kubernetes.clusters.NAME] with kubeconfig + context, or in_cluster = true.",
+    ),
+];
+
+/// `tables` (serialized TOML) with each field's doc comment above it.
+fn with_field_docs(tables: &str) -> String {
+    let mut out = String::with_capacity(tables.len() * 3);
+    let mut section = "";
+    for line in tables.lines() {
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            section = name;
+            if let Some((_, doc)) = TABLE_DOCS.iter().find(|(t, _)| *t == name) {
+                out.push_str(&format!("# {doc}\n"));
+            }
+        } else if let Some((key, _)) = line.split_once(" = ") {
+            let path = format!("{section}.{key}");
+            if let Some((_, doc)) = FIELD_DOCS.iter().find(|(p, _)| *p == path) {
+                out.push_str(&format!("# {doc}\n"));
+            }
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
 impl ServerConfig {
     /// Layers defaults, the TOML file (if given), `GUARDIAN_SERVER_*` variables
     /// (`__` separates nested keys, e.g. `GUARDIAN_SERVER_TLS__CA_FILE`) and `overrides`.
@@ -577,13 +817,11 @@ impl ServerConfig {
         }) {
             Ok(tables) => {
                 out.push_str(
-                    "\n# Detector thresholds ([detect]: server/src/detect/mod.rs DetectPolicy), the reconciler and the\n\
-                     # fleet's sync policy ([reconcile], [reconcile.policy], per node [reconcile.nodes.NODE]:\n\
-                     # server/src/reconcile/mod.rs), alerts ([alerts]: server/src/actuate/alert.rs), Kubernetes\n\
-                     # clusters ([kubernetes]: server/src/actuate/kubernetes/mod.rs); README \"Detection and\n\
-                     # remediation\" and \"Kubernetes\" say what each does.\n",
+                    "\n# Detector thresholds ([detect]), the reconciler and the fleet's sync policy ([reconcile],\n\
+                     # [reconcile.policy], per node [reconcile.nodes.NODE]), alerts ([alerts]) and Kubernetes\n\
+                     # clusters ([kubernetes]); README \"Detection and remediation\" and \"Kubernetes\" say more.\n",
                 );
-                out.push_str(&tables);
+                out.push_str(&with_field_docs(&tables));
             }
             Err(error) => out.push_str(&format!(
                 "\n# [detect], [reconcile] and [alerts] could not be printed: {error}\n"
@@ -685,5 +923,57 @@ mod tests {
             ServerConfig::load(Some(&file), Figment::new()).expect("load"),
             config
         );
+    }
+
+    /// Every leaf key of `value`, dotted (`detect.max_block_lag`).
+    fn leaf_keys(value: &toml::Value, prefix: &str, out: &mut Vec<String>) {
+        if let toml::Value::Table(table) = value {
+            for (key, value) in table {
+                let path = if prefix.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{prefix}.{key}")
+                };
+                match value {
+                    toml::Value::Table(t) if !t.is_empty() => leaf_keys(value, &path, out),
+                    _ => out.push(path),
+                }
+            }
+        }
+    }
+
+    /// A new field cannot be left out of `--print-config`: every field of the config types
+    /// (as serde sees them, with the defaults) is printed, with a comment above it.
+    #[test]
+    fn print_config_prints_every_field_with_a_comment() {
+        let config = ServerConfig::default();
+        let mut want = Vec::new();
+        leaf_keys(
+            &toml::Value::try_from(&config).expect("serializes"),
+            "",
+            &mut want,
+        );
+        let printed = config.documented_toml();
+        let mut got = Vec::new();
+        leaf_keys(
+            &toml::from_str(&printed).expect("printed TOML parses"),
+            "",
+            &mut got,
+        );
+        let missing: Vec<&String> = want.iter().filter(|k| !got.contains(k)).collect();
+        assert!(
+            missing.is_empty(),
+            "guardian-server --print-config leaves out {missing:?}"
+        );
+        let lines: Vec<&str> = printed.lines().collect();
+        for (i, line) in lines.iter().enumerate() {
+            let is_key = line.contains(" = ") && !line.starts_with('#') && !line.starts_with(' ');
+            if is_key {
+                assert!(
+                    i > 0 && lines[i - 1].starts_with('#'),
+                    "no comment above {line:?}"
+                );
+            }
+        }
     }
 }
