@@ -79,14 +79,33 @@ fn main() -> ExitCode {
         println!("guardian-agent: configuration is valid");
         return ExitCode::SUCCESS;
     }
-    tracing_subscriber::fmt()
+    // GUARDIAN_LOG_FORMAT=json: one JSON object a line (timestamp, level, target, the event's
+    // fields flattened, its spans), for log pipelines; text (the default) otherwise.
+    let json = match std::env::var("GUARDIAN_LOG_FORMAT").as_deref() {
+        Ok("json") => true,
+        Ok("text" | "") | Err(_) => false,
+        Ok(other) => {
+            eprintln!(
+                "guardian-agent: GUARDIAN_LOG_FORMAT={other:?} is not a log format: use text or json"
+            );
+            return ExitCode::from(EXIT_CONFIG as u8);
+        }
+    };
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("GUARDIAN_LOG")
                 .unwrap_or_else(|_| "info".into()),
         )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_writer(std::io::stderr);
+    if json {
+        logs.json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .init();
+    } else {
+        logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init();
+    }
     // Opened before anything runs: without a spool no batch could be kept, and a second
     // agent on the same folder would corrupt the numbering. Exit 1 (not 64): the config is
     // valid, the folder is unusable right now (permissions, disk, another agent).

@@ -287,6 +287,20 @@ impl Server {
         Self::start_command(command, config, log)
     }
 
+    /// Like [`Server::start`], with `env` added to the server's environment.
+    ///
+    /// # Errors
+    /// When it exits or does not report its ports within 20 s.
+    pub fn start_with_env(
+        config: &Path,
+        log: PathBuf,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
+        let mut command = Command::new(binary("guardian-server")?);
+        command.envs(env.iter().copied());
+        Self::start_command(command, config, log)
+    }
+
     fn start_command(mut command: Command, config: &Path, log: PathBuf) -> anyhow::Result<Self> {
         let mut child = command
             .arg("--config")
