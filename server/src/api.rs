@@ -9,10 +9,12 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use guardian_proto::v1::fleet_server::Fleet;
 use guardian_proto::v1::{
-    CancelCommandRequest, ClusterHealth, CommandRecord, GetCommandRequest, GetNodeRequest,
-    HistoryPoint, HistoryRequest, HistoryResponse, IssueCommandRequest, ListClustersRequest,
+    AuditEntry as AuditEntryMessage, CancelCommandRequest, ClusterHealth, CommandRecord,
+    GetCommandRequest, GetNodeRequest, HistoryPoint, HistoryRequest, HistoryResponse,
+    IssueCommandRequest, ListAuditRequest, ListAuditResponse, ListClustersRequest,
     ListClustersResponse, ListFindingsRequest, ListFindingsResponse, ListNodesRequest,
-    ListNodesResponse, Node, NodeEvent, PauseNodeRequest, ResumeNodeRequest, WatchNodesRequest,
+    ListNodesResponse, Node, NodeEvent, PauseNodeRequest, ResumeNodeRequest, VerifyAuditRequest,
+    VerifyAuditResponse, WatchNodesRequest,
 };
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
@@ -43,6 +45,8 @@ pub struct FleetApi {
     telemetry: TelemetryReader,
     actuator: Actuator,
     reconcile: ReconcileHandle,
+    /// The audit anchor file `VerifyAudit` checks the chain's head against.
+    audit_anchor_file: Option<std::path::PathBuf>,
 }
 
 /// The gRPC status for an action that was not carried out.
@@ -84,7 +88,16 @@ impl FleetApi {
             telemetry,
             actuator,
             reconcile,
+            audit_anchor_file: None,
         }
+    }
+
+    /// `VerifyAudit` also checks the newest anchor in `file` (the server's
+    /// `audit_anchor_file`, or beside a SQLite ledger).
+    #[must_use]
+    pub fn with_audit_anchor(mut self, file: Option<std::path::PathBuf>) -> Self {
+        self.audit_anchor_file = file;
+        self
     }
 
     fn node_or_status(&self, raw: &str) -> Result<Node, Status> {
@@ -296,6 +309,99 @@ impl Fleet for FleetApi {
             findings,
             fleet_risk,
         }))
+    }
+
+    async fn list_audit(
+        &self,
+        request: Request<ListAuditRequest>,
+    ) -> Result<Response<ListAuditResponse>, Status> {
+        use crate::store::audit::{AuditFilter, AuditKind};
+        self.authorize(&request, "ListAudit").await?;
+        let request = request.into_inner();
+        if !request.node_id.is_empty() {
+            NodeId::parse(&request.node_id).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        }
+        let kind = match request.kind.as_str() {
+            "" => None,
+            text => Some(
+                text.parse::<AuditKind>()
+                    .map_err(|e| Status::invalid_argument(e.to_string()))?,
+            ),
+        };
+        let bound = |ms: i64| (ms != 0).then_some(ms);
+        let filter = AuditFilter {
+            node_id: request.node_id,
+            kind,
+            since_unix_ms: bound(request.since_unix_ms),
+            until_unix_ms: bound(request.until_unix_ms),
+        };
+        let limit = match request.limit {
+            0 => 100,
+            n => n.min(10_000) as usize,
+        };
+        let entries = self
+            .ledger
+            .audit_entries_matching(request.after_seq, limit, &filter)
+            .await
+            .map_err(|e| Status::unavailable(format!("the ledger cannot answer now: {e}")))?;
+        let next_after_seq = if entries.len() == limit {
+            entries.last().map_or(0, |e| e.seq)
+        } else {
+            0
+        };
+        Ok(Response::new(ListAuditResponse {
+            entries: entries
+                .into_iter()
+                .map(|e| AuditEntryMessage {
+                    seq: e.seq,
+                    at_unix_ms: e.at_unix_ms,
+                    kind: e.kind.as_str().to_owned(),
+                    node_id: e.node_id,
+                    body_json: e.body.to_string(),
+                    prev_hash: e.prev_hash,
+                    hash: e.hash,
+                })
+                .collect(),
+            next_after_seq,
+        }))
+    }
+
+    async fn verify_audit(
+        &self,
+        request: Request<VerifyAuditRequest>,
+    ) -> Result<Response<VerifyAuditResponse>, Status> {
+        self.authorize(&request, "VerifyAudit").await?;
+        let unavailable = |e: crate::store::StoreError| {
+            Status::unavailable(format!("the ledger cannot answer now: {e}"))
+        };
+        let report = self.ledger.audit_verify().await.map_err(unavailable)?;
+        let anchors = match &self.audit_anchor_file {
+            Some(path) => crate::store::anchor::read(path).map_err(|e| {
+                Status::internal(format!("the server cannot read its audit anchor file: {e}"))
+            })?,
+            None => Vec::new(),
+        };
+        let mut answer = VerifyAuditResponse {
+            intact: true,
+            entries: report.entries,
+            anchors: u32::try_from(anchors.len()).unwrap_or(u32::MAX),
+            anchored_seq: anchors.iter().map(|a| a.seq).max().unwrap_or(0),
+            ..VerifyAuditResponse::default()
+        };
+        if let Some(broken) = report.first_broken {
+            answer.intact = false;
+            answer.broken_seq = broken.seq;
+            answer.reason = broken.reason.to_string();
+        } else if let Some(mismatch) = self
+            .ledger
+            .audit_check_anchor(&anchors)
+            .await
+            .map_err(unavailable)?
+        {
+            answer.intact = false;
+            answer.reason = mismatch.to_string();
+        }
+        Ok(Response::new(answer))
     }
 
     async fn pause_node(

@@ -156,7 +156,8 @@ pub async fn run(
         telemetry,
         actuator,
         reconcile,
-    );
+    )
+    .with_audit_anchor(config.audit_anchor_path());
     // grpc.health.v1 on both listeners (the admin one is plain HTTP/2 for Kubernetes gRPC
     // probes, which speak no TLS), and server reflection on the mTLS one (grpcurl).
     let (health, health_service) = tonic_health::server::health_reporter();

@@ -146,19 +146,31 @@ enum AuditCommand {
     /// Check the hash chain and name the first broken link.
     ///
     /// Prints `audit chain OK: N entries` and exits 0, or `audit chain BROKEN at seq S:
-    /// REASON` and exits 3. Any other failure (database unreachable, no ledger at the URL)
-    /// exits 1.
+    /// REASON` and exits 3. Any other failure (server or database unreachable, no ledger at
+    /// the URL) exits 1. The server checks its own ledger and anchor file (Fleet API
+    /// `VerifyAudit`); `--direct` reads a ledger database itself, for forensics.
     Verify {
         #[command(flatten)]
+        connection: Connection,
+        /// Read the ledger database at --ledger-url directly instead of asking the server.
+        #[arg(long)]
+        direct: bool,
+        #[command(flatten)]
         ledger: LedgerArgs,
-        /// The server's audit anchor file (default: `<ledger file>.audit-anchor` for SQLite).
-        /// Its newest anchor must match the ledger: entries removed from the end, or the last
-        /// ones rewritten with recomputed hashes, are reported as a broken chain.
+        /// With --direct: the server's audit anchor file (default: `<ledger file>.audit-anchor`
+        /// for SQLite). Its newest anchor must match the ledger: entries removed from the end,
+        /// or the last ones rewritten with recomputed hashes, are reported as a broken chain.
         #[arg(long)]
         anchor_file: Option<PathBuf>,
     },
-    /// Print audit entries, oldest first.
+    /// Print audit entries, oldest first (Fleet API `ListAudit`; `--direct` reads a ledger
+    /// database itself).
     List {
+        #[command(flatten)]
+        connection: Connection,
+        /// Read the ledger database at --ledger-url directly instead of asking the server.
+        #[arg(long)]
+        direct: bool,
         #[command(flatten)]
         ledger: LedgerArgs,
         /// Only entries after this seq.
@@ -167,6 +179,12 @@ enum AuditCommand {
         /// At most this many entries.
         #[arg(long, default_value_t = 100)]
         limit: usize,
+        /// Only this node's entries.
+        #[arg(long)]
+        node: Option<String>,
+        /// Only this kind: finding, decision, command, outcome or operator.
+        #[arg(long)]
+        kind: Option<guardian_server::store::audit::AuditKind>,
         /// Output format.
         #[arg(long, short, value_enum, default_value_t = Output::Table)]
         output: Output,
@@ -176,30 +194,38 @@ enum AuditCommand {
 /// Which ledger database to read.
 #[derive(Debug, Args)]
 struct LedgerArgs {
-    /// Ledger URL: sqlite://PATH or postgres://USER@HOST:PORT/DB.
-    #[arg(
-        long,
-        env = "GUARDIAN_SERVER_LEDGER_URL",
-        default_value = "sqlite://guardian-data/guardian.db"
-    )]
-    ledger_url: String,
+    /// Ledger URL: sqlite://PATH or postgres://USER@HOST:PORT/DB (default
+    /// sqlite://guardian-data/guardian.db with --direct). Given, it implies --direct.
+    #[arg(long, env = "GUARDIAN_SERVER_LEDGER_URL")]
+    ledger_url: Option<String>,
 }
 
 impl LedgerArgs {
+    /// Whether the ledger is read directly: asked for, or a ledger URL given.
+    fn direct(&self, asked: bool) -> bool {
+        asked || self.ledger_url.is_some()
+    }
+
+    fn url(&self) -> &str {
+        self.ledger_url
+            .as_deref()
+            .unwrap_or("sqlite://guardian-data/guardian.db")
+    }
+
     /// Opens the ledger; a SQLite file must exist already (opening would create an empty one,
     /// whose empty chain would verify).
     async fn open(&self) -> anyhow::Result<Ledger> {
         if let Some(rest) = self
-            .ledger_url
+            .url()
             .strip_prefix("sqlite://")
-            .or_else(|| self.ledger_url.strip_prefix("sqlite:"))
+            .or_else(|| self.url().strip_prefix("sqlite:"))
         {
             let path = rest.split_once('?').map_or(rest, |(path, _)| path);
             if path != ":memory:" && !std::path::Path::new(path).is_file() {
                 bail!("no ledger at {path} (set --ledger-url or GUARDIAN_SERVER_LEDGER_URL)");
             }
         }
-        Ok(Ledger::open(&self.ledger_url).await?)
+        Ok(Ledger::open(self.url()).await?)
     }
 }
 
@@ -675,14 +701,55 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Audit {
             command:
                 AuditCommand::Verify {
+                    connection,
+                    direct,
+                    ledger,
+                    ..
+                },
+        } if !ledger.direct(direct) => {
+            let answer = connection
+                .client()
+                .await?
+                .verify_audit(guardian_proto::v1::VerifyAuditRequest {})
+                .await
+                .map_err(|s| anyhow::anyhow!("the server refused VerifyAudit: {}", s.message()))?
+                .into_inner();
+            if !answer.intact {
+                if answer.broken_seq > 0 {
+                    println!(
+                        "audit chain BROKEN at seq {}: {}",
+                        answer.broken_seq, answer.reason
+                    );
+                } else {
+                    println!("audit chain BROKEN: {}", answer.reason);
+                }
+                std::process::exit(3);
+            }
+            println!("audit chain OK: {} entries", answer.entries);
+            if answer.anchors > 0 {
+                println!(
+                    "anchored: the newest of {} anchors (seq {}) matches",
+                    answer.anchors, answer.anchored_seq
+                );
+            } else {
+                eprintln!(
+                    "note: the server has no audit anchors: removed or rewritten newest entries cannot be told"
+                );
+            }
+            Ok(())
+        }
+        Command::Audit {
+            command:
+                AuditCommand::Verify {
                     ledger: args,
                     anchor_file,
+                    ..
                 },
         } => {
             let ledger = args.open().await?;
             let report = ledger.audit_verify().await?;
-            let anchor_file = anchor_file
-                .or_else(|| guardian_server::store::anchor::default_file(&args.ledger_url));
+            let anchor_file =
+                anchor_file.or_else(|| guardian_server::store::anchor::default_file(args.url()));
             let anchors = match &anchor_file {
                 Some(path) => guardian_server::store::anchor::read(path)
                     .map_err(|e| anyhow::anyhow!("{e}"))?,
@@ -726,15 +793,29 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Audit {
             command:
                 AuditCommand::List {
+                    connection,
+                    direct,
                     ledger,
                     after,
                     limit,
+                    node,
+                    kind,
                     output,
                 },
         } => {
-            let ledger = ledger.open().await?;
-            let entries = ledger.audit_entries(after, limit).await?;
-            ledger.close().await;
+            let filter = guardian_server::store::audit::AuditFilter {
+                node_id: node.unwrap_or_default(),
+                kind,
+                ..Default::default()
+            };
+            let entries = if ledger.direct(direct) {
+                let ledger = ledger.open().await?;
+                let entries = ledger.audit_entries_matching(after, limit, &filter).await?;
+                ledger.close().await;
+                entries
+            } else {
+                audit_entries_from_server(&connection, after, limit, &filter).await?
+            };
             match output {
                 Output::Table => {
                     println!(
@@ -778,6 +859,55 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Up to `limit` audit entries after `after` through the Fleet API (`ListAudit`, paged).
+async fn audit_entries_from_server(
+    connection: &Connection,
+    after: u64,
+    limit: usize,
+    filter: &guardian_server::store::audit::AuditFilter,
+) -> anyhow::Result<Vec<guardian_server::store::audit::AuditEntry>> {
+    let mut client = connection.client().await?;
+    let mut entries = Vec::new();
+    let mut after_seq = after;
+    while entries.len() < limit {
+        let page = client
+            .list_audit(guardian_proto::v1::ListAuditRequest {
+                after_seq,
+                limit: u32::try_from(limit - entries.len())
+                    .unwrap_or(10_000)
+                    .min(10_000),
+                node_id: filter.node_id.clone(),
+                kind: filter
+                    .kind
+                    .map(|k| k.as_str().to_owned())
+                    .unwrap_or_default(),
+                since_unix_ms: 0,
+                until_unix_ms: 0,
+            })
+            .await
+            .map_err(|s| anyhow::anyhow!("the server refused ListAudit: {}", s.message()))?
+            .into_inner();
+        for e in page.entries {
+            entries.push(guardian_server::store::audit::AuditEntry {
+                seq: e.seq,
+                at_unix_ms: e.at_unix_ms,
+                kind: e.kind.parse().map_err(|err| anyhow::anyhow!("{err}"))?,
+                node_id: e.node_id,
+                body: serde_json::from_str(&e.body_json).with_context(|| {
+                    format!("audit entry {} has a body that is not JSON", e.seq)
+                })?,
+                prev_hash: e.prev_hash,
+                hash: e.hash,
+            });
+        }
+        if page.next_after_seq == 0 {
+            break;
+        }
+        after_seq = page.next_after_seq;
+    }
+    Ok(entries)
 }
 
 fn print_command(record: &guardian_proto::v1::CommandRecord) {

@@ -50,6 +50,19 @@ const APPEND_ATTEMPTS: u32 = 20;
 
 const COLUMNS: &str = "seq, at_unix_ms, kind, node_id, body, prev_hash, hash";
 
+/// Which audit entries [`Ledger::audit_entries_matching`] returns.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuditFilter {
+    /// Only this node's ("" : every node's).
+    pub node_id: String,
+    /// Only this kind.
+    pub kind: Option<AuditKind>,
+    /// Only entries at or after this time, Unix ms.
+    pub since_unix_ms: Option<i64>,
+    /// Only entries at or before this time, Unix ms.
+    pub until_unix_ms: Option<i64>,
+}
+
 /// What an audit entry records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum AuditKind {
@@ -553,6 +566,34 @@ impl Ledger {
                 return Ok(report);
             }
         }
+    }
+
+    /// Up to `limit` entries with `seq > after_seq` that match `filter`, oldest first.
+    ///
+    /// # Errors
+    /// [`StoreError::Query`], also when a stored `kind` or `body` does not parse.
+    pub async fn audit_entries_matching(
+        &self,
+        after_seq: u64,
+        limit: usize,
+        filter: &AuditFilter,
+    ) -> Result<Vec<AuditEntry>, StoreError> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {COLUMNS} FROM audit_log WHERE seq > $1 AND ($2 = '' OR node_id = $2) \
+             AND ($3 = '' OR kind = $3) AND at_unix_ms >= $4 AND at_unix_ms <= $5 \
+             ORDER BY seq LIMIT $6"
+        )))
+        .bind(to_i64(after_seq))
+        .bind(filter.node_id.as_str())
+        .bind(filter.kind.map_or("", AuditKind::as_str))
+        .bind(filter.since_unix_ms.unwrap_or(i64::MIN))
+        .bind(filter.until_unix_ms.unwrap_or(i64::MAX))
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| Ok(StoredRow::read(row)?.into_entry()?))
+            .collect()
     }
 
     /// Up to `limit` entries with `seq > after_seq`, oldest first.
