@@ -65,6 +65,8 @@ pub struct ServerConfig {
     pub standby: bool,
     /// Kubernetes clusters the server may remediate in (`[kubernetes]`); none = off.
     pub kubernetes: crate::actuate::kubernetes::KubeSettings,
+    /// The HTTPS analysis endpoint for rollout gates (`[analysis]`); off by default.
+    pub analysis: crate::analysis::AnalysisSettings,
     /// TLS material.
     pub tls: ServerTls,
 }
@@ -100,6 +102,7 @@ impl Default for ServerConfig {
             reconcile: crate::reconcile::ReconcileSettings::default(),
             alerts: crate::actuate::alert::AlertSettings::default(),
             kubernetes: crate::actuate::kubernetes::KubeSettings::default(),
+            analysis: crate::analysis::AnalysisSettings::default(),
             standby: false,
             audit_anchor_file: PathBuf::new(),
             audit_anchor_every_seconds: 60,
@@ -382,6 +385,14 @@ const FIELD_DOCS: &[(&str, &str)] = &[
         "kubernetes.oom_check_interval_ms",
         "How often the pods of TaoNodes with a `memoryCeiling` are read for OOM kills, ms. Default 10000.",
     ),
+    (
+        "analysis.listen",
+        "HTTPS address of the analysis endpoint for rollout gates (GET /api/v1/risk?node=|network=|selector=; server certificate, bearer token); empty = off.",
+    ),
+    (
+        "analysis.token_sha256",
+        "Hex SHA-256 of each accepted bearer token (printf %s TOKEN | sha256sum); never the token itself.",
+    ),
 ];
 
 /// Comments above the tables that are maps of the operator's own entries (empty by default).
@@ -454,6 +465,13 @@ impl ServerConfig {
     /// # Errors
     /// The first [`ConfigError`] found.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.analysis.validate().map_err(|(field, problem)| {
+            ConfigError::new(
+                field,
+                problem,
+                "see [analysis] in --print-config, or remove analysis.listen to turn the endpoint off",
+            )
+        })?;
         if !(1024..=64 * 1024 * 1024).contains(&self.max_frame_bytes) {
             return Err(ConfigError::new(
                 "max_frame_bytes",
@@ -808,12 +826,14 @@ impl ServerConfig {
             reconcile: &'a crate::reconcile::ReconcileSettings,
             alerts: &'a crate::actuate::alert::AlertSettings,
             kubernetes: &'a crate::actuate::kubernetes::KubeSettings,
+            analysis: &'a crate::analysis::AnalysisSettings,
         }
         match toml::to_string(&Sections {
             detect: &self.detect,
             reconcile: &self.reconcile,
             alerts: &self.alerts,
             kubernetes: &self.kubernetes,
+            analysis: &self.analysis,
         }) {
             Ok(tables) => {
                 out.push_str(

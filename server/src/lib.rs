@@ -15,6 +15,7 @@
 //! rules (`server/tests/layering.rs` enforces them).
 
 pub mod actuate;
+pub mod analysis;
 pub mod api;
 pub mod batch;
 pub mod config;
@@ -61,6 +62,8 @@ pub struct Listeners {
     pub grpc: TcpListener,
     /// Plain HTTP admin.
     pub admin: TcpListener,
+    /// The HTTPS analysis endpoint, when `[analysis] listen` is set.
+    pub analysis: Option<TcpListener>,
 }
 
 /// Why the server stopped with an error.
@@ -214,6 +217,29 @@ pub async fn run(
     )
     .with_graceful_shutdown(shutdown.clone().cancelled_owned());
 
+    let analysis = match listeners.analysis {
+        Some(listener) => {
+            let read = |path: &std::path::Path| {
+                std::fs::read(path).map_err(|source| ServerError::ReadTls {
+                    path: path.display().to_string(),
+                    source,
+                })
+            };
+            let tls =
+                analysis::tls_config(&read(&config.tls.cert_file)?, &read(&config.tls.key_file)?)
+                    .map_err(|e| ServerError::Tls(listen::ListenError::Tls(e)))?;
+            let listener = analysis::TlsListener::new(listener, tls, shutdown.clone(), &tasks)
+                .map_err(ServerError::Admin)?;
+            let serve = axum::serve(
+                listener,
+                analysis::router(Arc::clone(&registry), &config.analysis),
+            )
+            .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+            Some(tokio::spawn(async move { serve.await }))
+        }
+        None => None,
+    };
+
     // Graceful shutdown waits for open streams; a peer that never reads must not hold it.
     let cut_off = async {
         shutdown.cancelled().await;
@@ -229,6 +255,11 @@ pub async fn run(
         }
     };
     let outcome = tokio::try_join!(grpc, async { admin.await.map_err(ServerError::Admin) });
+    if let Some(analysis) = analysis {
+        if let Ok(Err(error)) = analysis.await {
+            tracing::warn!(%error, "the analysis endpoint stopped with an error");
+        }
+    }
     // Either both stopped on shutdown, or one failed: stop the other parts too.
     shutdown.cancel();
     tasks.close();

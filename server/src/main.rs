@@ -179,14 +179,35 @@ async fn serve(config: ServerConfig) -> anyhow::Result<()> {
     let admin = tokio::net::TcpListener::bind(config.admin_listen)
         .await
         .with_context(|| format!("cannot bind admin_listen = {}", config.admin_listen))?;
+    let analysis = match config.analysis.validate().ok().flatten() {
+        Some(address) => Some(
+            tokio::net::TcpListener::bind(address)
+                .await
+                .with_context(|| format!("cannot bind analysis.listen = {address}"))?,
+        ),
+        None => None,
+    };
     // One stdout line that scripts and tests wait for; ports are the bound ones (port 0 works).
+    let analysis_field = match &analysis {
+        Some(listener) => format!(" analysis={}", listener.local_addr()?),
+        None => String::new(),
+    };
     println!(
-        "guardian-server listening grpc={} admin={}",
+        "guardian-server listening grpc={} admin={}{analysis_field}",
         grpc.local_addr()?,
         admin.local_addr()?
     );
     let shutdown = CancellationToken::new();
-    let server = run(Listeners { grpc, admin }, config, ledger, shutdown.clone());
+    let server = run(
+        Listeners {
+            grpc,
+            admin,
+            analysis,
+        },
+        config,
+        ledger,
+        shutdown.clone(),
+    );
     tokio::pin!(server);
     // Fencing: the lock is checked every second; once lost, nothing more is acted on
     // (`fence::deposed`) and the server stops, so that its supervisor starts it as a standby.

@@ -450,6 +450,7 @@ mod tests {
                 risk,
                 open_findings: 2,
                 paused: false,
+                kubernetes_node: String::new(),
             };
         let text = with_node_series(
             Metrics::default().render(),

@@ -110,6 +110,8 @@ pub struct NodeMetricRow {
     pub open_findings: u32,
     /// Paused by an operator.
     pub paused: bool,
+    /// The Kubernetes node the agent runs on ("" outside Kubernetes).
+    pub kubernetes_node: String,
 }
 
 /// The reconciler's figures shown on a node (see [`Registry::set_reconcile`]).
@@ -519,6 +521,7 @@ impl Registry {
                 risk: e.node.risk,
                 open_findings: e.node.open_findings,
                 paused: e.node.paused,
+                kubernetes_node: e.node.kubernetes_node.clone(),
             })
             .collect();
         rows.sort_by(|a, b| a.node.cmp(&b.node));

@@ -262,6 +262,8 @@ pub struct Server {
     pub grpc: SocketAddr,
     /// Its admin HTTP address.
     pub admin: SocketAddr,
+    /// Its HTTPS analysis endpoint, when `[analysis] listen` is set.
+    pub analysis: Option<SocketAddr>,
 }
 
 impl Server {
@@ -330,6 +332,7 @@ impl Server {
         Ok(Self {
             grpc: field("grpc")?,
             admin: field("admin")?,
+            analysis: field("analysis").ok(),
             proc,
         })
     }

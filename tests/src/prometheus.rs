@@ -69,6 +69,35 @@ impl Prometheus {
         })
     }
 
+    /// The `data` of an instant query of `promql` (URL-encoded by curl).
+    ///
+    /// # Errors
+    /// When Prometheus does not answer, or refuses the query (a parse error names itself).
+    pub fn query(&self, promql: &str) -> anyhow::Result<serde_json::Value> {
+        let out = Command::new("curl")
+            .args([
+                "-s",
+                "-m",
+                "5",
+                "-G",
+                "--data-urlencode",
+                &format!("query={promql}"),
+            ])
+            .arg(format!("http://127.0.0.1:{}/api/v1/query", self.port))
+            .output()
+            .context("curl is missing: bash scripts/setup installs it")?;
+        let body: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {
+            format!(
+                "prometheus answered {promql} with {:?}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })?;
+        if body["status"] != "success" {
+            bail!("prometheus refused {promql}: {body}");
+        }
+        Ok(body["data"].clone())
+    }
+
     /// `GET /api/v1/{path}`'s `data`, once Prometheus answers with status "success".
     ///
     /// # Errors

@@ -116,6 +116,55 @@ async fn prometheus_scrapes_the_server_and_evaluates_every_rule() -> anyhow::Res
         },
     )
     .await?;
+    // Each Prometheus query of the Argo Rollouts AnalysisTemplates (deploy/argo/) runs, its
+    // args filled as a Rollout fills them; without rollout labels the answer is empty, which
+    // every template's successCondition accepts (`len(result) == 0 || ...`).
+    let argo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/argo");
+    let mut queried = 0;
+    for entry in std::fs::read_dir(&argo)? {
+        let path = entry?.path();
+        if path.extension().is_none_or(|e| e != "yaml") {
+            continue;
+        }
+        let template: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(&path)?)?;
+        for metric in template["spec"]["metrics"]
+            .as_sequence()
+            .into_iter()
+            .flatten()
+        {
+            let Some(query) = metric["provider"]["prometheus"]["query"].as_str() else {
+                continue;
+            };
+            let mut filled = query.to_owned();
+            for arg in template["spec"]["args"].as_sequence().into_iter().flatten() {
+                let name = arg["name"].as_str().unwrap_or_default();
+                let value = arg["value"].as_str().unwrap_or(match name {
+                    "canary-hash" => "6d4f9c7b8",
+                    "stable-hash" => "5c8e7a6b4",
+                    _ => "unused",
+                });
+                filled = filled.replace(&format!("{{{{args.{name}}}}}"), value);
+            }
+            assert!(
+                !filled.contains("{{"),
+                "{}: an arg is left unfilled: {filled}",
+                path.display()
+            );
+            let data = prometheus
+                .query(&filled)
+                .map_err(|e| e.context(format!("{}", path.display())))?;
+            assert_eq!(data["resultType"], "vector", "{}: {data}", path.display());
+            let condition = metric["successCondition"].as_str().unwrap_or_default();
+            assert!(
+                condition.starts_with("len(result) == 0 || "),
+                "{}: {condition}",
+                path.display()
+            );
+            queried += 1;
+        }
+    }
+    assert_eq!(queried, 3, "the three Prometheus templates");
+
     // Nothing else fires on a healthy, idle server.
     let alerts = prometheus.api("alerts")?;
     let others: Vec<_> = alerts["alerts"]
