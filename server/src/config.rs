@@ -386,6 +386,10 @@ const FIELD_DOCS: &[(&str, &str)] = &[
         "How often the pods of TaoNodes with a `memoryCeiling` are read for OOM kills, ms. Default 10000.",
     ),
     (
+        "alerts.routes",
+        "Routes to Slack, Discord, PagerDuty or webhooks: [[alerts.routes]] with name, service (webhook, slack, discord, pagerduty), url, routing_key (PagerDuty), min_severity, networks, max_per_minute (default 30), repeat_after_seconds (default 3600).",
+    ),
+    (
         "analysis.listen",
         "HTTPS address of the analysis endpoint for rollout gates (GET /api/v1/risk?node=|network=|selector=; server certificate, bearer token); empty = off.",
     ),

@@ -620,6 +620,7 @@ impl Runner {
                     pass.carry.writes.cleared.push(ClearedFinding {
                         finding_id: *finding_id,
                         node_id: node_id.to_owned(),
+                        network: network.to_owned(),
                         kind: kind.clone(),
                     });
                     pass.cleared_keys.push((key.to_owned(), kind.clone()));

@@ -20,6 +20,7 @@
 pub mod alert;
 pub mod kubernetes;
 pub mod live;
+pub mod notify;
 pub mod sign;
 
 use std::collections::{BTreeMap, HashMap};
@@ -530,6 +531,18 @@ impl Actuator {
                     at_unix_ms: now,
                 });
             }
+        }
+        for cleared in &pass.writes.cleared {
+            // Routes send a "resolved" message only for what they sent the trigger of.
+            self.alerts.send(Alert {
+                event: "finding_cleared",
+                node_id: cleared.node_id.clone(),
+                network: cleared.network.clone(),
+                kind: cleared.kind.clone(),
+                severity: "info",
+                summary: format!("{} cleared", cleared.kind),
+                at_unix_ms: now,
+            });
         }
         for (node, from, to, attempts, reason) in &pass.decided {
             tracing::info!(node = %node, from, to, attempts, reason, "PhaseDecided");

@@ -284,6 +284,8 @@ pub struct ClearedFinding {
     pub finding_id: u64,
     /// The node, or `""`.
     pub node_id: String,
+    /// Its network (for alerts).
+    pub network: String,
     /// Its kind.
     pub kind: String,
 }
