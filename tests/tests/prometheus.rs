@@ -165,6 +165,38 @@ async fn prometheus_scrapes_the_server_and_evaluates_every_rule() -> anyhow::Res
     }
     assert_eq!(queried, 3, "the three Prometheus templates");
 
+    // Every panel query of the Grafana server-health dashboard runs (Grafana's $__rate_interval
+    // and the dashboard's $job filled in), and the ones over gauges of this server answer.
+    let dashboard: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/grafana/server-health.json"),
+    )?)?;
+    let mut panels = 0;
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().expect("targets") {
+            let expr = target["expr"]
+                .as_str()
+                .expect("expr")
+                .replace("$__rate_interval", "1m")
+                .replace("$job", "guardian-server");
+            let data = prometheus
+                .query(&expr)
+                .map_err(|e| e.context(format!("panel {}", panel["title"])))?;
+            assert_eq!(
+                data["resultType"], "vector",
+                "panel {}: {data}",
+                panel["title"]
+            );
+            panels += 1;
+        }
+    }
+    assert_eq!(panels, 10);
+    let phases =
+        prometheus.query("sum by (phase) (guardian_node_phase{job=\"guardian-server\"})")?;
+    assert!(
+        phases["result"].as_array().is_some_and(|r| !r.is_empty()),
+        "{phases}"
+    );
+
     // Nothing else fires on a healthy, idle server.
     let alerts = prometheus.api("alerts")?;
     let others: Vec<_> = alerts["alerts"]
