@@ -162,7 +162,24 @@ impl Fleet for FleetApi {
         self.authorize(&request, "ListNodes").await?;
         let nodes = self.registry.list();
         let fleet_risk = nodes.iter().map(|n| n.risk).fold(0.0, f64::max);
-        Ok(Response::new(ListNodesResponse { nodes, fleet_risk }))
+        let work = crate::progress::PROGRESS
+            .snapshot()
+            .into_iter()
+            .map(|w| guardian_proto::v1::ServerWork {
+                name: w.name.to_owned(),
+                what: w.what.to_owned(),
+                unit: w.unit.to_owned(),
+                done: w.done,
+                total: w.total,
+                rate_per_second: w.rate_per_second,
+                eta_seconds: w.eta_seconds.unwrap_or(-1.0),
+            })
+            .collect();
+        Ok(Response::new(ListNodesResponse {
+            nodes,
+            fleet_risk,
+            work,
+        }))
     }
 
     async fn get_node(&self, request: Request<GetNodeRequest>) -> Result<Response<Node>, Status> {

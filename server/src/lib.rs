@@ -28,6 +28,7 @@ pub mod ingest;
 pub mod listen;
 pub mod metrics;
 pub mod pki;
+pub mod progress;
 pub mod read_ahead;
 pub mod reconcile;
 pub mod registry;
@@ -300,7 +301,21 @@ async fn rebuild_windows(
 ) {
     let started = std::time::Instant::now();
     let since = unix_ms() - registry.window_ms();
-    match tokio::time::timeout(Duration::from_secs(30), telemetry.recent(since)).await {
+    let progress = &progress::PROGRESS;
+    progress.start(
+        "window_rebuild",
+        "rebuilding the per-node windows from the telemetry store",
+        "rows",
+        0,
+    );
+    let read = tokio::time::timeout(Duration::from_secs(30), telemetry.recent(since)).await;
+    if let Ok(Ok((host, chain))) = &read {
+        let rows = (host.len() + chain.len()) as u64;
+        progress.set_total("window_rebuild", rows);
+    }
+    let outcome = read;
+    progress.finish("window_rebuild");
+    match outcome {
         Ok(Ok((host, chain))) => {
             let rows = host.len() + chain.len();
             let points = registry.rebuild_windows(host, chain);

@@ -173,6 +173,21 @@ async fn clickhouse_down_for_a_minute_loses_and_doubles_nothing() -> TestResult 
     let log = rig.server_log();
     assert!(log.contains("ClickHouseUnavailable"), "{log}");
     assert!(log.contains("ClickHouseRecovered"), "{log}");
+    // The replay is long work: started with its total, and reported done with its rate.
+    let started = log
+        .lines()
+        .find(|l| l.contains("ProgressStarted") && l.contains("outbox_replay"))
+        .unwrap_or_else(|| panic!("no ProgressStarted for the replay: {log}"));
+    assert!(
+        started.contains("total=") && !started.contains("total=0 "),
+        "{started}"
+    );
+    assert!(
+        log.lines().any(|l| l.contains("ProgressDone")
+            && l.contains("outbox_replay")
+            && l.contains("rate_per_second=")),
+        "{log}"
+    );
     Ok(())
 }
 

@@ -59,27 +59,12 @@ pub fn dedup_key(alert: &Alert) -> String {
     format!("taonode-guardian/{subject}/{}", alert.kind)
 }
 
-/// RFC 3339 UTC time of `unix_ms`.
+/// RFC 3339 UTC time of `unix_ms`, with milliseconds.
 fn rfc3339(unix_ms: i64) -> String {
-    let secs = unix_ms.div_euclid(1000);
-    let millis = unix_ms.rem_euclid(1000);
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    // Civil from days (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
     format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
+        "{}.{:03}Z",
+        crate::utc(unix_ms).replacen(' ', "T", 1),
+        unix_ms.rem_euclid(1000)
     )
 }
 

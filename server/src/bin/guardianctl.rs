@@ -403,12 +403,17 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         }
         Command::Status { connection, output } => {
             let mut client = connection.client().await?;
-            let nodes = client
+            let answer = client
                 .list_nodes(ListNodesRequest {})
                 .await
                 .map_err(status_error)?
-                .into_inner()
-                .nodes;
+                .into_inner();
+            // Long work in progress on the server: a banner on stderr (stdout stays the table
+            // or the JSON).
+            for work in &answer.work {
+                eprintln!("{}", work_banner(work));
+            }
+            let nodes = answer.nodes;
             let now = unix_ms();
             match output {
                 Output::Table => print!("{}", table(&nodes, now)),
@@ -908,6 +913,19 @@ async fn audit_entries_from_server(
         after_seq = page.next_after_seq;
     }
     Ok(entries)
+}
+
+/// `server busy: replaying the ClickHouse outbox: 1200 / 5000 batches (24 %), 310/s, ETA 12 s`.
+fn work_banner(work: &guardian_proto::v1::ServerWork) -> String {
+    let line = guardian_server::progress::describe(
+        &work.what,
+        &work.unit,
+        work.done,
+        work.total,
+        work.rate_per_second,
+        (work.eta_seconds >= 0.0).then_some(work.eta_seconds),
+    );
+    format!("server busy: {line}")
 }
 
 fn print_command(record: &guardian_proto::v1::CommandRecord) {

@@ -16,7 +16,7 @@
 //!   durable copy until ClickHouse holds it.
 //! - While ClickHouse is down, batches stay in the outbox (acked, durable); the breaker
 //!   spaces out probes; when ClickHouse returns, the backlog is replayed in order with
-//!   progress in the log (`OutboxReplay`) and in `guardian_outbox_*` metrics.
+//!   progress in the log (`Progress`, with rate and ETA; `guardianctl status` shows a banner) and in `guardian_outbox_*` metrics.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -145,8 +145,8 @@ pub async fn run(
     // failed INSERT): those are read back and left out.
     let mut audit_recheck = true;
     let mut last_retention: Option<Instant> = None;
-    let mut last_progress = Instant::now();
     let mut replaying = false;
+    let mut replay_total = 0u64;
     let max_rows = settings.insert_max_rows.max(1);
     let max_delay = Duration::from_millis(settings.insert_max_delay_ms);
     loop {
@@ -298,11 +298,24 @@ pub async fn run(
                 rows: stats.rows,
             })
         };
+        // A probe of a ClickHouse that was away, with batches waiting: the replay begins (its
+        // first chunk may be all of it).
+        let pending = outbox.batches.load(Ordering::Relaxed);
+        if breaker.gauge() != 0 && pending > 0 && replay_total == 0 {
+            replay_total = pending;
+            crate::progress::PROGRESS.start(
+                "outbox_replay",
+                "replaying the ClickHouse outbox",
+                "batches",
+                replay_total,
+            );
+        }
         match attempt.await {
             Ok(step) => {
                 if breaker.success() {
+                    let pending = outbox.batches.load(Ordering::Relaxed);
                     tracing::info!(
-                        pending_batches = outbox.batches.load(Ordering::Relaxed),
+                        pending_batches = pending,
                         "ClickHouseRecovered: replaying the outbox in order"
                     );
                     replaying = true;
@@ -312,6 +325,11 @@ pub async fn run(
                         if replaying {
                             tracing::info!("OutboxReplay complete: ClickHouse is up to date");
                             replaying = false;
+                        }
+                        if replay_total > 0 {
+                            crate::progress::PROGRESS.set_done("outbox_replay", replay_total);
+                            crate::progress::PROGRESS.finish("outbox_replay");
+                            replay_total = 0;
                         }
                         if shutdown.is_cancelled() {
                             return;
@@ -330,13 +348,10 @@ pub async fn run(
                     }
                     Step::Inserted { batches, rows } => {
                         tracing::debug!(batches, rows, "ClickHouseInserted");
-                        if replaying && last_progress.elapsed() >= Duration::from_secs(5) {
-                            last_progress = Instant::now();
-                            tracing::info!(
-                                remaining_batches = outbox.batches.load(Ordering::Relaxed),
-                                remaining_bytes = outbox.bytes.load(Ordering::Relaxed),
-                                "OutboxReplay in progress"
-                            );
+                        if replay_total > 0 {
+                            let remaining = outbox.batches.load(Ordering::Relaxed);
+                            crate::progress::PROGRESS
+                                .set_done("outbox_replay", replay_total.saturating_sub(remaining));
                         }
                     }
                 }
