@@ -171,7 +171,7 @@ fn check_pagerduty(body: &Value, routing_key: &str) {
 async fn a_lagging_node_is_sent_to_every_route_in_its_format_and_resolved_when_it_heals()
 -> anyhow::Result<()> {
     let (address, received) = receivers().await?;
-    let key = "R0UTINGKEY0123456789abcdef012345";
+    let key = "R0UTINGKEY0123456789abcdef012345"; // pragma: allowlist secret (a test routing key)
     let scratch = Scratch::new(&["val-1"])?;
     let routes = format!(
         "[detect]\nfrozen_head_ms = 2500\n[reconcile]\nevaluate_interval_ms = 200\n\
