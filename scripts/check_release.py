@@ -80,6 +80,12 @@ def main() -> int:
          lambda d: release.attestation_path(d, Path("bin/guardian-agent")).unlink(), "unsigned artifact", False),
         ("an extra, unsigned file", lambda d: (d / "bin" / "helper").write_bytes(b"#!/bin/sh\n"),
          "unsigned artifact", False),
+        ("an artifact removed together with its attestation",
+         lambda d: [(d / "images" / image).unlink(),
+                    release.attestation_path(d, Path("images") / image).unlink()],
+         "an artifact was removed", False),
+        ("the signed release list removed", lambda d: (d / release.MANIFEST_ENVELOPE).unlink(),
+         "unreadable signed release list", False),
     ]
     passed = failed = 0
     for name, change, expect, ok in cases:

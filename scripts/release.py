@@ -51,6 +51,9 @@ BINARIES = ("guardian-server", "guardianctl", "guardian-agent")
 IMAGES = {"guardian-server": ("guardian-server", "guardianctl"), "guardian-agent": ("guardian-agent",)}
 ARTIFACT_DIRS = ("bin", "images", "chart", "sbom", "policy")
 PAYLOAD_TYPE = "application/vnd.in-toto+json"
+# The signed list of every artifact of a release (what `verify` expects to find, exactly).
+MANIFEST_ENVELOPE = "release.intoto.json"
+MANIFEST_PREDICATE = "https://github.com/taonode/guardian/blob/main/RELEASING.md#release-manifest"
 BUILD_TYPE = "https://github.com/taonode/guardian/blob/main/RELEASING.md#make-release"
 NAMESPACE = uuid.UUID("5b0c1b5e-4f3a-5d2e-9a61-7d1c0e6a2b10")
 
@@ -205,7 +208,10 @@ def open_envelope(path: Path, public) -> dict:
             public.verify(base64.b64decode(s["sig"], validate=True), pae(PAYLOAD_TYPE, payload))
         except (InvalidSignature, ValueError, KeyError):
             continue
-        return json.loads(payload)
+        statement = json.loads(payload)
+        if not isinstance(statement, dict):
+            raise Fail(f"{path}: the signed payload is not a statement")
+        return statement
     raise Fail(f"{path}: no valid signature by the release key {want[:16]}… (tampered, or signed by another key)")
 
 
@@ -217,8 +223,14 @@ def package_chart(src: Path, out: Path) -> None:
     chart = tomllib_yaml_name(src / "Chart.yaml")
     mtime = int(source_date().timestamp())
     buf = io.BytesIO()
+    # The chart as committed: untracked or ignored files (a local values file) stay out.
+    tracked = subprocess.run(["git", "ls-files", "-z", "--", str(src)], cwd=ROOT, check=True,
+                             capture_output=True).stdout.decode().split("\0")
+    files = sorted(ROOT / t for t in tracked if t)
+    if not files:
+        raise Fail(f"{src}: no tracked files: is it inside this repository?")
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for path in sorted(p for p in src.rglob("*") if p.is_file()):
+        for path in files:
             info = tarfile.TarInfo(f"{chart}/{path.relative_to(src)}")
             data = path.read_bytes()
             info.size, info.mtime, info.mode = len(data), mtime, 0o644
@@ -609,8 +621,16 @@ def attest(dist: Path, key_path: Path, revision: str, source: str) -> None:
         write_json(attestation_path(dist, artifact), sign_envelope(statement, key))
         manifest.append({"path": str(artifact), "subjects": statement["subject"]})
     (dist / "release.pub").write_bytes(public_pem(key.public_key()))
-    write_json(dist / "release.json", {"revision": revision, "source": source, "version": workspace_version(),
-                                       "keyid": keyid(key.public_key()), "artifacts": manifest})
+    release = {"revision": revision, "source": source, "version": workspace_version(),
+               "keyid": keyid(key.public_key()), "artifacts": manifest}
+    write_json(dist / "release.json", release)
+    # The list itself, signed: an artifact removed together with its attestation is missed.
+    write_json(dist / MANIFEST_ENVELOPE, sign_envelope({
+        "_type": "https://in-toto.io/Statement/v1",
+        "subject": [s for a in manifest for s in a["subjects"][:1]],
+        "predicateType": MANIFEST_PREDICATE,
+        "predicate": release,
+    }, key))
     print(f"release: {len(files)} artifacts attested and signed (key {keyid(key.public_key())[:16]}…)")
 
 
@@ -620,6 +640,26 @@ def verify(dist: Path, pub: Path, revision: str) -> None:
     if not files:
         raise Fail(f"{dist}: no artifacts to verify (looked under {', '.join(ARTIFACT_DIRS)})")
     problems: list[str] = []
+    # The signed list first: every artifact it names must be here, and nothing else.
+    try:
+        listed = open_envelope(dist / MANIFEST_ENVELOPE, public)
+        if listed.get("predicateType") != MANIFEST_PREDICATE:
+            raise Fail(f"{MANIFEST_ENVELOPE}: not a release manifest")
+        release = listed["predicate"]
+        if release.get("revision") != revision:
+            raise Fail(f"{MANIFEST_ENVELOPE}: the release is of {release.get('revision')}, not of the revision asked for ({revision})")
+        names = {a["path"] for a in release["artifacts"]}
+        on_disk = {str(f) for f in files}
+        for missing in sorted(names - on_disk):
+            problems.append(f"{missing}: listed in the signed release but missing: an artifact was removed")
+            print(f"release: FAIL {problems[-1]}")
+        print(f"release: ok   {MANIFEST_ENVELOPE}: the signed list of {len(names)} artifacts")
+    except (OSError, KeyError, TypeError, AttributeError) as e:
+        problems.append(f"{MANIFEST_ENVELOPE}: unreadable signed release list ({e})")
+        print(f"release: FAIL {problems[-1]}")
+    except Fail as e:
+        problems.append(str(e))
+        print(f"release: FAIL {e}")
     attested = set()
     for artifact in files:
         att = attestation_path(dist, artifact)

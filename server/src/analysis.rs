@@ -6,7 +6,8 @@
 //! `{"scope", "nodes", "risk", "phase", "phases", "worst"}`: the highest risk and the worst
 //! phase of the matching nodes. Selector keys are the node's labels: `node`, `network`,
 //! `phase`, `connected`, `kubernetes_node`. No match is a 404 (an analysis then errors,
-//! which Argo counts as inconclusive, never as healthy).
+//! which Argo counts as inconclusive, never as healthy), and a node whose agent is not
+//! connected counts with risk 1 (its health is not known).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -64,6 +65,12 @@ impl AnalysisSettings {
             ));
         }
         for hash in &self.token_sha256 {
+            if hash.eq_ignore_ascii_case(EMPTY_SHA256) {
+                return Err((
+                    "analysis.token_sha256",
+                    "that is the SHA-256 of an empty token (was the variable unset when it was hashed?): hash a real token".into(),
+                ));
+            }
             if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
                 return Err((
                     "analysis.token_sha256",
@@ -76,6 +83,9 @@ impl AnalysisSettings {
         Ok(Some(addr))
     }
 }
+
+/// SHA-256 of the empty string: never an accepted token.
+const EMPTY_SHA256: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"; // pragma: allowlist secret
 
 #[derive(Clone)]
 struct AnalysisState {
@@ -172,7 +182,11 @@ fn authorized(headers: &HeaderMap, tokens: &[String]) -> bool {
     else {
         return false;
     };
-    let digest = ring::digest::digest(&ring::digest::SHA256, token.trim().as_bytes());
+    let token = token.trim();
+    if token.is_empty() {
+        return false;
+    }
+    let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
     let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
     tokens.iter().any(|t| t.eq_ignore_ascii_case(&hex))
 }
@@ -229,6 +243,13 @@ async fn risk(
             requirements
                 .iter()
                 .all(|r| (label(row, &r.key) == r.value) == r.equal)
+        })
+        .map(|mut row| {
+            // A node whose agent is away is not known to be healthy: its risk counts as 1.
+            if !row.connected {
+                row.risk = 1.0;
+            }
+            row
         })
         .collect();
     let Some(worst) = rows.iter().max_by(|a, b| {
@@ -416,6 +437,17 @@ mod tests {
             .1;
         assert!(err.contains("never the token"), "{err}");
         assert!(on(&[&"ab".repeat(32)]).validate().expect("valid").is_some());
+        let err = on(&[EMPTY_SHA256])
+            .validate()
+            .expect_err("the empty token's hash")
+            .1;
+        assert!(err.contains("empty token"), "{err}");
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::AUTHORIZATION,
+            header::HeaderValue::from_static("Bearer "),
+        );
+        assert!(!authorized(&headers, &[EMPTY_SHA256.to_owned()]));
     }
 
     #[test]

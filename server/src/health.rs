@@ -32,11 +32,23 @@ pub(crate) fn watch_ledger(
     tasks.spawn(async move {
         let mut last = None;
         loop {
-            let status = match ledger.ping().await {
-                Ok(()) => ServingStatus::Serving,
-                Err(error) => {
+            let ping = tokio::select! {
+                () = shutdown.cancelled() => break,
+                ping = tokio::time::timeout(CHECK_EVERY, ledger.ping()) => ping,
+            };
+            let status = match ping {
+                Ok(Ok(())) => ServingStatus::Serving,
+                Ok(Err(error)) => {
                     if last != Some(ServingStatus::NotServing) {
                         tracing::warn!(%error, "HealthNotServing: the ledger does not answer");
+                    }
+                    ServingStatus::NotServing
+                }
+                Err(_) => {
+                    if last != Some(ServingStatus::NotServing) {
+                        tracing::warn!(
+                            "HealthNotServing: the ledger did not answer within {CHECK_EVERY:?}"
+                        );
                     }
                     ServingStatus::NotServing
                 }

@@ -6,7 +6,9 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use guardian_tests::{Scratch, Server, stream_two_day_batches};
+use guardian_tests::{
+    Scratch, Server, eventually, hello_frame, raw_uplink, two_day_batch, wait_for_ack,
+};
 
 const TOKEN: &str = "analysis-test-token-8f1d";
 
@@ -64,8 +66,20 @@ async fn the_risk_template_reads_the_live_endpoint_and_a_wrong_token_is_refused(
     let address = server
         .analysis
         .expect("the listening line names the analysis address");
-    stream_two_day_batches(&scratch, server.grpc, "val-a", 1..=3).await?;
-    stream_two_day_batches(&scratch, server.grpc, "val-b", 1..=3).await?;
+    // Two agents that stay connected (a node whose agent is away counts as risk 1).
+    let mut streams = Vec::new();
+    for node in ["val-a", "val-b"] {
+        let (cert, key) = scratch.pki.node(node);
+        let channel = scratch.channel(server.grpc, &cert, &key).await?;
+        let (tx, mut replies) = raw_uplink(channel, vec![hello_frame(node, "local")])
+            .await
+            .map_err(|s| anyhow::anyhow!("{node} refused: {s:?}"))?;
+        for seq in 1..=3 {
+            tx.send(two_day_batch(seq)?).await?;
+            wait_for_ack(&mut replies, seq).await?;
+        }
+        streams.push((tx, replies));
+    }
 
     // The template, as Argo would fill it.
     let template: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(
@@ -111,8 +125,23 @@ async fn the_risk_template_reads_the_live_endpoint_and_a_wrong_token_is_refused(
         let want_nodes = if scope.starts_with("node=") { 1 } else { 2 };
         assert_eq!(answer["nodes"], want_nodes, "{scope}: {answer}");
     }
-    // The condition does fail a risky reading (the gate can stop a rollout).
+    // The condition fails a risky reading: val-b's agent goes away, and a node of unknown
+    // health counts as risk 1, so the gate stops a rollout that touches it.
     assert!(!condition_holds(condition, 0.75));
+    drop(streams.pop());
+    let url = fill(web["url"].as_str().expect("url"), "node=val-b");
+    let risk = eventually(
+        std::time::Duration::from_secs(10),
+        "val-b to count as risk 1",
+        || async {
+            let (_, body) = get(&scratch, &url, Some(token)).ok()?;
+            let answer: serde_json::Value = serde_json::from_str(&body).ok()?;
+            let risk = path.query(&answer).exactly_one().ok()?.as_f64()?;
+            (risk >= 1.0).then_some(risk)
+        },
+    )
+    .await?;
+    assert!(!condition_holds(condition, risk));
 
     // Refusals: no token, a wrong token, no scope, an unknown node or label.
     let url = format!("{base}/api/v1/risk?network=local");

@@ -206,7 +206,10 @@ struct RouteHandle {
 
 impl RouteHandle {
     fn takes(&self, alert: &Alert) -> bool {
-        let network = self.networks.is_empty() || self.networks.iter().any(|n| *n == alert.network);
+        // An alert without a network (a Kubernetes remediation alert) goes to every route.
+        let network = self.networks.is_empty()
+            || alert.network.is_empty()
+            || self.networks.iter().any(|n| *n == alert.network);
         let severity = match alert.event {
             // Resolves go where their trigger went (the sender knows); remediation alerts always.
             "finding_cleared" | "remediation_alert" => true,
@@ -336,7 +339,18 @@ impl Sender {
             Client::builder(hyper_util::rt::TokioExecutor::new()).build(connector);
         loop {
             let alert = tokio::select! {
-                () = shutdown.cancelled() => break,
+                () = shutdown.cancelled() => {
+                    // What is still queued at shutdown is counted, not silently gone.
+                    let mut left = 0;
+                    while let Ok(alert) = queue.try_recv() {
+                        left += 1;
+                        tracing::warn!(node = alert.node_id, kind = alert.kind, "AlertNotSent: the server is stopping");
+                    }
+                    for _ in 0..left {
+                        self.count("dropped_shutdown");
+                    }
+                    break;
+                }
                 next = queue.recv() => match next {
                     Some(alert) => alert,
                     None => break,
@@ -344,8 +358,10 @@ impl Sender {
             };
             let key = notify::dedup_key(&alert);
             let now = Instant::now();
-            if notify::is_resolve(&alert) {
-                if self.open.remove(&key).is_none() {
+            let resolve = notify::is_resolve(&alert);
+            if resolve {
+                // Only what this route triggered; the key goes once the resolve is delivered.
+                if !self.open.contains_key(&key) {
                     continue;
                 }
             } else if let Some(sent) = self.open.get(&key)
@@ -362,7 +378,8 @@ impl Sender {
             {
                 self.recent.pop_front();
             }
-            if self.recent.len() >= self.route.max_per_minute as usize {
+            // Resolves are never rate limited: a dropped one would leave an incident open.
+            if !resolve && self.recent.len() >= self.route.max_per_minute as usize {
                 self.count("rate_limited");
                 tracing::warn!(
                     key,
@@ -381,7 +398,9 @@ impl Sender {
             let delivered = self.deliver(&client, &body, &alert, &shutdown).await;
             if delivered {
                 self.count("delivered");
-                if !notify::is_resolve(&alert) {
+                if resolve {
+                    self.open.remove(&key);
+                } else {
                     self.open.insert(key, now);
                 }
             } else {
@@ -640,6 +659,33 @@ mod tests {
             metrics
                 .render()
                 .contains("guardian_alerts_total{reason=\"rate_limited\"} 2")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_resolve_is_never_rate_limited_and_a_networkless_remediation_alert_passes_the_filter()
+    {
+        let (url, bodies) = receiver(Vec::new()).await;
+        let route = RouteSettings {
+            max_per_minute: 1,
+            networks: vec!["finney".into()],
+            ..RouteSettings::default()
+        };
+        let alerts = Alerts::spawn(
+            &settings(&url, route),
+            Arc::new(Metrics::default()),
+            CancellationToken::new(),
+            &TaskTracker::new(),
+        );
+        alerts.send(finding("val-a", "block_lag", "finding_raised"));
+        alerts.send(finding("val-a", "block_lag", "finding_cleared"));
+        let mut kube = finding("val-k", "kubernetes_backlog", "remediation_alert");
+        kube.network = String::new();
+        assert!(alerts.routes[0].takes(&kube));
+        assert_eq!(
+            settle(&bodies, 2).await,
+            2,
+            "trigger and resolve both delivered within one minute's budget of 1"
         );
     }
 
