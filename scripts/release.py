@@ -231,7 +231,7 @@ def package_chart(src: Path, out: Path) -> None:
         raise Fail(f"{src}: no tracked files: is it inside this repository?")
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for path in files:
-            info = tarfile.TarInfo(f"{chart}/{path.relative_to(src)}")
+            info = tarfile.TarInfo(f"{chart}/{path.relative_to(src.resolve())}")
             data = path.read_bytes()
             info.size, info.mtime, info.mode = len(data), mtime, 0o644
             info.uid = info.gid = 0

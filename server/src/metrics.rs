@@ -345,22 +345,6 @@ impl Metrics {
     }
 }
 
-/// Phases a node can be in: `guardian_node_phase` has one series per phase (1 for the
-/// node's, 0 for the rest), so a rule can select on the phase without a regex.
-const PHASES: [crate::reconcile::Phase; 8] = {
-    use crate::reconcile::Phase;
-    [
-        Phase::Pending,
-        Phase::Syncing,
-        Phase::Synced,
-        Phase::Degraded,
-        Phase::Recovering,
-        Phase::Failed,
-        Phase::Cordoned,
-        Phase::Paused,
-    ]
-};
-
 /// `text` (the registry's exposition) with the per-node gauges added before its `# EOF`:
 /// `guardian_node_risk`, `guardian_node_open_findings`, `guardian_node_connected`,
 /// `guardian_node_last_seen_timestamp_seconds` and `guardian_node_phase`, each labelled with
@@ -420,7 +404,8 @@ pub fn with_node_series(mut text: String, rows: &[crate::registry::NodeMetricRow
         } else {
             row.phase.as_str()
         };
-        for p in PHASES.map(crate::reconcile::Phase::as_str) {
+        // One series per phase (1 for the node's, 0 for the rest): rules select without a regex.
+        for p in crate::reconcile::Phase::ALL.map(crate::reconcile::Phase::as_str) {
             let _ = writeln!(
                 text,
                 "guardian_node_phase{{node=\"{}\",network=\"{}\",phase=\"{p}\"}} {}",

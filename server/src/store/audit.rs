@@ -605,16 +605,8 @@ impl Ledger {
         after_seq: u64,
         limit: usize,
     ) -> Result<Vec<AuditEntry>, StoreError> {
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {COLUMNS} FROM audit_log WHERE seq > $1 ORDER BY seq LIMIT $2"
-        )))
-        .bind(to_i64(after_seq))
-        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|row| Ok(StoredRow::read(row)?.into_entry()?))
-            .collect()
+        self.audit_entries_matching(after_seq, limit, &AuditFilter::default())
+            .await
     }
 }
 
