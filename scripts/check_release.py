@@ -85,7 +85,7 @@ def main() -> int:
                     release.attestation_path(d, Path("images") / image).unlink()],
          "an artifact was removed", False),
         ("the signed release list removed", lambda d: (d / release.MANIFEST_ENVELOPE).unlink(),
-         "unreadable signed release list", False),
+         "no signed release list", False),
     ]
     passed = failed = 0
     for name, change, expect, ok in cases:

@@ -642,6 +642,8 @@ def verify(dist: Path, pub: Path, revision: str) -> None:
     problems: list[str] = []
     # The signed list first: every artifact it names must be here, and nothing else.
     try:
+        if not (dist / MANIFEST_ENVELOPE).exists():
+            raise Fail(f"{MANIFEST_ENVELOPE} is missing: no signed release list, so removed artifacts cannot be told")
         listed = open_envelope(dist / MANIFEST_ENVELOPE, public)
         if listed.get("predicateType") != MANIFEST_PREDICATE:
             raise Fail(f"{MANIFEST_ENVELOPE}: not a release manifest")
