@@ -256,10 +256,10 @@ pub async fn run(
         }
     };
     let outcome = tokio::try_join!(grpc, async { admin.await.map_err(ServerError::Admin) });
-    if let Some(analysis) = analysis {
-        if let Ok(Err(error)) = analysis.await {
-            tracing::warn!(%error, "the analysis endpoint stopped with an error");
-        }
+    if let Some(analysis) = analysis
+        && let Ok(Err(error)) = analysis.await
+    {
+        tracing::warn!(%error, "the analysis endpoint stopped with an error");
     }
     // Either both stopped on shutdown, or one failed: stop the other parts too.
     shutdown.cancel();

@@ -463,7 +463,7 @@ async fn guardianctl_lists_and_verifies_the_audit_through_the_fleet_api() -> Tes
     let refused = client
         .list_audit(guardian_proto::v1::ListAuditRequest::default())
         .await
-        .unwrap_err();
+        .expect_err("an agent certificate is refused");
     assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
     Ok(())
 }

@@ -36,7 +36,9 @@ async fn health_on_both_listeners_and_reflection_lists_and_describes_the_fleet_a
     for service in ["", "guardian.v1.Fleet", "guardian.v1.Uplink"] {
         assert_eq!(status(mtls.clone(), service).await?, serving, "{service:?}");
     }
-    let unknown = status(mtls.clone(), "guardian.v1.Nope").await.unwrap_err();
+    let unknown = status(mtls.clone(), "guardian.v1.Nope")
+        .await
+        .expect_err("an unknown service");
     assert_eq!(unknown.code(), tonic::Code::NotFound, "{unknown:?}");
 
     // Admin listener: plain HTTP/2 (h2c), as a Kubernetes grpc probe calls it.

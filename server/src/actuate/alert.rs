@@ -209,7 +209,7 @@ impl RouteHandle {
         // An alert without a network (a Kubernetes remediation alert) goes to every route.
         let network = self.networks.is_empty()
             || alert.network.is_empty()
-            || self.networks.iter().any(|n| *n == alert.network);
+            || self.networks.contains(&alert.network);
         let severity = match alert.event {
             // Resolves go where their trigger went (the sender knows); remediation alerts always.
             "finding_cleared" | "remediation_alert" => true,
