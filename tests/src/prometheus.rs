@@ -74,28 +74,9 @@ impl Prometheus {
     /// # Errors
     /// When Prometheus does not answer, or refuses the query (a parse error names itself).
     pub fn query(&self, promql: &str) -> anyhow::Result<serde_json::Value> {
-        let out = Command::new("curl")
-            .args([
-                "-s",
-                "-m",
-                "5",
-                "-G",
-                "--data-urlencode",
-                &format!("query={promql}"),
-            ])
-            .arg(format!("http://127.0.0.1:{}/api/v1/query", self.port))
-            .output()
-            .context("curl is missing: bash scripts/setup installs it")?;
-        let body: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {
-            format!(
-                "prometheus answered {promql} with {:?}",
-                String::from_utf8_lossy(&out.stdout)
-            )
-        })?;
-        if body["status"] != "success" {
-            bail!("prometheus refused {promql}: {body}");
-        }
-        Ok(body["data"].clone())
+        let url = format!("http://127.0.0.1:{}/api/v1/query", self.port);
+        let encoded = format!("query={promql}");
+        self.get(promql, &["-G", "--data-urlencode", &encoded, &url])
     }
 
     /// `GET /api/v1/{path}`'s `data`, once Prometheus answers with status "success".
@@ -103,24 +84,25 @@ impl Prometheus {
     /// # Errors
     /// When Prometheus does not answer, or answers with an error.
     pub fn api(&self, path: &str) -> anyhow::Result<serde_json::Value> {
+        let url = format!("http://127.0.0.1:{}/api/v1/{path}", self.port);
+        self.get(path, &["-g", &url])
+    }
+
+    /// curl with `args`; the answer's `data` when its status is "success" (`what` names it).
+    fn get(&self, what: &str, args: &[&str]) -> anyhow::Result<serde_json::Value> {
         let out = Command::new("curl")
-            .args([
-                "-s",
-                "-m",
-                "5",
-                "-g",
-                &format!("http://127.0.0.1:{}/api/v1/{path}", self.port),
-            ])
+            .args(["-s", "-m", "5"])
+            .args(args)
             .output()
             .context("curl is missing: bash scripts/setup installs it")?;
         let body: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {
             format!(
-                "prometheus answered {path} with {:?}",
+                "prometheus answered {what} with {:?}",
                 String::from_utf8_lossy(&out.stdout)
             )
         })?;
         if body["status"] != "success" {
-            bail!("prometheus answered {path} with {body}");
+            bail!("prometheus answered {what} with {body}");
         }
         Ok(body["data"].clone())
     }
