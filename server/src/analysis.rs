@@ -12,7 +12,6 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::Json;
 use axum::Router;
@@ -21,11 +20,6 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde::{Deserialize, Serialize};
-use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
-use tokio_rustls::server::TlsStream;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::registry::{NodeMetricRow, Registry};
 
@@ -64,28 +58,10 @@ impl AnalysisSettings {
                 "the endpoint is on but accepts no token: add the hex SHA-256 of one (printf %s TOKEN | sha256sum)".into(),
             ));
         }
-        for hash in &self.token_sha256 {
-            if hash.eq_ignore_ascii_case(EMPTY_SHA256) {
-                return Err((
-                    "analysis.token_sha256",
-                    "that is the SHA-256 of an empty token (was the variable unset when it was hashed?): hash a real token".into(),
-                ));
-            }
-            if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
-                return Err((
-                    "analysis.token_sha256",
-                    format!(
-                        "{hash:?} is not a hex SHA-256 (64 hex digits): put the token's hash here, never the token"
-                    ),
-                ));
-            }
-        }
+        crate::https::validate_token_hashes("analysis.token_sha256", &self.token_sha256)?;
         Ok(Some(addr))
     }
 }
-
-/// SHA-256 of the empty string: never an accepted token.
-const EMPTY_SHA256: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"; // pragma: allowlist secret
 
 #[derive(Clone)]
 struct AnalysisState {
@@ -106,7 +82,7 @@ const PHASE_ORDER: [&str; 8] = [
     "failed",
 ];
 
-fn phase_rank(phase: &str) -> usize {
+pub(crate) fn phase_rank(phase: &str) -> usize {
     PHASE_ORDER.iter().position(|p| *p == phase).unwrap_or(1)
 }
 
@@ -174,29 +150,12 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(serde_json::json!({ "error": message.into() }))).into_response()
 }
 
-fn authorized(headers: &HeaderMap, tokens: &[String]) -> bool {
-    let Some(token) = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-    else {
-        return false;
-    };
-    let token = token.trim();
-    if token.is_empty() {
-        return false;
-    }
-    let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
-    let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
-    tokens.iter().any(|t| t.eq_ignore_ascii_case(&hex))
-}
-
 async fn risk(
     State(state): State<AnalysisState>,
     headers: HeaderMap,
     Query(query): Query<RiskQuery>,
 ) -> Response {
-    if !authorized(&headers, &state.tokens) {
+    if !crate::https::bearer_accepted(&headers, &state.tokens) {
         let mut response = error(
             StatusCode::UNAUTHORIZED,
             "a bearer token whose SHA-256 is in [analysis] token_sha256 is required",
@@ -296,107 +255,10 @@ pub fn router(registry: Arc<Registry>, settings: &AnalysisSettings) -> Router {
         })
 }
 
-/// Time a client has to finish its TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// A TLS listener for `axum::serve`: handshakes run concurrently (a slow client holds up no
-/// one), and only finished ones are handed over.
-pub struct TlsListener {
-    ready: tokio::sync::mpsc::Receiver<(TlsStream<tokio::net::TcpStream>, SocketAddr)>,
-    local: SocketAddr,
-}
-
-impl TlsListener {
-    /// Accepts on `listener` with `tls` (server certificate; no client certificate asked)
-    /// until `shutdown`.
-    ///
-    /// # Errors
-    /// When the listener has no local address.
-    pub fn new(
-        listener: TcpListener,
-        tls: Arc<tokio_rustls::rustls::ServerConfig>,
-        shutdown: CancellationToken,
-        tasks: &TaskTracker,
-    ) -> std::io::Result<Self> {
-        let local = listener.local_addr()?;
-        let (tx, ready) = tokio::sync::mpsc::channel(64);
-        let acceptor = TlsAcceptor::from(tls);
-        let handshakes = tasks.clone();
-        tasks.spawn(async move {
-            loop {
-                let (tcp, peer) = tokio::select! {
-                    () = shutdown.cancelled() => break,
-                    accepted = listener.accept() => match accepted {
-                        Ok(pair) => pair,
-                        Err(error) => {
-                            tracing::warn!(%error, "AnalysisAcceptFailed");
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                            continue;
-                        }
-                    },
-                };
-                let acceptor = acceptor.clone();
-                let tx = tx.clone();
-                handshakes.spawn(async move {
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                        Ok(Ok(stream)) => {
-                            let _ = tx.send((stream, peer)).await;
-                        }
-                        Ok(Err(error)) => tracing::debug!(%peer, %error, "AnalysisHandshakeFailed"),
-                        Err(_) => tracing::debug!(%peer, "AnalysisHandshakeTimedOut"),
-                    }
-                });
-            }
-        });
-        Ok(Self { ready, local })
-    }
-}
-
-impl axum::serve::Listener for TlsListener {
-    type Io = TlsStream<tokio::net::TcpStream>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.ready.recv().await {
-            Some(pair) => pair,
-            // The accept loop ended (shutdown): wait for the graceful shutdown to end serve.
-            None => std::future::pending().await,
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        Ok(self.local)
-    }
-}
-
-/// The rustls config of the endpoint: the server's certificate, no client certificate.
-///
-/// # Errors
-/// When the PEM files are unusable.
-pub fn tls_config(
-    cert_pem: &[u8],
-    key_pem: &[u8],
-) -> Result<Arc<tokio_rustls::rustls::ServerConfig>, String> {
-    use tokio_rustls::rustls::pki_types::pem::PemObject;
-    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let chain = CertificateDer::pem_slice_iter(cert_pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("tls.cert_file: {e}"))?;
-    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| format!("tls.key_file: {e}"))?;
-    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
-    let mut config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .map_err(|e| format!("tls.cert_file/tls.key_file: {e}"))?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::https::EMPTY_SHA256;
 
     #[test]
     fn selectors_parse_and_unknown_labels_are_named() {
@@ -447,7 +309,7 @@ mod tests {
             header::AUTHORIZATION,
             header::HeaderValue::from_static("Bearer "),
         );
-        assert!(!authorized(&headers, &[EMPTY_SHA256.to_owned()]));
+        assert!(!crate::https::bearer_accepted(&headers, &[EMPTY_SHA256.to_owned()]));
     }
 
     #[test]

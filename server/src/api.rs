@@ -16,12 +16,10 @@ use guardian_proto::v1::{
     ListNodesResponse, Node, NodeEvent, PauseNodeRequest, ResumeNodeRequest, VerifyAuditRequest,
     VerifyAuditResponse, WatchNodesRequest,
 };
-use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status};
-use tracing::Instrument;
 
 use crate::actuate::{ActuateError, Actuator};
 use crate::control::ReconcileHandle;
@@ -116,6 +114,64 @@ impl FleetApi {
             .ok_or_else(|| Status::not_found(format!("no command {command_id:?} was issued")))
     }
 
+    /// One node's metric history (`GetHistory` without the caller check): the web page
+    /// draws its charts from this too.
+    ///
+    /// # Errors
+    /// The status `GetHistory` answers with.
+    pub async fn history(&self, request: HistoryRequest) -> Result<HistoryResponse, Status> {
+        let id =
+            NodeId::parse(&request.node_id).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if self.registry.get(&id).is_none() {
+            return Err(Status::not_found(format!(
+                "no node {:?} has ever connected",
+                request.node_id
+            )));
+        }
+        let def = telemetry::metric(&request.metric).ok_or_else(|| {
+            Status::invalid_argument(
+                telemetry::HistoryError::UnknownMetric(request.metric.clone()).to_string(),
+            )
+        })?;
+        let to = if request.to_unix_ms == 0 {
+            unix_ms()
+        } else {
+            request.to_unix_ms
+        };
+        let from = if request.from_unix_ms == 0 {
+            to - 3_600_000
+        } else {
+            request.from_unix_ms
+        };
+        let (resolution, plan_source) = telemetry::plan(from, to, request.resolution_seconds)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let (source, points) = self
+            .telemetry
+            .history(id.as_str(), def, (from, to), resolution, plan_source)
+            .await
+            .map_err(|error| {
+                tracing::warn!(%error, "HistoryFailed");
+                Status::unavailable(format!("{error}; retry later"))
+            })?;
+        Ok(HistoryResponse {
+            node_id: id.to_string(),
+            metric: def.name.to_owned(),
+            unit: def.unit.to_owned(),
+            resolution_seconds: resolution,
+            source: source.to_owned(),
+            points: points
+                .into_iter()
+                .map(|p| HistoryPoint {
+                    start_unix_ms: p.start_unix_ms,
+                    avg: p.avg,
+                    min: p.min,
+                    max: p.max,
+                    count: p.count,
+                })
+                .collect(),
+        })
+    }
+
     /// Lets operators through; refuses (and records) anyone else.
     async fn authorize<T>(&self, request: &Request<T>, method: &str) -> Result<String, Status> {
         let (reason, peer, status) = match Peer::from_request(request) {
@@ -197,57 +253,7 @@ impl Fleet for FleetApi {
         request: Request<HistoryRequest>,
     ) -> Result<Response<HistoryResponse>, Status> {
         self.authorize(&request, "GetHistory").await?;
-        let request = request.into_inner();
-        let id =
-            NodeId::parse(&request.node_id).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        if self.registry.get(&id).is_none() {
-            return Err(Status::not_found(format!(
-                "no node {:?} has ever connected",
-                request.node_id
-            )));
-        }
-        let def = telemetry::metric(&request.metric).ok_or_else(|| {
-            Status::invalid_argument(
-                telemetry::HistoryError::UnknownMetric(request.metric.clone()).to_string(),
-            )
-        })?;
-        let to = if request.to_unix_ms == 0 {
-            unix_ms()
-        } else {
-            request.to_unix_ms
-        };
-        let from = if request.from_unix_ms == 0 {
-            to - 3_600_000
-        } else {
-            request.from_unix_ms
-        };
-        let (resolution, plan_source) = telemetry::plan(from, to, request.resolution_seconds)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let (source, points) = self
-            .telemetry
-            .history(id.as_str(), def, (from, to), resolution, plan_source)
-            .await
-            .map_err(|error| {
-                tracing::warn!(%error, "HistoryFailed");
-                Status::unavailable(format!("{error}; retry later"))
-            })?;
-        Ok(Response::new(HistoryResponse {
-            node_id: id.to_string(),
-            metric: def.name.to_owned(),
-            unit: def.unit.to_owned(),
-            resolution_seconds: resolution,
-            source: source.to_owned(),
-            points: points
-                .into_iter()
-                .map(|p| HistoryPoint {
-                    start_unix_ms: p.start_unix_ms,
-                    avg: p.avg,
-                    min: p.min,
-                    max: p.max,
-                    count: p.count,
-                })
-                .collect(),
-        }))
+        self.history(request.into_inner()).await.map(Response::new)
     }
 
     async fn issue_command(
@@ -489,56 +495,26 @@ impl Fleet for FleetApi {
         self.command_record(&request.get_ref().command_id).await
     }
 
-    type WatchNodesStream = ReceiverStream<Result<NodeEvent, Status>>;
+    type WatchNodesStream = tokio_stream::adapters::Map<
+        ReceiverStream<Node>,
+        fn(Node) -> Result<NodeEvent, Status>,
+    >;
 
     async fn watch_nodes(
         &self,
         request: Request<WatchNodesRequest>,
     ) -> Result<Response<Self::WatchNodesStream>, Status> {
         let operator = self.authorize(&request, "WatchNodes").await?;
-        let (tx, rx) = mpsc::channel(256);
-        // Subscribe before the snapshot so no change falls between them.
-        let mut changes = self.registry.subscribe();
-        let registry = Arc::clone(&self.registry);
-        let shutdown = self.shutdown.clone();
-        let span = tracing::info_span!("fleet_watch", operator);
-        self.watchers.spawn(
-            async move {
-                let send_snapshot = |tx: &mpsc::Sender<_>| {
-                    let tx = tx.clone();
-                    let nodes = registry.list();
-                    async move {
-                        for node in nodes {
-                            if tx.send(Ok(NodeEvent { node: Some(node) })).await.is_err() {
-                                return false;
-                            }
-                        }
-                        true
-                    }
-                };
-                if !send_snapshot(&tx).await {
-                    return;
-                }
-                loop {
-                    let change = tokio::select! {
-                        () = shutdown.cancelled() => return,
-                        () = tx.closed() => return,
-                        change = changes.recv() => change,
-                    };
-                    let delivered = match change {
-                        Ok(node) => tx.send(Ok(NodeEvent { node: Some(node) })).await.is_ok(),
-                        // Fell behind: a fresh snapshot is the whole truth again.
-                        Err(broadcast::error::RecvError::Lagged(_)) => send_snapshot(&tx).await,
-                        Err(broadcast::error::RecvError::Closed) => return,
-                    };
-                    if !delivered {
-                        return;
-                    }
-                }
-            }
-            .instrument(span),
+        let changes = self.registry.watch(
+            self.shutdown.clone(),
+            &self.watchers,
+            tracing::info_span!("fleet_watch", operator),
         );
-        Ok(Response::new(ReceiverStream::new(rx)))
+        let event: fn(Node) -> Result<NodeEvent, Status> = |node| Ok(NodeEvent { node: Some(node) });
+        Ok(Response::new(tokio_stream::StreamExt::map(
+            ReceiverStream::new(changes),
+            event,
+        )))
     }
 }
 

@@ -67,6 +67,8 @@ pub struct ServerConfig {
     pub kubernetes: crate::actuate::kubernetes::KubeSettings,
     /// The HTTPS analysis endpoint for rollout gates (`[analysis]`); off by default.
     pub analysis: crate::analysis::AnalysisSettings,
+    /// The HTTPS fleet web page (`[web]`); off by default.
+    pub web: crate::web::WebSettings,
     /// TLS material.
     pub tls: ServerTls,
 }
@@ -103,6 +105,7 @@ impl Default for ServerConfig {
             alerts: crate::actuate::alert::AlertSettings::default(),
             kubernetes: crate::actuate::kubernetes::KubeSettings::default(),
             analysis: crate::analysis::AnalysisSettings::default(),
+            web: crate::web::WebSettings::default(),
             standby: false,
             audit_anchor_file: PathBuf::new(),
             audit_anchor_every_seconds: 60,
@@ -397,6 +400,18 @@ const FIELD_DOCS: &[(&str, &str)] = &[
         "analysis.token_sha256",
         "Hex SHA-256 of each accepted bearer token (printf %s TOKEN | sha256sum); never the token itself.",
     ),
+    (
+        "web.listen",
+        "HTTPS address of the read-only fleet web page (server certificate); empty = off.",
+    ),
+    (
+        "web.token_sha256",
+        "Hex SHA-256 of each access token the sign-in form (or an Authorization: Bearer header) accepts; never the token itself.",
+    ),
+    (
+        "web.client_certificates",
+        "Also let in browsers presenting an operator client certificate from the fleet CA.",
+    ),
 ];
 
 /// Comments above the tables that are maps of the operator's own entries (empty by default).
@@ -474,6 +489,13 @@ impl ServerConfig {
                 field,
                 problem,
                 "see [analysis] in --print-config, or remove analysis.listen to turn the endpoint off",
+            )
+        })?;
+        self.web.validate().map_err(|(field, problem)| {
+            ConfigError::new(
+                field,
+                problem,
+                "see [web] in --print-config, or remove web.listen to turn the page off",
             )
         })?;
         if !(1024..=64 * 1024 * 1024).contains(&self.max_frame_bytes) {
@@ -831,6 +853,7 @@ impl ServerConfig {
             alerts: &'a crate::actuate::alert::AlertSettings,
             kubernetes: &'a crate::actuate::kubernetes::KubeSettings,
             analysis: &'a crate::analysis::AnalysisSettings,
+            web: &'a crate::web::WebSettings,
         }
         match toml::to_string(&Sections {
             detect: &self.detect,
@@ -838,6 +861,7 @@ impl ServerConfig {
             alerts: &self.alerts,
             kubernetes: &self.kubernetes,
             analysis: &self.analysis,
+            web: &self.web,
         }) {
             Ok(tables) => {
                 out.push_str(

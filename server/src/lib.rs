@@ -23,6 +23,7 @@ pub mod control;
 pub mod detect;
 pub mod fence;
 mod health;
+pub mod https;
 pub mod identity;
 pub mod ingest;
 pub mod listen;
@@ -33,6 +34,7 @@ pub mod read_ahead;
 pub mod reconcile;
 pub mod registry;
 pub mod store;
+pub mod web;
 pub mod window;
 
 use std::sync::Arc;
@@ -65,6 +67,8 @@ pub struct Listeners {
     pub admin: TcpListener,
     /// The HTTPS analysis endpoint, when `[analysis] listen` is set.
     pub analysis: Option<TcpListener>,
+    /// The HTTPS fleet web page, when `[web] listen` is set.
+    pub web: Option<TcpListener>,
 }
 
 /// Why the server stopped with an error.
@@ -162,6 +166,7 @@ pub async fn run(
         reconcile,
     )
     .with_audit_anchor(config.audit_anchor_path());
+    let web_fleet = fleet.clone();
     // grpc.health.v1 on both listeners (the admin one is plain HTTP/2 for Kubernetes gRPC
     // probes, which speak no TLS), and server reflection on the mTLS one (grpcurl).
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -227,13 +232,49 @@ pub async fn run(
                 })
             };
             let tls =
-                analysis::tls_config(&read(&config.tls.cert_file)?, &read(&config.tls.key_file)?)
+                https::tls_config(&read(&config.tls.cert_file)?, &read(&config.tls.key_file)?)
                     .map_err(|e| ServerError::Tls(listen::ListenError::Tls(e)))?;
-            let listener = analysis::TlsListener::new(listener, tls, shutdown.clone(), &tasks)
+            let listener = https::TlsListener::new("analysis", listener, tls, shutdown.clone(), &tasks)
                 .map_err(ServerError::Admin)?;
             let serve = axum::serve(
                 listener,
                 analysis::router(Arc::clone(&registry), &config.analysis),
+            )
+            .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+            Some(tokio::spawn(async move { serve.await }))
+        }
+        None => None,
+    };
+
+    let web = match listeners.web {
+        Some(listener) => {
+            let read = |path: &std::path::Path| {
+                std::fs::read(path).map_err(|source| ServerError::ReadTls {
+                    path: path.display().to_string(),
+                    source,
+                })
+            };
+            let tls = https::tls_config_optional_clients(
+                &read(&config.tls.ca_file)?,
+                &read(&config.tls.cert_file)?,
+                &read(&config.tls.key_file)?,
+            )
+            .map_err(|e| ServerError::Tls(listen::ListenError::Tls(e)))?;
+            let listener = https::TlsListener::new("web", listener, tls, shutdown.clone(), &tasks)
+                .map_err(ServerError::Admin)?;
+            let router = web::router(
+                web::WebParts {
+                    fleet: web_fleet,
+                    registry: Arc::clone(&registry),
+                    ledger: ledger.clone(),
+                    shutdown: shutdown.clone(),
+                    tasks: tasks.clone(),
+                },
+                &config.web,
+            );
+            let serve = axum::serve(
+                listener,
+                router.into_make_service_with_connect_info::<https::ConnectionPeer>(),
             )
             .with_graceful_shutdown(shutdown.clone().cancelled_owned());
             Some(tokio::spawn(async move { serve.await }))
@@ -260,6 +301,11 @@ pub async fn run(
         && let Ok(Err(error)) = analysis.await
     {
         tracing::warn!(%error, "the analysis endpoint stopped with an error");
+    }
+    if let Some(web) = web
+        && let Ok(Err(error)) = web.await
+    {
+        tracing::warn!(%error, "the web page stopped with an error");
     }
     // Either both stopped on shutdown, or one failed: stop the other parts too.
     shutdown.cancel();

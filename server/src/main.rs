@@ -187,13 +187,24 @@ async fn serve(config: ServerConfig) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    // One stdout line that scripts and tests wait for; ports are the bound ones (port 0 works).
-    let analysis_field = match &analysis {
-        Some(listener) => format!(" analysis={}", listener.local_addr()?),
-        None => String::new(),
+    let web = match config.web.validate().ok().flatten() {
+        Some(address) => Some(
+            tokio::net::TcpListener::bind(address)
+                .await
+                .with_context(|| format!("cannot bind web.listen = {address}"))?,
+        ),
+        None => None,
     };
+    // One stdout line that scripts and tests wait for; ports are the bound ones (port 0 works).
+    let mut optional = String::new();
+    if let Some(listener) = &analysis {
+        optional.push_str(&format!(" analysis={}", listener.local_addr()?));
+    }
+    if let Some(listener) = &web {
+        optional.push_str(&format!(" web={}", listener.local_addr()?));
+    }
     println!(
-        "guardian-server listening grpc={} admin={}{analysis_field}",
+        "guardian-server listening grpc={} admin={}{optional}",
         grpc.local_addr()?,
         admin.local_addr()?
     );
@@ -203,6 +214,7 @@ async fn serve(config: ServerConfig) -> anyhow::Result<()> {
             grpc,
             admin,
             analysis,
+            web,
         },
         config,
         ledger,

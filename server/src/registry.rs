@@ -543,6 +543,64 @@ impl Registry {
         self.events.subscribe()
     }
 
+    /// The fleet watch that the Fleet API's `WatchNodes` and the web page's live table share:
+    /// every node now, then each change as it happens. A watcher that falls behind the change
+    /// feed gets a fresh snapshot (the whole truth again) instead of a gap. The feed ends on
+    /// `shutdown` or when the receiver is dropped.
+    pub fn watch(
+        self: &std::sync::Arc<Self>,
+        shutdown: tokio_util::sync::CancellationToken,
+        tasks: &tokio_util::task::TaskTracker,
+        span: tracing::Span,
+    ) -> tokio::sync::mpsc::Receiver<Node> {
+        use tracing::Instrument;
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        // Subscribe before the snapshot so no change falls between them.
+        let mut changes = self.subscribe();
+        let registry = std::sync::Arc::clone(self);
+        tasks.spawn(
+            async move {
+                let send_snapshot = |tx: &tokio::sync::mpsc::Sender<Node>| {
+                    let tx = tx.clone();
+                    let nodes = registry.list();
+                    async move {
+                        for node in nodes {
+                            if tx.send(node).await.is_err() {
+                                return false;
+                            }
+                        }
+                        true
+                    }
+                };
+                if !send_snapshot(&tx).await {
+                    return;
+                }
+                loop {
+                    let change = tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        () = tx.closed() => return,
+                        change = changes.recv() => change,
+                    };
+                    let delivered = match change {
+                        Ok(node) => tx.send(node).await.is_ok(),
+                        Err(broadcast::error::RecvError::Lagged(_)) => send_snapshot(&tx).await,
+                        Err(broadcast::error::RecvError::Closed) => return,
+                    };
+                    if !delivered {
+                        return;
+                    }
+                }
+            }
+            .instrument(span),
+        );
+        rx
+    }
+
+    /// The node's newest GPU sample and when it was observed (Unix ms).
+    pub fn gpu(&self, id: &NodeId) -> Option<(i64, GpuSample)> {
+        self.read().get(id).and_then(|entry| entry.gpu.clone())
+    }
+
     fn update(&self, id: &NodeId, now_unix_ms: i64, change: impl FnOnce(&mut Entry)) {
         let snapshot = {
             let mut map = self.write();

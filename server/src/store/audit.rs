@@ -596,6 +596,27 @@ impl Ledger {
             .collect()
     }
 
+    /// The newest `limit` entries about `node_id`, newest first (the web node page).
+    ///
+    /// # Errors
+    /// [`StoreError::Query`], also when a stored `kind` or `body` does not parse.
+    pub async fn audit_entries_newest(
+        &self,
+        node_id: &str,
+        limit: usize,
+    ) -> Result<Vec<AuditEntry>, StoreError> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {COLUMNS} FROM audit_log WHERE node_id = $1 ORDER BY seq DESC LIMIT $2"
+        )))
+        .bind(node_id)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| Ok(StoredRow::read(row)?.into_entry()?))
+            .collect()
+    }
+
     /// Up to `limit` entries with `seq > after_seq`, oldest first.
     ///
     /// # Errors

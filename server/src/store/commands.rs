@@ -102,33 +102,58 @@ impl Ledger {
     /// # Errors
     /// [`StoreError::Query`].
     pub async fn command(&self, command_id: &str) -> Result<Option<CommandRecord>, StoreError> {
-        let Some(row) = sqlx::query(
-            "SELECT command_id, node_id, action, parameters, issued_at_unix_ms, expires_at_unix_ms,
-                    issued_by, state, detail, outcome_at_unix_ms
-             FROM commands WHERE command_id = $1",
-        )
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {COMMAND_COLUMNS} FROM commands WHERE command_id = $1"
+        )))
         .bind(command_id)
         .fetch_optional(&self.pool)
         .await?
-        else {
-            return Ok(None);
-        };
-        let parameters: String = row.try_get(3)?;
-        let parameters: HashMap<String, String> =
-            serde_json::from_str(&parameters).unwrap_or_default();
-        Ok(Some(CommandRecord {
-            command_id: row.try_get(0)?,
-            node_id: row.try_get(1)?,
-            action: row.try_get(2)?,
-            parameters,
-            issued_at_unix_ms: row.try_get(4)?,
-            expires_at_unix_ms: row.try_get(5)?,
-            issued_by: row.try_get(6)?,
-            state: row.try_get(7)?,
-            detail: row.try_get(8)?,
-            outcome_at_unix_ms: row.try_get(9)?,
-        }))
+        .map(|row| command_from_row(&row))
+        .transpose()
     }
+
+    /// The newest `limit` commands of `node_id`, newest first.
+    ///
+    /// # Errors
+    /// [`StoreError::Query`].
+    pub async fn commands_of_node(
+        &self,
+        node_id: &str,
+        limit: u32,
+    ) -> Result<Vec<CommandRecord>, StoreError> {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {COMMAND_COLUMNS} FROM commands WHERE node_id = $1 \
+             ORDER BY issued_at_unix_ms DESC, command_id DESC LIMIT $2"
+        )))
+        .bind(node_id)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(command_from_row)
+        .collect()
+    }
+}
+
+const COMMAND_COLUMNS: &str = "command_id, node_id, action, parameters, issued_at_unix_ms, \
+     expires_at_unix_ms, issued_by, state, detail, outcome_at_unix_ms";
+
+fn command_from_row(row: &sqlx::any::AnyRow) -> Result<CommandRecord, StoreError> {
+    let parameters: String = row.try_get(3)?;
+    let parameters: HashMap<String, String> =
+        serde_json::from_str(&parameters).unwrap_or_default();
+    Ok(CommandRecord {
+        command_id: row.try_get(0)?,
+        node_id: row.try_get(1)?,
+        action: row.try_get(2)?,
+        parameters,
+        issued_at_unix_ms: row.try_get(4)?,
+        expires_at_unix_ms: row.try_get(5)?,
+        issued_by: row.try_get(6)?,
+        state: row.try_get(7)?,
+        detail: row.try_get(8)?,
+        outcome_at_unix_ms: row.try_get(9)?,
+    })
 }
 
 /// Inserts an issued command and its audit entry inside `tx`.
