@@ -5,6 +5,7 @@
 //! Binaries are taken from the workspace's target folder; the README's test command builds
 //! them first (`cargo build --workspace --bins`).
 
+pub mod browser;
 pub mod clickhouse;
 pub mod fake_kube;
 pub mod fake_node;
@@ -264,6 +265,8 @@ pub struct Server {
     pub admin: SocketAddr,
     /// Its HTTPS analysis endpoint, when `[analysis] listen` is set.
     pub analysis: Option<SocketAddr>,
+    /// Its HTTPS fleet web page, when `[web] listen` is set.
+    pub web: Option<SocketAddr>,
 }
 
 impl Server {
@@ -333,6 +336,7 @@ impl Server {
             grpc: field("grpc")?,
             admin: field("admin")?,
             analysis: field("analysis").ok(),
+            web: field("web").ok(),
             proc,
         })
     }

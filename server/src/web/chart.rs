@@ -183,12 +183,22 @@ impl Chart<'_> {
     }
 }
 
-/// The points split where two neighbours are more than two bucket widths apart.
+/// The points split where two neighbours are further apart than both two bucket widths and
+/// three times the usual spacing of the series (a node sampled once a minute draws a line; an
+/// outage among one-second samples leaves a gap).
 fn segments(points: &[HistoryPoint], width_ms: f64) -> Vec<Vec<&HistoryPoint>> {
+    let finite: Vec<&HistoryPoint> = points.iter().filter(|p| p.avg.is_finite()).collect();
+    let mut spacings: Vec<i64> = finite
+        .windows(2)
+        .map(|pair| pair[1].start_unix_ms - pair[0].start_unix_ms)
+        .collect();
+    spacings.sort_unstable();
+    let usual = spacings.get(spacings.len() / 2).copied().unwrap_or(0) as f64;
+    let limit = (2.0 * width_ms).max(3.0 * usual);
     let mut out: Vec<Vec<&HistoryPoint>> = Vec::new();
     let mut previous: Option<i64> = None;
-    for point in points.iter().filter(|p| p.avg.is_finite()) {
-        let gap = previous.is_some_and(|at| (point.start_unix_ms - at) as f64 > 2.0 * width_ms);
+    for point in finite {
+        let gap = previous.is_some_and(|at| (point.start_unix_ms - at) as f64 > limit);
         if gap || out.is_empty() {
             out.push(Vec::new());
         }
@@ -216,7 +226,8 @@ mod tests {
 
     #[test]
     fn a_gap_breaks_the_line_and_every_point_is_drawn() {
-        let points: Vec<HistoryPoint> = [0, 10_000, 20_000, 90_000, 100_000]
+        // Every 10 s, then a minute of nothing.
+        let points: Vec<HistoryPoint> = [0, 10_000, 20_000, 30_000, 90_000, 100_000]
             .into_iter()
             .map(|at| point(at, 5.0))
             .collect();
@@ -230,14 +241,14 @@ mod tests {
             resolution_seconds: 10,
         };
         let svg = chart.render();
-        assert!(svg.contains("data-points=\"5\""), "{svg}");
+        assert!(svg.contains("data-points=\"6\""), "{svg}");
         assert_eq!(svg.matches("<polyline class=\"avg\"").count(), 2, "{svg}");
         let first = svg
             .split("<polyline class=\"avg\" points=\"")
             .nth(1)
             .and_then(|rest| rest.split('"').next())
             .expect("a line");
-        assert_eq!(first.split(' ').count(), 3, "{first}");
+        assert_eq!(first.split(' ').count(), 4, "{first}");
     }
 
     #[test]
@@ -254,5 +265,24 @@ mod tests {
         let svg = chart.render();
         assert!(svg.contains("no samples in this range"), "{svg}");
         assert!(!svg.contains("polyline"), "{svg}");
+    }
+}
+
+#[cfg(test)]
+mod spacing {
+    use super::*;
+
+    #[test]
+    fn sparse_but_regular_samples_draw_one_line() {
+        let points: Vec<HistoryPoint> = (0..10)
+            .map(|i| HistoryPoint {
+                start_unix_ms: i * 60_000,
+                avg: 1.0,
+                min: 1.0,
+                max: 1.0,
+                count: 1,
+            })
+            .collect();
+        assert_eq!(segments(&points, 10_000.0).len(), 1);
     }
 }
