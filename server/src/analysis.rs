@@ -309,7 +309,10 @@ mod tests {
             header::AUTHORIZATION,
             header::HeaderValue::from_static("Bearer "),
         );
-        assert!(!crate::https::bearer_accepted(&headers, &[EMPTY_SHA256.to_owned()]));
+        assert!(!crate::https::bearer_accepted(
+            &headers,
+            &[EMPTY_SHA256.to_owned()]
+        ));
     }
 
     #[test]

@@ -495,10 +495,8 @@ impl Fleet for FleetApi {
         self.command_record(&request.get_ref().command_id).await
     }
 
-    type WatchNodesStream = tokio_stream::adapters::Map<
-        ReceiverStream<Node>,
-        fn(Node) -> Result<NodeEvent, Status>,
-    >;
+    type WatchNodesStream =
+        tokio_stream::adapters::Map<ReceiverStream<Node>, fn(Node) -> Result<NodeEvent, Status>>;
 
     async fn watch_nodes(
         &self,
@@ -510,7 +508,8 @@ impl Fleet for FleetApi {
             &self.watchers,
             tracing::info_span!("fleet_watch", operator),
         );
-        let event: fn(Node) -> Result<NodeEvent, Status> = |node| Ok(NodeEvent { node: Some(node) });
+        let event: fn(Node) -> Result<NodeEvent, Status> =
+            |node| Ok(NodeEvent { node: Some(node) });
         Ok(Response::new(tokio_stream::StreamExt::map(
             ReceiverStream::new(changes),
             event,

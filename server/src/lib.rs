@@ -234,8 +234,9 @@ pub async fn run(
             let tls =
                 https::tls_config(&read(&config.tls.cert_file)?, &read(&config.tls.key_file)?)
                     .map_err(|e| ServerError::Tls(listen::ListenError::Tls(e)))?;
-            let listener = https::TlsListener::new("analysis", listener, tls, shutdown.clone(), &tasks)
-                .map_err(ServerError::Admin)?;
+            let listener =
+                https::TlsListener::new("analysis", listener, tls, shutdown.clone(), &tasks)
+                    .map_err(ServerError::Admin)?;
             let serve = axum::serve(
                 listener,
                 analysis::router(Arc::clone(&registry), &config.analysis),

@@ -40,7 +40,9 @@ fn executable() -> anyhow::Result<PathBuf> {
             return Ok(PathBuf::from(candidate));
         }
     }
-    bail!("no Chromium: install Debian's chromium (scripts/setup does) or set GUARDIAN_TEST_CHROMIUM")
+    bail!(
+        "no Chromium: install Debian's chromium (scripts/setup does) or set GUARDIAN_TEST_CHROMIUM"
+    )
 }
 
 /// base64 SHA-256 of a PEM certificate's SubjectPublicKeyInfo, as
@@ -133,7 +135,10 @@ impl Browser {
         let target = browser
             .send(None, "Target.createTarget", json!({ "url": "about:blank" }))
             .await?;
-        let target_id = target["targetId"].as_str().context("no targetId")?.to_owned();
+        let target_id = target["targetId"]
+            .as_str()
+            .context("no targetId")?
+            .to_owned();
         let attached = browser
             .send(
                 None,

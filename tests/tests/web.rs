@@ -33,9 +33,10 @@ fn server(scratch: &Scratch) -> anyhow::Result<(Server, SocketAddr)> {
     let config = scratch.server_config(
         &scratch.sqlite_url(),
         &format!(
-            "[detect]\nfrozen_head_ms = 2500\n[reconcile]\nevaluate_interval_ms = 200\n\
+            "command_signing_key_file = \"{}\"\n[detect]\nfrozen_head_ms = 2500\n[reconcile]\nevaluate_interval_ms = 200\n\
              [reconcile.policy]\nmax_block_lag = 5\nrecovery_strategy = \"cordon-and-alert\"\nconfirm_samples = 2\n\
              [web]\nlisten = \"127.0.0.1:0\"\ntoken_sha256 = [\"{}\"]\n",
+            scratch.pki.command_signing_key().display(),
             sha256_hex(TOKEN)
         ),
     )?;
@@ -47,10 +48,16 @@ fn server(scratch: &Scratch) -> anyhow::Result<(Server, SocketAddr)> {
 }
 
 /// A real agent for `node` reading the fake subtensor node `chain`.
-fn agent(scratch: &Scratch, node: &str, grpc: SocketAddr, chain: &FakeNode) -> anyhow::Result<Proc> {
+fn agent(
+    scratch: &Scratch,
+    node: &str,
+    grpc: SocketAddr,
+    chain: &FakeNode,
+) -> anyhow::Result<Proc> {
     let extra = format!(
-        "[chain]\nendpoint = \"{}\"\ncall_timeout_ms = 300\n",
-        chain.ws_url()
+        "[chain]\nendpoint = \"{}\"\ncall_timeout_ms = 300\n[commands]\nenabled = true\nverify_key_file = \"{}\"\n",
+        chain.ws_url(),
+        scratch.pki.command_verify_key().display()
     );
     start_agent(
         &scratch.agent_config_with(node, grpc, 400, &extra)?,
@@ -128,10 +135,7 @@ async fn sign_in(browser: &mut Browser, base: &str) -> anyhow::Result<()> {
             "the sign-in form",
         )
         .await?;
-    for (token, what) in [
-        ("not-the-token", "the refusal"),
-        (TOKEN, "the fleet table"),
-    ] {
+    for (token, what) in [("not-the-token", "the refusal"), (TOKEN, "the fleet table")] {
         browser
             .eval(&format!(
                 "document.getElementById('token').value = {}; document.getElementById('login').submit(); true",
@@ -202,7 +206,11 @@ async fn the_fleet_and_a_node_page_render_in_a_real_browser() -> anyhow::Result<
         return Object.keys(rows).length === 4 && t('val-a', 'phase') === 'synced' && t('val-b', 'phase') !== 'synced'\
         && Number(t('val-b', 'lag')) > 5 && rows['val-away'].className === 'away'; })()";
     browser
-        .wait_for(wanted, Duration::from_secs(45), "four rows: val-a synced, val-b lagging, val-away away")
+        .wait_for(
+            wanted,
+            Duration::from_secs(45),
+            "four rows: val-a synced, val-b lagging, val-away away",
+        )
         .await
         .map_err(|e| {
             e.context(std::fs::read_to_string(scratch.path("server.log")).unwrap_or_default())
@@ -211,7 +219,9 @@ async fn the_fleet_and_a_node_page_render_in_a_real_browser() -> anyhow::Result<
     assert!(
         row(&rows, "val-gpu")[3]
             .as_str()
-            .is_some_and(|gpu| gpu.starts_with("2×") && gpu.contains("88 °C") && gpu.ends_with(" !")),
+            .is_some_and(|gpu| gpu.starts_with("2×")
+                && gpu.contains("88 °C")
+                && gpu.ends_with(" !")),
         "the GPU column shows both devices, the hottest, and flags the Xid: {rows}"
     );
     // Worst first: each row sorts at or after the one above it.
@@ -231,7 +241,10 @@ async fn the_fleet_and_a_node_page_render_in_a_real_browser() -> anyhow::Result<
     }
     // An away agent counts as risk 1, as bad as the lagging node; the healthy one is last.
     let top: Vec<&str> = list[..2].iter().filter_map(|r| r[0].as_str()).collect();
-    assert!(top.contains(&"val-away") && top.contains(&"val-b"), "{rows}");
+    assert!(
+        top.contains(&"val-away") && top.contains(&"val-b"),
+        "{rows}"
+    );
     assert_eq!(list[3][0], "val-a", "{rows}");
     assert_eq!(
         browser
@@ -264,13 +277,18 @@ async fn the_fleet_and_a_node_page_render_in_a_real_browser() -> anyhow::Result<
         "{findings}"
     );
     assert!(
-        findings.as_str().is_some_and(|t| t.contains("critical") || t.contains("warning")),
+        findings
+            .as_str()
+            .is_some_and(|t| t.contains("critical") || t.contains("warning")),
         "{findings}"
     );
     let evidence = browser
         .eval("document.querySelectorAll('#findings dl dt').length")
         .await?;
-    assert!(evidence.as_u64().unwrap_or(0) > 0, "the finding shows its evidence");
+    assert!(
+        evidence.as_u64().unwrap_or(0) > 0,
+        "the finding shows its evidence"
+    );
     let charts = browser
         .eval(
             "Object.fromEntries(Array.from(document.querySelectorAll('figure.chart')).map(f => \
@@ -287,7 +305,10 @@ async fn the_fleet_and_a_node_page_render_in_a_real_browser() -> anyhow::Result<
     let audit = browser
         .eval("document.querySelectorAll('#audit tbody tr').length")
         .await?;
-    assert!(audit.as_u64().unwrap_or(0) > 0, "the node's audit entries are listed");
+    assert!(
+        audit.as_u64().unwrap_or(0) > 0,
+        "the node's audit entries are listed"
+    );
     let size = browser.screenshot(&shots.join("web-node.png")).await?;
     assert!(size > 10_000, "a blank node screenshot ({size} bytes)");
 
@@ -299,8 +320,11 @@ async fn the_fleet_and_a_node_page_render_in_a_real_browser() -> anyhow::Result<
              [f.dataset.metric, Math.max(0, ...Array.from(f.querySelectorAll('polyline.avg')).map(p => p.getAttribute('points').trim().split(' ').length))]))",
         )
         .await?;
-    let size = browser.screenshot(&shots.join("web-node-gpu.png")).await?;
-    for metric in ["cpu_busy_percent", "temperature_celsius", "utilisation_gpu_percent"] {
+    for metric in [
+        "cpu_busy_percent",
+        "temperature_celsius",
+        "utilisation_gpu_percent",
+    ] {
         assert!(
             lines[metric].as_u64().unwrap_or(0) >= 30,
             "{metric} is a line through the hour: {lines}"
@@ -317,7 +341,9 @@ async fn the_fleet_and_a_node_page_render_in_a_real_browser() -> anyhow::Result<
     assert!(size > 10_000, "a blank node screenshot ({size} bytes)");
 
     // The range links work, and the node of another page is not found.
-    browser.goto(&format!("{base}/nodes/val-b?range=24h")).await?;
+    browser
+        .goto(&format!("{base}/nodes/val-b?range=24h"))
+        .await?;
     assert_eq!(
         browser
             .eval("document.querySelector('.ranges a[aria-current]').textContent")
@@ -355,13 +381,17 @@ async fn a_row_changes_phase_live_when_its_node_falls_behind() -> anyhow::Result
     let phase = "(document.querySelector('#n-val-live [data-k=phase]') || {}).textContent";
     browser
         .wait_for(
-            &format!("{phase} === 'synced' && document.getElementById('live').dataset.state === 'live'"),
+            &format!(
+                "{phase} === 'synced' && document.getElementById('live').dataset.state === 'live'"
+            ),
             Duration::from_secs(30),
             "val-live synced, with the event stream open",
         )
         .await?;
     let shots = screenshot_dir();
-    browser.screenshot(&shots.join("web-live-before.png")).await?;
+    browser
+        .screenshot(&shots.join("web-live-before.png"))
+        .await?;
     // A mark on this document: gone if the page were reloaded.
     browser.eval("window.__sameDocument = true").await?;
 
@@ -377,10 +407,16 @@ async fn a_row_changes_phase_live_when_its_node_falls_behind() -> anyhow::Result
             e.context(std::fs::read_to_string(scratch.path("server.log")).unwrap_or_default())
         })?;
     assert!(
-        browser.eval("window.__sameDocument === true").await?.as_bool() == Some(true),
+        browser
+            .eval("window.__sameDocument === true")
+            .await?
+            .as_bool()
+            == Some(true),
         "the row changed without a reload"
     );
-    let size = browser.screenshot(&shots.join("web-live-after.png")).await?;
+    let size = browser
+        .screenshot(&shots.join("web-live-after.png"))
+        .await?;
     assert!(size > 10_000, "a blank screenshot ({size} bytes)");
     assert_ne!(changed, "synced");
 
@@ -393,13 +429,61 @@ async fn a_row_changes_phase_live_when_its_node_falls_behind() -> anyhow::Result
             "the lag to fall back live",
         )
         .await?;
-    assert!(browser.exceptions().is_empty(), "{:?}", browser.exceptions());
+
+    // An operator's command and the agent's outcome show on the node's page.
+    let mut operator = scratch.operator(server.grpc).await?;
+    let command = operator
+        .issue_command(guardian_proto::v1::IssueCommandRequest {
+            node_id: "val-live".into(),
+            action: "collect-diagnostics".into(),
+            parameters: Default::default(),
+            ttl_seconds: 60,
+        })
+        .await?
+        .into_inner();
+    browser.goto(&format!("{base}/nodes/val-live")).await?;
+    let state = browser
+        .wait_for(
+            &format!(
+                "(async () => {{ const row = Array.from(document.querySelectorAll('#commands tbody tr'))\
+                 .find(r => r.textContent.includes('{}')); if (row && !row.querySelector('.state-issued')) \
+                 return row.querySelector('.state').textContent; location.reload(); return ''; }})()",
+                command.command_id
+            ),
+            Duration::from_secs(30),
+            "the command's outcome on the node page",
+        )
+        .await?;
+    assert!(
+        ["succeeded", "failed", "refused"].contains(&state.as_str().unwrap_or("")),
+        "{state}"
+    );
+    browser
+        .wait_for(
+            "document.readyState === 'complete'",
+            Duration::from_secs(10),
+            "the page",
+        )
+        .await?;
+    browser
+        .screenshot(&shots.join("web-node-command.png"))
+        .await?;
+    assert!(
+        browser.exceptions().is_empty(),
+        "{:?}",
+        browser.exceptions()
+    );
     browser.close().await;
     Ok(())
 }
 
 /// `(status, headers and body)` of an HTTPS request with curl, trusting the fleet CA.
-fn curl(scratch: &Scratch, web: SocketAddr, args: &[&str], path: &str) -> anyhow::Result<(u16, String)> {
+fn curl(
+    scratch: &Scratch,
+    web: SocketAddr,
+    args: &[&str],
+    path: &str,
+) -> anyhow::Result<(u16, String)> {
     let out = Command::new("curl")
         .args(["-s", "-i", "-m", "10", "-w", "\n%{http_code}", "--cacert"])
         .arg(scratch.pki.ca())
@@ -427,7 +511,10 @@ async fn only_operators_get_in_and_the_page_is_read_only() -> anyhow::Result<()>
 
     let (status, page) = curl(&scratch, web, &[], "/")?;
     assert_eq!(status, 401, "{page}");
-    assert!(page.contains("form method=\"post\" action=\"/login\""), "{page}");
+    assert!(
+        page.contains("form method=\"post\" action=\"/login\""),
+        "{page}"
+    );
     let (status, _) = curl(&scratch, web, &["-H", "Authorization: Bearer wrong"], "/")?;
     assert_eq!(status, 401);
     // An agent's certificate is not an operator's.
@@ -435,7 +522,12 @@ async fn only_operators_get_in_and_the_page_is_read_only() -> anyhow::Result<()>
     let (status, _) = curl(
         &scratch,
         web,
-        &["--cert", &cert.display().to_string(), "--key", &key.display().to_string()],
+        &[
+            "--cert",
+            &cert.display().to_string(),
+            "--key",
+            &key.display().to_string(),
+        ],
         "/",
     )?;
     assert_eq!(status, 401);
@@ -445,12 +537,20 @@ async fn only_operators_get_in_and_the_page_is_read_only() -> anyhow::Result<()>
     assert_eq!(status, 200, "{page}");
     assert!(page.contains("<tr id=\"n-val-x\""), "{page}");
     let lower = page.to_ascii_lowercase();
-    assert!(lower.contains("content-security-policy: default-src 'none'"), "{page}");
+    assert!(
+        lower.contains("content-security-policy: default-src 'none'"),
+        "{page}"
+    );
     let (cert, key) = scratch.pki.operator();
     let (status, page) = curl(
         &scratch,
         web,
-        &["--cert", &cert.display().to_string(), "--key", &key.display().to_string()],
+        &[
+            "--cert",
+            &cert.display().to_string(),
+            "--key",
+            &key.display().to_string(),
+        ],
         "/nodes/val-x",
     )?;
     assert_eq!(status, 200, "{page}");
@@ -459,7 +559,12 @@ async fn only_operators_get_in_and_the_page_is_read_only() -> anyhow::Result<()>
     // Read-only: nothing but GET.
     let (status, _) = curl(&scratch, web, &["-H", &bearer, "-X", "POST"], "/")?;
     assert_eq!(status, 405);
-    let (status, _) = curl(&scratch, web, &["-H", &bearer, "-X", "DELETE"], "/nodes/val-x")?;
+    let (status, _) = curl(
+        &scratch,
+        web,
+        &["-H", &bearer, "-X", "DELETE"],
+        "/nodes/val-x",
+    )?;
     assert_eq!(status, 405);
 
     // The sign-in form sets a cookie the browser cannot read or send elsewhere.
@@ -468,7 +573,12 @@ async fn only_operators_get_in_and_the_page_is_read_only() -> anyhow::Result<()>
     let (status, page) = curl(
         &scratch,
         web,
-        &["--data-urlencode", &format!("token={TOKEN}"), "--data", "next=//elsewhere.example/"],
+        &[
+            "--data-urlencode",
+            &format!("token={TOKEN}"),
+            "--data",
+            "next=//elsewhere.example/",
+        ],
         "/login",
     )?;
     assert_eq!(status, 303, "{page}");
@@ -491,7 +601,10 @@ async fn only_operators_get_in_and_the_page_is_read_only() -> anyhow::Result<()>
 
     // The event stream: the fleet now, as rows.
     let (_, stream) = curl(&scratch, web, &["-N", "-m", "3", "-H", &bearer], "/events")?;
-    assert!(stream.contains("content-type: text/event-stream"), "{stream}");
+    assert!(
+        stream.contains("content-type: text/event-stream"),
+        "{stream}"
+    );
     let data = stream
         .lines()
         .find_map(|l| l.strip_prefix("data: "))

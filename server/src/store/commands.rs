@@ -140,8 +140,7 @@ const COMMAND_COLUMNS: &str = "command_id, node_id, action, parameters, issued_a
 
 fn command_from_row(row: &sqlx::any::AnyRow) -> Result<CommandRecord, StoreError> {
     let parameters: String = row.try_get(3)?;
-    let parameters: HashMap<String, String> =
-        serde_json::from_str(&parameters).unwrap_or_default();
+    let parameters: HashMap<String, String> = serde_json::from_str(&parameters).unwrap_or_default();
     Ok(CommandRecord {
         command_id: row.try_get(0)?,
         node_id: row.try_get(1)?,

@@ -60,7 +60,11 @@ impl Chart<'_> {
             esc(self.title)
         );
         if let Some(last) = self.points.last() {
-            let lo = self.points.iter().map(|p| p.min).fold(f64::INFINITY, f64::min);
+            let lo = self
+                .points
+                .iter()
+                .map(|p| p.min)
+                .fold(f64::INFINITY, f64::min);
             let hi = self
                 .points
                 .iter()
@@ -131,7 +135,11 @@ impl Chart<'_> {
         }
         let x_of = |ms: f64| LEFT + (ms - self.from_ms as f64) / span_ms as f64 * plot_w;
         let y_of = |v: f64| TOP + plot_h - (v - lo) / (hi - lo) * plot_h;
-        for (value, y) in [(hi, TOP), (lo + (hi - lo) / 2.0, TOP + plot_h / 2.0), (lo, TOP + plot_h)] {
+        for (value, y) in [
+            (hi, TOP),
+            (lo + (hi - lo) / 2.0, TOP + plot_h / 2.0),
+            (lo, TOP + plot_h),
+        ] {
             let _ = write!(
                 out,
                 "<line x1=\"{LEFT}\" x2=\"{}\" y1=\"{y}\" y2=\"{y}\" stroke=\"#eceef1\"/><text x=\"{}\" y=\"{}\" text-anchor=\"end\" font-size=\"11\" fill=\"#5b6470\">{}</text>",

@@ -402,7 +402,10 @@ const CHARTS: [(&str, &str); 9] = [
     ("cpu_busy_percent", "CPU busy"),
     ("mem_available_bytes", "Memory available"),
     ("disk_read_latency_ms_max", "Disk read latency (worst disk)"),
-    ("disk_write_latency_ms_max", "Disk write latency (worst disk)"),
+    (
+        "disk_write_latency_ms_max",
+        "Disk write latency (worst disk)",
+    ),
     ("temperature_celsius", "GPU temperature"),
     ("utilisation_gpu_percent", "GPU utilisation"),
 ];
@@ -469,7 +472,11 @@ async fn node(
         gpu: state.registry.gpu(&id).map(|(_, gpu)| gpu),
         charts,
         range,
-        findings: state.ledger.findings(id.as_str(), true, 50).await.map_err(text),
+        findings: state
+            .ledger
+            .findings(id.as_str(), true, 50)
+            .await
+            .map_err(text),
         commands: state
             .ledger
             .commands_of_node(id.as_str(), 50)

@@ -56,9 +56,7 @@ pub fn human(value: f64, unit: &str) -> String {
 }
 
 fn trim(value: f64) -> String {
-    if (value - value.round()).abs() < 1e-9 {
-        format!("{value:.0}")
-    } else if value.abs() >= 100.0 {
+    if (value - value.round()).abs() < 1e-9 || value.abs() >= 100.0 {
         format!("{value:.0}")
     } else {
         format!("{value:.2}")
@@ -231,10 +229,7 @@ fn gpu_summary(gpu: Option<&GpuSample>) -> (String, bool) {
             .iter()
             .any(|d| !d.xid_events.is_empty() || d.ecc_uncorrected_total > 0);
     (
-        format!(
-            "{}× · {hottest:.0} °C · {busiest:.0} %",
-            gpu.devices.len()
-        ),
+        format!("{}× · {hottest:.0} °C · {busiest:.0} %", gpu.devices.len()),
         alert,
     )
 }
@@ -268,8 +263,8 @@ pub fn fleet(rows: &mut [FleetRow], fleet_risk: f64, now_ms: i64) -> String {
     }
     let phases: Vec<String> = phases.iter().map(|(p, n)| format!("{p} {n}")).collect();
     let mut body = format!(
-        "<h1>Fleet</h1><p id=\"summary\"><span data-k=\"nodes\">{}</span> nodes · \
-         <span data-k=\"connected\">{connected}</span> connected · fleet risk \
+        "<h1>Fleet</h1><p id=\"summary\">Nodes <span data-k=\"nodes\">{}</span> · \
+         connected <span data-k=\"connected\">{connected}</span> · fleet risk \
          <span data-k=\"fleet-risk\">{fleet_risk:.2}</span> · <span data-k=\"phases\">{}</span></p>",
         rows.len(),
         esc(&phases.join(", "))
@@ -336,7 +331,12 @@ pub fn node(node: &Node, detail: &NodeDetail, now_ms: i64) -> String {
         if node.connected { "connected" } else { "away" },
     );
     kv(&mut body, "Network", None, &node.network);
-    kv(&mut body, "Phase since", None, &when(node.phase_since_unix_ms));
+    kv(
+        &mut body,
+        "Phase since",
+        None,
+        &when(node.phase_since_unix_ms),
+    );
     kv(&mut body, "Block lag", Some("lag"), &row.lag);
     kv(&mut body, "Peers", Some("peers"), &row.peers);
     kv(&mut body, "GPU", Some("gpu"), &row.gpu);
@@ -365,7 +365,12 @@ pub fn node(node: &Node, detail: &NodeDetail, now_ms: i64) -> String {
         kv(&mut body, "Kubernetes node", None, &node.kubernetes_node);
         kv(&mut body, "Agent pod", None, &node.agent_pod);
     }
-    kv(&mut body, "First seen", None, &when(node.first_seen_unix_ms));
+    kv(
+        &mut body,
+        "First seen",
+        None,
+        &when(node.first_seen_unix_ms),
+    );
     kv(&mut body, "Last seen", None, &when(node.last_seen_unix_ms));
     kv(
         &mut body,
@@ -449,13 +454,12 @@ pub fn node(node: &Node, detail: &NodeDetail, now_ms: i64) -> String {
                 d.power_draw_watts,
                 esc(&d.throttle_reasons.join(", ")),
                 d.ecc_uncorrected_total,
-                esc(
-                    &d.xid_events
-                        .iter()
-                        .map(|x| x.xid.to_string())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
+                esc(&d
+                    .xid_events
+                    .iter()
+                    .map(|x| x.xid.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")),
             );
         }
         body.push_str("</tbody></table>");
@@ -483,7 +487,11 @@ pub fn node(node: &Node, detail: &NodeDetail, now_ms: i64) -> String {
                     body,
                     "<tr class=\"{}\"><td>{}</td><td class=\"sev sev-{}\">{}</td><td class=\"num\">{:.2}</td><td>{}</td>\
                      <td>{}</td><td>{}</td><td><dl>{evidence}</dl></td></tr>",
-                    if f.cleared_at_unix_ms == 0 { "open" } else { "cleared" },
+                    if f.cleared_at_unix_ms == 0 {
+                        "open"
+                    } else {
+                        "cleared"
+                    },
                     esc(&f.kind),
                     esc(&f.severity),
                     esc(&f.severity),
