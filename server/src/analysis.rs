@@ -40,18 +40,11 @@ impl AnalysisSettings {
     /// # Errors
     /// A field and what is wrong with it.
     pub fn validate(&self) -> Result<Option<SocketAddr>, (&'static str, String)> {
-        if self.listen.is_empty() {
+        let Some(addr) =
+            crate::https::parse_listen("analysis.listen", &self.listen, "0.0.0.0:7445")?
+        else {
             return Ok(None);
-        }
-        let addr = self.listen.parse().map_err(|e| {
-            (
-                "analysis.listen",
-                format!(
-                    "{:?} is not an address ({e}): write HOST:PORT, e.g. 0.0.0.0:7445",
-                    self.listen
-                ),
-            )
-        })?;
+        };
         if self.token_sha256.is_empty() {
             return Err((
                 "analysis.token_sha256",
@@ -245,13 +238,7 @@ pub fn router(registry: Arc<Registry>, settings: &AnalysisSettings) -> Router {
         .route("/api/v1/risk", get(risk))
         .with_state(AnalysisState {
             registry,
-            tokens: Arc::new(
-                settings
-                    .token_sha256
-                    .iter()
-                    .map(|t| t.to_ascii_lowercase())
-                    .collect(),
-            ),
+            tokens: crate::https::hashes(&settings.token_sha256),
         })
 }
 

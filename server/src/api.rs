@@ -373,18 +373,7 @@ impl Fleet for FleetApi {
             0
         };
         Ok(Response::new(ListAuditResponse {
-            entries: entries
-                .into_iter()
-                .map(|e| AuditEntryMessage {
-                    seq: e.seq,
-                    at_unix_ms: e.at_unix_ms,
-                    kind: e.kind.as_str().to_owned(),
-                    node_id: e.node_id,
-                    body_json: e.body.to_string(),
-                    prev_hash: e.prev_hash,
-                    hash: e.hash,
-                })
-                .collect(),
+            entries: entries.into_iter().map(AuditEntryMessage::from).collect(),
             next_after_seq,
         }))
     }

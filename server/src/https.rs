@@ -19,6 +19,26 @@ use crate::identity::Peer;
 /// SHA-256 of the empty string: never an accepted token.
 pub const EMPTY_SHA256: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"; // pragma: allowlist secret
 
+/// The address of an HTTPS listener's `listen` setting; `None` when it is empty (off).
+///
+/// # Errors
+/// `field` and what is wrong, with `example` as the fix.
+pub fn parse_listen(
+    field: &'static str,
+    listen: &str,
+    example: &str,
+) -> Result<Option<SocketAddr>, (&'static str, String)> {
+    if listen.is_empty() {
+        return Ok(None);
+    }
+    listen.parse().map(Some).map_err(|e| {
+        (
+            field,
+            format!("{listen:?} is not an address ({e}): write HOST:PORT, e.g. {example}"),
+        )
+    })
+}
+
 /// Checks a list of token hashes from the config; `field` names it in the error.
 ///
 /// # Errors
@@ -45,6 +65,11 @@ pub fn validate_token_hashes(
         }
     }
     Ok(())
+}
+
+/// The accepted token hashes of a config, lower-case, shared by the handlers.
+pub fn hashes(configured: &[String]) -> Arc<Vec<String>> {
+    Arc::new(configured.iter().map(|t| t.to_ascii_lowercase()).collect())
 }
 
 /// Whether `token`'s SHA-256 is one of `hashes` (lower-case hex). An empty token never is.

@@ -223,14 +223,14 @@ pub async fn run(
     )
     .with_graceful_shutdown(shutdown.clone().cancelled_owned());
 
+    let read = |path: &std::path::Path| {
+        std::fs::read(path).map_err(|source| ServerError::ReadTls {
+            path: path.display().to_string(),
+            source,
+        })
+    };
     let analysis = match listeners.analysis {
         Some(listener) => {
-            let read = |path: &std::path::Path| {
-                std::fs::read(path).map_err(|source| ServerError::ReadTls {
-                    path: path.display().to_string(),
-                    source,
-                })
-            };
             let tls =
                 https::tls_config(&read(&config.tls.cert_file)?, &read(&config.tls.key_file)?)
                     .map_err(|e| ServerError::Tls(listen::ListenError::Tls(e)))?;
@@ -249,12 +249,6 @@ pub async fn run(
 
     let web = match listeners.web {
         Some(listener) => {
-            let read = |path: &std::path::Path| {
-                std::fs::read(path).map_err(|source| ServerError::ReadTls {
-                    path: path.display().to_string(),
-                    source,
-                })
-            };
             let tls = https::tls_config_optional_clients(
                 &read(&config.tls.ca_file)?,
                 &read(&config.tls.cert_file)?,

@@ -179,22 +179,8 @@ async fn serve(config: ServerConfig) -> anyhow::Result<()> {
     let admin = tokio::net::TcpListener::bind(config.admin_listen)
         .await
         .with_context(|| format!("cannot bind admin_listen = {}", config.admin_listen))?;
-    let analysis = match config.analysis.validate().ok().flatten() {
-        Some(address) => Some(
-            tokio::net::TcpListener::bind(address)
-                .await
-                .with_context(|| format!("cannot bind analysis.listen = {address}"))?,
-        ),
-        None => None,
-    };
-    let web = match config.web.validate().ok().flatten() {
-        Some(address) => Some(
-            tokio::net::TcpListener::bind(address)
-                .await
-                .with_context(|| format!("cannot bind web.listen = {address}"))?,
-        ),
-        None => None,
-    };
+    let analysis = bind_optional("analysis.listen", config.analysis.validate()).await?;
+    let web = bind_optional("web.listen", config.web.validate()).await?;
     // One stdout line that scripts and tests wait for; ports are the bound ones (port 0 works).
     let mut optional = String::new();
     if let Some(listener) = &analysis {
@@ -324,5 +310,20 @@ async fn wait_for_signal() {
         Err(_) => {
             let _ = tokio::signal::ctrl_c().await;
         }
+    }
+}
+
+/// Binds an optional HTTPS listener whose settings were validated (with the config) already.
+async fn bind_optional<E>(
+    field: &str,
+    address: Result<Option<std::net::SocketAddr>, E>,
+) -> anyhow::Result<Option<tokio::net::TcpListener>> {
+    match address.ok().flatten() {
+        Some(address) => Ok(Some(
+            tokio::net::TcpListener::bind(address)
+                .await
+                .with_context(|| format!("cannot bind {field} = {address}"))?,
+        )),
+        None => Ok(None),
     }
 }

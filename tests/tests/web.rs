@@ -478,10 +478,10 @@ async fn a_row_changes_phase_live_when_its_node_falls_behind() -> anyhow::Result
 }
 
 /// `(status, headers and body)` of an HTTPS request with curl, trusting the fleet CA.
-fn curl(
+fn curl<A: AsRef<std::ffi::OsStr>>(
     scratch: &Scratch,
     web: SocketAddr,
-    args: &[&str],
+    args: &[A],
     path: &str,
 ) -> anyhow::Result<(u16, String)> {
     let out = Command::new("curl")
@@ -494,6 +494,16 @@ fn curl(
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
     Ok((code.trim().parse().unwrap_or(0), body.to_owned()))
+}
+
+/// curl's arguments for a client certificate.
+fn cert_args(cert: &std::path::Path, key: &std::path::Path) -> [String; 4] {
+    [
+        "--cert".into(),
+        cert.display().to_string(),
+        "--key".into(),
+        key.display().to_string(),
+    ]
 }
 
 #[tokio::test]
@@ -509,7 +519,7 @@ async fn only_operators_get_in_and_the_page_is_read_only() -> anyhow::Result<()>
     wait_for_ack(&mut replies, 1).await?;
     let bearer = format!("Authorization: Bearer {TOKEN}");
 
-    let (status, page) = curl(&scratch, web, &[], "/")?;
+    let (status, page) = curl::<&str>(&scratch, web, &[], "/")?;
     assert_eq!(status, 401, "{page}");
     assert!(
         page.contains("form method=\"post\" action=\"/login\""),
@@ -519,17 +529,7 @@ async fn only_operators_get_in_and_the_page_is_read_only() -> anyhow::Result<()>
     assert_eq!(status, 401);
     // An agent's certificate is not an operator's.
     let (cert, key) = scratch.pki.node("val-x");
-    let (status, _) = curl(
-        &scratch,
-        web,
-        &[
-            "--cert",
-            &cert.display().to_string(),
-            "--key",
-            &key.display().to_string(),
-        ],
-        "/",
-    )?;
+    let (status, _) = curl(&scratch, web, &cert_args(&cert, &key), "/")?;
     assert_eq!(status, 401);
 
     // The table is complete without JavaScript, for a token or an operator certificate.
@@ -542,17 +542,7 @@ async fn only_operators_get_in_and_the_page_is_read_only() -> anyhow::Result<()>
         "{page}"
     );
     let (cert, key) = scratch.pki.operator();
-    let (status, page) = curl(
-        &scratch,
-        web,
-        &[
-            "--cert",
-            &cert.display().to_string(),
-            "--key",
-            &key.display().to_string(),
-        ],
-        "/nodes/val-x",
-    )?;
+    let (status, page) = curl(&scratch, web, &cert_args(&cert, &key), "/nodes/val-x")?;
     assert_eq!(status, 200, "{page}");
     assert!(page.contains("NVIDIA H100 80GB HBM3"), "{page}");
 

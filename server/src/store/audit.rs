@@ -141,6 +141,21 @@ pub struct AuditEntry {
     pub hash: String,
 }
 
+/// An entry as the Fleet API (and the web page) shows it.
+impl From<AuditEntry> for guardian_proto::v1::AuditEntry {
+    fn from(e: AuditEntry) -> Self {
+        Self {
+            seq: e.seq,
+            at_unix_ms: e.at_unix_ms,
+            kind: e.kind.as_str().to_owned(),
+            node_id: e.node_id,
+            body_json: e.body.to_string(),
+            prev_hash: e.prev_hash,
+            hash: e.hash,
+        }
+    }
+}
+
 /// What [`Ledger::audit_verify`] found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuditReport {

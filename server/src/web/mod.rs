@@ -66,18 +66,10 @@ impl WebSettings {
     /// # Errors
     /// A field and what is wrong with it.
     pub fn validate(&self) -> Result<Option<SocketAddr>, (&'static str, String)> {
-        if self.listen.is_empty() {
+        let Some(addr) = crate::https::parse_listen("web.listen", &self.listen, "0.0.0.0:7446")?
+        else {
             return Ok(None);
-        }
-        let addr = self.listen.parse().map_err(|e| {
-            (
-                "web.listen",
-                format!(
-                    "{:?} is not an address ({e}): write HOST:PORT, e.g. 0.0.0.0:7446",
-                    self.listen
-                ),
-            )
-        })?;
+        };
         if self.token_sha256.is_empty() && !self.client_certificates {
             return Err((
                 "web.token_sha256",
@@ -127,13 +119,7 @@ pub fn router(parts: WebParts, settings: &WebSettings) -> Router {
         fleet: parts.fleet,
         registry: parts.registry,
         ledger: parts.ledger,
-        tokens: Arc::new(
-            settings
-                .token_sha256
-                .iter()
-                .map(|t| t.to_ascii_lowercase())
-                .collect(),
-        ),
+        tokens: crate::https::hashes(&settings.token_sha256),
         client_certificates: settings.client_certificates,
         shutdown: parts.shutdown,
         tasks: parts.tasks,
@@ -487,20 +473,7 @@ async fn node(
             .audit_entries_newest(id.as_str(), 50)
             .await
             .map_err(text)
-            .map(|entries| {
-                entries
-                    .into_iter()
-                    .map(|e| guardian_proto::v1::AuditEntry {
-                        seq: e.seq,
-                        at_unix_ms: e.at_unix_ms,
-                        kind: e.kind.as_str().to_owned(),
-                        node_id: e.node_id,
-                        body_json: e.body.to_string(),
-                        prev_hash: e.prev_hash,
-                        hash: e.hash,
-                    })
-                    .collect()
-            }),
+            .map(|entries| entries.into_iter().map(Into::into).collect()),
     };
     Html(page::node(&node, &detail, now)).into_response()
 }
