@@ -24,6 +24,7 @@ Exits 1 naming the object and the rule on any failure.
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 import re
 import subprocess
@@ -57,6 +58,9 @@ NAMESPACE = "taonode-guardian"
 NO_SCHEMA_KINDS = {("cert-manager.io/v1", "Issuer"), ("cert-manager.io/v1", "Certificate")}
 
 DIGEST = "sha256:" + "ab" * 32
+# The SHA-256 of the token "chart-test" (printf %s chart-test | sha256sum).
+WEB_TOKEN_SHA256 = hashlib.sha256(b"chart-test").hexdigest()
+
 VALUE_SETS: dict[str, dict[str, Any]] = {
     "default": {},
     "production": {
@@ -71,6 +75,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
             "service": {"type": "LoadBalancer"},
             "tls": {"extraDnsNames": ["guardian.example.com"]},
             "config": {"extraToml": "[alerts]\nmin_severity = \"critical\"\n"},
+            "web": {"enabled": True, "tokenSha256": [WEB_TOKEN_SHA256]},
         },
         "agent": {
             "image": {"digest": DIGEST},
@@ -101,6 +106,10 @@ MUST_FAIL: dict[str, tuple[dict[str, Any], str]] = {
     "replicas>1 on SQLite": ({"server": {"replicas": 2}}, "needs the PostgreSQL ledger"),
     "image by tag": ({"agent": {"image": {"digest": "latest"}}}, "pulled by digest"),
     "no TLS Secret without cert-manager": ({"certManager": {"enabled": False}}, "server.tls.secretName"),
+    "web page nobody can sign in to": (
+        {"server": {"web": {"enabled": True, "tokenSha256": [], "clientCertificates": False}}},
+        "server.web.enabled needs",
+    ),
 }
 
 # (apiGroup, resource, verb): exactly what the server's ClusterRole may grant.
@@ -533,9 +542,12 @@ def check_server(objs: list[dict[str, Any]], values: dict[str, Any], f: Failures
         "guardian-server", "--config", "/etc/guardian/server.toml"
     ]:
         f.add(where, "must run guardian-server --config /etc/guardian/server.toml")
+    want_ports = {"grpc": 7443, "admin": 7444}
+    if server["web"]["enabled"]:
+        want_ports["web"] = 7446
     ports = {p.get("name"): p.get("containerPort") for p in container.get("ports") or []}
-    if ports != {"grpc": 7443, "admin": 7444}:
-        f.add(where, "container ports must be grpc 7443 and admin 7444", str(ports))
+    if ports != want_ports:
+        f.add(where, f"container ports must be {want_ports}", str(ports))
     for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
         get = dig(container, probe, "httpGet") or {}
         if get.get("path") != path or get.get("port") not in ("admin", 7444):
@@ -550,8 +562,8 @@ def check_server(objs: list[dict[str, Any]], values: dict[str, Any], f: Failures
         f.add("Service", "exactly one server Service expected")
     else:
         got = {p.get("name"): p.get("port") for p in services[0]["spec"].get("ports") or []}
-        if got != {"grpc": 7443, "admin": 7444}:
-            f.add(ident(services[0]), "ports must be grpc 7443 and admin 7444", str(got))
+        if got != want_ports:
+            f.add(ident(services[0]), f"ports must be {want_ports}", str(got))
 
     toml_text = configmap_data(objs, "server", "server.toml", f)
     if toml_text is None:
@@ -577,6 +589,14 @@ def check_server(objs: list[dict[str, Any]], values: dict[str, Any], f: Failures
         f.add("ConfigMap server", "ledger_url must follow server.ledger.url")
     if dig(conf, "kubernetes", "clusters", server["config"]["clusterName"], "in_cluster") is not True:
         f.add("ConfigMap server", "the release's cluster must be in_cluster = true")
+    web = conf.get("web")
+    if server["web"]["enabled"]:
+        if not web or web.get("listen") != "0.0.0.0:7446":
+            f.add("ConfigMap server", "server.web.enabled must write [web] listen = 0.0.0.0:7446", repr(web))
+        elif web.get("token_sha256") != server["web"]["tokenSha256"] or web.get("client_certificates") != server["web"]["clientCertificates"]:
+            f.add("ConfigMap server", "[web] must follow server.web.tokenSha256 and clientCertificates", repr(web))
+    elif web:
+        f.add("ConfigMap server", "[web] written although server.web.enabled is false", repr(web))
     if dig(conf, "reconcile", "dry_run") != server["config"]["dryRun"]:
         f.add("ConfigMap server", "reconcile.dry_run must follow server.config.dryRun")
     mounts = {m.get("mountPath") for m in container.get("volumeMounts") or []}
@@ -649,10 +669,12 @@ def check_network_policies(objs: list[dict[str, Any]], values: dict[str, Any], f
         for rule in rules:
             for port in rule.get("ports") or []:
                 seen[port.get("port")] = rule.get("from")
-        if set(seen) != {7443, 7444}:
-            f.add(ident(server), "server ingress must open exactly 7443 and 7444", str(sorted(seen)))
-        if seen.get(7443):
-            f.add(ident(server), "7443 must be open to agents and operators anywhere")
+        open_anywhere = {7443, 7446} if values["server"]["web"]["enabled"] else {7443}
+        if set(seen) != open_anywhere | {7444}:
+            f.add(ident(server), f"server ingress must open exactly {sorted(open_anywhere | {7444})}", str(sorted(seen)))
+        for port in open_anywhere:
+            if seen.get(port):
+                f.add(ident(server), f"{port} must be open to agents and operators anywhere")
         if not seen.get(7444) or not all("namespaceSelector" in peer for peer in seen.get(7444) or []):
             f.add(ident(server), "7444 must be open only to selected namespaces")
     if values["agent"]["enabled"]:
