@@ -51,7 +51,9 @@
     return tr;
   }
 
+  // Returns whether the row's place in the order may have changed.
   function fill(tr, row) {
+    var moved = tr.dataset.sortRisk !== String(row.sort_risk) || tr.dataset.phaseRank !== String(row.phase_rank);
     tr.dataset.sortRisk = row.sort_risk;
     tr.dataset.phaseRank = row.phase_rank;
     tr.className = row.connected ? '' : 'away';
@@ -69,6 +71,7 @@
     last.dataset.ms = row.last_sample_unix_ms;
     last.textContent = age(row.last_sample_unix_ms);
     cell(tr, 'findings').textContent = row.open_findings;
+    return moved;
   }
 
   // Worst first, as the server sorts: sort risk, then phase rank, then node id.
@@ -110,11 +113,17 @@
     set('phases', Object.keys(phases).sort().map(function (p) { return p + ' ' + phases[p]; }).join(', '));
   }
 
+  // Only a row whose sort keys changed (or a new one) is moved; the summary is recounted once
+  // per burst of events, so a large fleet costs the browser little per update.
+  var summaryDue = false;
   function applyFleet(row) {
-    var tr = document.getElementById('n-' + row.node) || newRow(row);
-    fill(tr, row);
-    place(tr);
-    summary();
+    var existing = document.getElementById('n-' + row.node);
+    var tr = existing || newRow(row);
+    if (fill(tr, row) || !existing) place(tr);
+    if (!summaryDue) {
+      summaryDue = true;
+      setTimeout(function () { summaryDue = false; summary(); }, 200);
+    }
   }
 
   function applyNode(row) {
