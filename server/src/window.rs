@@ -1,7 +1,9 @@
 //! Per-node windows: the recent past of each node's host and chain figures, in memory, for
-//! the detectors' baselines. At most one point per slot (the newest sample in it) keeps a
-//! 30-minute window of a 1000-node fleet sampled at 1 Hz to tens of MiB. Rebuilt from the
-//! store at start, so a restart does not blind the detectors.
+//! the detectors' baselines. At most one point per slot (the newest sample in it), and each
+//! point kept compact (figures as `f32`/`u32` where the detectors need no more, byte counts
+//! and emission exact), so a full 30-minute window is about 29 KiB a node (181 slots of 88 +
+//! 72 bytes) instead of 64 KiB. Rebuilt from the store at start, so a restart does not blind
+//! the detectors.
 
 use std::collections::VecDeque;
 
@@ -14,9 +16,227 @@ pub const SLOT_MS: i64 = 10_000;
 #[derive(Debug, Clone)]
 pub struct Window {
     reach_ms: i64,
-    host: VecDeque<(i64, HostValues)>,
-    chain: VecDeque<(i64, ChainValues)>,
+    host: VecDeque<HostPoint>,
+    chain: VecDeque<ChainPoint>,
 }
+
+/// `u64` to `u32`, saturating (block numbers, lags and ages fit; a lying node's nonsense
+/// saturates instead of wrapping).
+fn narrow(value: u64) -> u32 {
+    u32::try_from(value).unwrap_or(u32::MAX)
+}
+
+/// A host point as the window keeps it (read it through [`Points`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HostPoint {
+    at: i64,
+    mem_total_bytes: u64,
+    mem_available_bytes: u64,
+    chain_data_available_bytes: u64,
+    cpu_busy_percent: f32,
+    cpu_iowait_percent: f32,
+    load_avg_1m: f32,
+    cpu_psi_some_avg10_percent: f32,
+    memory_psi_full_avg10_percent: f32,
+    io_psi_full_avg10_percent: f32,
+    chain_data_used_percent: f32,
+    disk_read_latency_ms_max: f32,
+    disk_write_latency_ms_max: f32,
+    disk_utilisation_percent_max: f32,
+    net_rx_bytes_per_second: f32,
+    net_tx_bytes_per_second: f32,
+    net_errors_total: u32,
+    oom_kills_total: u32,
+}
+
+impl HostPoint {
+    #[allow(clippy::cast_possible_truncation)]
+    fn of(at: i64, v: &HostValues) -> Self {
+        Self {
+            at,
+            mem_total_bytes: v.mem_total_bytes,
+            mem_available_bytes: v.mem_available_bytes,
+            chain_data_available_bytes: v.chain_data_available_bytes,
+            cpu_busy_percent: v.cpu_busy_percent as f32,
+            cpu_iowait_percent: v.cpu_iowait_percent as f32,
+            load_avg_1m: v.load_avg_1m as f32,
+            cpu_psi_some_avg10_percent: v.cpu_psi_some_avg10_percent as f32,
+            memory_psi_full_avg10_percent: v.memory_psi_full_avg10_percent as f32,
+            io_psi_full_avg10_percent: v.io_psi_full_avg10_percent as f32,
+            chain_data_used_percent: v.chain_data_used_percent as f32,
+            disk_read_latency_ms_max: v.disk_read_latency_ms_max as f32,
+            disk_write_latency_ms_max: v.disk_write_latency_ms_max as f32,
+            disk_utilisation_percent_max: v.disk_utilisation_percent_max as f32,
+            net_rx_bytes_per_second: v.net_rx_bytes_per_second as f32,
+            net_tx_bytes_per_second: v.net_tx_bytes_per_second as f32,
+            net_errors_total: narrow(v.net_errors_total),
+            oom_kills_total: narrow(v.oom_kills_total),
+        }
+    }
+
+    fn values(&self) -> (i64, HostValues) {
+        (
+            self.at,
+            HostValues {
+                cpu_busy_percent: f64::from(self.cpu_busy_percent),
+                cpu_iowait_percent: f64::from(self.cpu_iowait_percent),
+                mem_total_bytes: self.mem_total_bytes,
+                mem_available_bytes: self.mem_available_bytes,
+                load_avg_1m: f64::from(self.load_avg_1m),
+                cpu_psi_some_avg10_percent: f64::from(self.cpu_psi_some_avg10_percent),
+                memory_psi_full_avg10_percent: f64::from(self.memory_psi_full_avg10_percent),
+                io_psi_full_avg10_percent: f64::from(self.io_psi_full_avg10_percent),
+                chain_data_used_percent: f64::from(self.chain_data_used_percent),
+                chain_data_available_bytes: self.chain_data_available_bytes,
+                disk_read_latency_ms_max: f64::from(self.disk_read_latency_ms_max),
+                disk_write_latency_ms_max: f64::from(self.disk_write_latency_ms_max),
+                disk_utilisation_percent_max: f64::from(self.disk_utilisation_percent_max),
+                net_rx_bytes_per_second: f64::from(self.net_rx_bytes_per_second),
+                net_tx_bytes_per_second: f64::from(self.net_tx_bytes_per_second),
+                net_errors_total: u64::from(self.net_errors_total),
+                oom_kills_total: u64::from(self.oom_kills_total),
+            },
+        )
+    }
+}
+
+/// A chain point as the window keeps it (read it through [`Points`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ChainPoint {
+    at: i64,
+    emission_rao: u64,
+    best_block: u32,
+    finalized_block: u32,
+    sync_highest_block: u32,
+    reference_best_block: u32,
+    block_lag: u32,
+    finality_lag_blocks: u32,
+    head_age_ms: u32,
+    spec_version: u32,
+    blocks_since_last_update: u32,
+    peers: u32,
+    rpc_latency_ms: f32,
+    validator_trust_ratio: f32,
+    responsive: u8,
+    is_syncing: u8,
+}
+
+impl ChainPoint {
+    #[allow(clippy::cast_possible_truncation)]
+    fn of(at: i64, v: &ChainValues) -> Self {
+        Self {
+            at,
+            emission_rao: v.emission_rao,
+            best_block: narrow(v.best_block),
+            finalized_block: narrow(v.finalized_block),
+            sync_highest_block: narrow(v.sync_highest_block),
+            reference_best_block: narrow(v.reference_best_block),
+            block_lag: narrow(v.block_lag),
+            finality_lag_blocks: narrow(v.finality_lag_blocks),
+            head_age_ms: narrow(v.head_age_ms),
+            spec_version: v.spec_version,
+            blocks_since_last_update: narrow(v.blocks_since_last_update),
+            peers: v.peers,
+            rpc_latency_ms: v.rpc_latency_ms as f32,
+            validator_trust_ratio: v.validator_trust_ratio as f32,
+            responsive: v.responsive,
+            is_syncing: v.is_syncing,
+        }
+    }
+
+    fn values(&self) -> (i64, ChainValues) {
+        (
+            self.at,
+            ChainValues {
+                responsive: self.responsive,
+                best_block: u64::from(self.best_block),
+                finalized_block: u64::from(self.finalized_block),
+                sync_highest_block: u64::from(self.sync_highest_block),
+                reference_best_block: u64::from(self.reference_best_block),
+                block_lag: u64::from(self.block_lag),
+                finality_lag_blocks: u64::from(self.finality_lag_blocks),
+                peers: self.peers,
+                is_syncing: self.is_syncing,
+                head_age_ms: u64::from(self.head_age_ms),
+                rpc_latency_ms: f64::from(self.rpc_latency_ms),
+                spec_version: self.spec_version,
+                blocks_since_last_update: u64::from(self.blocks_since_last_update),
+                validator_trust_ratio: f64::from(self.validator_trust_ratio),
+                emission_rao: self.emission_rao,
+            },
+        )
+    }
+}
+
+/// What a window point is: when it was observed, and the figures it stands for.
+pub trait Point: Copy {
+    /// The figures, as the detectors read them.
+    type Values;
+    /// Observation time, Unix ms.
+    fn at(&self) -> i64;
+    /// Observation time and figures.
+    fn values(&self) -> (i64, Self::Values);
+}
+
+impl Point for HostPoint {
+    type Values = HostValues;
+    fn at(&self) -> i64 {
+        self.at
+    }
+    fn values(&self) -> (i64, HostValues) {
+        HostPoint::values(self)
+    }
+}
+
+impl Point for ChainPoint {
+    type Values = ChainValues;
+    fn at(&self) -> i64 {
+        self.at
+    }
+    fn values(&self) -> (i64, ChainValues) {
+        ChainPoint::values(self)
+    }
+}
+
+/// A window's points of one kind, oldest first, read as `(observed at, figures)`.
+#[derive(Debug, Clone, Copy)]
+pub struct Points<'a, P: Point> {
+    points: &'a VecDeque<P>,
+}
+
+impl<'a, P: Point> Points<'a, P> {
+    /// Oldest first.
+    pub fn iter(
+        &self,
+    ) -> impl DoubleEndedIterator<Item = (i64, P::Values)> + ExactSizeIterator + 'a {
+        self.points.iter().map(P::values)
+    }
+
+    /// The newest point.
+    pub fn back(&self) -> Option<(i64, P::Values)> {
+        self.points.back().map(P::values)
+    }
+
+    /// The oldest point.
+    pub fn front(&self) -> Option<(i64, P::Values)> {
+        self.points.front().map(P::values)
+    }
+
+    /// How many points.
+    pub fn len(&self) -> usize {
+        self.points.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.points.is_empty()
+    }
+}
+
+/// Host points of a window.
+pub type HostPoints<'a> = Points<'a, HostPoint>;
+/// Chain points of a window.
+pub type ChainPoints<'a> = Points<'a, ChainPoint>;
 
 impl Window {
     /// An empty window reaching `reach_ms` back from its newest point.
@@ -30,22 +250,32 @@ impl Window {
 
     /// Records a host sample observed at `at_unix_ms`.
     pub fn record_host(&mut self, at_unix_ms: i64, values: HostValues) {
-        record(&mut self.host, at_unix_ms, values, self.reach_ms);
+        record(
+            &mut self.host,
+            HostPoint::of(at_unix_ms, &values),
+            self.reach_ms,
+        );
     }
 
     /// Records a chain sample observed at `at_unix_ms`.
     pub fn record_chain(&mut self, at_unix_ms: i64, values: ChainValues) {
-        record(&mut self.chain, at_unix_ms, values, self.reach_ms);
+        record(
+            &mut self.chain,
+            ChainPoint::of(at_unix_ms, &values),
+            self.reach_ms,
+        );
     }
 
     /// Host points, oldest first.
-    pub fn host(&self) -> &VecDeque<(i64, HostValues)> {
-        &self.host
+    pub fn host(&self) -> HostPoints<'_> {
+        Points { points: &self.host }
     }
 
     /// Chain points, oldest first.
-    pub fn chain(&self) -> &VecDeque<(i64, ChainValues)> {
-        &self.chain
+    pub fn chain(&self) -> ChainPoints<'_> {
+        Points {
+            points: &self.chain,
+        }
     }
 
     /// Points held (host + chain).
@@ -58,10 +288,16 @@ impl Window {
         self.len() == 0
     }
 
+    /// Heap bytes the window's points take (capacity, not just length).
+    pub fn heap_bytes(&self) -> usize {
+        self.host.capacity() * std::mem::size_of::<HostPoint>()
+            + self.chain.capacity() * std::mem::size_of::<ChainPoint>()
+    }
+
     /// Observation time of the oldest point held, if any.
     pub fn oldest_unix_ms(&self) -> Option<i64> {
-        let host = self.host.front().map(|(at, _)| *at);
-        let chain = self.chain.front().map(|(at, _)| *at);
+        let host = self.host.front().map(|p| p.at);
+        let chain = self.chain.front().map(|p| p.at);
         match (host, chain) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -69,19 +305,27 @@ impl Window {
     }
 }
 
-fn record<T>(points: &mut VecDeque<(i64, T)>, at: i64, value: T, reach_ms: i64) {
+fn record<P: Point>(points: &mut VecDeque<P>, point: P, reach_ms: i64) {
+    let at = point.at();
     let slot = at.div_euclid(SLOT_MS);
     // Replays after a reconnect can arrive out of order: keep the deque sorted.
-    let pos = points.partition_point(|(t, _)| *t <= at);
-    if pos > 0 && points[pos - 1].0.div_euclid(SLOT_MS) == slot {
-        points[pos - 1] = (at, value);
-    } else if pos < points.len() && points[pos].0.div_euclid(SLOT_MS) == slot {
+    let pos = points.partition_point(|p| p.at() <= at);
+    if pos > 0 && points[pos - 1].at().div_euclid(SLOT_MS) == slot {
+        points[pos - 1] = point;
+    } else if pos < points.len() && points[pos].at().div_euclid(SLOT_MS) == slot {
         // A newer point of the same slot is already held.
     } else {
-        points.insert(pos, (at, value));
+        if points.len() == points.capacity() {
+            // Grow by doubling, but never past the slots the reach can hold: a full window
+            // then holds no spare capacity (a doubling would leave up to half of it unused).
+            let slots = usize::try_from(reach_ms / SLOT_MS + 2).unwrap_or(usize::MAX);
+            let target = (points.len() * 2).clamp(4, slots.max(points.len() + 1));
+            points.reserve_exact(target - points.len());
+        }
+        points.insert(pos, point);
     }
-    let newest = points.back().map_or(at, |(t, _)| *t);
-    while points.front().is_some_and(|(t, _)| *t < newest - reach_ms) {
+    let newest = points.back().map_or(at, Point::at);
+    while points.front().is_some_and(|p| p.at() < newest - reach_ms) {
         points.pop_front();
     }
 }
@@ -99,6 +343,7 @@ mod tests {
         // 120 s of 1 Hz samples, 10 s slots, 60 s reach: the newest 7 slots' points.
         assert_eq!(window.host().len(), 7);
         assert_eq!(window.host().back().map(|p| p.0), Some(119_000));
+        assert!(window.host().len() <= 8);
         assert_eq!(window.oldest_unix_ms(), Some(59_000));
     }
 
@@ -110,5 +355,48 @@ mod tests {
         window.record_chain(30_000, ChainValues::default());
         let times: Vec<i64> = window.chain().iter().map(|p| p.0).collect();
         assert_eq!(times, vec![10_000, 30_000, 50_000]);
+    }
+
+    #[test]
+    fn a_full_half_hour_window_stays_compact_and_keeps_the_figures_detectors_read() {
+        let mut window = Window::new(1_800_000);
+        for second in 0..3600 {
+            let at = second * 1000;
+            window.record_host(
+                at,
+                HostValues {
+                    cpu_busy_percent: 12.5,
+                    chain_data_available_bytes: 1_234_567_890_123,
+                    oom_kills_total: 7,
+                    ..HostValues::default()
+                },
+            );
+            window.record_chain(
+                at,
+                ChainValues {
+                    responsive: 1,
+                    best_block: 4_000_000 + u64::try_from(second).unwrap_or(0) / 12,
+                    block_lag: 3,
+                    peers: 12,
+                    emission_rao: 9_876_543_210,
+                    ..ChainValues::default()
+                },
+            );
+        }
+        assert_eq!(window.host().len(), 181);
+        // Measured, not assumed: capacity times point size, under 30 KiB a node.
+        assert!(
+            window.heap_bytes() <= 30 * 1024,
+            "{} bytes",
+            window.heap_bytes()
+        );
+        let (_, host) = window.host().back().expect("a point");
+        assert_eq!(host.chain_data_available_bytes, 1_234_567_890_123);
+        assert!((host.cpu_busy_percent - 12.5).abs() < 1e-6);
+        assert_eq!(host.oom_kills_total, 7);
+        let (_, chain) = window.chain().back().expect("a point");
+        assert_eq!(chain.best_block, 4_000_299);
+        assert_eq!(chain.emission_rao, 9_876_543_210);
+        assert_eq!((chain.block_lag, chain.peers, chain.responsive), (3, 12, 1));
     }
 }

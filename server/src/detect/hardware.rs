@@ -307,13 +307,13 @@ fn oom_kill(input: &NodeInput<'_>) -> Option<Finding> {
             .window
             .host()
             .back()
-            .map(|(at, v)| (*at, v.oom_kills_total))?,
+            .map(|(at, v)| (at, v.oom_kills_total))?,
     };
     let (oldest_at, oldest) = input
         .window
         .host()
         .front()
-        .map(|(at, v)| (*at, v.oom_kills_total))?;
+        .map(|(at, v)| (at, v.oom_kills_total))?;
     if oldest_at >= newest_at || newest <= oldest {
         return None;
     }

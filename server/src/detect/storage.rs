@@ -22,7 +22,7 @@ const MS_PER_HOUR: f64 = 3_600_000.0;
 
 /// Storage findings for one node.
 pub fn detect(input: &NodeInput<'_>, policy: &DetectPolicy) -> Vec<Finding> {
-    let newest = input.host.or_else(|| input.window.host().back().copied());
+    let newest = input.host.or_else(|| input.window.host().back());
     let mut findings = Vec::new();
     findings.extend(storage_slow(input, newest.map(|(_, v)| v), policy));
     if let Some(newest) = newest {
@@ -55,7 +55,7 @@ fn storage_slow(
 ) -> Option<Finding> {
     let window = input.window.host();
     let (recent, needed): (Vec<HostValues>, usize) = if window.len() >= SLOW_RECENT {
-        let recent = window.iter().rev().take(SLOW_RECENT).map(|(_, v)| *v);
+        let recent = window.iter().rev().take(SLOW_RECENT).map(|(_, v)| v);
         (recent.collect(), SLOW_NEEDED)
     } else {
         (newest.into_iter().collect(), 1)
@@ -113,7 +113,7 @@ fn fill_rate(input: &NodeInput<'_>) -> Option<(f64, usize)> {
         .host()
         .iter()
         .filter(|(_, v)| has_chain_data(v))
-        .map(|(at, v)| (*at, v.chain_data_available_bytes as f64))
+        .map(|(at, v)| (at, v.chain_data_available_bytes as f64))
         .scan(None, |origin, (at, y)| {
             // Hours since the first point: small numbers keep the sums exact enough.
             let t0 = *origin.get_or_insert(at);
