@@ -161,6 +161,11 @@ struct RunArgs {
     /// Seconds into the sending phase at which the `--lag-agents` fall behind (and stay).
     #[arg(long, default_value_t = 10)]
     lag_after_s: u64,
+    /// Minutes of history that each agent's batch 1 also carries, a host and a chain sample
+    /// every 10 s, as a spool replay after an outage does: the server's windows start as full
+    /// as after that long of streaming (memory benchmarks of the steady state).
+    #[arg(long, default_value_t = 0)]
+    backfill_minutes: u32,
 }
 
 impl RunArgs {
@@ -195,6 +200,16 @@ impl RunArgs {
         }
         if self.connect_concurrency == 0 {
             return Err("--connect-concurrency must be at least 1".into());
+        }
+        let backfill = self.backfill_minutes as usize * BACKFILL_PER_MINUTE;
+        if self.samples_per_batch + backfill > guardian_server::ingest::MAX_SAMPLES_PER_BATCH {
+            return Err(format!(
+                "--backfill-minutes {} adds {backfill} samples to batch 1, over the server's limit of {} with --samples-per-batch: use at most {} minutes",
+                self.backfill_minutes,
+                guardian_server::ingest::MAX_SAMPLES_PER_BATCH,
+                (guardian_server::ingest::MAX_SAMPLES_PER_BATCH - self.samples_per_batch)
+                    / BACKFILL_PER_MINUTE
+            ));
         }
         if self.network.is_empty() || self.network.len() > 253 {
             return Err("--network must be 1 to 253 bytes".into());
@@ -426,7 +441,14 @@ struct SampleGen {
     /// From this seq on the node's best block is [`LAG_BLOCKS`] behind the tip it reports
     /// (sync target and reference); set once, so earlier seqs are rebuilt healthy.
     lag_from_seq: Option<u64>,
+    /// History that batch 1 also carries (see `--backfill-minutes`), ms.
+    backfill_ms: u64,
 }
+
+/// Spacing of backfilled history, and the samples it adds a minute (a host and a chain sample
+/// per step).
+const BACKFILL_STEP_MS: u64 = 10_000;
+const BACKFILL_PER_MINUTE: usize = 2 * 6;
 
 /// SS58 of the well-known dev account Alice, as the simulated validator hotkey.
 const HOTKEY: &str = "5GrwvaEF5zXb26Fz9rcQpDWS57CtERHpNehXCPcNoHGKutQY";
@@ -439,7 +461,14 @@ impl SampleGen {
             samples_per_batch: samples_per_batch.max(1),
             period_ms: (period.as_millis() as u64).max(1),
             lag_from_seq: None,
+            backfill_ms: 0,
         }
+    }
+
+    /// Batch 1 also carries `minutes` of history.
+    fn with_backfill(mut self, minutes: u32) -> Self {
+        self.backfill_ms = u64::from(minutes) * 60_000;
+        self
     }
 
     /// Whether batch `seq` reports the node behind the tip.
@@ -457,6 +486,21 @@ impl SampleGen {
         let extras = wanted_extras.min(self.samples_per_batch - 1);
         let hosts = self.samples_per_batch - extras;
         let mut samples = Vec::with_capacity(self.samples_per_batch);
+        if seq == 1 {
+            // History first, oldest first, a host and a healthy chain sample per step.
+            for step in (1..=self.backfill_ms / BACKFILL_STEP_MS).rev() {
+                let back_ms = step * BACKFILL_STEP_MS;
+                let at = at_unix_ms - back_ms as i64;
+                samples.push(Sample {
+                    observed_at_unix_ms: at,
+                    kind: Some(sample::Kind::Host(self.host(&mut rng, 0))),
+                });
+                samples.push(Sample {
+                    observed_at_unix_ms: at,
+                    kind: Some(sample::Kind::Chain(self.chain(&mut rng, 0, false))),
+                });
+            }
+        }
         for i in 0..hosts {
             let back_ms = (hosts - 1 - i) as u64 * self.period_ms / hosts as u64;
             samples.push(Sample {
@@ -868,6 +912,8 @@ struct Fleet {
     lag_agents: u32,
     /// Offset of the fault from the start of sending.
     lag_after: Duration,
+    /// Minutes of history in each agent's batch 1.
+    backfill_minutes: u32,
     stats: Stats,
     /// Ends the sending phase; agents then wait for their acks.
     stop_sending: CancellationToken,
@@ -1165,7 +1211,8 @@ async fn agent(
     mut start: watch::Receiver<Option<Instant>>,
 ) -> (String, NodeSeqs) {
     let mut state = AgentState {
-        generator: SampleGen::new(spec.index, fleet.samples_per_batch, fleet.period),
+        generator: SampleGen::new(spec.index, fleet.samples_per_batch, fleet.period)
+            .with_backfill(fleet.backfill_minutes),
         next_seq: None,
         unacked: VecDeque::with_capacity(IN_FLIGHT_WINDOW),
         seqs: NodeSeqs {
@@ -1522,6 +1569,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         connect_permits: Semaphore::new(args.connect_concurrency),
         lag_agents: args.lag_agents,
         lag_after: Duration::from_secs(args.lag_after_s),
+        backfill_minutes: args.backfill_minutes,
         stats: Stats::new(),
         stop_sending: CancellationToken::new(),
         abort: CancellationToken::new(),
@@ -2029,6 +2077,22 @@ mod tests {
             count(|k| matches!(k, sample::Kind::Chain(_))),
             count(|k| matches!(k, sample::Kind::Gpu(_))),
         )
+    }
+
+    #[test]
+    fn batch_one_carries_the_backfilled_history_oldest_first() {
+        let generator = SampleGen::new(3, 3, Duration::from_secs(1)).with_backfill(30);
+        let now = 1_700_000_000_000;
+        let first = generator.batch(1, now);
+        assert_eq!(first.samples.len(), 3 + 30 * BACKFILL_PER_MINUTE);
+        let times: Vec<i64> = first
+            .samples
+            .iter()
+            .map(|s| s.observed_at_unix_ms)
+            .collect();
+        assert_eq!(times[0], now - 30 * 60_000);
+        assert!(times.windows(2).all(|w| w[0] <= w[1]), "oldest first");
+        assert_eq!(generator.batch(2, now + 1_000).samples.len(), 3);
     }
 
     #[test]
