@@ -161,9 +161,10 @@ struct RunArgs {
     /// Seconds into the sending phase at which the `--lag-agents` fall behind (and stay).
     #[arg(long, default_value_t = 10)]
     lag_after_s: u64,
-    /// Minutes of history that each agent's batch 1 also carries, a host and a chain sample
-    /// every 10 s, as a spool replay after an outage does: the server's windows start as full
-    /// as after that long of streaming (memory benchmarks of the steady state).
+    /// Minutes of history that each agent's first batches also carry (a host and a chain
+    /// sample every 10 s; 6 steps a batch, oldest first, as a spool replay after an outage
+    /// brings them): the server's windows fill as after that long of streaming, within the
+    /// first minutes of the run (memory benchmarks of the steady state).
     #[arg(long, default_value_t = 0)]
     backfill_minutes: u32,
 }
@@ -201,15 +202,17 @@ impl RunArgs {
         if self.connect_concurrency == 0 {
             return Err("--connect-concurrency must be at least 1".into());
         }
-        let backfill = self.backfill_minutes as usize * BACKFILL_PER_MINUTE;
-        if self.samples_per_batch + backfill > guardian_server::ingest::MAX_SAMPLES_PER_BATCH {
+        let extra = 2 * BACKFILL_STEPS_PER_BATCH as usize;
+        if self.backfill_minutes > 0
+            && self.samples_per_batch + extra > guardian_server::ingest::MAX_SAMPLES_PER_BATCH
+        {
             return Err(format!(
-                "--backfill-minutes {} adds {backfill} samples to batch 1, over the server's limit of {} with --samples-per-batch: use at most {} minutes",
-                self.backfill_minutes,
-                guardian_server::ingest::MAX_SAMPLES_PER_BATCH,
-                (guardian_server::ingest::MAX_SAMPLES_PER_BATCH - self.samples_per_batch)
-                    / BACKFILL_PER_MINUTE
+                "--backfill-minutes adds {extra} samples to each early batch, over the server's limit with --samples-per-batch {}",
+                self.samples_per_batch
             ));
+        }
+        if self.backfill_minutes > 24 * 60 {
+            return Err("--backfill-minutes must be at most 1440 (a day)".into());
         }
         if self.network.is_empty() || self.network.len() > 253 {
             return Err("--network must be 1 to 253 bytes".into());
@@ -441,14 +444,14 @@ struct SampleGen {
     /// From this seq on the node's best block is [`LAG_BLOCKS`] behind the tip it reports
     /// (sync target and reference); set once, so earlier seqs are rebuilt healthy.
     lag_from_seq: Option<u64>,
-    /// History that batch 1 also carries (see `--backfill-minutes`), ms.
+    /// History that the first batches also carry (see `--backfill-minutes`), ms.
     backfill_ms: u64,
 }
 
-/// Spacing of backfilled history, and the samples it adds a minute (a host and a chain sample
-/// per step).
+/// Spacing of backfilled history, and the steps one batch carries (a host and a chain sample
+/// each): 30 minutes come in over the first 30 batches.
 const BACKFILL_STEP_MS: u64 = 10_000;
-const BACKFILL_PER_MINUTE: usize = 2 * 6;
+const BACKFILL_STEPS_PER_BATCH: u64 = 6;
 
 /// SS58 of the well-known dev account Alice, as the simulated validator hotkey.
 const HOTKEY: &str = "5GrwvaEF5zXb26Fz9rcQpDWS57CtERHpNehXCPcNoHGKutQY";
@@ -465,7 +468,7 @@ impl SampleGen {
         }
     }
 
-    /// Batch 1 also carries `minutes` of history.
+    /// The first batches also carry `minutes` of history.
     fn with_backfill(mut self, minutes: u32) -> Self {
         self.backfill_ms = u64::from(minutes) * 60_000;
         self
@@ -486,20 +489,21 @@ impl SampleGen {
         let extras = wanted_extras.min(self.samples_per_batch - 1);
         let hosts = self.samples_per_batch - extras;
         let mut samples = Vec::with_capacity(self.samples_per_batch);
-        if seq == 1 {
-            // History first, oldest first, a host and a healthy chain sample per step.
-            for step in (1..=self.backfill_ms / BACKFILL_STEP_MS).rev() {
-                let back_ms = step * BACKFILL_STEP_MS;
-                let at = at_unix_ms - back_ms as i64;
-                samples.push(Sample {
-                    observed_at_unix_ms: at,
-                    kind: Some(sample::Kind::Host(self.host(&mut rng, 0))),
-                });
-                samples.push(Sample {
-                    observed_at_unix_ms: at,
-                    kind: Some(sample::Kind::Chain(self.chain(&mut rng, 0, false))),
-                });
-            }
+        // History first, a few steps per batch over the first batches (oldest first), a host
+        // and a healthy chain sample per step: batches stay the size a spool replay sends.
+        let steps = self.backfill_ms / BACKFILL_STEP_MS;
+        let first = (seq.max(1) - 1) * BACKFILL_STEPS_PER_BATCH;
+        for step in first..steps.min(first + BACKFILL_STEPS_PER_BATCH) {
+            let back_ms = (steps - step) * BACKFILL_STEP_MS;
+            let at = at_unix_ms - back_ms as i64;
+            samples.push(Sample {
+                observed_at_unix_ms: at,
+                kind: Some(sample::Kind::Host(self.host(&mut rng, 0))),
+            });
+            samples.push(Sample {
+                observed_at_unix_ms: at,
+                kind: Some(sample::Kind::Chain(self.chain(&mut rng, 0, false))),
+            });
         }
         for i in 0..hosts {
             let back_ms = (hosts - 1 - i) as u64 * self.period_ms / hosts as u64;
@@ -2080,11 +2084,11 @@ mod tests {
     }
 
     #[test]
-    fn batch_one_carries_the_backfilled_history_oldest_first() {
+    fn the_first_batches_carry_the_backfilled_history_oldest_first() {
         let generator = SampleGen::new(3, 3, Duration::from_secs(1)).with_backfill(30);
         let now = 1_700_000_000_000;
         let first = generator.batch(1, now);
-        assert_eq!(first.samples.len(), 3 + 30 * BACKFILL_PER_MINUTE);
+        assert_eq!(first.samples.len(), 3 + 12);
         let times: Vec<i64> = first
             .samples
             .iter()
@@ -2092,7 +2096,13 @@ mod tests {
             .collect();
         assert_eq!(times[0], now - 30 * 60_000);
         assert!(times.windows(2).all(|w| w[0] <= w[1]), "oldest first");
-        assert_eq!(generator.batch(2, now + 1_000).samples.len(), 3);
+        // 180 steps, 6 a batch: batches 1..=30 carry history, batch 31 does not.
+        assert_eq!(generator.batch(30, now).samples.len(), 3 + 12);
+        assert_eq!(
+            generator.batch(30, now).samples[10].observed_at_unix_ms,
+            now - 10_000
+        );
+        assert_eq!(generator.batch(31, now).samples.len(), 3);
     }
 
     #[test]
