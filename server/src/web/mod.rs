@@ -95,6 +95,48 @@ struct WebState {
     client_certificates: bool,
     shutdown: CancellationToken,
     tasks: TaskTracker,
+    failures: Arc<std::sync::Mutex<FailedSignIns>>,
+}
+
+/// Failed sign-ins an address may make a minute before it is told to wait.
+const FAILED_SIGN_INS_PER_MINUTE: u32 = 10;
+/// Addresses tracked at once; the oldest minute's entries go first.
+const TRACKED_ADDRESSES: usize = 10_000;
+
+/// Wrong tokens per client address in the current minute (from the sign-in form, a bearer
+/// header or a cookie): guessing is slowed to [`FAILED_SIGN_INS_PER_MINUTE`] an address, one
+/// address cannot lock out another, and operator certificates are never throttled.
+#[derive(Debug, Default)]
+struct FailedSignIns {
+    by_address: std::collections::HashMap<std::net::IpAddr, (std::time::Instant, u32)>,
+}
+
+impl FailedSignIns {
+    /// Whether `address` may try now.
+    fn may_try(&mut self, address: std::net::IpAddr, now: std::time::Instant) -> bool {
+        match self.by_address.get(&address) {
+            Some((since, count)) if now.duration_since(*since).as_secs() < 60 => {
+                *count < FAILED_SIGN_INS_PER_MINUTE
+            }
+            _ => true,
+        }
+    }
+
+    /// Counts a failure of `address`.
+    fn failed(&mut self, address: std::net::IpAddr, now: std::time::Instant) {
+        if self.by_address.len() >= TRACKED_ADDRESSES {
+            self.by_address
+                .retain(|_, (since, _)| now.duration_since(*since).as_secs() < 60);
+        }
+        if self.by_address.len() >= TRACKED_ADDRESSES {
+            return;
+        }
+        let entry = self.by_address.entry(address).or_insert((now, 0));
+        if now.duration_since(entry.0).as_secs() >= 60 {
+            *entry = (now, 0);
+        }
+        entry.1 += 1;
+    }
 }
 
 /// What the page reads.
@@ -123,6 +165,7 @@ pub fn router(parts: WebParts, settings: &WebSettings) -> Router {
         client_certificates: settings.client_certificates,
         shutdown: parts.shutdown,
         tasks: parts.tasks,
+        failures: Arc::default(),
     };
     let signed_in = Router::new()
         .route("/", get(fleet))
@@ -145,7 +188,7 @@ pub fn router(parts: WebParts, settings: &WebSettings) -> Router {
 
 /// Who is signed in: an operator certificate's name, or `token`.
 #[derive(Debug, Clone)]
-struct Viewer(#[allow(dead_code)] String);
+struct Viewer(String);
 
 fn cookie_token(headers: &HeaderMap) -> Option<&str> {
     headers
@@ -158,22 +201,54 @@ fn cookie_token(headers: &HeaderMap) -> Option<&str> {
         .map(|(_, value)| value)
 }
 
-fn viewer(state: &WebState, connection: &ConnectionPeer, headers: &HeaderMap) -> Option<Viewer> {
+/// What a request's credentials say.
+enum Credentials {
+    /// Let in: who.
+    Accepted(Viewer),
+    /// A token was presented (header or cookie) and is not accepted.
+    Refused,
+    /// Nothing was presented.
+    None,
+}
+
+fn credentials(state: &WebState, connection: &ConnectionPeer, headers: &HeaderMap) -> Credentials {
     if state.client_certificates
         && let Some(Peer::Operator(name)) = &connection.peer
     {
-        return Some(Viewer(format!("operator/{name}")));
+        return Credentials::Accepted(Viewer(format!("operator/{name}")));
     }
+    let cookie = cookie_token(headers);
+    let presented = headers.contains_key(header::AUTHORIZATION) || cookie.is_some();
     let by_header = crate::https::bearer_accepted(headers, &state.tokens);
-    let by_cookie = cookie_token(headers)
+    let by_cookie = cookie
         .is_some_and(|token| crate::https::token_accepted(&percent_decode(token), &state.tokens));
-    (by_header || by_cookie).then(|| Viewer("token".into()))
+    if by_header || by_cookie {
+        Credentials::Accepted(Viewer("token".into()))
+    } else if presented {
+        Credentials::Refused
+    } else {
+        Credentials::None
+    }
+}
+
+/// The answer to an address that has guessed too many tokens this minute.
+fn throttled(next: &str, certificates: bool) -> Response {
+    (
+        StatusCode::TOO_MANY_REQUESTS,
+        [(header::RETRY_AFTER, "60")],
+        Html(page::sign_in(
+            Some("Too many wrong tokens from this address: wait a minute, then try again."),
+            next,
+            certificates,
+        )),
+    )
+        .into_response()
 }
 
 async fn require_sign_in(
     State(state): State<WebState>,
     ConnectInfo(connection): ConnectInfo<ConnectionPeer>,
-    mut request: Request,
+    request: Request,
     next: Next,
 ) -> Response {
     if request.method() != Method::GET && request.method() != Method::HEAD {
@@ -184,9 +259,30 @@ async fn require_sign_in(
         )
             .into_response();
     }
-    if let Some(viewer) = viewer(&state, &connection, request.headers()) {
-        request.extensions_mut().insert(viewer);
-        return next.run(request).await;
+    let (ip, now) = (connection.address.ip(), std::time::Instant::now());
+    match credentials(&state, &connection, request.headers()) {
+        Credentials::Accepted(Viewer(who)) if who.starts_with("operator/") => {
+            tracing::debug!(viewer = who, peer = %connection.address, path = request.uri().path(), "WebRequest");
+            return next.run(request).await;
+        }
+        // A token, right or wrong, is tried only while the address may try.
+        Credentials::Accepted(_) | Credentials::Refused
+            if !state.failures.lock().is_ok_and(|mut f| f.may_try(ip, now)) =>
+        {
+            tracing::warn!(peer = %connection.address, "WebSignInThrottled");
+            return throttled("/", state.client_certificates);
+        }
+        Credentials::Accepted(Viewer(who)) => {
+            tracing::debug!(viewer = who, peer = %connection.address, path = request.uri().path(), "WebRequest");
+            return next.run(request).await;
+        }
+        Credentials::Refused => {
+            if let Ok(mut failures) = state.failures.lock() {
+                failures.failed(ip, now);
+            }
+            tracing::warn!(peer = %connection.address, "WebTokenRefused");
+        }
+        Credentials::None => {}
     }
     if let Some(Peer::Node(id)) = &connection.peer {
         tracing::warn!(peer = %connection.address, node = %id, "WebRefusedAgentCertificate");
@@ -288,7 +384,15 @@ async fn sign_in(
     Form(form): Form<SignIn>,
 ) -> Response {
     let next = local_path(&form.next).to_owned();
+    let (ip, now) = (connection.address.ip(), std::time::Instant::now());
+    if !state.failures.lock().is_ok_and(|mut f| f.may_try(ip, now)) {
+        tracing::warn!(peer = %connection.address, "WebSignInThrottled");
+        return throttled(&next, state.client_certificates);
+    }
     if !crate::https::token_accepted(&form.token, &state.tokens) {
+        if let Ok(mut failures) = state.failures.lock() {
+            failures.failed(ip, now);
+        }
         tracing::warn!(peer = %connection.address, "WebSignInRefused");
         return (
             StatusCode::UNAUTHORIZED,
@@ -549,6 +653,33 @@ mod tests {
             HeaderValue::from_static("theme=dark; guardian_web=tok%20en"),
         );
         assert_eq!(cookie_token(&headers), Some("tok%20en"));
+    }
+
+    #[test]
+    fn wrong_tokens_are_throttled_per_address() {
+        let mut failures = FailedSignIns::default();
+        let (a, b): (std::net::IpAddr, std::net::IpAddr) = (
+            "10.0.0.1".parse().expect("ip"),
+            "10.0.0.2".parse().expect("ip"),
+        );
+        let now = std::time::Instant::now();
+        for _ in 0..FAILED_SIGN_INS_PER_MINUTE {
+            assert!(failures.may_try(a, now));
+            failures.failed(a, now);
+        }
+        assert!(
+            !failures.may_try(a, now),
+            "the 11th try within the minute waits"
+        );
+        assert!(
+            failures.may_try(b, now),
+            "another address is not locked out"
+        );
+        let later = now + std::time::Duration::from_secs(61);
+        assert!(
+            failures.may_try(a, later),
+            "a minute later it may try again"
+        );
     }
 
     #[test]
