@@ -73,31 +73,6 @@ impl HostPoint {
             oom_kills_total: narrow(v.oom_kills_total),
         }
     }
-
-    fn values(&self) -> (i64, HostValues) {
-        (
-            self.at,
-            HostValues {
-                cpu_busy_percent: f64::from(self.cpu_busy_percent),
-                cpu_iowait_percent: f64::from(self.cpu_iowait_percent),
-                mem_total_bytes: self.mem_total_bytes,
-                mem_available_bytes: self.mem_available_bytes,
-                load_avg_1m: f64::from(self.load_avg_1m),
-                cpu_psi_some_avg10_percent: f64::from(self.cpu_psi_some_avg10_percent),
-                memory_psi_full_avg10_percent: f64::from(self.memory_psi_full_avg10_percent),
-                io_psi_full_avg10_percent: f64::from(self.io_psi_full_avg10_percent),
-                chain_data_used_percent: f64::from(self.chain_data_used_percent),
-                chain_data_available_bytes: self.chain_data_available_bytes,
-                disk_read_latency_ms_max: f64::from(self.disk_read_latency_ms_max),
-                disk_write_latency_ms_max: f64::from(self.disk_write_latency_ms_max),
-                disk_utilisation_percent_max: f64::from(self.disk_utilisation_percent_max),
-                net_rx_bytes_per_second: f64::from(self.net_rx_bytes_per_second),
-                net_tx_bytes_per_second: f64::from(self.net_tx_bytes_per_second),
-                net_errors_total: u64::from(self.net_errors_total),
-                oom_kills_total: u64::from(self.oom_kills_total),
-            },
-        )
-    }
 }
 
 /// A chain point as the window keeps it (read it through [`Points`]).
@@ -143,7 +118,54 @@ impl ChainPoint {
             is_syncing: v.is_syncing,
         }
     }
+}
 
+/// What a window point is: when it was observed, and the figures it stands for.
+pub trait Point: Copy {
+    /// The figures, as the detectors read them.
+    type Values;
+    /// Observation time, Unix ms.
+    fn at(&self) -> i64;
+    /// Observation time and figures.
+    fn values(&self) -> (i64, Self::Values);
+}
+
+impl Point for HostPoint {
+    type Values = HostValues;
+    fn at(&self) -> i64 {
+        self.at
+    }
+    fn values(&self) -> (i64, HostValues) {
+        (
+            self.at,
+            HostValues {
+                cpu_busy_percent: f64::from(self.cpu_busy_percent),
+                cpu_iowait_percent: f64::from(self.cpu_iowait_percent),
+                mem_total_bytes: self.mem_total_bytes,
+                mem_available_bytes: self.mem_available_bytes,
+                load_avg_1m: f64::from(self.load_avg_1m),
+                cpu_psi_some_avg10_percent: f64::from(self.cpu_psi_some_avg10_percent),
+                memory_psi_full_avg10_percent: f64::from(self.memory_psi_full_avg10_percent),
+                io_psi_full_avg10_percent: f64::from(self.io_psi_full_avg10_percent),
+                chain_data_used_percent: f64::from(self.chain_data_used_percent),
+                chain_data_available_bytes: self.chain_data_available_bytes,
+                disk_read_latency_ms_max: f64::from(self.disk_read_latency_ms_max),
+                disk_write_latency_ms_max: f64::from(self.disk_write_latency_ms_max),
+                disk_utilisation_percent_max: f64::from(self.disk_utilisation_percent_max),
+                net_rx_bytes_per_second: f64::from(self.net_rx_bytes_per_second),
+                net_tx_bytes_per_second: f64::from(self.net_tx_bytes_per_second),
+                net_errors_total: u64::from(self.net_errors_total),
+                oom_kills_total: u64::from(self.oom_kills_total),
+            },
+        )
+    }
+}
+
+impl Point for ChainPoint {
+    type Values = ChainValues;
+    fn at(&self) -> i64 {
+        self.at
+    }
     fn values(&self) -> (i64, ChainValues) {
         (
             self.at,
@@ -165,36 +187,6 @@ impl ChainPoint {
                 emission_rao: self.emission_rao,
             },
         )
-    }
-}
-
-/// What a window point is: when it was observed, and the figures it stands for.
-pub trait Point: Copy {
-    /// The figures, as the detectors read them.
-    type Values;
-    /// Observation time, Unix ms.
-    fn at(&self) -> i64;
-    /// Observation time and figures.
-    fn values(&self) -> (i64, Self::Values);
-}
-
-impl Point for HostPoint {
-    type Values = HostValues;
-    fn at(&self) -> i64 {
-        self.at
-    }
-    fn values(&self) -> (i64, HostValues) {
-        HostPoint::values(self)
-    }
-}
-
-impl Point for ChainPoint {
-    type Values = ChainValues;
-    fn at(&self) -> i64 {
-        self.at
-    }
-    fn values(&self) -> (i64, ChainValues) {
-        ChainPoint::values(self)
     }
 }
 

@@ -186,10 +186,6 @@ pub fn router(parts: WebParts, settings: &WebSettings) -> Router {
         .with_state(state)
 }
 
-/// Who is signed in: an operator certificate's name, or `token`.
-#[derive(Debug, Clone)]
-struct Viewer(String);
-
 fn cookie_token(headers: &HeaderMap) -> Option<&str> {
     headers
         .get_all(header::COOKIE)
@@ -203,8 +199,10 @@ fn cookie_token(headers: &HeaderMap) -> Option<&str> {
 
 /// What a request's credentials say.
 enum Credentials {
-    /// Let in: who.
-    Accepted(Viewer),
+    /// Let in by an operator certificate (never throttled): the operator's name.
+    Operator(String),
+    /// Let in by an accepted token.
+    Token,
     /// A token was presented (header or cookie) and is not accepted.
     Refused,
     /// Nothing was presented.
@@ -215,7 +213,7 @@ fn credentials(state: &WebState, connection: &ConnectionPeer, headers: &HeaderMa
     if state.client_certificates
         && let Some(Peer::Operator(name)) = &connection.peer
     {
-        return Credentials::Accepted(Viewer(format!("operator/{name}")));
+        return Credentials::Operator(name.clone());
     }
     let cookie = cookie_token(headers);
     let presented = headers.contains_key(header::AUTHORIZATION) || cookie.is_some();
@@ -223,7 +221,7 @@ fn credentials(state: &WebState, connection: &ConnectionPeer, headers: &HeaderMa
     let by_cookie = cookie
         .is_some_and(|token| crate::https::token_accepted(&percent_decode(token), &state.tokens));
     if by_header || by_cookie {
-        Credentials::Accepted(Viewer("token".into()))
+        Credentials::Token
     } else if presented {
         Credentials::Refused
     } else {
@@ -261,19 +259,19 @@ async fn require_sign_in(
     }
     let (ip, now) = (connection.address.ip(), std::time::Instant::now());
     match credentials(&state, &connection, request.headers()) {
-        Credentials::Accepted(Viewer(who)) if who.starts_with("operator/") => {
-            tracing::debug!(viewer = who, peer = %connection.address, path = request.uri().path(), "WebRequest");
+        Credentials::Operator(name) => {
+            tracing::debug!(operator = name, peer = %connection.address, path = request.uri().path(), "WebRequest");
             return next.run(request).await;
         }
         // A token, right or wrong, is tried only while the address may try.
-        Credentials::Accepted(_) | Credentials::Refused
+        Credentials::Token | Credentials::Refused
             if !state.failures.lock().is_ok_and(|mut f| f.may_try(ip, now)) =>
         {
             tracing::warn!(peer = %connection.address, "WebSignInThrottled");
             return throttled("/", state.client_certificates);
         }
-        Credentials::Accepted(Viewer(who)) => {
-            tracing::debug!(viewer = who, peer = %connection.address, path = request.uri().path(), "WebRequest");
+        Credentials::Token => {
+            tracing::debug!(peer = %connection.address, path = request.uri().path(), "WebRequest");
             return next.run(request).await;
         }
         Credentials::Refused => {
@@ -579,7 +577,7 @@ async fn node(
             .map_err(text)
             .map(|entries| entries.into_iter().map(Into::into).collect()),
     };
-    Html(page::node(&node, &detail, now)).into_response()
+    Html(page::node(&node, &detail)).into_response()
 }
 
 #[derive(Debug, Deserialize)]

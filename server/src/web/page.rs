@@ -314,7 +314,7 @@ fn kv(out: &mut String, key: &str, live: Option<&str>, value: &str) {
 }
 
 /// The node page.
-pub fn node(node: &Node, detail: &NodeDetail, now_ms: i64) -> String {
+pub fn node(node: &Node, detail: &NodeDetail) -> String {
     let row = FleetRow::of(node, detail.gpu.as_ref());
     let id = esc(&node.node_id);
     let mut body = format!(
@@ -567,7 +567,6 @@ pub fn node(node: &Node, detail: &NodeDetail, now_ms: i64) -> String {
             body.push_str("</tbody></table>");
         }
     }
-    let _ = now_ms;
     layout(&node.node_id, Some(&node.node_id), &body)
 }
 
