@@ -14,6 +14,13 @@
 //!   on, linked to the outbox id before it); the outbox table is read only when memory does
 //!   not hold the batch right after the sink's cursor. Either way the outbox row is the
 //!   durable copy until ClickHouse holds it.
+//! - A chunk whose INSERT failed is retried as the same batches, read from the outbox
+//!   table, until it succeeds: never grown by batches that arrived meanwhile. Each attempt
+//!   lands (or not) one part per day partition, so a rollup bucket then holds the rows of
+//!   one attempt at most, and rows that landed without their rollup are this chunk's rows in
+//!   the bucket, which is what the store's rollup repair checks for. A chunk grown between
+//!   two attempts that both lost their rollup left a bucket short by less than the chunk,
+//!   which the repair rightly does not guess at (seen as `rollup_1m` short of the raw rows).
 //! - While ClickHouse is down, batches stay in the outbox (acked, durable); the breaker
 //!   spaces out probes; when ClickHouse returns, the backlog is replayed in order with
 //!   progress in the log (`Progress`, with rate and ETA; `guardianctl status` shows a banner) and in `guardian_outbox_*` metrics.
@@ -139,6 +146,9 @@ pub async fn run(
     // at 0: the outbox keeps each batch until ClickHouse holds it, so whatever it still holds
     // is read again, and `insert` leaves out the rows that had landed.
     let mut cursor = 0u64;
+    // Largest outbox id of a chunk whose INSERT was tried and failed: the retry is that
+    // chunk again, no more (see the guarantees above).
+    let mut retry_through: Option<u64> = None;
     // Highest audit seq mirrored with every entry before it (None = ask ClickHouse).
     let mut audit_cursor: Option<u64> = None;
     // Whether ClickHouse may hold some entries above `audit_cursor` (at start, after a
@@ -228,14 +238,25 @@ pub async fn run(
             }
             // Freshly committed batches come from memory; the outbox table is read only when
             // memory lacks the very next one (restart, failure, overflow).
-            let memory = outbox.take_after(cursor, MAX_CHUNK_BATCHES, max_rows);
+            // A retry reads the table, which holds the failed chunk whole (memory may have
+            // a gap where the first try did not).
+            let memory = match retry_through {
+                Some(_) => None,
+                None => outbox.take_after(cursor, MAX_CHUNK_BATCHES, max_rows),
+            };
             let from_memory = memory.is_some();
             let table = match memory {
                 Some(_) => Vec::new(),
-                None => ledger
-                    .outbox_read(cursor, MAX_CHUNK_BATCHES, max_rows)
-                    .await
-                    .map_err(SinkError::Ledger)?,
+                None => {
+                    let mut read = ledger
+                        .outbox_read(cursor, MAX_CHUNK_BATCHES, max_rows)
+                        .await
+                        .map_err(SinkError::Ledger)?;
+                    if let Some(through) = retry_through {
+                        read.retain(|b| b.outbox_id <= through);
+                    }
+                    read
+                }
             };
             let (samples, first_received, last_id): (usize, _, _) = match &memory {
                 Some(blobs) => (
@@ -255,10 +276,15 @@ pub async fn run(
             // Time trigger: a small chunk waits until its oldest batch is max_delay old.
             let age = crate::unix_ms().saturating_sub(first_received);
             let age = Duration::from_millis(u64::try_from(age).unwrap_or(0));
-            if samples < max_rows && age < max_delay && !shutdown.is_cancelled() {
+            if samples < max_rows
+                && age < max_delay
+                && retry_through.is_none()
+                && !shutdown.is_cancelled()
+            {
                 return Ok(Step::Wait(max_delay - age));
             }
             let started = Instant::now();
+            retry_through.get_or_insert(last_id);
             // Memory blobs go to ClickHouse as they are (host samples are copied into
             // RowBinary, never decoded into a batch); rows read back come decoded.
             let (chunk_batches, inserted) = match &memory {
@@ -271,6 +297,7 @@ pub async fn run(
                 }
                 other => SinkError::ClickHouse(other),
             })?;
+            retry_through = None;
             metrics
                 .clickhouse_insert_seconds
                 .observe(started.elapsed().as_secs_f64());
