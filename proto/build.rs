@@ -24,7 +24,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .route_name("Connect")
         .input_type("crate::wire::AgentFrameIn")
         .output_type("crate::v1::ServerFrame")
-        .codec_path("tonic_prost::ProstCodec")
+        // Small starting buffers: they are held per connected agent (see `wire::UplinkCodec`).
+        .codec_path("crate::wire::UplinkCodec")
         .client_streaming()
         .server_streaming()
         .build();

@@ -43,6 +43,48 @@ pub mod wire {
         }
     }
 
+    /// Starting size of the Uplink stream's buffers, each way. tonic's default is 8 KiB,
+    /// held per stream for its whole life: the decode buffer per direction keeps the largest
+    /// message it has held, the encode buffer is for acks of a few bytes. A batch of the
+    /// agent's cadence is about 1 KiB, so the buffers start there and grow when a frame needs
+    /// it (heaptrack: 16 KiB of tonic buffers per connected node with the defaults).
+    pub const UPLINK_BUFFER_BYTES: usize = 1024;
+
+    /// prost over the Uplink with [`UPLINK_BUFFER_BYTES`] starting buffers (the generated
+    /// server constructs it with `Default`).
+    #[derive(Debug, Clone, Copy)]
+    pub struct UplinkCodec<T, U>(std::marker::PhantomData<fn(T) -> U>);
+
+    impl<T, U> Default for UplinkCodec<T, U> {
+        fn default() -> Self {
+            Self(std::marker::PhantomData)
+        }
+    }
+
+    impl<T, U> tonic::codec::Codec for UplinkCodec<T, U>
+    where
+        T: ::prost::Message + Send + 'static,
+        U: ::prost::Message + Default + Send + 'static,
+    {
+        type Encode = T;
+        type Decode = U;
+        type Encoder = tonic_prost::ProstEncoder<T>;
+        type Decoder = tonic_prost::ProstDecoder<U>;
+
+        fn encoder(&mut self) -> Self::Encoder {
+            tonic_prost::ProstEncoder::new(settings())
+        }
+
+        fn decoder(&mut self) -> Self::Decoder {
+            tonic_prost::ProstDecoder::new(settings())
+        }
+    }
+
+    fn settings() -> tonic::codec::BufferSettings {
+        // tonic's default yield threshold (32 KiB), spelled out: it has no accessor.
+        tonic::codec::BufferSettings::new(UPLINK_BUFFER_BYTES, 32 * 1024)
+    }
+
     include!(concat!(env!("OUT_DIR"), "/guardian.v1.Uplink.rs"));
 }
 

@@ -79,13 +79,28 @@ pub(super) fn insert_query(
     query
 }
 
-/// `rows` in statements of at most [`VALUES_PER_STATEMENT`] bound values.
+/// `rows` in statements of at most [`VALUES_PER_STATEMENT`] bound values, each of a row count
+/// from a small fixed set: full statements, then the rest in power-of-two row counts, largest
+/// first (45 rows: 32 + 8 + 4 + 1).
+///
+/// Each SQL text is a prepared statement that sqlx caches per connection (up to 100). With a
+/// statement per row count, group commits of every size from 1 to the most filled the caches
+/// with large statements: ~48 MiB of SQLite's heap at 1 000 agents (heaptrack,
+/// BENCHMARKS.md), read as memory per connected node. Now a table has at most
+/// `log2(most rows) + 2` statements, about 9.
 pub(super) fn statements(rows: Vec<Vec<Value>>, columns: usize) -> Vec<Vec<Vec<Value>>> {
     let rows_per_statement = (VALUES_PER_STATEMENT / columns.max(1)).max(1);
-    let mut rows = rows.into_iter().peekable();
+    let mut rows = rows.into_iter();
     let mut out = Vec::new();
-    while rows.peek().is_some() {
-        out.push(rows.by_ref().take(rows_per_statement).collect());
+    let mut left = rows.len();
+    while left > 0 {
+        let take = if left >= rows_per_statement {
+            rows_per_statement
+        } else {
+            1 << left.ilog2()
+        };
+        out.push(rows.by_ref().take(take).collect());
+        left -= take;
     }
     out
 }
@@ -118,5 +133,37 @@ mod tests {
         assert_eq!(placeholders(&mut next, 2, Backend::Postgres), "($1, $2)");
         assert_eq!(placeholders(&mut next, 2, Backend::Postgres), "($3, $4)");
         assert_eq!(placeholders(&mut next, 2, Backend::Sqlite), "(?, ?)");
+    }
+
+    fn sizes(rows: usize, columns: usize) -> Vec<usize> {
+        let rows = vec![vec![Value::I(0); columns]; rows];
+        statements(rows, columns).iter().map(Vec::len).collect()
+    }
+
+    #[test]
+    fn statements_come_in_a_few_row_counts_and_keep_every_row_in_order() {
+        assert_eq!(sizes(0, 4), Vec::<usize>::new());
+        assert_eq!(sizes(45, 4), [32, 8, 4, 1]);
+        // 4096 values of 4 columns: 1024 rows a full statement.
+        assert_eq!(sizes(2 * 1024 + 3, 4), [1024, 1024, 2, 1]);
+        let mut shapes = std::collections::BTreeSet::new();
+        for n in 1..=3000 {
+            let got = sizes(n, 20);
+            assert_eq!(got.iter().sum::<usize>(), n);
+            assert!(got.iter().all(|&rows| rows * 20 <= VALUES_PER_STATEMENT));
+            shapes.extend(got);
+        }
+        // 204 rows a full statement, then 128, 64, ..., 1.
+        assert_eq!(shapes.len(), 9, "{shapes:?}");
+        let rows: Vec<Vec<Value>> = (0..45).map(|i| vec![Value::I(i)]).collect();
+        let flat: Vec<i64> = statements(rows, 1)
+            .into_iter()
+            .flatten()
+            .map(|row| match row[0] {
+                Value::I(v) => v,
+                _ => -1,
+            })
+            .collect();
+        assert_eq!(flat, (0..45).collect::<Vec<_>>());
     }
 }
