@@ -10,7 +10,10 @@ use super::{Backend, StoreError};
 /// With numbered placeholders sqlx-sqlite resolves each parameter's name by a linear scan, so
 /// binding was quadratic in the values per statement (a 400-row statement spent 80 % of the
 /// server's CPU there); SQLite statements therefore use anonymous `?` placeholders.
-pub(super) const VALUES_PER_STATEMENT: usize = 4096;
+/// 1 024 rather than 4 096: each connection caches its prepared statements, whose size follows
+/// their values; at 2 000 agents this saved 7 KiB of server memory a node with the same CPU
+/// (BENCHMARKS.md).
+pub(super) const VALUES_PER_STATEMENT: usize = 1024;
 
 /// `(?, ?, ...)` (SQLite) or `($a, $b, ...)` (PostgreSQL) for one row of `width` values
 /// starting after `*next`.
@@ -144,8 +147,10 @@ mod tests {
     fn statements_come_in_a_few_row_counts_and_keep_every_row_in_order() {
         assert_eq!(sizes(0, 4), Vec::<usize>::new());
         assert_eq!(sizes(45, 4), [32, 8, 4, 1]);
-        // 4096 values of 4 columns: 1024 rows a full statement.
-        assert_eq!(sizes(2 * 1024 + 3, 4), [1024, 1024, 2, 1]);
+        let full = VALUES_PER_STATEMENT / 4;
+        let mut want = vec![full, full];
+        want.extend([2, 1]);
+        assert_eq!(sizes(2 * full + 3, 4), want);
         let mut shapes = std::collections::BTreeSet::new();
         for n in 1..=3000 {
             let got = sizes(n, 20);
@@ -153,8 +158,9 @@ mod tests {
             assert!(got.iter().all(|&rows| rows * 20 <= VALUES_PER_STATEMENT));
             shapes.extend(got);
         }
-        // 204 rows a full statement, then 128, 64, ..., 1.
-        assert_eq!(shapes.len(), 9, "{shapes:?}");
+        // A full statement, then every power of two below it.
+        let full = VALUES_PER_STATEMENT / 20;
+        assert_eq!(shapes.len(), full.ilog2() as usize + 2, "{shapes:?}");
         let rows: Vec<Vec<Value>> = (0..45).map(|i| vec![Value::I(i)]).collect();
         let flat: Vec<i64> = statements(rows, 1)
             .into_iter()
