@@ -24,7 +24,7 @@ use sqlx::{AssertSqlSafe, Row};
 use tokio::sync::{mpsc, oneshot};
 
 use super::embedded::Rows;
-use super::insert::{VALUES_PER_STATEMENT, placeholders};
+use super::insert::{placeholders, statement_chunks};
 use super::outbox::{self, OutboxBlob, OutboxGauge};
 use super::{Backend, Commit, Ledger, StoreError, to_i64};
 use crate::identity::NodeId;
@@ -364,7 +364,7 @@ async fn insert_batch_records(
 ) -> Result<HashSet<(String, i64)>, StoreError> {
     let mut stored = HashSet::with_capacity(jobs.len());
     let columns = ["node_id", "seq", "received_at_unix_ms", "sample_count"];
-    for chunk in jobs.chunks(VALUES_PER_STATEMENT / columns.len()) {
+    for chunk in statement_chunks(jobs, columns.len()) {
         let mut sql = format!("INSERT INTO batches ({}) VALUES ", columns.join(", "));
         let mut next = 0usize;
         for i in 0..chunk.len() {
@@ -441,7 +441,7 @@ async fn update_nodes(
         "last_host_observed_unix_ms",
     ];
     let nodes: Vec<(&str, NodeUpdate)> = nodes.into_iter().collect();
-    for chunk in nodes.chunks(VALUES_PER_STATEMENT / COLUMNS.len()) {
+    for chunk in statement_chunks(&nodes, COLUMNS.len()) {
         let mut sql = format!("INSERT INTO nodes ({}) VALUES ", COLUMNS.join(", "));
         let mut next = 0usize;
         for i in 0..chunk.len() {

@@ -92,20 +92,35 @@ pub(super) fn insert_query(
 /// BENCHMARKS.md), read as memory per connected node. Now a table has at most
 /// `log2(most rows) + 2` statements, about 9.
 pub(super) fn statements(rows: Vec<Vec<Value>>, columns: usize) -> Vec<Vec<Vec<Value>>> {
-    let rows_per_statement = (VALUES_PER_STATEMENT / columns.max(1)).max(1);
     let mut rows = rows.into_iter();
-    let mut out = Vec::new();
-    let mut left = rows.len();
-    while left > 0 {
-        let take = if left >= rows_per_statement {
-            rows_per_statement
-        } else {
-            1 << left.ilog2()
+    statement_rows(rows.len(), columns)
+        .map(|take| rows.by_ref().take(take).collect())
+        .collect()
+}
+
+/// `items` cut as [`statements`] cuts rows: one slice per statement.
+pub(super) fn statement_chunks<T>(items: &[T], columns: usize) -> impl Iterator<Item = &[T]> {
+    let mut rest = items;
+    statement_rows(items.len(), columns).map(move |take| {
+        let (chunk, after) = rest.split_at(take);
+        rest = after;
+        chunk
+    })
+}
+
+/// The row counts of the statements that insert `total` rows of `columns` values.
+fn statement_rows(total: usize, columns: usize) -> impl Iterator<Item = usize> {
+    let rows_per_statement = (VALUES_PER_STATEMENT / columns.max(1)).max(1);
+    let mut left = total;
+    std::iter::from_fn(move || {
+        let take = match left {
+            0 => return None,
+            n if n >= rows_per_statement => rows_per_statement,
+            n => 1 << n.ilog2(),
         };
-        out.push(rows.by_ref().take(take).collect());
         left -= take;
-    }
-    out
+        Some(take)
+    })
 }
 
 /// Multi-row INSERT of `rows` into `table(columns)`, in statements of at most
@@ -171,5 +186,12 @@ mod tests {
             })
             .collect();
         assert_eq!(flat, (0..45).collect::<Vec<_>>());
+        let items: Vec<u32> = (0..45).collect();
+        let chunks: Vec<&[u32]> = statement_chunks(&items, 1).collect();
+        assert_eq!(
+            chunks.iter().map(|c| c.len()).collect::<Vec<_>>(),
+            [32, 8, 4, 1]
+        );
+        assert_eq!(chunks.concat(), items);
     }
 }
