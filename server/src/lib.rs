@@ -31,6 +31,7 @@ pub mod metrics;
 pub mod pki;
 pub mod progress;
 pub mod read_ahead;
+pub mod rechunk;
 pub mod reconcile;
 pub mod registry;
 pub mod store;
@@ -198,11 +199,11 @@ pub async fn run(
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .initial_stream_window_size(RECEIVE_WINDOW_BYTES)
         .initial_connection_window_size(RECEIVE_WINDOW_BYTES)
-        .add_service(
+        .add_service(rechunk::RechunkedService(
             UplinkServer::new(ingest)
                 .max_decoding_message_size(config.max_frame_bytes)
                 .max_encoding_message_size(config.max_frame_bytes),
-        )
+        ))
         .add_service(health_service.clone())
         .add_service(reflection)
         .add_service(reflection_alpha)
