@@ -469,8 +469,17 @@ async fn clickhouse_killed_mid_insert_under_several_nodes_and_two_days_loses_and
         "SELECT node_id, countMerge(count_state) FROM guardian.rollup_1m \
          WHERE metric = 'cpu_busy_percent' GROUP BY node_id ORDER BY node_id",
     )?;
-    assert_eq!(rollup, raw, "rollup_1m against the raw rows");
     let log = std::fs::read_to_string(scratch.path("server.log"))?;
+    let rollup_lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("ClickHouseRollup") || l.contains("ClickHouseInsertFailed"))
+        .collect();
+    assert_eq!(
+        rollup,
+        raw,
+        "rollup_1m against the raw rows; the server's repairs and failures:\n{}",
+        rollup_lines.join("\n")
+    );
     assert!(
         log.contains("ClickHouseInsertFailed") || log.contains("ClickHouseUnavailable"),
         "the kills were felt: {log}"
