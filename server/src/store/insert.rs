@@ -163,9 +163,7 @@ mod tests {
         assert_eq!(sizes(0, 4), Vec::<usize>::new());
         assert_eq!(sizes(45, 4), [32, 8, 4, 1]);
         let full = VALUES_PER_STATEMENT / 4;
-        let mut want = vec![full, full];
-        want.extend([2, 1]);
-        assert_eq!(sizes(2 * full + 3, 4), want);
+        assert_eq!(sizes(2 * full + 3, 4), [full, full, 2, 1]);
         let mut shapes = std::collections::BTreeSet::new();
         for n in 1..=3000 {
             let got = sizes(n, 20);
