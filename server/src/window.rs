@@ -1,9 +1,10 @@
 //! Per-node windows: the recent past of each node's host and chain figures, in memory, for
-//! the detectors' baselines. At most one point per slot (the newest sample in it), and each
-//! point kept compact (figures as `f32`/`u32` where the detectors need no more, byte counts
-//! and emission exact), so a full 30-minute window is about 29 KiB a node (181 slots of 88 +
-//! 72 bytes) instead of 64 KiB. Rebuilt from the store at start, so a restart does not blind
-//! the detectors.
+//! the detectors' baselines. At most one point per slot (the newest sample in it). A point
+//! keeps only the figures the detectors read over time ([`HostHistory`], [`ChainHistory`]),
+//! as `f32`/`u32` where they need no more (byte counts exact), so a full 30-minute window is
+//! about 11.5 KiB a node (181 slots of 40 + 24 bytes; 64 KiB with whole samples). The newest
+//! sample's every figure is in the registry. Rebuilt from the store at start, so a restart
+//! does not blind the detectors.
 
 use std::collections::VecDeque;
 
@@ -26,26 +27,71 @@ fn narrow(value: u64) -> u32 {
     u32::try_from(value).unwrap_or(u32::MAX)
 }
 
-/// A host point as the window keeps it (read it through [`Points`]).
+/// What a window keeps of a host sample: the figures the detectors read over time (storage
+/// slowness and fill rate, OOM kills). The newest sample's other figures are in the registry.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct HostHistory {
+    /// Free bytes on the chain-data filesystem (exact).
+    pub chain_data_available_bytes: u64,
+    /// Used share of the chain-data filesystem.
+    pub chain_data_used_percent: f64,
+    /// Worst read latency across disks.
+    pub disk_read_latency_ms_max: f64,
+    /// Worst write latency across disks.
+    pub disk_write_latency_ms_max: f64,
+    /// Busiest disk.
+    pub disk_utilisation_percent_max: f64,
+    /// Kernel OOM kills since boot.
+    pub oom_kills_total: u64,
+}
+
+impl From<&HostValues> for HostHistory {
+    fn from(v: &HostValues) -> Self {
+        Self {
+            chain_data_available_bytes: v.chain_data_available_bytes,
+            chain_data_used_percent: v.chain_data_used_percent,
+            disk_read_latency_ms_max: v.disk_read_latency_ms_max,
+            disk_write_latency_ms_max: v.disk_write_latency_ms_max,
+            disk_utilisation_percent_max: v.disk_utilisation_percent_max,
+            oom_kills_total: v.oom_kills_total,
+        }
+    }
+}
+
+/// What a window keeps of a chain sample: the figures the detectors read over time (lag
+/// baselines, finality growth, peer churn, unresponsive runs).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct ChainHistory {
+    /// 1 when the node answered.
+    pub responsive: u8,
+    /// Blocks behind the reference tip.
+    pub block_lag: u64,
+    /// Best minus finalized.
+    pub finality_lag_blocks: u64,
+    /// Connected peers.
+    pub peers: u32,
+}
+
+impl From<&ChainValues> for ChainHistory {
+    fn from(v: &ChainValues) -> Self {
+        Self {
+            responsive: v.responsive,
+            block_lag: v.block_lag,
+            finality_lag_blocks: v.finality_lag_blocks,
+            peers: v.peers,
+        }
+    }
+}
+
+/// A host point as the window keeps it (read it through [`Points`]): 40 bytes.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct HostPoint {
     at: i64,
-    mem_total_bytes: u64,
-    mem_available_bytes: u64,
     chain_data_available_bytes: u64,
-    cpu_busy_percent: f32,
-    cpu_iowait_percent: f32,
-    load_avg_1m: f32,
-    cpu_psi_some_avg10_percent: f32,
-    memory_psi_full_avg10_percent: f32,
-    io_psi_full_avg10_percent: f32,
     chain_data_used_percent: f32,
     disk_read_latency_ms_max: f32,
     disk_write_latency_ms_max: f32,
     disk_utilisation_percent_max: f32,
-    net_rx_bytes_per_second: f32,
-    net_tx_bytes_per_second: f32,
-    net_errors_total: u32,
     oom_kills_total: u32,
 }
 
@@ -54,68 +100,34 @@ impl HostPoint {
     fn of(at: i64, v: &HostValues) -> Self {
         Self {
             at,
-            mem_total_bytes: v.mem_total_bytes,
-            mem_available_bytes: v.mem_available_bytes,
             chain_data_available_bytes: v.chain_data_available_bytes,
-            cpu_busy_percent: v.cpu_busy_percent as f32,
-            cpu_iowait_percent: v.cpu_iowait_percent as f32,
-            load_avg_1m: v.load_avg_1m as f32,
-            cpu_psi_some_avg10_percent: v.cpu_psi_some_avg10_percent as f32,
-            memory_psi_full_avg10_percent: v.memory_psi_full_avg10_percent as f32,
-            io_psi_full_avg10_percent: v.io_psi_full_avg10_percent as f32,
             chain_data_used_percent: v.chain_data_used_percent as f32,
             disk_read_latency_ms_max: v.disk_read_latency_ms_max as f32,
             disk_write_latency_ms_max: v.disk_write_latency_ms_max as f32,
             disk_utilisation_percent_max: v.disk_utilisation_percent_max as f32,
-            net_rx_bytes_per_second: v.net_rx_bytes_per_second as f32,
-            net_tx_bytes_per_second: v.net_tx_bytes_per_second as f32,
-            net_errors_total: narrow(v.net_errors_total),
             oom_kills_total: narrow(v.oom_kills_total),
         }
     }
 }
 
-/// A chain point as the window keeps it (read it through [`Points`]).
+/// A chain point as the window keeps it (read it through [`Points`]): 24 bytes.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ChainPoint {
     at: i64,
-    emission_rao: u64,
-    best_block: u32,
-    finalized_block: u32,
-    sync_highest_block: u32,
-    reference_best_block: u32,
     block_lag: u32,
     finality_lag_blocks: u32,
-    head_age_ms: u32,
-    spec_version: u32,
-    blocks_since_last_update: u32,
     peers: u32,
-    rpc_latency_ms: f32,
-    validator_trust_ratio: f32,
     responsive: u8,
-    is_syncing: u8,
 }
 
 impl ChainPoint {
-    #[allow(clippy::cast_possible_truncation)]
     fn of(at: i64, v: &ChainValues) -> Self {
         Self {
             at,
-            emission_rao: v.emission_rao,
-            best_block: narrow(v.best_block),
-            finalized_block: narrow(v.finalized_block),
-            sync_highest_block: narrow(v.sync_highest_block),
-            reference_best_block: narrow(v.reference_best_block),
             block_lag: narrow(v.block_lag),
             finality_lag_blocks: narrow(v.finality_lag_blocks),
-            head_age_ms: narrow(v.head_age_ms),
-            spec_version: v.spec_version,
-            blocks_since_last_update: narrow(v.blocks_since_last_update),
             peers: v.peers,
-            rpc_latency_ms: v.rpc_latency_ms as f32,
-            validator_trust_ratio: v.validator_trust_ratio as f32,
             responsive: v.responsive,
-            is_syncing: v.is_syncing,
         }
     }
 }
@@ -131,30 +143,19 @@ pub trait Point: Copy {
 }
 
 impl Point for HostPoint {
-    type Values = HostValues;
+    type Values = HostHistory;
     fn at(&self) -> i64 {
         self.at
     }
-    fn values(&self) -> (i64, HostValues) {
+    fn values(&self) -> (i64, HostHistory) {
         (
             self.at,
-            HostValues {
-                cpu_busy_percent: f64::from(self.cpu_busy_percent),
-                cpu_iowait_percent: f64::from(self.cpu_iowait_percent),
-                mem_total_bytes: self.mem_total_bytes,
-                mem_available_bytes: self.mem_available_bytes,
-                load_avg_1m: f64::from(self.load_avg_1m),
-                cpu_psi_some_avg10_percent: f64::from(self.cpu_psi_some_avg10_percent),
-                memory_psi_full_avg10_percent: f64::from(self.memory_psi_full_avg10_percent),
-                io_psi_full_avg10_percent: f64::from(self.io_psi_full_avg10_percent),
-                chain_data_used_percent: f64::from(self.chain_data_used_percent),
+            HostHistory {
                 chain_data_available_bytes: self.chain_data_available_bytes,
+                chain_data_used_percent: f64::from(self.chain_data_used_percent),
                 disk_read_latency_ms_max: f64::from(self.disk_read_latency_ms_max),
                 disk_write_latency_ms_max: f64::from(self.disk_write_latency_ms_max),
                 disk_utilisation_percent_max: f64::from(self.disk_utilisation_percent_max),
-                net_rx_bytes_per_second: f64::from(self.net_rx_bytes_per_second),
-                net_tx_bytes_per_second: f64::from(self.net_tx_bytes_per_second),
-                net_errors_total: u64::from(self.net_errors_total),
                 oom_kills_total: u64::from(self.oom_kills_total),
             },
         )
@@ -162,29 +163,18 @@ impl Point for HostPoint {
 }
 
 impl Point for ChainPoint {
-    type Values = ChainValues;
+    type Values = ChainHistory;
     fn at(&self) -> i64 {
         self.at
     }
-    fn values(&self) -> (i64, ChainValues) {
+    fn values(&self) -> (i64, ChainHistory) {
         (
             self.at,
-            ChainValues {
+            ChainHistory {
                 responsive: self.responsive,
-                best_block: u64::from(self.best_block),
-                finalized_block: u64::from(self.finalized_block),
-                sync_highest_block: u64::from(self.sync_highest_block),
-                reference_best_block: u64::from(self.reference_best_block),
                 block_lag: u64::from(self.block_lag),
                 finality_lag_blocks: u64::from(self.finality_lag_blocks),
                 peers: self.peers,
-                is_syncing: self.is_syncing,
-                head_age_ms: u64::from(self.head_age_ms),
-                rpc_latency_ms: f64::from(self.rpc_latency_ms),
-                spec_version: self.spec_version,
-                blocks_since_last_update: u64::from(self.blocks_since_last_update),
-                validator_trust_ratio: f64::from(self.validator_trust_ratio),
-                emission_rao: self.emission_rao,
             },
         )
     }
@@ -357,7 +347,7 @@ mod tests {
             window.record_host(
                 at,
                 HostValues {
-                    cpu_busy_percent: 12.5,
+                    disk_read_latency_ms_max: 12.5,
                     chain_data_available_bytes: 1_234_567_890_123,
                     oom_kills_total: 7,
                     ..HostValues::default()
@@ -376,19 +366,17 @@ mod tests {
             );
         }
         assert_eq!(window.host().len(), 181);
-        // Measured, not assumed: capacity times point size, under 30 KiB a node.
+        // Measured, not assumed: capacity times point size, under 12 KiB a node.
         assert!(
-            window.heap_bytes() <= 30 * 1024,
+            window.heap_bytes() <= 12 * 1024,
             "{} bytes",
             window.heap_bytes()
         );
         let (_, host) = window.host().back().expect("a point");
         assert_eq!(host.chain_data_available_bytes, 1_234_567_890_123);
-        assert!((host.cpu_busy_percent - 12.5).abs() < 1e-6);
+        assert!((host.disk_read_latency_ms_max - 12.5).abs() < 1e-6);
         assert_eq!(host.oom_kills_total, 7);
         let (_, chain) = window.chain().back().expect("a point");
-        assert_eq!(chain.best_block, 4_000_299);
-        assert_eq!(chain.emission_rao, 9_876_543_210);
         assert_eq!((chain.block_lag, chain.peers, chain.responsive), (3, 12, 1));
     }
 }

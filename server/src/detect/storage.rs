@@ -10,7 +10,7 @@
 //!   (warning; critical under a quarter of it; score 0.5..1 as the time left shrinks).
 
 use super::{DetectPolicy, Finding, FindingKind, NodeInput, Severity};
-use crate::batch::values::HostValues;
+use crate::window::HostHistory;
 
 /// Window host points the sustained test looks at, and how many of them must be slow.
 const SLOW_RECENT: usize = 3;
@@ -22,7 +22,10 @@ const MS_PER_HOUR: f64 = 3_600_000.0;
 
 /// Storage findings for one node.
 pub fn detect(input: &NodeInput<'_>, policy: &DetectPolicy) -> Vec<Finding> {
-    let newest = input.host.or_else(|| input.window.host().back());
+    let newest = input
+        .host
+        .map(|(at, v)| (at, HostHistory::from(&v)))
+        .or_else(|| input.window.host().back());
     let mut findings = Vec::new();
     findings.extend(storage_slow(input, newest.map(|(_, v)| v), policy));
     if let Some(newest) = newest {
@@ -33,7 +36,7 @@ pub fn detect(input: &NodeInput<'_>, policy: &DetectPolicy) -> Vec<Finding> {
 
 /// Worst excess of one host point over the slow-disk limits (0 when not slow; 0.5 at a
 /// limit, 1.0 at 4x the latency or 100% utilisation).
-fn slowness(v: &HostValues, policy: &DetectPolicy) -> f64 {
+fn slowness(v: &HostHistory, policy: &DetectPolicy) -> f64 {
     let mut worst: f64 = 0.0;
     let latency = v.disk_read_latency_ms_max.max(v.disk_write_latency_ms_max);
     if latency > policy.disk_latency_ms && policy.disk_latency_ms > 0.0 {
@@ -50,17 +53,17 @@ fn slowness(v: &HostValues, policy: &DetectPolicy) -> f64 {
 
 fn storage_slow(
     input: &NodeInput<'_>,
-    newest: Option<HostValues>,
+    newest: Option<HostHistory>,
     policy: &DetectPolicy,
 ) -> Option<Finding> {
     let window = input.window.host();
-    let (recent, needed): (Vec<HostValues>, usize) = if window.len() >= SLOW_RECENT {
+    let (recent, needed): (Vec<HostHistory>, usize) = if window.len() >= SLOW_RECENT {
         let recent = window.iter().rev().take(SLOW_RECENT).map(|(_, v)| v);
         (recent.collect(), SLOW_NEEDED)
     } else {
         (newest.into_iter().collect(), 1)
     };
-    let slow: Vec<(f64, &HostValues)> = recent
+    let slow: Vec<(f64, &HostHistory)> = recent
         .iter()
         .map(|v| (slowness(v, policy), v))
         .filter(|(score, _)| *score > 0.0)
@@ -69,7 +72,7 @@ fn storage_slow(
         return None;
     }
     let score = slow.iter().map(|(s, _)| *s).fold(0.0, f64::max);
-    let max = |f: fn(&HostValues) -> f64| slow.iter().map(|(_, v)| f(v)).fold(0.0, f64::max);
+    let max = |f: fn(&HostHistory) -> f64| slow.iter().map(|(_, v)| f(v)).fold(0.0, f64::max);
     let read = max(|v| v.disk_read_latency_ms_max);
     let write = max(|v| v.disk_write_latency_ms_max);
     let util = max(|v| v.disk_utilisation_percent_max);
@@ -101,7 +104,7 @@ fn storage_slow(
 
 /// Whether a host point carries chain-data filesystem figures (all zero when the agent has
 /// no chain-data path configured).
-fn has_chain_data(v: &HostValues) -> bool {
+fn has_chain_data(v: &HostHistory) -> bool {
     v.chain_data_used_percent > 0.0 || v.chain_data_available_bytes > 0
 }
 
@@ -137,7 +140,7 @@ fn fill_rate(input: &NodeInput<'_>) -> Option<(f64, usize)> {
 
 fn storage_full(
     input: &NodeInput<'_>,
-    (_, newest): (i64, HostValues),
+    (_, newest): (i64, HostHistory),
     policy: &DetectPolicy,
 ) -> Option<Finding> {
     if !has_chain_data(&newest) {
@@ -211,6 +214,7 @@ fn storage_full(
 mod tests {
     use super::super::block_lag::tests::{NOW, quiet_input, window};
     use super::*;
+    use crate::batch::values::HostValues;
     use crate::window::Window;
 
     const GIB: u64 = 1 << 30;

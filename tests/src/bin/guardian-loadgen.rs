@@ -162,11 +162,16 @@ struct RunArgs {
     #[arg(long, default_value_t = 10)]
     lag_after_s: u64,
     /// Minutes of history that each agent's first batches also carry (a host and a chain
-    /// sample every 10 s; 6 steps a batch, oldest first, as a spool replay after an outage
-    /// brings them): the server's windows fill as after that long of streaming, within the
-    /// first minutes of the run (memory benchmarks of the steady state).
+    /// sample every 10 s; `--backfill-steps-per-batch` steps a batch, oldest first, as a spool
+    /// replay after an outage brings them): the server's windows fill as after that long of
+    /// streaming, within the first minutes of the run (memory benchmarks of the steady state).
     #[arg(long, default_value_t = 0)]
     backfill_minutes: u32,
+    /// 10 s steps of history each early batch carries with `--backfill-minutes` (each a
+    /// host and a chain sample): fewer spread the replay over more batches, so that a large
+    /// fleet's replay does not outrun the server.
+    #[arg(long, default_value_t = 6)]
+    backfill_steps_per_batch: u32,
 }
 
 impl RunArgs {
@@ -202,7 +207,10 @@ impl RunArgs {
         if self.connect_concurrency == 0 {
             return Err("--connect-concurrency must be at least 1".into());
         }
-        let extra = 2 * BACKFILL_STEPS_PER_BATCH as usize;
+        if !(1..=60).contains(&self.backfill_steps_per_batch) {
+            return Err("--backfill-steps-per-batch must be 1 to 60".into());
+        }
+        let extra = 2 * self.backfill_steps_per_batch as usize;
         if self.backfill_minutes > 0
             && self.samples_per_batch + extra > guardian_server::ingest::MAX_SAMPLES_PER_BATCH
         {
@@ -446,12 +454,12 @@ struct SampleGen {
     lag_from_seq: Option<u64>,
     /// History that the first batches also carry (see `--backfill-minutes`), ms.
     backfill_ms: u64,
+    /// Steps of that history a batch carries.
+    backfill_steps_per_batch: u64,
 }
 
-/// Spacing of backfilled history, and the steps one batch carries (a host and a chain sample
-/// each): 30 minutes come in over the first 30 batches.
+/// Spacing of backfilled history (a host and a chain sample each step).
 const BACKFILL_STEP_MS: u64 = 10_000;
-const BACKFILL_STEPS_PER_BATCH: u64 = 6;
 
 /// SS58 of the well-known dev account Alice, as the simulated validator hotkey.
 const HOTKEY: &str = "5GrwvaEF5zXb26Fz9rcQpDWS57CtERHpNehXCPcNoHGKutQY";
@@ -465,12 +473,14 @@ impl SampleGen {
             period_ms: (period.as_millis() as u64).max(1),
             lag_from_seq: None,
             backfill_ms: 0,
+            backfill_steps_per_batch: 1,
         }
     }
 
-    /// The first batches also carry `minutes` of history.
-    fn with_backfill(mut self, minutes: u32) -> Self {
+    /// The first batches also carry `minutes` of history, `steps_per_batch` 10 s steps each.
+    fn with_backfill(mut self, minutes: u32, steps_per_batch: u32) -> Self {
         self.backfill_ms = u64::from(minutes) * 60_000;
+        self.backfill_steps_per_batch = u64::from(steps_per_batch.max(1));
         self
     }
 
@@ -492,8 +502,9 @@ impl SampleGen {
         // History first, a few steps per batch over the first batches (oldest first), a host
         // and a healthy chain sample per step: batches stay the size a spool replay sends.
         let steps = self.backfill_ms / BACKFILL_STEP_MS;
-        let first = (seq.max(1) - 1) * BACKFILL_STEPS_PER_BATCH;
-        for step in first..steps.min(first + BACKFILL_STEPS_PER_BATCH) {
+        let per_batch = self.backfill_steps_per_batch;
+        let first = (seq.max(1) - 1) * per_batch;
+        for step in first..steps.min(first + per_batch) {
             let back_ms = (steps - step) * BACKFILL_STEP_MS;
             let at = at_unix_ms - back_ms as i64;
             samples.push(Sample {
@@ -916,8 +927,10 @@ struct Fleet {
     lag_agents: u32,
     /// Offset of the fault from the start of sending.
     lag_after: Duration,
-    /// Minutes of history in each agent's batch 1.
+    /// Minutes of history in each agent's first batches.
     backfill_minutes: u32,
+    /// 10 s steps of that history per batch.
+    backfill_steps_per_batch: u32,
     stats: Stats,
     /// Ends the sending phase; agents then wait for their acks.
     stop_sending: CancellationToken,
@@ -1216,7 +1229,7 @@ async fn agent(
 ) -> (String, NodeSeqs) {
     let mut state = AgentState {
         generator: SampleGen::new(spec.index, fleet.samples_per_batch, fleet.period)
-            .with_backfill(fleet.backfill_minutes),
+            .with_backfill(fleet.backfill_minutes, fleet.backfill_steps_per_batch),
         next_seq: None,
         unacked: VecDeque::with_capacity(IN_FLIGHT_WINDOW),
         seqs: NodeSeqs {
@@ -1574,6 +1587,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         lag_agents: args.lag_agents,
         lag_after: Duration::from_secs(args.lag_after_s),
         backfill_minutes: args.backfill_minutes,
+        backfill_steps_per_batch: args.backfill_steps_per_batch,
         stats: Stats::new(),
         stop_sending: CancellationToken::new(),
         abort: CancellationToken::new(),
@@ -2085,7 +2099,7 @@ mod tests {
 
     #[test]
     fn the_first_batches_carry_the_backfilled_history_oldest_first() {
-        let generator = SampleGen::new(3, 3, Duration::from_secs(1)).with_backfill(30);
+        let generator = SampleGen::new(3, 3, Duration::from_secs(1)).with_backfill(30, 6);
         let now = 1_700_000_000_000;
         let first = generator.batch(1, now);
         assert_eq!(first.samples.len(), 3 + 12);
@@ -2103,6 +2117,15 @@ mod tests {
             now - 10_000
         );
         assert_eq!(generator.batch(31, now).samples.len(), 3);
+        // One step a batch: 180 batches carry a host and a chain sample of history each.
+        let spread = SampleGen::new(3, 3, Duration::from_secs(1)).with_backfill(30, 1);
+        assert_eq!(spread.batch(1, now).samples.len(), 3 + 2);
+        assert_eq!(
+            spread.batch(1, now).samples[0].observed_at_unix_ms,
+            now - 30 * 60_000
+        );
+        assert_eq!(spread.batch(180, now).samples.len(), 3 + 2);
+        assert_eq!(spread.batch(181, now).samples.len(), 3);
     }
 
     #[test]
