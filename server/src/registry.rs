@@ -9,7 +9,7 @@ use tokio::sync::broadcast;
 
 use crate::batch::values::{ChainValues, HostValues};
 use crate::batch::{Batch, Host, Kind};
-use crate::detect::{FleetContext, NodeInput};
+use crate::detect::{FleetContext, NodeInput, PreviousGpu};
 use crate::identity::NodeId;
 use crate::window::Window;
 
@@ -38,9 +38,9 @@ struct Entry {
     window: Window,
     /// The chain sample before `node.last_chain`.
     previous_chain: Option<(i64, ChainSample)>,
-    /// Newest GPU sample and the one before it.
+    /// Newest GPU sample, and what the detectors need of the one before it.
     gpu: Option<(i64, GpuSample)>,
-    previous_gpu: Option<(i64, GpuSample)>,
+    previous_gpu: Option<(i64, PreviousGpu)>,
     /// Newest keystore sample, and when its key fingerprints last changed.
     keystore: Option<(i64, KeystoreSample)>,
     keystore_changed_unix_ms: Option<i64>,
@@ -326,7 +326,10 @@ impl Registry {
             if let Some((at, gpu)) = newest_gpu
                 && entry.gpu.as_ref().is_none_or(|(seen, _)| at >= *seen)
             {
-                entry.previous_gpu = entry.gpu.replace((at, gpu.clone()));
+                entry.previous_gpu = entry
+                    .gpu
+                    .replace((at, gpu.clone()))
+                    .map(|(at, before)| (at, PreviousGpu::from(&before)));
             }
             if let Some((at, keystore)) = newest_keystore
                 && entry.keystore.as_ref().is_none_or(|(seen, _)| at >= *seen)

@@ -22,7 +22,7 @@
 
 use guardian_proto::v1::{GpuDevice, GpuSample};
 
-use super::{DetectPolicy, Finding, FindingKind, NodeInput, Severity};
+use super::{DetectPolicy, Finding, FindingKind, NodeInput, PreviousDevice, PreviousGpu, Severity};
 use crate::batch::values::HostValues;
 
 /// Throttle reason names (as the agent's GPU sampler reports them) that mean clocks are held
@@ -63,8 +63,11 @@ pub fn detect(input: &NodeInput<'_>, policy: &DetectPolicy) -> Vec<Finding> {
 }
 
 /// The same device in an earlier sample.
-fn same_device<'a>(previous: Option<&'a GpuSample>, device: &GpuDevice) -> Option<&'a GpuDevice> {
-    previous?.devices.iter().find(|d| d.uuid == device.uuid)
+fn same_device<'a>(
+    previous: Option<&'a PreviousGpu>,
+    device: &GpuDevice,
+) -> Option<&'a PreviousDevice> {
+    previous?.devices.iter().find(|d| *d.uuid == *device.uuid)
 }
 
 /// `index:uuid`, the name a device goes by in summaries and evidence.
@@ -145,7 +148,7 @@ fn gpu_thermal(gpu: &GpuSample, policy: &DetectPolicy) -> Option<Finding> {
     ))
 }
 
-fn gpu_errors(gpu: &GpuSample, previous: Option<&GpuSample>) -> Option<Finding> {
+fn gpu_errors(gpu: &GpuSample, previous: Option<&PreviousGpu>) -> Option<Finding> {
     let mut severity = Severity::Warning;
     let mut problems = Vec::new();
     let mut xids = Vec::new();
@@ -193,7 +196,7 @@ fn gpu_errors(gpu: &GpuSample, previous: Option<&GpuSample>) -> Option<Finding> 
 
 fn gpu_idle(
     gpu: &GpuSample,
-    previous: Option<&GpuSample>,
+    previous: Option<&PreviousGpu>,
     policy: &DetectPolicy,
 ) -> Option<Finding> {
     let mut collapsed = Vec::new();
@@ -363,9 +366,10 @@ mod tests {
 
     fn run_gpu(gpu: &GpuSample, previous: Option<&GpuSample>) -> Vec<Finding> {
         let window = window();
+        let previous = previous.map(PreviousGpu::from);
         let input = NodeInput {
             gpu: Some((NOW, gpu)),
-            previous_gpu: previous.map(|p| (NOW - 1_000, p)),
+            previous_gpu: previous.as_ref().map(|p| (NOW - 1_000, p)),
             ..quiet_input(&window)
         };
         detect(&input, &DetectPolicy::default())

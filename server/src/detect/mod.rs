@@ -171,6 +171,45 @@ impl Finding {
     }
 }
 
+/// What the detectors compare a new GPU sample with: per device of the sample before it, the
+/// uncorrected ECC count and the utilisation. Kept instead of the whole sample (8 devices
+/// with names, processes and reasons are ~2.5 KiB a node; this is ~0.5 KiB).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct PreviousGpu {
+    /// Whether NVML answered.
+    pub available: bool,
+    /// Its devices.
+    pub devices: Vec<PreviousDevice>,
+}
+
+/// One device of a [`PreviousGpu`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct PreviousDevice {
+    /// NVML UUID: how a device is matched across samples.
+    pub uuid: Box<str>,
+    /// Volatile uncorrected ECC errors.
+    pub ecc_uncorrected_total: u64,
+    /// GPU utilisation.
+    pub utilisation_gpu_percent: f64,
+}
+
+impl From<&GpuSample> for PreviousGpu {
+    fn from(gpu: &GpuSample) -> Self {
+        Self {
+            available: gpu.available,
+            devices: gpu
+                .devices
+                .iter()
+                .map(|d| PreviousDevice {
+                    uuid: d.uuid.as_str().into(),
+                    ecc_uncorrected_total: d.ecc_uncorrected_total,
+                    utilisation_gpu_percent: d.utilisation_gpu_percent,
+                })
+                .collect(),
+        }
+    }
+}
+
 /// Everything a detector may look at for one node. Borrowed from the registry.
 #[derive(Debug, Clone, Copy)]
 pub struct NodeInput<'a> {
@@ -190,8 +229,9 @@ pub struct NodeInput<'a> {
     pub previous_chain: Option<(i64, &'a ChainSample)>,
     /// Newest GPU sample and its time.
     pub gpu: Option<(i64, &'a GpuSample)>,
-    /// GPU sample before the newest (for counter deltas: ECC, Xid).
-    pub previous_gpu: Option<(i64, &'a GpuSample)>,
+    /// What the GPU sample before the newest said, per device (for counter deltas and
+    /// utilisation drops).
+    pub previous_gpu: Option<(i64, &'a PreviousGpu)>,
     /// Newest keystore sample and its time.
     pub keystore: Option<(i64, &'a KeystoreSample)>,
     /// When the set of key fingerprints last changed (not counting the first sight).
