@@ -57,6 +57,9 @@ pub struct Metrics {
     pub commit_seconds: Histogram,
     /// Batches per group commit.
     pub commit_group_batches: Histogram,
+    /// Group commits that took the most batches a group may hold: more were waiting, so
+    /// the writer is behind when most groups are full.
+    pub commit_groups_full: Counter,
     /// Batches waiting in the ClickHouse outbox.
     pub outbox_batches: Gauge,
     /// Bytes waiting in the ClickHouse outbox.
@@ -122,6 +125,7 @@ impl Default for Metrics {
             nodes_known: Gauge::default(),
             commit_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
             commit_group_batches: Histogram::new(exponential_buckets(1.0, 2.0, 11)),
+            commit_groups_full: Counter::default(),
             outbox_batches: Gauge::default(),
             outbox_bytes: Gauge::default(),
             clickhouse_rows: Counter::default(),
@@ -202,6 +206,11 @@ impl Default for Metrics {
             "ingest_commit_group_batches",
             "Batches per group commit",
             metrics.commit_group_batches.clone(),
+        );
+        registry.register(
+            "ingest_commit_groups_full",
+            "Group commits that held the most batches a group may (512): more were waiting",
+            metrics.commit_groups_full.clone(),
         );
         registry.register(
             "outbox_batches",

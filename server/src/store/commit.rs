@@ -30,7 +30,7 @@ use super::{Backend, Commit, Ledger, StoreError, to_i64};
 use crate::identity::NodeId;
 
 /// Most batches committed in one transaction.
-const MAX_GROUP_BATCHES: usize = 512;
+pub const MAX_GROUP_BATCHES: usize = 512;
 /// How long the writer waits for more batches after the first of a group. At 1 000
 /// batches/s, 3 ms (with groups below 16) made ~11-batch groups, 92 fsyncs a second; 10 ms
 /// (below 64) ~17-batch groups; 20 ms (below 128) ~27-batch groups and 30 ms ~40, each

@@ -80,21 +80,26 @@ pub async fn start(
         records::PRUNE_EVERY,
         shutdown.clone(),
     ));
-    let observe: commit::GroupObserver = {
-        let metrics = Arc::clone(metrics);
-        Arc::new(move |batches, seconds| {
-            metrics.commit_seconds.observe(seconds);
-            metrics.commit_group_batches.observe(batches as f64);
-        })
-    };
     Ok(commit::Committer::spawn(
         ledger.clone(),
         telemetry,
         outbox,
         config.outbox_max_bytes,
-        observe,
+        group_observer(metrics),
         tasks,
     ))
+}
+
+/// Records each group commit in `metrics`: its time, its size, and whether it was full.
+fn group_observer(metrics: &Arc<crate::metrics::Metrics>) -> commit::GroupObserver {
+    let metrics = Arc::clone(metrics);
+    Arc::new(move |batches, seconds| {
+        metrics.commit_seconds.observe(seconds);
+        metrics.commit_group_batches.observe(batches as f64);
+        if batches >= commit::MAX_GROUP_BATCHES {
+            metrics.commit_groups_full.inc();
+        }
+    })
 }
 
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
@@ -679,6 +684,17 @@ pub fn redact(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_full_group_commits_count_as_full() {
+        let metrics = Arc::new(crate::metrics::Metrics::default());
+        let observe = group_observer(&metrics);
+        observe(commit::MAX_GROUP_BATCHES - 1, 0.01);
+        observe(1, 0.001);
+        assert_eq!(metrics.commit_groups_full.get(), 0);
+        observe(commit::MAX_GROUP_BATCHES, 0.2);
+        assert_eq!(metrics.commit_groups_full.get(), 1);
+    }
 
     #[test]
     fn passwords_never_reach_errors() {
