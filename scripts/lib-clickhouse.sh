@@ -4,6 +4,9 @@
 #                          /ping, and sets chhttp, chtcp (its ports), chpid and ch_extra (the
 #                          guardian server's [clickhouse] section; BENCH_CLICKHOUSE_EXTRA adds
 #                          lines to it). The caller stops chpid.
+# A free loopback port (the callers define the same; defined here when they have not yet).
+declare -F free_port >/dev/null || free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
 start_clickhouse() {
   local d=$1/ch
   chhttp=$(free_port); chtcp=$(free_port)

@@ -2,7 +2,7 @@
 //! the detectors' baselines. At most one point per slot (the newest sample in it). A point
 //! keeps only the figures the detectors read over time ([`HostHistory`], [`ChainHistory`]),
 //! as `f32`/`u32` where they need no more (byte counts exact), so a full 30-minute window is
-//! about 11.5 KiB a node (181 slots of 40 + 24 bytes; 64 KiB with whole samples). The newest
+//! about 11.3 KiB a node (181 slots of 40 + 24 bytes; 64 KiB with whole samples). The newest
 //! sample's every figure is in the registry. Rebuilt from the store at start, so a restart
 //! does not blind the detectors.
 
@@ -70,17 +70,6 @@ pub struct ChainHistory {
     pub finality_lag_blocks: u64,
     /// Connected peers.
     pub peers: u32,
-}
-
-impl From<&ChainValues> for ChainHistory {
-    fn from(v: &ChainValues) -> Self {
-        Self {
-            responsive: v.responsive,
-            block_lag: v.block_lag,
-            finality_lag_blocks: v.finality_lag_blocks,
-            peers: v.peers,
-        }
-    }
 }
 
 /// A host point as the window keeps it (read it through [`Points`]): 40 bytes.
