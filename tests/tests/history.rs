@@ -79,7 +79,13 @@ async fn stream_then_stop(scratch: &Scratch, server: &Server, batches: u64) -> a
     })
     .await?;
     assert_eq!(agent.terminate()?, Some(0));
-    Ok(node(scratch, server).await.map_or(0, |n| n.last_stored_seq))
+    // The agent may exit with its last batch still being committed: the server ends the
+    // stream (and marks the node disconnected) only after that commit, so wait for it.
+    let stopped = eventually(WAIT, "the server to see the agent gone", || async {
+        node(scratch, server).await.filter(|n| !n.connected)
+    })
+    .await?;
+    Ok(stopped.last_stored_seq)
 }
 
 fn with_port(config: &Path) -> anyhow::Result<()> {

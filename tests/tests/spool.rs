@@ -66,16 +66,19 @@ async fn wait_for_spooled(scratch: &Scratch, agent: &Proc, at_least: usize) -> T
     .map_err(|e| e.context(agent.log_text()))
 }
 
-async fn last_seq(scratch: &Scratch, server: &Server) -> Option<u64> {
+async fn node(scratch: &Scratch, server: &Server) -> Option<guardian_proto::v1::Node> {
     let mut client = scratch.operator(server.grpc).await.ok()?;
-    let node = client
+    client
         .get_node(GetNodeRequest {
             node_id: NODE.into(),
         })
         .await
-        .ok()?
-        .into_inner();
-    Some(node.last_stored_seq)
+        .ok()
+        .map(tonic::Response::into_inner)
+}
+
+async fn last_seq(scratch: &Scratch, server: &Server) -> Option<u64> {
+    node(scratch, server).await.map(|n| n.last_stored_seq)
 }
 
 async fn wait_for_seq(scratch: &Scratch, server: &Server, at_least: u64) -> anyhow::Result<u64> {
@@ -85,6 +88,17 @@ async fn wait_for_seq(scratch: &Scratch, server: &Server, at_least: u64) -> anyh
             .filter(|seq| *seq >= at_least)
     })
     .await
+}
+
+/// Waits until the server has ended the agent's stream. An agent may exit with its last
+/// batch still being committed; the server marks the node disconnected only after that
+/// commit, so the ledger and `last_stored_seq` are final from then on.
+async fn wait_disconnected(scratch: &Scratch, server: &Server) -> anyhow::Result<()> {
+    eventually(WAIT, "the server to see the agent gone", || async {
+        node(scratch, server).await.filter(|n| !n.connected)
+    })
+    .await
+    .map(drop)
 }
 
 /// `(batches, distinct seqs, host samples)` in the ledger.
@@ -248,6 +262,7 @@ async fn an_agent_killed_mid_stream_neither_reuses_nor_skips_a_seq() -> TestResu
     let mut second = start_agent(&config, scratch.path("agent-2.log"))?;
     wait_for_seq(&scratch, &server, stored_by_first + 10).await?;
     assert_eq!(second.terminate()?, Some(0));
+    wait_disconnected(&scratch, &server).await?;
     let next_seq = opened_next_seq(&second.log_text())
         .ok_or_else(|| anyhow::anyhow!("no SpoolOpened next_seq: {}", second.log_text()))?;
     assert!(
@@ -303,6 +318,7 @@ async fn a_full_spool_drops_the_oldest_and_the_seq_gap_equals_the_counter() -> T
     let server = Server::start(&server_config, scratch.path("server.log"))?;
     wait_for_seq(&scratch, &server, 8 + 5).await?;
     assert_eq!(agent.terminate()?, Some(0));
+    wait_disconnected(&scratch, &server).await?;
     let log = agent.log_text();
     assert!(log.contains("SpoolBatchesDropped"), "{log}");
 
