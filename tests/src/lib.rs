@@ -392,6 +392,35 @@ where
     }
 }
 
+/// Waits until the server at `server` has ended `node`'s stream and returns the node as the
+/// Fleet API then shows it.
+///
+/// An agent may exit with its last batch still being committed. The server marks the node
+/// disconnected only after its stream loop ends, and every commit is awaited inside that
+/// loop, so from then on the store and `last_stored_seq` no longer change for this node.
+///
+/// # Errors
+/// When the server still shows the node connected after 30 s.
+pub async fn settled(
+    scratch: &Scratch,
+    server: SocketAddr,
+    node: &str,
+) -> anyhow::Result<guardian_proto::v1::Node> {
+    let what = format!("the server to see agent {node} gone");
+    eventually(Duration::from_secs(30), &what, || async {
+        let mut client = scratch.operator(server).await.ok()?;
+        client
+            .get_node(guardian_proto::v1::GetNodeRequest {
+                node_id: node.to_owned(),
+            })
+            .await
+            .ok()
+            .map(tonic::Response::into_inner)
+            .filter(|n| !n.connected)
+    })
+    .await
+}
+
 /// A private PostgreSQL cluster on 127.0.0.1 with trust auth, stopped on drop.
 pub struct Postgres {
     /// Data and socket folder.

@@ -172,15 +172,29 @@ async fn cluster_mode_stores_every_batch_once_through_replica_kills_keeps_rollup
     );
 
     // The rollups (materialized views on each shard, replicated) agree with the raw rows.
-    let raw = entry.query(
-        "SELECT node_id, count(), round(avg(cpu_busy_percent), 6) FROM guardian.host_samples \
-         GROUP BY node_id ORDER BY node_id",
-    )?;
-    let rollup = entry.query(
-        "SELECT node_id, countMerge(count_state), round(avgMerge(avg_state), 6) \
-         FROM guardian.rollup_1m WHERE metric = 'cpu_busy_percent' \
-         GROUP BY node_id ORDER BY node_id",
-    )?;
+    // Replicas catch up a moment apart, so poll until they agree and report the last read.
+    let raw_and_rollup = || -> anyhow::Result<(String, String)> {
+        let raw = entry.query(
+            "SELECT node_id, count(), round(avg(cpu_busy_percent), 6) FROM guardian.host_samples \
+             GROUP BY node_id ORDER BY node_id",
+        )?;
+        let rollup = entry.query(
+            "SELECT node_id, countMerge(count_state), round(avgMerge(avg_state), 6) \
+             FROM guardian.rollup_1m WHERE metric = 'cpu_busy_percent' \
+             GROUP BY node_id ORDER BY node_id",
+        )?;
+        Ok((raw, rollup))
+    };
+    let agreed = eventually(
+        Duration::from_secs(30),
+        "rollup_1m to agree with the raw rows",
+        || async { raw_and_rollup().ok().filter(|(raw, rollup)| raw == rollup) },
+    )
+    .await;
+    let (raw, rollup) = match agreed {
+        Ok(both) => both,
+        Err(_) => raw_and_rollup()?,
+    };
     let detail = cluster.query_each(
         "SELECT node_id, countMerge(count_state) FROM guardian.rollup_1m_local \
          WHERE metric = 'cpu_busy_percent' GROUP BY node_id ORDER BY node_id",

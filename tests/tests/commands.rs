@@ -287,7 +287,8 @@ async fn hook_past_its_timeout_is_killed_and_reported_failed() -> TestResult {
             pid_file.display()
         ),
     )?;
-    f.config.hook_timeout_ms = 500;
+    // Long enough for `sh` to start and write the pid file on a loaded machine.
+    f.config.hook_timeout_ms = 1500;
     let mut verifier = f.verifier(NODE)?;
     let command = f.issue(NODE, Action::RunHook, &[("hook", "slow")], now())?;
     let envelope = verifier.verify(&command, now())?;
@@ -305,7 +306,7 @@ async fn hook_past_its_timeout_is_killed_and_reported_failed() -> TestResult {
     assert!(
         outcome
             .detail
-            .contains("killed after its timeout of 500 ms"),
+            .contains("killed after its timeout of 1500 ms"),
         "{}",
         outcome.detail
     );

@@ -512,7 +512,8 @@ async fn admin_methods_drive_the_faults_over_json_rpc() -> anyhow::Result<()> {
     assert_eq!(status.lag, 0);
     assert_eq!(status.peers, 12);
     assert!(!status.frozen && !status.finality_stalled);
-    rpc(&url, "fake_restart", rpc_params![300]).await?;
+    // Down long enough that a 100 ms poll on a busy machine cannot miss it.
+    rpc(&url, "fake_restart", rpc_params![1000]).await?;
     eventually(Duration::from_secs(2), "the restart to begin", || async {
         (!fake.status().listening).then_some(())
     })

@@ -13,7 +13,7 @@ use guardian_proto::v1::{
 use guardian_server::identity::NodeId;
 use guardian_server::store::Ledger;
 use guardian_tests::{
-    Postgres, Scratch, Server, binary, encode, eventually, raw_uplink, start_agent,
+    Postgres, Scratch, Server, binary, encode, eventually, raw_uplink, settled, start_agent,
 };
 use tonic::Code;
 
@@ -95,21 +95,15 @@ async fn stored_seqs(url: &str, node: &str) -> anyhow::Result<Vec<u64>> {
 /// beyond `sent` is stored; the agent dropped nothing; one host sample per stored batch.
 async fn assert_stored_what_the_agent_sent(
     scratch: &Scratch,
+    server: &Server,
     url: &str,
     node: &str,
 ) -> anyhow::Result<u64> {
+    // A batch the agent sent just before it left may still be committing: read the ledger
+    // once the server has ended the agent's stream.
+    settled(scratch, server.grpc, node).await?;
     let (sent, waiting, dropped) = spool_account(&scratch.path(&format!("spool-{node}")))?;
-    // A batch the agent sent just before it left may still be committing in a server that
-    // runs on: read until two reads of the ledger agree (bounded), then check them.
-    let mut stored = stored_seqs(url, node).await?;
-    for _ in 0..50 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let again = stored_seqs(url, node).await?;
-        if again == stored {
-            break;
-        }
-        stored = again;
-    }
+    let stored = stored_seqs(url, node).await?;
     assert_eq!(dropped, 0, "the agent dropped no batch");
     // A batch sent but not acked before the agent stopped may or may not be stored yet.
     let acked = sent.saturating_sub(waiting.len() as u64);
@@ -222,7 +216,8 @@ async fn agent_samples_reach_the_store_and_status_shows_fresh_host_figures() -> 
 
     // The rows are in the SQLite file: every batch the agent sent once, one host sample each.
     assert_eq!(agent.terminate()?, Some(0), "{}", agent.log_text());
-    let sent = assert_stored_what_the_agent_sent(&scratch, &scratch.sqlite_url(), "val-1").await?;
+    let sent = assert_stored_what_the_agent_sent(&scratch, &server, &scratch.sqlite_url(), "val-1")
+        .await?;
     assert!(sent >= 3);
 
     let metrics = reqwest_like_get(server.admin, "/metrics").await?;
@@ -709,7 +704,8 @@ async fn no_batch_is_lost_or_doubled_when_the_server_is_killed_and_restarted() -
         "agent exits cleanly on SIGTERM"
     );
 
-    let sent = assert_stored_what_the_agent_sent(&scratch, &scratch.sqlite_url(), "val-1").await?;
+    let sent = assert_stored_what_the_agent_sent(&scratch, &server, &scratch.sqlite_url(), "val-1")
+        .await?;
     let last = last_seq(&scratch, &server, "val-1").await.unwrap_or(0);
     assert!(
         last <= sent,
@@ -733,7 +729,8 @@ async fn the_ledger_works_on_postgresql() -> TestResult {
     wait_for_batches(&scratch, &server, "val-1", 3).await?;
     assert_eq!(agent.terminate()?, Some(0), "{}", agent.log_text());
 
-    let sent = assert_stored_what_the_agent_sent(&scratch, &postgres.url(), "val-1").await?;
+    let sent =
+        assert_stored_what_the_agent_sent(&scratch, &server, &postgres.url(), "val-1").await?;
     assert!(sent >= 3);
     let ledger = Ledger::open(&postgres.url()).await?;
     let nodes = ledger.nodes().await?;
@@ -816,7 +813,8 @@ async fn an_agent_killed_and_restarted_continues_the_numbering_without_collision
     // A kill between the server's commit and the agent's file delete makes the restarted
     // agent resend that batch: acked as a duplicate, stored once. What must not happen is a
     // reused seq carrying new data, which would show as a gap below.
-    let sent = assert_stored_what_the_agent_sent(&scratch, &scratch.sqlite_url(), "val-1").await?;
+    let sent = assert_stored_what_the_agent_sent(&scratch, &server, &scratch.sqlite_url(), "val-1")
+        .await?;
     assert!(sent >= killed_at + 10, "the second agent sent 1..={sent}");
     Ok(())
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use guardian_proto::v1::{GetNodeRequest, HistoryRequest, HistoryResponse};
 use guardian_tests::clickhouse::ClickHouse;
-use guardian_tests::{Scratch, Server, binary, eventually, start_agent};
+use guardian_tests::{Scratch, Server, binary, eventually, settled, start_agent};
 use tonic::Code;
 
 type TestResult = anyhow::Result<()>;
@@ -79,13 +79,7 @@ async fn stream_then_stop(scratch: &Scratch, server: &Server, batches: u64) -> a
     })
     .await?;
     assert_eq!(agent.terminate()?, Some(0));
-    // The agent may exit with its last batch still being committed: the server ends the
-    // stream (and marks the node disconnected) only after that commit, so wait for it.
-    let stopped = eventually(WAIT, "the server to see the agent gone", || async {
-        node(scratch, server).await.filter(|n| !n.connected)
-    })
-    .await?;
-    Ok(stopped.last_stored_seq)
+    Ok(settled(scratch, server.grpc, NODE).await?.last_stored_seq)
 }
 
 fn with_port(config: &Path) -> anyhow::Result<()> {

@@ -682,29 +682,35 @@ async fn oom_kills_raise_the_memory_limit_once_per_window_and_never_above_the_ce
     .await
     .map_err(|e| anyhow::anyhow!("{e}; log:\n{}", log_tail()))?;
     assert!(memory_patches(&kube, "val-q").is_empty());
-    let reasons: Vec<String> = kube
-        .writes()
-        .iter()
-        .filter(|r| r.path.ends_with("/events"))
-        .filter_map(|r| r.json())
-        .map(|e| {
-            format!(
-                "{}:{}",
-                e["involvedObject"]["name"].as_str().unwrap_or(""),
-                e["reason"].as_str().unwrap_or("")
-            )
-        })
-        .collect();
-    for want in [
+    // Each Event is posted after its outcome is audited, a moment after the patch or alert.
+    let reasons = || -> Vec<String> {
+        kube.writes()
+            .iter()
+            .filter(|r| r.path.ends_with("/events"))
+            .filter_map(|r| r.json())
+            .map(|e| {
+                format!(
+                    "{}:{}",
+                    e["involvedObject"]["name"].as_str().unwrap_or(""),
+                    e["reason"].as_str().unwrap_or("")
+                )
+            })
+            .collect()
+    };
+    let wanted = [
         "val-p:MemoryLimitRaised",
         "val-o:MemoryLimitRaised",
         "val-q:MemoryLimitNotRaised",
-    ] {
-        assert!(
-            reasons.iter().any(|r| r == want),
-            "{want} missing: {reasons:?}"
-        );
-    }
+    ];
+    eventually(Duration::from_secs(10), "the three Events", || async {
+        let reasons = reasons();
+        wanted
+            .iter()
+            .all(|want| reasons.iter().any(|r| r == want))
+            .then_some(())
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}; Events {:?}", reasons()))?;
     // A fourth kill in the same window: no second raise.
     oom_killed(&kube, "val-p", 4);
     tokio::time::sleep(Duration::from_millis(1000)).await;
@@ -1060,8 +1066,15 @@ async fn snapshot_restore_scales_to_zero_runs_the_job_and_scales_back() -> TestR
     )
     .await?;
     rig.nodes[0].lag(40);
+    // The RestoreCompleted Event is posted after the status says done.
     drive_until(&rig, true, "the restore to finish", |rig| {
         rig.status(0, "val-a")["restore"]["step"] == "done"
+            && rig.clusters[0]
+                .writes()
+                .iter()
+                .filter(|r| r.path.ends_with("/events"))
+                .filter_map(Recorded::json)
+                .any(|e| e["reason"] == "RestoreCompleted")
     })
     .await?;
     rig.nodes[0].heal();

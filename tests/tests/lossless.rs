@@ -12,7 +12,7 @@ use guardian_proto::v1::GetNodeRequest;
 use guardian_server::store::clickhouse::{ClickHouseSettings, ClickHouseStore};
 use guardian_tests::clickhouse::ClickHouse;
 use guardian_tests::proxy::Proxy;
-use guardian_tests::{Proc, Scratch, Server, eventually, start_agent};
+use guardian_tests::{Proc, Scratch, Server, eventually, settled, start_agent};
 
 type TestResult = anyhow::Result<()>;
 
@@ -107,8 +107,9 @@ impl Rig {
             "the spool dropped batches: {log}"
         );
         // Batches still in the spool at exit were never sent; they go with the next start.
-        // A batch sent just before the agent left may still be committing: the server's
-        // last stored seq and ClickHouse's distinct seqs are read together until they agree.
+        // A batch sent just before the agent left may still be committing: wait for the
+        // server to end the stream, then for ClickHouse to hold what it committed.
+        settled(&self.scratch, self.server.grpc, NODE).await?;
         let store = ClickHouseStore::open(&ClickHouseSettings {
             url: self.clickhouse.url(),
             database: "guardian".into(),
@@ -246,8 +247,10 @@ fn copy_ledger(data: &std::path::Path, to: &std::path::Path) -> anyhow::Result<(
 }
 
 /// Waits until ClickHouse holds every batch the server committed, so that what the next
-/// step does to the ledger cannot be blamed on batches still in its outbox.
+/// step does to the ledger cannot be blamed on batches still in its outbox. The agent has
+/// exited: its last batch may still be committing until the server ends its stream.
 async fn clickhouse_caught_up(rig: &Rig) -> anyhow::Result<u64> {
+    settled(&rig.scratch, rig.server.grpc, NODE).await?;
     let store = ClickHouseStore::open(&ClickHouseSettings {
         url: rig.clickhouse.url(),
         database: "guardian".into(),
@@ -461,14 +464,25 @@ async fn clickhouse_killed_mid_insert_under_several_nodes_and_two_days_loses_and
         .collect();
     assert_eq!(per_node, expected);
     // The rollups hold each row once too: a kill between a raw part and its view's part
-    // is repaired on the replay.
-    let raw = clickhouse.query(
-        "SELECT node_id, count() FROM guardian.host_samples GROUP BY node_id ORDER BY node_id",
-    )?;
-    let rollup = clickhouse.query(
-        "SELECT node_id, countMerge(count_state) FROM guardian.rollup_1m \
-         WHERE metric = 'cpu_busy_percent' GROUP BY node_id ORDER BY node_id",
-    )?;
+    // is repaired on the replay (which may still be under way for the last chunk).
+    let raw_and_rollup = || -> anyhow::Result<(String, String)> {
+        let raw = clickhouse.query(
+            "SELECT node_id, count() FROM guardian.host_samples GROUP BY node_id ORDER BY node_id",
+        )?;
+        let rollup = clickhouse.query(
+            "SELECT node_id, countMerge(count_state) FROM guardian.rollup_1m \
+             WHERE metric = 'cpu_busy_percent' GROUP BY node_id ORDER BY node_id",
+        )?;
+        Ok((raw, rollup))
+    };
+    let agreed = eventually(WAIT, "rollup_1m to agree with the raw rows", || async {
+        raw_and_rollup().ok().filter(|(raw, rollup)| raw == rollup)
+    })
+    .await;
+    let (raw, rollup) = match agreed {
+        Ok(both) => both,
+        Err(_) => raw_and_rollup()?,
+    };
     let log = std::fs::read_to_string(scratch.path("server.log"))?;
     let rollup_lines: Vec<&str> = log
         .lines()

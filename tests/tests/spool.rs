@@ -9,7 +9,7 @@ use guardian_agent::spool::Spool;
 use guardian_proto::v1::{GetNodeRequest, Sample, SamplerUnavailable, sample};
 use guardian_server::identity::NodeId;
 use guardian_server::store::Ledger;
-use guardian_tests::{Proc, Scratch, Server, eventually, start_agent};
+use guardian_tests::{Proc, Scratch, Server, eventually, settled, start_agent};
 
 type TestResult = anyhow::Result<()>;
 
@@ -88,17 +88,6 @@ async fn wait_for_seq(scratch: &Scratch, server: &Server, at_least: u64) -> anyh
             .filter(|seq| *seq >= at_least)
     })
     .await
-}
-
-/// Waits until the server has ended the agent's stream. An agent may exit with its last
-/// batch still being committed; the server marks the node disconnected only after that
-/// commit, so the ledger and `last_stored_seq` are final from then on.
-async fn wait_disconnected(scratch: &Scratch, server: &Server) -> anyhow::Result<()> {
-    eventually(WAIT, "the server to see the agent gone", || async {
-        node(scratch, server).await.filter(|n| !n.connected)
-    })
-    .await
-    .map(drop)
 }
 
 /// `(batches, distinct seqs, host samples)` in the ledger.
@@ -215,6 +204,7 @@ async fn batches_of_two_agent_runs_while_the_server_is_down_all_arrive_once_in_o
     let server = Server::start(&server_config, scratch.path("server.log"))?;
     let stored = wait_for_seq(&scratch, &server, before_server as u64 + 2).await?;
     assert_eq!(second.terminate()?, Some(0), "{}", second.log_text());
+    settled(&scratch, server.grpc, NODE).await?;
 
     let account = account(&scratch).await?;
     let last = last_seq(&scratch, &server).await.unwrap_or(0);
@@ -262,7 +252,7 @@ async fn an_agent_killed_mid_stream_neither_reuses_nor_skips_a_seq() -> TestResu
     let mut second = start_agent(&config, scratch.path("agent-2.log"))?;
     wait_for_seq(&scratch, &server, stored_by_first + 10).await?;
     assert_eq!(second.terminate()?, Some(0));
-    wait_disconnected(&scratch, &server).await?;
+    settled(&scratch, server.grpc, NODE).await?;
     let next_seq = opened_next_seq(&second.log_text())
         .ok_or_else(|| anyhow::anyhow!("no SpoolOpened next_seq: {}", second.log_text()))?;
     assert!(
@@ -318,7 +308,7 @@ async fn a_full_spool_drops_the_oldest_and_the_seq_gap_equals_the_counter() -> T
     let server = Server::start(&server_config, scratch.path("server.log"))?;
     wait_for_seq(&scratch, &server, 8 + 5).await?;
     assert_eq!(agent.terminate()?, Some(0));
-    wait_disconnected(&scratch, &server).await?;
+    settled(&scratch, server.grpc, NODE).await?;
     let log = agent.log_text();
     assert!(log.contains("SpoolBatchesDropped"), "{log}");
 
