@@ -193,7 +193,7 @@ const FIELD_DOCS: &[(&str, &str)] = &[
     ),
     (
         "detect.lag_z_threshold",
-        "z-score of the current lag against the window above which `block_lag` fires even below `max_block_lag` (needs >= 6 window points and lag >= 3). Default 3.0.",
+        "z-score of the current lag behind the node's own sources (sync state, references; as the window records it) against the window, above which `block_lag` fires even below `max_block_lag` (needs >= 6 window points and that lag >= 3). Default 3.0.",
     ),
     (
         "detect.frozen_head_ms",

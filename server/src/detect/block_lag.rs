@@ -7,11 +7,15 @@
 //!
 //! - Absolute: lag > `max_block_lag` is a warning, critical at >= 3x. The score ramps from
 //!   0.5 just past the limit to 1.0 at 3x, so a lag just over the limit already counts.
-//! - Outlier: below the limit, z = (lag - mean) / std over the window's responsive chain
-//!   points (older than the newest sample). It fires as a warning when z >= `lag_z_threshold`,
-//!   the window has >= 6 such points and lag >= 3; score = z / 3. The standard deviation is
-//!   floored at one block: lags are whole blocks, and a flat window must not turn any wobble
-//!   into an infinite z.
+//! - Outlier: below the limit, z = (own lag - mean) / std over the window's responsive chain
+//!   points (older than the newest sample). The window's points hold each sample's lag behind
+//!   the node's own sources (sync state and references: the fleet's tip is not known when a
+//!   point is recorded, nor when the window is rebuilt from the store), so the newest sample
+//!   is measured the same way: a node that always trails the fleet by a few blocks is not
+//!   "unusual for it". It fires as a warning when z >= `lag_z_threshold`, the window has >= 6
+//!   such points and the own lag >= 3; score = z / 3. The standard deviation is floored at one
+//!   block: lags are whole blocks, and a flat window must not turn any wobble into an
+//!   infinite z.
 //!
 //! An unresponsive node gets no `block_lag` finding: that is `rpc_unresponsive`'s job.
 
@@ -36,6 +40,9 @@ pub fn detect(input: &NodeInput<'_>, fleet: &FleetContext, policy: &DetectPolicy
     }
     let tip = reference_tip(chain, fleet.network_best_block);
     let (tip_source, tip, lag) = (tip.source.as_str(), tip.block, tip.lag(chain.best_block));
+    // The measure the window's points hold (see the module doc).
+    let own = reference_tip(chain, 0);
+    let own_lag = own.lag(chain.best_block);
 
     let baseline: Vec<f64> = input
         .window
@@ -49,7 +56,7 @@ pub fn detect(input: &NodeInput<'_>, fleet: &FleetContext, policy: &DetectPolicy
         let mean = baseline.iter().sum::<f64>() / n;
         let var = baseline.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n;
         let std = var.sqrt();
-        let z = (lag as f64 - mean) / std.max(MIN_STD_BLOCKS);
+        let z = (own_lag as f64 - mean) / std.max(MIN_STD_BLOCKS);
         (mean, std, z)
     });
 
@@ -62,6 +69,7 @@ pub fn detect(input: &NodeInput<'_>, fleet: &FleetContext, policy: &DetectPolicy
         ("window_points", baseline.len().to_string()),
     ];
     if let Some((mean, std, z)) = stats {
+        evidence.push(("own_lag", own_lag.to_string()));
         evidence.push(("z", format!("{z:.2}")));
         evidence.push(("window_mean", format!("{mean:.2}")));
         evidence.push(("window_std", format!("{std:.2}")));
@@ -89,12 +97,14 @@ pub fn detect(input: &NodeInput<'_>, fleet: &FleetContext, policy: &DetectPolicy
     }
 
     if let Some((mean, _, z)) = stats
-        && lag >= MIN_OUTLIER_LAG
+        && own_lag >= MIN_OUTLIER_LAG
         && z >= policy.lag_z_threshold
     {
         let summary = format!(
-            "Node is {lag} blocks behind the {tip_source} tip {tip}, unusual for it \
-             (z {z:.1} against a window mean of {mean:.1})."
+            "Node is {own_lag} blocks behind the {} tip {}, unusual for it \
+             (z {z:.1} against a window mean of {mean:.1}).",
+            own.source.as_str(),
+            own.block
         );
         return vec![Finding::new(
             FindingKind::BlockLag,
@@ -308,6 +318,37 @@ pub(crate) mod tests {
         assert_eq!(findings[0].severity, Severity::Warning);
         assert!(findings[0].score > 0.9, "score {}", findings[0].score);
         assert_eq!(findings[0].evidence["window_mean"], "0.50");
+    }
+
+    #[test]
+    fn a_node_that_always_trails_the_fleet_a_little_is_not_an_outlier() {
+        // Its own sources say it is at most a block behind, as its window does; the fleet's
+        // best is 6 ahead, every time. Under the limit, and usual for it.
+        let window = window_of_lags(&[0, 1, 0, 1, 0, 1, 0, 1]);
+        let chain = chain_at(1_000, 1_001);
+        let input = NodeInput {
+            chain: Some((NOW, &chain)),
+            ..quiet_input(&window)
+        };
+        let fleet = FleetContext {
+            network_best_block: 1_006,
+            ..FleetContext::default()
+        };
+        assert!(run(&input, &fleet).is_empty());
+        // Falling behind its own sources too is still seen, and named by them.
+        let behind = chain_at(1_000, 1_006);
+        let input = NodeInput {
+            chain: Some((NOW, &behind)),
+            ..quiet_input(&window)
+        };
+        let findings = run(&input, &fleet);
+        assert_eq!(findings.len(), 1, "{findings:?}");
+        assert!(
+            findings[0].summary.contains("sync_state tip 1006"),
+            "{}",
+            findings[0].summary
+        );
+        assert_eq!(findings[0].evidence["own_lag"], "6");
     }
 
     #[test]

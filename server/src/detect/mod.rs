@@ -271,8 +271,9 @@ pub struct DetectPolicy {
     /// Absolute block lag at which `block_lag` fires (warning; critical at 3x). Default 10
     /// (two minutes of 12 s blocks). The reconciler's `max_block_lag` overrides it per node.
     pub max_block_lag: u64,
-    /// z-score of the current lag against the window above which `block_lag` fires even
-    /// below `max_block_lag` (needs >= 6 window points and lag >= 3). Default 3.0.
+    /// z-score of the current lag behind the node's own sources (sync state, references; as
+    /// the window records it) against the window, above which `block_lag` fires even below
+    /// `max_block_lag` (needs >= 6 window points and that lag >= 3). Default 3.0.
     pub lag_z_threshold: f64,
     /// Head age (ms) beyond which a non-syncing node's head counts as frozen. Default 60 000 (5 blocks).
     pub frozen_head_ms: u64,
