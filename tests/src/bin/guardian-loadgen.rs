@@ -652,7 +652,8 @@ impl SampleGen {
             sync_current_block: best,
             sync_highest_block: tip,
             sync_starting_block: 3_990_000,
-            peers: rng.random_range(12..40),
+            // Steady, as a real node's: 20 to 35 by agent, give or take a peer.
+            peers: 20 + self.agent % 16 + rng.random_range(0..2),
             is_syncing: false,
             should_have_peers: true,
             head_age_ms: sim_ms % 12_000,
