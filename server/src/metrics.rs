@@ -90,6 +90,9 @@ pub struct Metrics {
     pub remediation_alerts: Counter,
     /// From the arrival of the batch that tipped a decision to its command leaving the server.
     pub decision_latency_seconds: Histogram,
+    /// How long a reconciler pass's one ledger transaction took (findings, decisions,
+    /// commands and their audit entries), waiting for the ledger's writer included.
+    pub reconcile_pass_write_seconds: Histogram,
     /// Webhook alerts by fate: delivered, failed, dropped_queue_full.
     pub alerts: Family<Reason, Counter>,
     /// gRPC connections held now (TLS handshake pending or done).
@@ -141,6 +144,7 @@ impl Default for Metrics {
             remediations_issued: Family::default(),
             remediation_alerts: Counter::default(),
             decision_latency_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
+            reconcile_pass_write_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             alerts: Family::default(),
             connections_open: Gauge::default(),
             security_events_suppressed: Counter::default(),
@@ -286,6 +290,11 @@ impl Default for Metrics {
             "decision_latency_seconds",
             "From the arrival of the batch that tipped a decision to its command leaving the server",
             metrics.decision_latency_seconds.clone(),
+        );
+        registry.register(
+            "reconcile_pass_write_seconds",
+            "A reconciler pass's ledger transaction (findings, decisions, commands, audit), waiting for the writer included",
+            metrics.reconcile_pass_write_seconds.clone(),
         );
         registry.register(
             "alerts",

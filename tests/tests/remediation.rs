@@ -317,6 +317,11 @@ async fn a_lagging_node_is_restarted_once_and_comes_back_synced() -> TestResult 
         metrics.contains("guardian_decision_latency_seconds_count 1"),
         "{metrics}"
     );
+    // The finding, the decision and the command were each written in a pass of their own
+    // or together: at least one pass write was timed.
+    let passes =
+        guardian_tests::metric_value(&metrics, "guardian_reconcile_pass_write_seconds_count");
+    assert!(passes.is_some_and(|n| n >= 1.0), "{metrics}");
     rig.stop().await
 }
 

@@ -493,12 +493,18 @@ impl Actuator {
         let ids = if pass.writes.is_empty() {
             Vec::new()
         } else {
-            self.ledger
+            let started = std::time::Instant::now();
+            let written = self
+                .ledger
                 .write_pass(&pass.writes, now)
                 .await
                 .inspect_err(|error| {
                     tracing::error!(%error, decisions = pass.writes.decisions.len(), "DecisionNotRecorded: nothing of this pass is carried out");
-                })?
+                })?;
+            self.metrics
+                .reconcile_pass_write_seconds
+                .observe(started.elapsed().as_secs_f64());
+            written
         };
         for raised in &pass.writes.raised {
             let finding = &raised.finding;
