@@ -392,6 +392,22 @@ where
     }
 }
 
+/// `node` as the Fleet API at `server` shows it now (`None` when the call fails).
+pub async fn fleet_node(
+    scratch: &Scratch,
+    server: SocketAddr,
+    node: &str,
+) -> Option<guardian_proto::v1::Node> {
+    let mut client = scratch.operator(server).await.ok()?;
+    client
+        .get_node(guardian_proto::v1::GetNodeRequest {
+            node_id: node.to_owned(),
+        })
+        .await
+        .ok()
+        .map(tonic::Response::into_inner)
+}
+
 /// Waits until the server at `server` has ended `node`'s stream and returns the node as the
 /// Fleet API then shows it.
 ///
@@ -408,17 +424,32 @@ pub async fn settled(
 ) -> anyhow::Result<guardian_proto::v1::Node> {
     let what = format!("the server to see agent {node} gone");
     eventually(Duration::from_secs(30), &what, || async {
-        let mut client = scratch.operator(server).await.ok()?;
-        client
-            .get_node(guardian_proto::v1::GetNodeRequest {
-                node_id: node.to_owned(),
-            })
+        fleet_node(scratch, server, node)
             .await
-            .ok()
-            .map(tonic::Response::into_inner)
             .filter(|n| !n.connected)
     })
     .await
+}
+
+/// Reads two values with `read` until they agree (every 100 ms, for up to `timeout`) and
+/// returns the last read: for two views of the same rows that settle a moment apart (raw
+/// rows and their rollups), so the caller's assertion reports what differed.
+///
+/// # Errors
+/// When `read` itself fails after the time ran out.
+pub async fn agreed_or_last<T: PartialEq>(
+    timeout: Duration,
+    what: &str,
+    read: impl Fn() -> anyhow::Result<(T, T)>,
+) -> anyhow::Result<(T, T)> {
+    let agreed = eventually(timeout, what, || async {
+        read().ok().filter(|(a, b)| a == b)
+    })
+    .await;
+    match agreed {
+        Ok(both) => Ok(both),
+        Err(_) => read(),
+    }
 }
 
 /// A private PostgreSQL cluster on 127.0.0.1 with trust auth, stopped on drop.

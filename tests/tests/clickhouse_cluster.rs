@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use guardian_server::store::clickhouse::{ClickHouseSettings, ClickHouseStore};
 use guardian_tests::clickhouse::ClickHouseCluster;
-use guardian_tests::{Scratch, Server, eventually, stream_two_day_batches};
+use guardian_tests::{Scratch, Server, agreed_or_last, eventually, stream_two_day_batches};
 
 type TestResult = anyhow::Result<()>;
 
@@ -185,16 +185,12 @@ async fn cluster_mode_stores_every_batch_once_through_replica_kills_keeps_rollup
         )?;
         Ok((raw, rollup))
     };
-    let agreed = eventually(
+    let (raw, rollup) = agreed_or_last(
         Duration::from_secs(30),
         "rollup_1m to agree with the raw rows",
-        || async { raw_and_rollup().ok().filter(|(raw, rollup)| raw == rollup) },
+        raw_and_rollup,
     )
-    .await;
-    let (raw, rollup) = match agreed {
-        Ok(both) => both,
-        Err(_) => raw_and_rollup()?,
-    };
+    .await?;
     let detail = cluster.query_each(
         "SELECT node_id, countMerge(count_state) FROM guardian.rollup_1m_local \
          WHERE metric = 'cpu_busy_percent' GROUP BY node_id ORDER BY node_id",

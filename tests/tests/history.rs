@@ -4,9 +4,9 @@
 use std::path::Path;
 use std::time::Duration;
 
-use guardian_proto::v1::{GetNodeRequest, HistoryRequest, HistoryResponse};
+use guardian_proto::v1::{HistoryRequest, HistoryResponse};
 use guardian_tests::clickhouse::ClickHouse;
-use guardian_tests::{Scratch, Server, binary, eventually, settled, start_agent};
+use guardian_tests::{Scratch, Server, binary, eventually, fleet_node, settled, start_agent};
 use tonic::Code;
 
 type TestResult = anyhow::Result<()>;
@@ -56,14 +56,7 @@ async fn counting(
 }
 
 async fn node(scratch: &Scratch, server: &Server) -> Option<guardian_proto::v1::Node> {
-    let mut client = scratch.operator(server.grpc).await.ok()?;
-    client
-        .get_node(GetNodeRequest {
-            node_id: NODE.into(),
-        })
-        .await
-        .ok()
-        .map(tonic::Response::into_inner)
+    fleet_node(scratch, server.grpc, NODE).await
 }
 
 /// Streams for a while, stops the agent, and returns the last committed seq.

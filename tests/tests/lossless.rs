@@ -12,7 +12,7 @@ use guardian_proto::v1::GetNodeRequest;
 use guardian_server::store::clickhouse::{ClickHouseSettings, ClickHouseStore};
 use guardian_tests::clickhouse::ClickHouse;
 use guardian_tests::proxy::Proxy;
-use guardian_tests::{Proc, Scratch, Server, eventually, settled, start_agent};
+use guardian_tests::{Proc, Scratch, Server, agreed_or_last, eventually, settled, start_agent};
 
 type TestResult = anyhow::Result<()>;
 
@@ -475,14 +475,8 @@ async fn clickhouse_killed_mid_insert_under_several_nodes_and_two_days_loses_and
         )?;
         Ok((raw, rollup))
     };
-    let agreed = eventually(WAIT, "rollup_1m to agree with the raw rows", || async {
-        raw_and_rollup().ok().filter(|(raw, rollup)| raw == rollup)
-    })
-    .await;
-    let (raw, rollup) = match agreed {
-        Ok(both) => both,
-        Err(_) => raw_and_rollup()?,
-    };
+    let (raw, rollup) =
+        agreed_or_last(WAIT, "rollup_1m to agree with the raw rows", raw_and_rollup).await?;
     let log = std::fs::read_to_string(scratch.path("server.log"))?;
     let rollup_lines: Vec<&str> = log
         .lines()

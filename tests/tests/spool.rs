@@ -6,10 +6,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use guardian_agent::spool::Spool;
-use guardian_proto::v1::{GetNodeRequest, Sample, SamplerUnavailable, sample};
+use guardian_proto::v1::{Sample, SamplerUnavailable, sample};
 use guardian_server::identity::NodeId;
 use guardian_server::store::Ledger;
-use guardian_tests::{Proc, Scratch, Server, eventually, settled, start_agent};
+use guardian_tests::{Proc, Scratch, Server, eventually, fleet_node, settled, start_agent};
 
 type TestResult = anyhow::Result<()>;
 
@@ -66,19 +66,10 @@ async fn wait_for_spooled(scratch: &Scratch, agent: &Proc, at_least: usize) -> T
     .map_err(|e| e.context(agent.log_text()))
 }
 
-async fn node(scratch: &Scratch, server: &Server) -> Option<guardian_proto::v1::Node> {
-    let mut client = scratch.operator(server.grpc).await.ok()?;
-    client
-        .get_node(GetNodeRequest {
-            node_id: NODE.into(),
-        })
-        .await
-        .ok()
-        .map(tonic::Response::into_inner)
-}
-
 async fn last_seq(scratch: &Scratch, server: &Server) -> Option<u64> {
-    node(scratch, server).await.map(|n| n.last_stored_seq)
+    fleet_node(scratch, server.grpc, NODE)
+        .await
+        .map(|n| n.last_stored_seq)
 }
 
 async fn wait_for_seq(scratch: &Scratch, server: &Server, at_least: u64) -> anyhow::Result<u64> {
